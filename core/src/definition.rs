@@ -1,0 +1,255 @@
+//! Trigger definitions: the JSON a user writes, its validation with JSON
+//! paths in every error, and the compiled form the engine runs.
+
+use crate::predicate::Predicate;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The JSON of `nudge.define_trigger`, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Definition {
+    pub on: EntrySpec,
+    /// Postgres interval text; absent means the message is due at once.
+    #[serde(default)]
+    pub wait: Option<String>,
+    #[serde(default)]
+    pub unless: Vec<ExitSpec>,
+    pub template: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntrySpec {
+    pub event: String,
+    #[serde(default, rename = "where")]
+    pub filter: Option<Value>,
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitSpec {
+    pub event: String,
+    #[serde(default, rename = "where")]
+    pub filter: Option<Value>,
+    #[serde(default)]
+    pub same_key: bool,
+}
+
+/// A definition ready to run: predicates compiled, the wait in microseconds.
+#[derive(Debug, Clone)]
+pub struct Trigger {
+    pub name: String,
+    pub version: i32,
+    pub wait_us: i64,
+    pub entry_event: String,
+    pub entry_filter: Option<Predicate>,
+    pub key_path: Option<Vec<String>>,
+    pub exits: Vec<ExitRule>,
+    pub template: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExitRule {
+    pub event: String,
+    pub filter: Option<Predicate>,
+    pub same_key: bool,
+}
+
+impl Definition {
+    /// Parses the JSON; an error names the JSON path of what is wrong.
+    pub fn parse(v: &Value) -> Result<Definition, String> {
+        if !v.is_object() {
+            return Err(format!(
+                "definition: expected a JSON object with keys on, wait, unless, template, found {}",
+                kind(v)
+            ));
+        }
+        let def: Definition = serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." {
+                format!("definition: {inner}")
+            } else {
+                format!("{path}: {inner}")
+            }
+        })?;
+        def.check()?;
+        Ok(def)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        non_empty(&self.on.event, "on.event")?;
+        non_empty(&self.template, "template")?;
+        if let Some(k) = &self.on.key {
+            key_path(k, "on.key")?;
+        }
+        if let Some(f) = &self.on.filter {
+            Predicate::parse(f, "on.where")?;
+        }
+        for (i, x) in self.unless.iter().enumerate() {
+            non_empty(&x.event, &format!("unless[{i}].event"))?;
+            if let Some(f) = &x.filter {
+                Predicate::parse(f, &format!("unless[{i}].where"))?;
+            }
+            if x.same_key && self.on.key.is_none() {
+                return Err(format!(
+                    "unless[{i}].same_key: needs on.key, the props field that names the object"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The compiled trigger. `wait_us` comes from Postgres' own interval
+    /// parser (the caller's job), so that `wait` means what it means in SQL.
+    pub fn compile(&self, name: &str, version: i32, wait_us: i64) -> Result<Trigger, String> {
+        if wait_us < 0 {
+            return Err("wait: must not be negative".into());
+        }
+        Ok(Trigger {
+            name: name.to_owned(),
+            version,
+            wait_us,
+            entry_event: self.on.event.clone(),
+            entry_filter: self.on.filter.as_ref().map(|f| Predicate::parse(f, "on.where")).transpose()?,
+            key_path: self.on.key.as_deref().map(|k| key_path(k, "on.key")).transpose()?,
+            exits: self
+                .unless
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    Ok(ExitRule {
+                        event: x.event.clone(),
+                        filter: x
+                            .filter
+                            .as_ref()
+                            .map(|f| Predicate::parse(f, &format!("unless[{i}].where")))
+                            .transpose()?,
+                        same_key: x.same_key,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
+            template: self.template.clone(),
+        })
+    }
+}
+
+impl Trigger {
+    /// The journey key of an event: the `on.key` field of its props as text,
+    /// or "" when the trigger has no key (one journey per user) or the field is absent.
+    pub fn key_of(&self, props: &Value) -> String {
+        let Some(path) = &self.key_path else { return String::new() };
+        match crate::predicate::lookup(props, path) {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+        }
+    }
+
+    pub fn enters(&self, event: &str, props: &Value) -> bool {
+        event == self.entry_event && self.entry_filter.as_ref().is_none_or(|p| p.matches(props))
+    }
+
+    /// The exit rule this event satisfies, if any. `Some(None)` = any key;
+    /// `Some(Some(k))` = only the journey with key k.
+    pub fn exit_scope(&self, event: &str, props: &Value) -> Option<Option<String>> {
+        let rule = self
+            .exits
+            .iter()
+            .find(|r| r.event == event && r.filter.as_ref().is_none_or(|p| p.matches(props)))?;
+        Some(rule.same_key.then(|| self.key_of(props)))
+    }
+
+    /// Every event name this trigger reads: its entry and its exits.
+    pub fn watched_events(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.entry_event.as_str()).chain(self.exits.iter().map(|r| r.event.as_str()))
+    }
+}
+
+fn key_path(k: &str, at: &str) -> Result<Vec<String>, String> {
+    let path: Vec<String> = k.split('.').map(str::to_owned).collect();
+    if path.iter().any(String::is_empty) {
+        return Err(format!("{at}: expected a props field name such as \"cart_id\""));
+    }
+    Ok(path)
+}
+
+fn non_empty(s: &str, at: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        Err(format!("{at}: must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cart() -> Value {
+        json!({
+            "on": {"event": "cart_added", "where": {"value": {"gte": 20}}, "key": "cart_id"},
+            "wait": "24 hours",
+            "unless": [{"event": "purchased", "same_key": true}, {"event": "checkout_started"}],
+            "template": "cart_reminder"
+        })
+    }
+
+    #[test]
+    fn parses_the_design_example() {
+        let d = Definition::parse(&cart()).unwrap();
+        let t = d.compile("cart", 1, 86_400_000_000).unwrap();
+        assert!(t.enters("cart_added", &json!({"value": 25, "cart_id": "c1"})));
+        assert!(!t.enters("cart_added", &json!({"value": 5})));
+        assert_eq!(t.key_of(&json!({"cart_id": 7})), "7");
+        assert_eq!(t.exit_scope("purchased", &json!({"cart_id": "c1"})), Some(Some("c1".into())));
+        assert_eq!(t.exit_scope("checkout_started", &json!({})), Some(None));
+        assert_eq!(t.exit_scope("viewed", &json!({})), None);
+    }
+
+    #[test]
+    fn errors_name_the_json_path() {
+        let mut v = cart();
+        v["unless"][0] = json!({"evnt": "purchased"});
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("unless[0].evnt: unknown field `evnt`"), "{e}");
+
+        let mut v = cart();
+        v["templte"] = json!("x");
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("templte: unknown field `templte`"), "{e}");
+
+        let mut v = cart();
+        v["on"]["where"] = json!({"value": {"between": [1, 2]}});
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("on.where.value: unknown operator `between`"), "{e}");
+
+        let mut v = cart();
+        v["on"].as_object_mut().unwrap().remove("key");
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("unless[0].same_key: needs on.key"), "{e}");
+
+        let e = Definition::parse(&json!([1])).unwrap_err();
+        assert!(e.starts_with("definition: expected a JSON object"), "{e}");
+
+        let mut v = cart();
+        v["wait"] = json!(24);
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("wait: invalid type"), "{e}");
+    }
+}

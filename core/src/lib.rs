@@ -1,0 +1,9 @@
+//! The logic of pg_nudge that needs no server: trigger definitions and their
+//! validation, predicates over JSON, the event-time sequencing of enrollments,
+//! and template rendering. The extension crate is a thin SQL layer over this.
+
+pub mod definition;
+pub mod predicate;
+pub mod render;
+pub mod sequence;
+pub mod sql;

@@ -1,0 +1,209 @@
+//! Event-time sequencing of one trigger's journeys for one user.
+//!
+//! A journey (enrollment) is open from its anchor's time until its due time
+//! or its exit. Entry events inside an open journey of the same key coalesce;
+//! an exit event at or after the anchor and before the due time closes it;
+//! an entry after the journey ended (due or exited) opens a new one. Because
+//! the rule only looks at event times, feeding a month of history in one
+//! batch gives the journeys that living through that month gives, whatever
+//! `run_due` did in between.
+
+/// Times are microseconds on any fixed epoch.
+pub type Micros = i64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// An entry event; `event` is the caller's index of it (its props become the anchor).
+    Entry { at: Micros, key: String, event: usize },
+    /// An exit event; `key: None` closes journeys of every key.
+    Exit { at: Micros, key: Option<String>, name: String },
+}
+
+impl Step {
+    fn at(&self) -> Micros {
+        match self {
+            Step::Entry { at, .. } | Step::Exit { at, .. } => *at,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Journey {
+    /// The stored enrollment's id, or None for a journey this batch opens.
+    pub id: Option<i64>,
+    pub key: String,
+    pub entered_at: Micros,
+    pub due_at: Micros,
+    /// For a new journey: the index of its anchor event.
+    pub anchor: Option<usize>,
+    /// Times of the entry events that joined this journey in this batch.
+    pub coalesced: Vec<Micros>,
+    /// Time and event name of the exit, when one closed it in this batch.
+    pub exited: Option<(Micros, String)>,
+}
+
+impl Journey {
+    pub fn open(id: i64, key: String, entered_at: Micros, due_at: Micros) -> Journey {
+        Journey { id: Some(id), key, entered_at, due_at, anchor: None, coalesced: vec![], exited: None }
+    }
+
+    /// Whether an event at `at` falls inside this journey's open window.
+    /// A zero-wait journey still absorbs entries at its own instant.
+    fn covers(&self, at: Micros) -> bool {
+        self.exited.is_none() && self.entered_at <= at && (at < self.due_at || at == self.entered_at)
+    }
+
+    fn changed(&self) -> bool {
+        self.id.is_none() || !self.coalesced.is_empty() || self.exited.is_some()
+    }
+}
+
+/// Applies `steps` to the user's waiting journeys of one trigger and returns
+/// the journeys that changed or were opened. Entries sort before exits at the
+/// same instant, so an exit at the anchor's own time closes it.
+pub fn sequence(existing: Vec<Journey>, mut steps: Vec<Step>, wait: Micros) -> Vec<Journey> {
+    steps.sort_by_key(|s| (s.at(), matches!(s, Step::Exit { .. })));
+    let mut journeys = existing;
+    for step in steps {
+        match step {
+            Step::Entry { at, key, event } => {
+                let open = journeys.iter_mut().find(|j| j.key == key && j.covers(at));
+                // An entry that arrives late, before a journey already open for
+                // this key but within one wait of it, joins that journey rather
+                // than opening an overlapping one.
+                let open = match open {
+                    Some(j) => Some(j),
+                    None => journeys.iter_mut().find(|j| {
+                        j.key == key && j.exited.is_none() && at < j.entered_at && at + wait > j.entered_at
+                    }),
+                };
+                match open {
+                    Some(j) => j.coalesced.push(at),
+                    None => journeys.push(Journey {
+                        id: None,
+                        key,
+                        entered_at: at,
+                        due_at: at + wait,
+                        anchor: Some(event),
+                        coalesced: vec![],
+                        exited: None,
+                    }),
+                }
+            }
+            Step::Exit { at, key, name } => {
+                for j in journeys.iter_mut() {
+                    let key_ok = key.as_ref().is_none_or(|k| *k == j.key);
+                    if key_ok && j.exited.is_none() && j.entered_at <= at && at < j.due_at {
+                        j.exited = Some((at, name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    journeys.retain(Journey::changed);
+    journeys
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: Micros = 3_600_000_000;
+
+    fn entry(at: Micros, key: &str, event: usize) -> Step {
+        Step::Entry { at, key: key.into(), event }
+    }
+    fn exit(at: Micros, key: Option<&str>) -> Step {
+        Step::Exit { at, key: key.map(Into::into), name: "purchased".into() }
+    }
+
+    #[test]
+    fn repeated_entry_coalesces_and_exit_closes() {
+        let out = sequence(vec![], vec![entry(0, "c1", 0), entry(H, "c1", 1), exit(2 * H, Some("c1"))], 24 * H);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].coalesced, vec![H]);
+        assert_eq!(out[0].exited, Some((2 * H, "purchased".into())));
+    }
+
+    #[test]
+    fn exit_of_another_key_does_not_close() {
+        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(H, Some("c2"))], 24 * H);
+        assert_eq!(out[0].exited, None);
+    }
+
+    #[test]
+    fn exit_after_due_does_not_close_and_entry_after_due_reopens() {
+        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(25 * H, None), entry(26 * H, "c1", 1)], 24 * H);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].exited, None);
+        assert_eq!(out[1].entered_at, 26 * H);
+        assert_eq!(out[1].anchor, Some(1));
+    }
+
+    #[test]
+    fn entry_after_exit_reopens() {
+        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(H, None), entry(2 * H, "c1", 1)], 24 * H);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].exited.is_some() && out[1].exited.is_none());
+    }
+
+    #[test]
+    fn exit_at_the_anchor_instant_counts() {
+        let out = sequence(vec![], vec![exit(0, None), entry(0, "", 0)], H);
+        assert!(out[0].exited.is_some());
+    }
+
+    #[test]
+    fn one_batch_equals_one_event_at_a_time() {
+        let steps = vec![
+            entry(0, "a", 0),
+            entry(H, "b", 1),
+            entry(2 * H, "a", 2),
+            exit(3 * H, Some("b")),
+            entry(5 * H, "a", 3),
+            exit(6 * H, None),
+            entry(30 * H, "b", 4),
+        ];
+        let batch = sequence(vec![], steps.clone(), 4 * H);
+        // Living through: feed the steps one by one, carrying the still-open journeys.
+        let mut open: Vec<Journey> = vec![];
+        let mut all: Vec<Journey> = vec![];
+        let mut next_id = 100;
+        for s in steps {
+            for j in sequence(open.clone(), vec![s], 4 * H) {
+                match j.id {
+                    Some(id) => {
+                        let k = all.iter_mut().find(|x| x.id == Some(id)).unwrap();
+                        k.coalesced.extend(j.coalesced.iter());
+                        k.exited = j.exited.clone();
+                    }
+                    None => {
+                        let mut j = j;
+                        j.id = Some(next_id);
+                        next_id += 1;
+                        all.push(j);
+                    }
+                }
+            }
+            open = all
+                .iter()
+                .filter(|j| j.exited.is_none())
+                .map(|j| Journey::open(j.id.unwrap(), j.key.clone(), j.entered_at, j.due_at))
+                .collect();
+        }
+        let summary = |js: &[Journey]| -> Vec<(String, Micros, Vec<Micros>, bool)> {
+            js.iter().map(|j| (j.key.clone(), j.entered_at, j.coalesced.clone(), j.exited.is_some())).collect()
+        };
+        assert_eq!(summary(&batch), summary(&all));
+        assert_eq!(batch.len(), 4);
+    }
+
+    #[test]
+    fn existing_open_journey_absorbs_entries_and_unchanged_ones_are_not_returned() {
+        let existing = vec![Journey::open(7, "c1".into(), 0, 24 * H), Journey::open(8, "c2".into(), 0, 24 * H)];
+        let out = sequence(existing, vec![entry(H, "c1", 0)], 24 * H);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].id, Some(7));
+        assert_eq!(out[0].coalesced, vec![H]);
+    }
+}

@@ -1,0 +1,97 @@
+//! SQL text that the extension generates: identifier quoting and the capture
+//! trigger function of an event source.
+
+/// Quotes an identifier the way Postgres' quote_ident does, always.
+pub fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal (standard_conforming_strings is on since 9.1).
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// How a source table's rows become events.
+#[derive(Debug, Clone)]
+pub struct SourceMap {
+    pub user_column: String,
+    pub event_column: Option<String>,
+    pub time_column: Option<String>,
+    pub props_column: Option<String>,
+    pub event_name: Option<String>,
+}
+
+impl SourceMap {
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.event_column, &self.event_name) {
+            (None, None) => Err("add_source: give event_column (a column naming the event) or event_name (one event for every row)".into()),
+            (Some(_), Some(_)) => Err("add_source: give event_column or event_name, not both".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// A SELECT list over relation alias `r` yielding (user_id, event, occurred_at, props).
+    pub fn projection(&self, r: &str) -> String {
+        let col = |c: &str| format!("{r}.{}", ident(c));
+        let event = match (&self.event_column, &self.event_name) {
+            (Some(c), _) => format!("({})::text", col(c)),
+            (None, Some(n)) => literal(n),
+            (None, None) => "NULL::text".into(),
+        };
+        let time = self.time_column.as_deref().map_or("now()".into(), |c| format!("({})::timestamptz", col(c)));
+        let props = self.props_column.as_deref().map_or(format!("to_jsonb({r})"), |c| format!("coalesce(({})::jsonb, '{{}}')", col(c)));
+        format!("({})::text AS user_id, {event} AS event, {time} AS occurred_at, {props} AS props", col(&self.user_column))
+    }
+
+    /// The plpgsql body of the statement-level capture trigger: it reads the
+    /// transition table once, keeps only events some trigger watches, and
+    /// hands them to `nudge._capture` as four arrays in one call.
+    pub fn capture_function(&self, function: &str) -> String {
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $nudge$
+DECLARE
+  watched text[] := nudge._watched_events();
+BEGIN
+  IF cardinality(watched) = 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM nudge._capture(array_agg(s.user_id), array_agg(s.event), array_agg(s.occurred_at), array_agg(s.props))
+    FROM (SELECT {proj} FROM nudge_new_rows n) s
+   WHERE s.event = ANY (watched) AND s.user_id IS NOT NULL
+  HAVING count(*) > 0;
+  RETURN NULL;
+END
+$nudge$",
+            proj = self.projection("n")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn projection_uses_fixed_name_and_whole_row() {
+        let m = SourceMap {
+            user_column: "customer_id".into(),
+            event_column: None,
+            time_column: Some("created_at".into()),
+            props_column: None,
+            event_name: Some("purchased".into()),
+        };
+        m.check().unwrap();
+        let p = m.projection("n");
+        assert!(p.contains("'purchased' AS event"));
+        assert!(p.contains("to_jsonb(n) AS props"));
+        assert!(p.contains("(n.\"created_at\")::timestamptz"));
+        let both = SourceMap { event_column: Some("kind".into()), ..m.clone() };
+        assert!(both.check().is_err());
+    }
+}
