@@ -2,6 +2,7 @@
 //! paths in every error, and the compiled form the engine runs.
 
 use crate::predicate::Predicate;
+use crate::time::parse_duration;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -83,6 +84,7 @@ impl Definition {
     fn check(&self) -> Result<(), String> {
         non_empty(&self.on.event, "on.event")?;
         non_empty(&self.template, "template")?;
+        self.wait_us()?;
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
@@ -103,19 +105,30 @@ impl Definition {
         Ok(())
     }
 
-    /// The compiled trigger. `wait_us` comes from Postgres' own interval
-    /// parser (the caller's job), so that `wait` means what it means in SQL.
-    pub fn compile(&self, name: &str, version: i32, wait_us: i64) -> Result<Trigger, String> {
-        if wait_us < 0 {
-            return Err("wait: must not be negative".into());
-        }
+    fn wait_us(&self) -> Result<i64, String> {
+        self.wait.as_deref().map_or(Ok(0), |w| {
+            parse_duration(w).map_err(|e| format!("wait: {e}"))
+        })
+    }
+
+    pub fn compile(&self, name: &str, version: i32) -> Result<Trigger, String> {
         Ok(Trigger {
             name: name.to_owned(),
             version,
-            wait_us,
+            wait_us: self.wait_us()?,
             entry_event: self.on.event.clone(),
-            entry_filter: self.on.filter.as_ref().map(|f| Predicate::parse(f, "on.where")).transpose()?,
-            key_path: self.on.key.as_deref().map(|k| key_path(k, "on.key")).transpose()?,
+            entry_filter: self
+                .on
+                .filter
+                .as_ref()
+                .map(|f| Predicate::parse(f, "on.where"))
+                .transpose()?,
+            key_path: self
+                .on
+                .key
+                .as_deref()
+                .map(|k| key_path(k, "on.key"))
+                .transpose()?,
             exits: self
                 .unless
                 .iter()
@@ -141,7 +154,9 @@ impl Trigger {
     /// The journey key of an event: the `on.key` field of its props as text,
     /// or "" when the trigger has no key (one journey per user) or the field is absent.
     pub fn key_of(&self, props: &Value) -> String {
-        let Some(path) = &self.key_path else { return String::new() };
+        let Some(path) = &self.key_path else {
+            return String::new();
+        };
         match crate::predicate::lookup(props, path) {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -165,14 +180,17 @@ impl Trigger {
 
     /// Every event name this trigger reads: its entry and its exits.
     pub fn watched_events(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.entry_event.as_str()).chain(self.exits.iter().map(|r| r.event.as_str()))
+        std::iter::once(self.entry_event.as_str())
+            .chain(self.exits.iter().map(|r| r.event.as_str()))
     }
 }
 
 fn key_path(k: &str, at: &str) -> Result<Vec<String>, String> {
     let path: Vec<String> = k.split('.').map(str::to_owned).collect();
     if path.iter().any(String::is_empty) {
-        return Err(format!("{at}: expected a props field name such as \"cart_id\""));
+        return Err(format!(
+            "{at}: expected a props field name such as \"cart_id\""
+        ));
     }
     Ok(path)
 }
@@ -213,11 +231,15 @@ mod tests {
     #[test]
     fn parses_the_design_example() {
         let d = Definition::parse(&cart()).unwrap();
-        let t = d.compile("cart", 1, 86_400_000_000).unwrap();
+        let t = d.compile("cart", 1).unwrap();
+        assert_eq!(t.wait_us, 86_400_000_000);
         assert!(t.enters("cart_added", &json!({"value": 25, "cart_id": "c1"})));
         assert!(!t.enters("cart_added", &json!({"value": 5})));
         assert_eq!(t.key_of(&json!({"cart_id": 7})), "7");
-        assert_eq!(t.exit_scope("purchased", &json!({"cart_id": "c1"})), Some(Some("c1".into())));
+        assert_eq!(
+            t.exit_scope("purchased", &json!({"cart_id": "c1"})),
+            Some(Some("c1".into()))
+        );
         assert_eq!(t.exit_scope("checkout_started", &json!({})), Some(None));
         assert_eq!(t.exit_scope("viewed", &json!({})), None);
     }
@@ -237,7 +259,10 @@ mod tests {
         let mut v = cart();
         v["on"]["where"] = json!({"value": {"between": [1, 2]}});
         let e = Definition::parse(&v).unwrap_err();
-        assert!(e.starts_with("on.where.value: unknown operator `between`"), "{e}");
+        assert!(
+            e.starts_with("on.where.value: unknown operator `between`"),
+            "{e}"
+        );
 
         let mut v = cart();
         v["on"].as_object_mut().unwrap().remove("key");
@@ -246,6 +271,11 @@ mod tests {
 
         let e = Definition::parse(&json!([1])).unwrap_err();
         assert!(e.starts_with("definition: expected a JSON object"), "{e}");
+
+        let mut v = cart();
+        v["wait"] = json!("24 hourz");
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("wait: '24 hourz': unknown unit"), "{e}");
 
         let mut v = cart();
         v["wait"] = json!(24);

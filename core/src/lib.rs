@@ -7,3 +7,4 @@ pub mod predicate;
 pub mod render;
 pub mod sequence;
 pub mod sql;
+pub mod time;

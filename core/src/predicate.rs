@@ -29,9 +29,9 @@ pub const OPS: &str = "eq, ne, gt, gte, lt, lte, in, contains, exists";
 impl Predicate {
     /// Compiles a predicate; an error names the JSON path below `at`.
     pub fn parse(v: &Value, at: &str) -> Result<Predicate, String> {
-        let obj = v
-            .as_object()
-            .ok_or_else(|| format!("{at}: expected an object such as {{\"field\": {{\"eq\": 1}}}}"))?;
+        let obj = v.as_object().ok_or_else(|| {
+            format!("{at}: expected an object such as {{\"field\": {{\"eq\": 1}}}}")
+        })?;
         if obj.is_empty() {
             return Err(format!("{at}: empty predicate"));
         }
@@ -59,7 +59,11 @@ impl Predicate {
             };
             parts.push(p);
         }
-        Ok(if parts.len() == 1 { parts.pop().unwrap() } else { Predicate::All(parts) })
+        Ok(if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            Predicate::All(parts)
+        })
     }
 
     fn parse_field(field: &str, ops: &Value, at: &str) -> Result<Predicate, String> {
@@ -100,11 +104,22 @@ impl Predicate {
                     arg.as_bool()
                         .ok_or_else(|| format!("{here}: expected true or false"))?,
                 ),
-                other => return Err(format!("{at}: unknown operator `{other}`, expected one of {OPS}")),
+                other => {
+                    return Err(format!(
+                        "{at}: unknown operator `{other}`, expected one of {OPS}"
+                    ))
+                }
             };
-            parts.push(Predicate::Field { path: path.clone(), op });
+            parts.push(Predicate::Field {
+                path: path.clone(),
+                op,
+            });
         }
-        Ok(if parts.len() == 1 { parts.pop().unwrap() } else { Predicate::All(parts) })
+        Ok(if parts.len() == 1 {
+            parts.pop().unwrap()
+        } else {
+            Predicate::All(parts)
+        })
     }
 
     pub fn matches(&self, doc: &Value) -> bool {
@@ -195,7 +210,10 @@ mod tests {
         assert!(p(json!({"missing": {"exists": false}})).matches(&doc));
         assert!(p(json!({"missing": {"ne": 3}})).matches(&doc));
         assert!(!p(json!({"missing": {"eq": 3}})).matches(&doc));
-        assert!(!p(json!({"cat": {"gt": 3}})).matches(&doc), "mismatched types never compare");
+        assert!(
+            !p(json!({"cat": {"gt": 3}})).matches(&doc),
+            "mismatched types never compare"
+        );
     }
 
     #[test]

@@ -25,18 +25,24 @@ pub struct Rendered {
 
 fn parser() -> &'static liquid::Parser {
     static P: std::sync::OnceLock<liquid::Parser> = std::sync::OnceLock::new();
-    P.get_or_init(|| liquid::ParserBuilder::with_stdlib().build().expect("the standard Liquid library builds"))
+    P.get_or_init(|| {
+        liquid::ParserBuilder::with_stdlib()
+            .build()
+            .expect("the standard Liquid library builds")
+    })
 }
 
 /// Parses one part; the error names the part and the line.
 fn parse_part(part: &str, source: &str) -> Result<liquid::Template, String> {
-    parser().parse(source).map_err(|e| format!("{part}: {}", describe(&e.to_string(), source)))
+    parser()
+        .parse(source)
+        .map_err(|e| format!("{part}: {}", describe(&e.to_string(), source)))
 }
 
 /// liquid's parse errors point at `line:column` (` --> 2:5`); repeat the line
 /// in words so that the message reads well inside a Postgres ERROR.
 fn describe(err: &str, source: &str) -> String {
-    let flat = err.trim().replace('\n', " ").split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat = one_line(err);
     let line = err
         .split("-->")
         .nth(1)
@@ -49,6 +55,10 @@ fn describe(err: &str, source: &str) -> String {
         }
         None => flat,
     }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl Template {
@@ -64,12 +74,17 @@ impl Template {
     pub fn render(&self, context: &Json) -> Result<Rendered, String> {
         let globals = Lax::from_json(context);
         let run = |part: &str, t: &liquid::Template| {
-            t.render(&globals).map_err(|e| format!("{part}: {}", e.to_string().trim().replace('\n', " ")))
+            t.render(&globals)
+                .map_err(|e| format!("{part}: {}", one_line(&e.to_string())))
         };
         Ok(Rendered {
             subject: run("subject", &self.subject)?.trim().to_owned(),
             html: run("html", &self.html)?,
-            text: self.text.as_ref().map(|t| run("text_body", t)).transpose()?,
+            text: self
+                .text
+                .as_ref()
+                .map(|t| run("text_body", t))
+                .transpose()?,
         })
     }
 }
@@ -90,7 +105,11 @@ impl Lax {
         match v {
             Json::Null => Lax::Nil,
             Json::Array(a) => Lax::Array(a.iter().map(Lax::from_json).collect()),
-            Json::Object(m) => Lax::Object(m.iter().map(|(k, v)| (k.clone(), Lax::from_json(v))).collect()),
+            Json::Object(m) => Lax::Object(
+                m.iter()
+                    .map(|(k, v)| (k.clone(), Lax::from_json(v)))
+                    .collect(),
+            ),
             scalar => Lax::Scalar(liquid::model::to_value(scalar).unwrap_or(Value::Nil)),
         }
     }
@@ -147,7 +166,11 @@ impl ValueView for Lax {
             Lax::Nil => Value::Nil,
             Lax::Scalar(v) => v.clone(),
             Lax::Array(a) => Value::Array(a.iter().map(ValueView::to_value).collect()),
-            Lax::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone().into(), v.to_value())).collect()),
+            Lax::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, v)| (k.clone().into(), v.to_value()))
+                    .collect(),
+            ),
         }
     }
     fn as_scalar(&self) -> Option<ScalarCow<'_>> {
@@ -189,8 +212,15 @@ impl ArrayView for Lax {
     }
     fn get(&self, index: i64) -> Option<&dyn ValueView> {
         let Lax::Array(a) = self else { return None };
-        let i = if index < 0 { a.len() as i64 + index } else { index };
-        usize::try_from(i).ok().and_then(|i| <[Lax]>::get(a, i)).map(|v| v as &dyn ValueView)
+        let i = if index < 0 {
+            a.len() as i64 + index
+        } else {
+            index
+        };
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| <[Lax]>::get(a, i))
+            .map(|v| v as &dyn ValueView)
     }
 }
 
@@ -218,7 +248,10 @@ impl ObjectView for Lax {
     }
     fn iter<'k>(&'k self) -> Box<dyn Iterator<Item = (KStringCow<'k>, &'k dyn ValueView)> + 'k> {
         match self {
-            Lax::Object(m) => Box::new(m.iter().map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView))),
+            Lax::Object(m) => Box::new(
+                m.iter()
+                    .map(|(k, v)| (KStringCow::from_ref(k.as_str()), v as &dyn ValueView)),
+            ),
             _ => Box::new(std::iter::empty()),
         }
     }
@@ -253,18 +286,25 @@ mod tests {
         assert_eq!(r.subject, "Still thinking about Boots, there?");
         assert_eq!(r.html, "<p>0 </p>");
         assert_eq!(r.text.as_deref(), Some("a;b;"));
-        let r = t.render(&json!({"event": {}, "profile": {"first_name": "Ada", "vip": true}})).unwrap();
+        let r = t
+            .render(&json!({"event": {}, "profile": {"first_name": "Ada", "vip": true}}))
+            .unwrap();
         assert_eq!(r.subject, "Still thinking about , Ada?");
         assert!(r.html.starts_with("<p>VIP "));
     }
 
     #[test]
     fn syntax_errors_name_the_part_and_line() {
-        let e = Template::parse("ok", "line one\n{% if x %}\nunclosed", None).err().unwrap();
+        let e = Template::parse("ok", "line one\n{% if x %}\nunclosed", None)
+            .err()
+            .unwrap();
         assert!(e.starts_with("html: "), "{e}");
         let e = Template::parse("Hi {{ name", "x", None).err().unwrap();
         assert!(e.starts_with("subject: line 1: "), "{e}");
         let e = Template::parse("s", "a\nb\n{{ x | }}", None).err().unwrap();
-        assert!(e.starts_with("html: line 3: syntax error near `{{ x | }}`"), "{e}");
+        assert!(
+            e.starts_with("html: line 3: syntax error near `{{ x | }}`"),
+            "{e}"
+        );
     }
 }

@@ -14,9 +14,17 @@ pub type Micros = i64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     /// An entry event; `event` is the caller's index of it (its props become the anchor).
-    Entry { at: Micros, key: String, event: usize },
+    Entry {
+        at: Micros,
+        key: String,
+        event: usize,
+    },
     /// An exit event; `key: None` closes journeys of every key.
-    Exit { at: Micros, key: Option<String>, name: String },
+    Exit {
+        at: Micros,
+        key: Option<String>,
+        name: String,
+    },
 }
 
 impl Step {
@@ -44,13 +52,23 @@ pub struct Journey {
 
 impl Journey {
     pub fn open(id: i64, key: String, entered_at: Micros, due_at: Micros) -> Journey {
-        Journey { id: Some(id), key, entered_at, due_at, anchor: None, coalesced: vec![], exited: None }
+        Journey {
+            id: Some(id),
+            key,
+            entered_at,
+            due_at,
+            anchor: None,
+            coalesced: vec![],
+            exited: None,
+        }
     }
 
     /// Whether an event at `at` falls inside this journey's open window.
     /// A zero-wait journey still absorbs entries at its own instant.
     fn covers(&self, at: Micros) -> bool {
-        self.exited.is_none() && self.entered_at <= at && (at < self.due_at || at == self.entered_at)
+        self.exited.is_none()
+            && self.entered_at <= at
+            && (at < self.due_at || at == self.entered_at)
     }
 
     fn changed(&self) -> bool {
@@ -74,7 +92,10 @@ pub fn sequence(existing: Vec<Journey>, mut steps: Vec<Step>, wait: Micros) -> V
                 let open = match open {
                     Some(j) => Some(j),
                     None => journeys.iter_mut().find(|j| {
-                        j.key == key && j.exited.is_none() && at < j.entered_at && at + wait > j.entered_at
+                        j.key == key
+                            && j.exited.is_none()
+                            && at < j.entered_at
+                            && at + wait > j.entered_at
                     }),
                 };
                 match open {
@@ -111,15 +132,31 @@ mod tests {
     const H: Micros = 3_600_000_000;
 
     fn entry(at: Micros, key: &str, event: usize) -> Step {
-        Step::Entry { at, key: key.into(), event }
+        Step::Entry {
+            at,
+            key: key.into(),
+            event,
+        }
     }
     fn exit(at: Micros, key: Option<&str>) -> Step {
-        Step::Exit { at, key: key.map(Into::into), name: "purchased".into() }
+        Step::Exit {
+            at,
+            key: key.map(Into::into),
+            name: "purchased".into(),
+        }
     }
 
     #[test]
     fn repeated_entry_coalesces_and_exit_closes() {
-        let out = sequence(vec![], vec![entry(0, "c1", 0), entry(H, "c1", 1), exit(2 * H, Some("c1"))], 24 * H);
+        let out = sequence(
+            vec![],
+            vec![
+                entry(0, "c1", 0),
+                entry(H, "c1", 1),
+                exit(2 * H, Some("c1")),
+            ],
+            24 * H,
+        );
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].coalesced, vec![H]);
         assert_eq!(out[0].exited, Some((2 * H, "purchased".into())));
@@ -133,7 +170,15 @@ mod tests {
 
     #[test]
     fn exit_after_due_does_not_close_and_entry_after_due_reopens() {
-        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(25 * H, None), entry(26 * H, "c1", 1)], 24 * H);
+        let out = sequence(
+            vec![],
+            vec![
+                entry(0, "c1", 0),
+                exit(25 * H, None),
+                entry(26 * H, "c1", 1),
+            ],
+            24 * H,
+        );
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].exited, None);
         assert_eq!(out[1].entered_at, 26 * H);
@@ -142,7 +187,11 @@ mod tests {
 
     #[test]
     fn entry_after_exit_reopens() {
-        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(H, None), entry(2 * H, "c1", 1)], 24 * H);
+        let out = sequence(
+            vec![],
+            vec![entry(0, "c1", 0), exit(H, None), entry(2 * H, "c1", 1)],
+            24 * H,
+        );
         assert_eq!(out.len(), 2);
         assert!(out[0].exited.is_some() && out[1].exited.is_none());
     }
@@ -192,7 +241,16 @@ mod tests {
                 .collect();
         }
         let summary = |js: &[Journey]| -> Vec<(String, Micros, Vec<Micros>, bool)> {
-            js.iter().map(|j| (j.key.clone(), j.entered_at, j.coalesced.clone(), j.exited.is_some())).collect()
+            js.iter()
+                .map(|j| {
+                    (
+                        j.key.clone(),
+                        j.entered_at,
+                        j.coalesced.clone(),
+                        j.exited.is_some(),
+                    )
+                })
+                .collect()
         };
         assert_eq!(summary(&batch), summary(&all));
         assert_eq!(batch.len(), 4);
@@ -200,7 +258,10 @@ mod tests {
 
     #[test]
     fn existing_open_journey_absorbs_entries_and_unchanged_ones_are_not_returned() {
-        let existing = vec![Journey::open(7, "c1".into(), 0, 24 * H), Journey::open(8, "c2".into(), 0, 24 * H)];
+        let existing = vec![
+            Journey::open(7, "c1".into(), 0, 24 * H),
+            Journey::open(8, "c2".into(), 0, 24 * H),
+        ];
         let out = sequence(existing, vec![entry(H, "c1", 0)], 24 * H);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].id, Some(7));

@@ -38,9 +38,20 @@ impl SourceMap {
             (None, Some(n)) => literal(n),
             (None, None) => "NULL::text".into(),
         };
-        let time = self.time_column.as_deref().map_or("now()".into(), |c| format!("({})::timestamptz", col(c)));
-        let props = self.props_column.as_deref().map_or(format!("to_jsonb({r})"), |c| format!("coalesce(({})::jsonb, '{{}}')", col(c)));
-        format!("({})::text AS user_id, {event} AS event, {time} AS occurred_at, {props} AS props", col(&self.user_column))
+        let time = self
+            .time_column
+            .as_deref()
+            .map_or("now()".into(), |c| format!("({})::timestamptz", col(c)));
+        let props = self
+            .props_column
+            .as_deref()
+            .map_or(format!("to_jsonb({r})"), |c| {
+                format!("coalesce(({})::jsonb, '{{}}')", col(c))
+            });
+        format!(
+            "({})::text AS user_id, {event} AS event, {time} AS occurred_at, {props} AS props",
+            col(&self.user_column)
+        )
     }
 
     /// The plpgsql body of the statement-level capture trigger: it reads the
@@ -91,7 +102,10 @@ mod tests {
         assert!(p.contains("'purchased' AS event"));
         assert!(p.contains("to_jsonb(n) AS props"));
         assert!(p.contains("(n.\"created_at\")::timestamptz"));
-        let both = SourceMap { event_column: Some("kind".into()), ..m.clone() };
+        let both = SourceMap {
+            event_column: Some("kind".into()),
+            ..m.clone()
+        };
         assert!(both.check().is_err());
     }
 }

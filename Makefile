@@ -1,0 +1,53 @@
+# pg_nudge: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+PG_CONFIG ?= /usr/bin/pg_config
+TEST_DIR  ?= /tmp/pg_nudge-it
+TEST_PORT ?= 28815
+DEMO_DIR  ?= $(CURDIR)/.demo/data
+DEMO_PORT ?= 28816
+REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
+PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
+
+.PHONY: setup install test test-unit test-pgrx test-server regress integration demo demo-stop bench clean
+
+setup:
+	@scripts/setup.sh
+
+install: setup
+	cargo pgrx install --pg-config $(PG_CONFIG) >/dev/null
+
+## the whole suite: unit tests, in-server pgrx tests, SQL regression and integration tests
+test: setup test-unit test-pgrx test-server
+
+test-unit:
+	cargo test -p nudge-core
+
+test-pgrx:
+	install -d -o postgres /tmp/pg_nudge-test 2>/dev/null || mkdir -p /tmp/pg_nudge-test
+	cargo pgrx test pg15 --runas postgres --pgdata /tmp/pg_nudge-test
+
+# pg_regress and the integration tests against one real server of our own
+test-server: install
+	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
+	@trap 'scripts/cluster.sh stop $(TEST_DIR)' EXIT; \
+	  $(MAKE) --no-print-directory regress integration
+
+regress:
+	@$(PG_REGRESS) --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres --dbname=nudge_regress \
+	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress $(REGRESS) \
+	  || { cat tests/pg_regress/regression.diffs 2>/dev/null | head -200; exit 1; }
+
+integration:
+	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration -- --test-threads=1
+
+## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
+demo: install
+	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) demo/run.sh
+
+demo-stop:
+	@scripts/cluster.sh stop $(DEMO_DIR) && echo "demo server stopped"
+
+clean:
+	cargo clean
+	rm -rf .demo tests/pg_regress/results tests/pg_regress/regression.*

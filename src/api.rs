@@ -1,0 +1,298 @@
+//! The SQL surface (DESIGN.md, "Public SQL surface"). Each function checks
+//! its arguments and hands over to the modules that do the work.
+
+use crate::catalog;
+use crate::engine::{capture, compose, run_due as due};
+use crate::sources;
+use crate::spi_util::{in_context, one, or_raise};
+use nudge_core::definition::Definition;
+use nudge_core::render::Template;
+use nudge_core::sql::SourceMap;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+#[pg_extern]
+fn track(
+    user_id: &str,
+    event: &str,
+    props: default!(JsonB, "'{}'"),
+    occurred_at: default!(TimestampWithTimeZone, "now()"),
+) -> i64 {
+    if !props.0.is_object() {
+        error!("track: props must be a JSON object, got {}", props.0);
+    }
+    if user_id.is_empty() || event.is_empty() {
+        error!("track: user_id and event must not be empty");
+    }
+    one::<i64>(
+            "INSERT INTO nudge.events (user_id, event, props, occurred_at) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[user_id.into(), event.into(), props.into(), occurred_at.into()],
+            "track",
+        )
+    .expect("INSERT RETURNING gives the id")
+}
+
+#[pg_extern]
+fn _capture(
+    users: Vec<Option<String>>,
+    events: Vec<Option<String>>,
+    times: Vec<Option<TimestampWithTimeZone>>,
+    props: Vec<Option<JsonB>>,
+) {
+    capture::capture(capture::Batch {
+        users,
+        events,
+        times,
+        props,
+    });
+}
+
+#[pg_extern]
+fn _add_source(
+    source: pg_sys::Oid,
+    user_column: &str,
+    event_column: Option<&str>,
+    time_column: Option<&str>,
+    props_column: Option<&str>,
+    event_name: Option<&str>,
+) {
+    sources::add(
+        source,
+        SourceMap {
+            user_column: user_column.to_owned(),
+            event_column: event_column.map(str::to_owned),
+            time_column: time_column.map(str::to_owned),
+            props_column: props_column.map(str::to_owned),
+            event_name: event_name.map(str::to_owned),
+        },
+    );
+}
+
+#[pg_extern]
+fn _drop_source(source: pg_sys::Oid) {
+    sources::drop(source);
+}
+
+#[pg_extern]
+fn define_template(
+    name: &str,
+    subject: &str,
+    html: &str,
+    text_body: default!(Option<&str>, "NULL"),
+) {
+    if name.trim().is_empty() {
+        error!("define_template: name must not be empty");
+    }
+    if let Err(e) = Template::parse(subject, html, text_body) {
+        error!("define_template({name}): {e}");
+    }
+    or_raise(
+        Spi::run_with_args(
+            "INSERT INTO nudge.templates (name, subject, html, text_body) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (name) DO UPDATE
+                SET subject = EXCLUDED.subject, html = EXCLUDED.html,
+                    text_body = EXCLUDED.text_body, updated_at = now()",
+            &[name.into(), subject.into(), html.into(), text_body.into()],
+        ),
+        "define_template",
+    );
+}
+
+#[pg_extern]
+fn define_trigger(name: &str, definition: JsonB) -> i32 {
+    if name.trim().is_empty() {
+        error!("define_trigger: name must not be empty");
+    }
+    let def =
+        Definition::parse(&definition.0).unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
+    let trigger = def
+        .compile(name, 0)
+        .unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
+    let template_exists = one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
+        &[def.template.clone().into()],
+        "define_trigger",
+    )
+    .unwrap_or(false);
+    if !template_exists {
+        error!(
+            "define_trigger({name}): template: no template named {:?} (create it first with nudge.define_template)",
+            def.template
+        );
+    }
+    let mut watches: Vec<String> = trigger.watched_events().map(str::to_owned).collect();
+    watches.sort();
+    watches.dedup();
+    one::<i32>(
+            "WITH v AS (
+                 INSERT INTO nudge.trigger_versions (trigger, version, definition)
+                 SELECT $1, coalesce(max(version), 0) + 1, $2 FROM nudge.trigger_versions WHERE trigger = $1
+                 RETURNING version)
+             INSERT INTO nudge.triggers AS t (name, version, watches)
+             SELECT $1, v.version, $3 FROM v
+             ON CONFLICT (name) DO UPDATE
+                SET version = EXCLUDED.version, watches = EXCLUDED.watches, owner = current_user, updated_at = now()
+             RETURNING t.version",
+            &[name.into(), definition.into(), watches.into()],
+            "define_trigger",
+        )
+    .expect("a version is returned")
+}
+
+fn set_status(name: &str, status: &str, verb: &str) {
+    let found = one::<bool>(
+            "WITH u AS (UPDATE nudge.triggers SET status = $2, updated_at = now() WHERE name = $1 RETURNING 1)
+             SELECT EXISTS (SELECT 1 FROM u)",
+            &[name.into(), status.into()],
+            verb,
+        )
+    .unwrap_or(false);
+    if !found {
+        error!("{verb}: no trigger named {name:?}");
+    }
+}
+
+#[pg_extern]
+fn pause_trigger(name: &str) {
+    set_status(name, "paused", "pause_trigger");
+}
+
+#[pg_extern]
+fn resume_trigger(name: &str) {
+    set_status(name, "active", "resume_trigger");
+}
+
+/// Drops the trigger and cancels its waiting enrollments; its versions,
+/// enrollments and journal stay, so that past sends remain explainable.
+#[pg_extern]
+fn drop_trigger(name: &str) {
+    let found = one::<bool>(
+            "WITH d AS (DELETE FROM nudge.triggers WHERE name = $1 RETURNING 1),
+                  c AS (UPDATE nudge.enrollments SET state = 'cancelled', reason = 'trigger dropped', updated_at = now()
+                         WHERE trigger = $1 AND state = 'waiting' AND EXISTS (SELECT 1 FROM d)
+                        RETURNING user_id, id),
+                  j AS (INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
+                        SELECT user_id, $1, id, now(), 'cancelled', 'trigger dropped' FROM c)
+             SELECT EXISTS (SELECT 1 FROM d)",
+            &[name.into()],
+            "drop_trigger",
+        )
+    .unwrap_or(false);
+    if !found {
+        error!("drop_trigger: no trigger named {name:?}");
+    }
+}
+
+#[pg_extern]
+fn run_due(
+    as_of: default!(TimestampWithTimeZone, "now()"),
+    max_messages: default!(i32, 1000),
+) -> i32 {
+    if max_messages < 0 {
+        error!("run_due: max_messages must not be negative");
+    }
+    due::run_due(as_of, max_messages)
+}
+
+/// Reads profiles from the user's own tables: `sql` uses `$1` for the user id
+/// and returns `email` (and optionally `timezone`) plus any other columns.
+/// NULL restores the built-in `nudge.profiles` table. The query becomes the
+/// body of `nudge._profile(text)`, a SECURITY DEFINER function owned by the
+/// caller, so that it runs with the privileges of whoever set it.
+#[pg_extern]
+fn set_profile_query(sql: Option<&str>) {
+    let body = match sql {
+        None => "SELECT p.attrs || jsonb_strip_nulls(jsonb_build_object('email', p.email, 'timezone', p.timezone))
+                   FROM nudge.profiles p WHERE p.user_id = $1"
+            .to_string(),
+        Some(q) => {
+            let q = q.trim().trim_end_matches(';').trim();
+            in_context("set_profile_query: the query fails", || Spi::connect(|c| {
+                let cols = or_raise(
+                    c.select(&format!("SELECT * FROM ({q}) AS p LIMIT 0"), None, &[Option::<String>::None.into()]),
+                    "set_profile_query: the query fails",
+                );
+                let names: Vec<String> =
+                    (1..=cols.columns().unwrap_or(0)).filter_map(|i| cols.column_name(i).ok()).collect();
+                if !names.iter().any(|n| n == "email") {
+                    error!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", "));
+                }
+            }));
+            format!("SELECT to_jsonb(p) FROM ({q}) AS p LIMIT 1")
+        }
+    };
+    let mut tag = String::from("nudge_profile");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    or_raise(
+        Spi::run(&format!(
+            "CREATE OR REPLACE FUNCTION nudge._profile(text) RETURNS jsonb
+             LANGUAGE sql STABLE SECURITY DEFINER
+             SET search_path FROM CURRENT SET statement_timeout = '5s'
+             AS ${tag}${body}${tag}$"
+        )),
+        "set_profile_query",
+    );
+}
+
+/// What `user_id` would get from `trigger` now: its latest enrollment's anchor
+/// event (or an empty one), its profile, the current template.
+#[pg_extern]
+fn preview(
+    trigger: &str,
+    user_id: &str,
+) -> TableIterator<
+    'static,
+    (
+        name!(recipient, String),
+        name!(subject, String),
+        name!(html, String),
+        name!(text_body, Option<String>),
+    ),
+> {
+    let msg = Spi::connect(|c| {
+        let t = catalog::live_triggers(c)
+            .into_iter()
+            .find(|l| l.trigger.name == trigger)
+            .unwrap_or_else(|| error!("preview: no trigger named {trigger:?}"))
+            .trigger;
+        let anchor = or_raise(
+            c.select(
+                "SELECT anchor FROM nudge.enrollments WHERE trigger = $1 AND user_id = $2 ORDER BY entered_at DESC LIMIT 1",
+                None,
+                &[trigger.into(), user_id.into()],
+            ),
+            "preview",
+        )
+        .first()
+        .get::<JsonB>(1)
+        .ok()
+        .flatten()
+        .map_or(serde_json::json!({}), |j| j.0);
+        let profiles = due::profiles_of(c, vec![user_id.to_owned()]);
+        let tpls = catalog::templates(c, vec![t.template.clone()]);
+        let tpl = match tpls.get(&t.template) {
+            Some(Ok(tpl)) => tpl,
+            Some(Err(e)) => error!("preview: template {:?}: {e}", t.template),
+            None => error!("preview: template {:?} does not exist", t.template),
+        };
+        compose::compose(
+            tpl,
+            &compose::Inputs {
+                trigger,
+                user_id,
+                message_key: "preview",
+                anchor: &anchor,
+                profile: profiles.get(user_id),
+            },
+        )
+        .unwrap_or_else(|e| error!("preview: {e}"))
+    });
+    TableIterator::once((
+        msg.recipient,
+        msg.rendered.subject,
+        msg.rendered.html,
+        msg.rendered.text,
+    ))
+}

@@ -1,0 +1,334 @@
+//! Capture: a statement's new events open, coalesce and exit enrollments, in
+//! the inserting transaction. Called once per statement by the capture
+//! trigger of each source with the statement's events as four arrays.
+
+use crate::catalog::{live_triggers, LiveTrigger};
+use crate::spi_util::{micros, or_raise, ts};
+use nudge_core::sequence::{sequence, Journey, Step};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Advisory-lock class for per-user serialization of capture (an arbitrary
+/// constant, so that our locks do not collide with an application's).
+const USER_LOCK_CLASS: i32 = 0x6e75_6467; // "nudg"
+
+pub struct Batch {
+    pub users: Vec<Option<String>>,
+    pub events: Vec<Option<String>>,
+    pub times: Vec<Option<TimestampWithTimeZone>>,
+    pub props: Vec<Option<JsonB>>,
+}
+
+pub fn capture(batch: Batch) {
+    Spi::connect_mut(|c| {
+        let triggers = live_triggers(c);
+        if triggers.is_empty() {
+            return;
+        }
+        let steps = steps_of(&batch, &triggers);
+        if steps.is_empty() {
+            return;
+        }
+        // Serialize capture per user, so that two concurrent statements with
+        // events of one user see each other's enrollments (sorted: no deadlock).
+        let users: Vec<String> = {
+            let mut u: Vec<String> = steps.keys().map(|(_, u)| u.clone()).collect();
+            u.dedup();
+            u
+        };
+        or_raise(
+            c.update(
+                "SELECT count(pg_advisory_xact_lock($1, h))
+                   FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
+                None,
+                &[USER_LOCK_CLASS.into(), users.into()],
+            ),
+            "locking users",
+        );
+
+        let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
+            .keys()
+            .map(|(t, u)| (triggers[*t].trigger.name.clone(), u.clone()))
+            .unzip();
+        let rows = or_raise(
+            c.update(
+                "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at
+                   FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
+                   JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
+                  WHERE e.state = 'waiting'
+                  ORDER BY e.entered_at
+                    FOR UPDATE OF e",
+                None,
+                &[pair_t.into(), pair_u.into()],
+            ),
+            "reading waiting enrollments",
+        );
+        let mut open: BTreeMap<(String, String), Vec<Journey>> = BTreeMap::new();
+        for row in rows {
+            let get_s = |i| -> String { row.get::<String>(i).ok().flatten().unwrap_or_default() };
+            let id: i64 = row.get(1).ok().flatten().unwrap_or_default();
+            let entered: TimestampWithTimeZone =
+                row.get(5).ok().flatten().expect("entered_at is NOT NULL");
+            let due: TimestampWithTimeZone = row.get(6).ok().flatten().expect("due_at is NOT NULL");
+            open.entry((get_s(2), get_s(3)))
+                .or_default()
+                .push(Journey::open(id, get_s(4), micros(entered), micros(due)));
+        }
+
+        let mut writes = Writes::default();
+        for ((ti, user), steps) in steps {
+            let t = &triggers[ti].trigger;
+            let existing = open
+                .remove(&(t.name.clone(), user.clone()))
+                .unwrap_or_default();
+            for j in sequence(existing, steps, t.wait_us) {
+                writes.add(t, &user, j, &batch);
+            }
+        }
+        writes.flush(c);
+    })
+}
+
+/// Entry and exit steps per (trigger index, user), from one pass over the batch.
+fn steps_of(b: &Batch, triggers: &[LiveTrigger]) -> BTreeMap<(usize, String), Vec<Step>> {
+    let empty = Value::Object(Default::default());
+    let mut out: BTreeMap<(usize, String), Vec<Step>> = BTreeMap::new();
+    for i in 0..b.users.len() {
+        let (Some(Some(user)), Some(Some(event)), Some(Some(at))) =
+            (b.users.get(i), b.events.get(i), b.times.get(i))
+        else {
+            continue;
+        };
+        let props = b
+            .props
+            .get(i)
+            .and_then(|p| p.as_ref())
+            .map_or(&empty, |p| &p.0);
+        let at = micros(*at);
+        for (ti, lt) in triggers.iter().enumerate() {
+            let t = &lt.trigger;
+            if lt.active && t.enters(event, props) {
+                out.entry((ti, user.clone()))
+                    .or_default()
+                    .push(Step::Entry {
+                        at,
+                        key: t.key_of(props),
+                        event: i,
+                    });
+            }
+            if let Some(key) = t.exit_scope(event, props) {
+                out.entry((ti, user.clone())).or_default().push(Step::Exit {
+                    at,
+                    key,
+                    name: event.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Column arrays for the three writes of a capture.
+#[derive(Default)]
+struct Writes {
+    // new enrollments
+    n_trigger: Vec<String>,
+    n_version: Vec<i32>,
+    n_user: Vec<String>,
+    n_key: Vec<String>,
+    n_entered: Vec<TimestampWithTimeZone>,
+    n_due: Vec<TimestampWithTimeZone>,
+    n_anchor: Vec<JsonB>,
+    n_anchor_event: Vec<String>,
+    n_coalesced: Vec<i32>,
+    n_last_entry: Vec<TimestampWithTimeZone>,
+    n_exited: Vec<Option<TimestampWithTimeZone>>,
+    n_reason: Vec<Option<String>>,
+    // changes to waiting enrollments
+    u_id: Vec<i64>,
+    u_user: Vec<String>,
+    u_coalesced: Vec<i32>,
+    u_last_entry: Vec<Option<TimestampWithTimeZone>>,
+    u_exited: Vec<Option<TimestampWithTimeZone>>,
+    u_reason: Vec<Option<String>>,
+    // journal lines; enrollment ids of new journeys are filled in at flush
+    j_user: Vec<String>,
+    j_trigger: Vec<String>,
+    j_enrollment: Vec<Option<i64>>,
+    j_new: Vec<Option<usize>>,
+    j_at: Vec<TimestampWithTimeZone>,
+    j_step: Vec<String>,
+    j_detail: Vec<Option<String>>,
+}
+
+impl Writes {
+    fn add(&mut self, t: &nudge_core::definition::Trigger, user: &str, j: Journey, b: &Batch) {
+        let exit_reason = j
+            .exited
+            .as_ref()
+            .map(|(_, name)| format!("exited by {name}"));
+        let exited_at = j.exited.as_ref().map(|(at, _)| ts(*at));
+        let new_index = match j.id {
+            None => {
+                let anchor = j.anchor.expect("a new journey has an anchor event");
+                self.n_trigger.push(t.name.clone());
+                self.n_version.push(t.version);
+                self.n_user.push(user.to_owned());
+                self.n_key.push(j.key.clone());
+                self.n_entered.push(ts(j.entered_at));
+                self.n_due.push(ts(j.due_at));
+                self.n_anchor.push(
+                    b.props[anchor]
+                        .as_ref()
+                        .map_or(JsonB(Value::Object(Default::default())), |p| {
+                            JsonB(p.0.clone())
+                        }),
+                );
+                self.n_anchor_event
+                    .push(b.events[anchor].clone().unwrap_or_default());
+                self.n_coalesced.push(j.coalesced.len() as i32);
+                self.n_last_entry
+                    .push(ts(j.coalesced.last().copied().unwrap_or(j.entered_at)));
+                self.n_exited.push(exited_at);
+                self.n_reason.push(exit_reason.clone());
+                Some(self.n_trigger.len() - 1)
+            }
+            Some(id) => {
+                self.u_id.push(id);
+                self.u_user.push(user.to_owned());
+                self.u_coalesced.push(j.coalesced.len() as i32);
+                self.u_last_entry.push(j.coalesced.last().map(|at| ts(*at)));
+                self.u_exited.push(exited_at);
+                self.u_reason.push(exit_reason.clone());
+                None
+            }
+        };
+        let mut line = |at: i64, step: &str, detail: Option<String>| {
+            self.j_user.push(user.to_owned());
+            self.j_trigger.push(t.name.clone());
+            self.j_enrollment.push(j.id);
+            self.j_new.push(new_index);
+            self.j_at.push(ts(at));
+            self.j_step.push(step.to_owned());
+            self.j_detail.push(detail);
+        };
+        if j.id.is_none() {
+            let key = if j.key.is_empty() {
+                String::new()
+            } else {
+                format!(" key {}", j.key)
+            };
+            line(
+                j.entered_at,
+                "entered",
+                Some(format!(
+                    "v{}{key}, due {}",
+                    t.version,
+                    nudge_core::time::format_pg_utc(j.due_at)
+                )),
+            );
+        }
+        for at in &j.coalesced {
+            line(
+                *at,
+                "coalesced",
+                Some("entry event joined the open enrollment".into()),
+            );
+        }
+        if let Some((at, name)) = &j.exited {
+            line(*at, "exited", Some(format!("exit event {name}")));
+        }
+    }
+
+    fn flush(mut self, c: &mut pgrx::spi::SpiClient<'_>) {
+        if !self.n_trigger.is_empty() {
+            // Ids first, so that journal lines can name the enrollments they describe.
+            let ids: Vec<i64> = or_raise(
+                c.update(
+                    "SELECT nextval(pg_get_serial_sequence('nudge.enrollments', 'id')) FROM generate_series(1, $1)",
+                    None,
+                    &[(self.n_trigger.len() as i32).into()],
+                ),
+                "allocating enrollment ids",
+            )
+            .map(|r| r.get::<i64>(1).ok().flatten().expect("nextval is not null"))
+            .collect();
+            for (e, n) in self.j_enrollment.iter_mut().zip(&self.j_new) {
+                if let Some(n) = n {
+                    *e = Some(ids[*n]);
+                }
+            }
+            or_raise(
+                c.update(
+                    "INSERT INTO nudge.enrollments
+                       (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                        coalesced, last_entry_at, exited_at, state, reason)
+                     SELECT id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                            coalesced, last_entry_at, exited_at,
+                            CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason
+                       FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
+                                   $7::timestamptz[], $8::jsonb[], $9::text[], $10::int[], $11::timestamptz[],
+                                   $12::timestamptz[], $13::text[])
+                         AS n(id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                              coalesced, last_entry_at, exited_at, reason)",
+                    None,
+                    &[
+                        ids.into(),
+                        std::mem::take(&mut self.n_trigger).into(),
+                        std::mem::take(&mut self.n_version).into(),
+                        std::mem::take(&mut self.n_user).into(),
+                        std::mem::take(&mut self.n_key).into(),
+                        std::mem::take(&mut self.n_entered).into(),
+                        std::mem::take(&mut self.n_due).into(),
+                        std::mem::take(&mut self.n_anchor).into(),
+                        std::mem::take(&mut self.n_anchor_event).into(),
+                        std::mem::take(&mut self.n_coalesced).into(),
+                        std::mem::take(&mut self.n_last_entry).into(),
+                        std::mem::take(&mut self.n_exited).into(),
+                        std::mem::take(&mut self.n_reason).into(),
+                    ],
+                ),
+                "opening enrollments",
+            );
+        }
+        if !self.u_id.is_empty() {
+            or_raise(
+                c.update(
+                    "UPDATE nudge.enrollments e
+                        SET coalesced = e.coalesced + u.coalesced,
+                            last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
+                            exited_at = u.exited_at,
+                            state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
+                            reason = coalesce(u.reason, e.reason),
+                            updated_at = now()
+                       FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[])
+                         AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
+                      WHERE e.user_id = u.user_id AND e.id = u.id",
+                    None,
+                    &[
+                        std::mem::take(&mut self.u_id).into(),
+                        std::mem::take(&mut self.u_user).into(),
+                        std::mem::take(&mut self.u_coalesced).into(),
+                        std::mem::take(&mut self.u_last_entry).into(),
+                        std::mem::take(&mut self.u_exited).into(),
+                        std::mem::take(&mut self.u_reason).into(),
+                    ],
+                ),
+                "updating enrollments",
+            );
+        }
+        if !self.j_user.is_empty() {
+            crate::engine::run_due::journal(
+                c,
+                self.j_user,
+                self.j_trigger,
+                self.j_enrollment,
+                self.j_at,
+                self.j_step,
+                self.j_detail,
+            );
+        }
+    }
+}

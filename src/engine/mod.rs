@@ -1,0 +1,7 @@
+//! The engine: capture (enroll and exit as events arrive) and run_due
+//! (send what is due). Both read their batch once, decide in Rust, and write
+//! each table with one statement.
+
+pub mod capture;
+pub mod compose;
+pub mod run_due;

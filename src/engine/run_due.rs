@@ -1,0 +1,391 @@
+//! run_due: one evaluation pass. Claims due enrollments (SKIP LOCKED),
+//! re-checks exits against every event source, renders, and writes the
+//! outbox, the enrollments and the journal with one statement each.
+
+use crate::catalog::{live_triggers, templates};
+use crate::engine::compose::{compose, Inputs};
+use crate::spi_util::or_raise;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+pub struct Due {
+    id: i64,
+    trigger: String,
+    user_id: String,
+    key: String,
+    entered_at: TimestampWithTimeZone,
+    due_at: TimestampWithTimeZone,
+    anchor: Value,
+    message_key: String,
+}
+
+enum Outcome {
+    Sent,
+    Exited {
+        at: TimestampWithTimeZone,
+        event: String,
+    },
+    Failed(String),
+}
+
+pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> i32 {
+    Spi::connect_mut(|c| {
+        let due = claim_due(c, as_of, max_messages);
+        if due.is_empty() {
+            return 0;
+        }
+        let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
+            .into_iter()
+            .map(|l| (l.trigger.name.clone(), l.trigger))
+            .collect();
+        let exits = exits_at_send_time(c, &due, &triggers);
+        let profiles = profiles(c, &due);
+        let tpl_names: Vec<String> = triggers
+            .values()
+            .map(|t| t.template.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let tpls = templates(c, tpl_names);
+
+        let mut out = OutboxRows::default();
+        let mut outcomes = Vec::with_capacity(due.len());
+        for (i, d) in due.iter().enumerate() {
+            let t = &triggers[&d.trigger];
+            if let Some((at, event)) = exits.get(&i) {
+                outcomes.push(Outcome::Exited {
+                    at: *at,
+                    event: event.clone(),
+                });
+                continue;
+            }
+            let msg = match tpls.get(&t.template) {
+                None => Err(format!("template {:?} does not exist", t.template)),
+                Some(Err(e)) => Err(format!("template {:?} does not parse: {e}", t.template)),
+                Some(Ok(tpl)) => compose(
+                    tpl,
+                    &Inputs {
+                        trigger: &t.name,
+                        user_id: &d.user_id,
+                        message_key: &d.message_key,
+                        anchor: &d.anchor,
+                        profile: profiles.get(&d.user_id),
+                    },
+                ),
+            };
+            match msg {
+                Ok(m) => {
+                    out.push(d, t.version, m);
+                    outcomes.push(Outcome::Sent);
+                }
+                Err(e) => outcomes.push(Outcome::Failed(e)),
+            }
+        }
+        let written = out.insert(c);
+        record(c, &due, outcomes);
+        if written > 0 {
+            // One wake-up per batch, never one per message.
+            or_raise(
+                c.update(
+                    "SELECT pg_notify('nudge_outbox', $1::text)",
+                    None,
+                    &[written.into()],
+                ),
+                "notifying",
+            );
+        }
+        written
+    })
+}
+
+fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
+    let rows = or_raise(
+        c.update(
+            "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
+                    'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
+                                 || extract(epoch FROM e.entered_at)::text)
+               FROM nudge.enrollments e
+               JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
+              WHERE e.state = 'waiting' AND e.due_at <= $1
+              ORDER BY e.due_at
+              LIMIT $2
+                FOR UPDATE OF e SKIP LOCKED",
+            None,
+            &[as_of.into(), max.max(0).into()],
+        ),
+        "claiming due enrollments",
+    );
+    rows.map(|r| {
+        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+        Due {
+            id: r.get(1).ok().flatten().unwrap_or_default(),
+            trigger: s(2),
+            user_id: s(3),
+            key: s(4),
+            entered_at: r.get(5).ok().flatten().expect("entered_at is NOT NULL"),
+            due_at: r.get(6).ok().flatten().expect("due_at is NOT NULL"),
+            anchor: r
+                .get::<JsonB>(7)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |j| j.0),
+            message_key: s(8),
+        }
+    })
+    .collect()
+}
+
+/// The first exit event of each due enrollment in [entered_at, due_at),
+/// read from every registered source in one query: this catches exits that
+/// were loaded without the capture trigger (COPY with triggers disabled,
+/// rows that predate add_source).
+fn exits_at_send_time(
+    c: &SpiClient<'_>,
+    due: &[Due],
+    triggers: &HashMap<String, nudge_core::definition::Trigger>,
+) -> HashMap<usize, (TimestampWithTimeZone, String)> {
+    let mut idx = vec![];
+    let mut users = vec![];
+    let mut from = vec![];
+    let mut to = vec![];
+    let mut names = HashSet::new();
+    for (i, d) in due.iter().enumerate() {
+        let t = &triggers[&d.trigger];
+        if t.exits.is_empty() {
+            continue;
+        }
+        names.extend(t.exits.iter().map(|x| x.event.clone()));
+        idx.push(i as i32);
+        users.push(d.user_id.clone());
+        from.push(d.entered_at);
+        to.push(d.due_at);
+    }
+    let mut found = HashMap::new();
+    if idx.is_empty() {
+        return found;
+    }
+    let rows = or_raise(
+        c.select(
+            "SELECT b.i, a.event, a.props, a.occurred_at
+               FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(i, user_id, f, t)
+               JOIN nudge.all_events a
+                 ON a.user_id = b.user_id AND a.occurred_at >= b.f AND a.occurred_at < b.t
+              WHERE a.event = ANY ($5)
+              ORDER BY b.i, a.occurred_at",
+            None,
+            &[idx.into(), users.into(), from.into(), to.into(), names.into_iter().collect::<Vec<_>>().into()],
+        ),
+        "re-checking exit events",
+    );
+    for r in rows {
+        let i = r.get::<i32>(1).ok().flatten().unwrap_or_default() as usize;
+        if found.contains_key(&i) {
+            continue;
+        }
+        let event: String = r.get(2).ok().flatten().unwrap_or_default();
+        let props = r
+            .get::<JsonB>(3)
+            .ok()
+            .flatten()
+            .map_or(Value::Null, |j| j.0);
+        let at: TimestampWithTimeZone = r.get(4).ok().flatten().expect("occurred_at");
+        let d = &due[i];
+        let hit = match triggers[&d.trigger].exit_scope(&event, &props) {
+            Some(None) => true,
+            Some(Some(k)) => k == d.key,
+            None => false,
+        };
+        if hit {
+            found.insert(i, (at, event));
+        }
+    }
+    found
+}
+
+/// Profiles of the batch's users through nudge._profile (the built-in table,
+/// or the query given to set_profile_query), in one statement.
+pub fn profiles(c: &SpiClient<'_>, due: &[Due]) -> HashMap<String, Value> {
+    let users: Vec<String> = due
+        .iter()
+        .map(|d| d.user_id.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    profiles_of(c, users)
+}
+
+pub fn profiles_of(c: &SpiClient<'_>, users: Vec<String>) -> HashMap<String, Value> {
+    let rows = or_raise(
+        c.select(
+            "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
+            None,
+            &[users.into()],
+        ),
+        "reading profiles",
+    );
+    rows.filter_map(|r| {
+        let u: String = r.get(1).ok().flatten()?;
+        let p: JsonB = r.get(2).ok().flatten()?;
+        Some((u, p.0))
+    })
+    .collect()
+}
+
+#[derive(Default)]
+struct OutboxRows {
+    key: Vec<String>,
+    trigger: Vec<String>,
+    version: Vec<i32>,
+    enrollment: Vec<i64>,
+    user: Vec<String>,
+    recipient: Vec<String>,
+    subject: Vec<String>,
+    html: Vec<String>,
+    text: Vec<Option<String>>,
+    available: Vec<TimestampWithTimeZone>,
+}
+
+impl OutboxRows {
+    fn push(&mut self, d: &Due, version: i32, m: crate::engine::compose::Message) {
+        self.key.push(d.message_key.clone());
+        self.trigger.push(d.trigger.clone());
+        self.version.push(version);
+        self.enrollment.push(d.id);
+        self.user.push(d.user_id.clone());
+        self.recipient.push(m.recipient);
+        self.subject.push(m.rendered.subject);
+        self.html.push(m.rendered.html);
+        self.text.push(m.rendered.text);
+        self.available.push(d.due_at);
+    }
+
+    /// One INSERT for the batch; the unique message_key makes a repeat a no-op.
+    fn insert(self, c: &mut SpiClient<'_>) -> i32 {
+        if self.key.is_empty() {
+            return 0;
+        }
+        let rows = or_raise(
+            c.update(
+                "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
+                                           recipient, subject, html, text_body, available_at, headers)
+                 SELECT k, t, v, e, u, r, s, h, x, a, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
+                   FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
+                               $7::text[], $8::text[], $9::text[], $10::timestamptz[])
+                     AS m(k, t, v, e, u, r, s, h, x, a)
+                 ON CONFLICT (message_key, user_id) DO NOTHING
+                 RETURNING 1",
+                None,
+                &[
+                    self.key.into(),
+                    self.trigger.into(),
+                    self.version.into(),
+                    self.enrollment.into(),
+                    self.user.into(),
+                    self.recipient.into(),
+                    self.subject.into(),
+                    self.html.into(),
+                    self.text.into(),
+                    self.available.into(),
+                ],
+            ),
+            "writing the outbox",
+        );
+        rows.len() as i32
+    }
+}
+
+/// Writes each enrollment's outcome and its journal line.
+fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
+    let n = due.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut reasons: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut exited: Vec<Option<TimestampWithTimeZone>> = Vec::with_capacity(n);
+    let mut j_at = Vec::with_capacity(n);
+    let mut j_step = Vec::with_capacity(n);
+    for (d, o) in due.iter().zip(outcomes) {
+        ids.push(d.id);
+        users.push(d.user_id.clone());
+        match o {
+            Outcome::Sent => {
+                states.push("sent".to_string());
+                reasons.push(Some(format!("message {}", d.message_key)));
+                keys.push(Some(d.message_key.clone()));
+                exited.push(None);
+                j_at.push(d.due_at);
+            }
+            Outcome::Exited { at, event } => {
+                states.push("exited".to_string());
+                reasons.push(Some(format!("exited by {event} (found at send time)")));
+                keys.push(None);
+                exited.push(Some(at));
+                j_at.push(at);
+            }
+            Outcome::Failed(e) => {
+                states.push("failed".to_string());
+                reasons.push(Some(e));
+                keys.push(None);
+                exited.push(None);
+                j_at.push(d.due_at);
+            }
+        }
+        j_step.push(states.last().cloned().unwrap_or_default());
+    }
+    let details = reasons.clone();
+    let triggers: Vec<String> = due.iter().map(|d| d.trigger.clone()).collect();
+    or_raise(
+        c.update(
+            "UPDATE nudge.enrollments e
+                SET state = u.state, reason = u.reason, message_key = u.message_key,
+                    exited_at = coalesce(u.exited_at, e.exited_at), updated_at = now()
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+                 AS u(id, user_id, state, reason, message_key, exited_at)
+              WHERE e.user_id = u.user_id AND e.id = u.id",
+            None,
+            &[
+                ids.clone().into(),
+                users.clone().into(),
+                states.into(),
+                reasons.into(),
+                keys.into(),
+                exited.into(),
+            ],
+        ),
+        "recording outcomes",
+    );
+    journal(
+        c,
+        users,
+        triggers,
+        ids.into_iter().map(Some).collect(),
+        j_at,
+        j_step,
+        details,
+    );
+}
+
+/// Appends journal lines, one INSERT for all of them.
+pub fn journal(
+    c: &mut SpiClient<'_>,
+    users: Vec<String>,
+    triggers: Vec<String>,
+    enrollments: Vec<Option<i64>>,
+    at: Vec<TimestampWithTimeZone>,
+    steps: Vec<String>,
+    details: Vec<Option<String>>,
+) {
+    or_raise(
+        c.update(
+            "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[])",
+            None,
+            &[users.into(), triggers.into(), enrollments.into(), at.into(), steps.into(), details.into()],
+        ),
+        "writing the journal",
+    );
+}

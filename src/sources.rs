@@ -1,0 +1,179 @@
+//! Event sources: tables whose inserts are events. Each gets a statement-level
+//! AFTER INSERT trigger with a transition table, generated from its column
+//! mapping, and a branch in the `nudge.all_events` view that run_due reads to
+//! re-check exits. `nudge.events` is registered the same way at install.
+
+use crate::spi_util::or_raise;
+use nudge_core::sql::{ident, literal, SourceMap};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+fn function_name(oid: pg_sys::Oid) -> String {
+    format!("nudge.{}", ident(&format!("_capture_{}", oid.to_u32())))
+}
+
+pub fn add(source: pg_sys::Oid, map: SourceMap) {
+    if let Err(e) = map.check() {
+        error!("{e}");
+    }
+    Spi::connect_mut(|c| {
+        let table = table_name(c, source);
+        for (what, col) in [
+            ("user_column", Some(&map.user_column)),
+            ("event_column", map.event_column.as_ref()),
+            ("time_column", map.time_column.as_ref()),
+            ("props_column", map.props_column.as_ref()),
+        ] {
+            if let Some(col) = col {
+                let exists = or_raise(
+                    c.select(
+                        "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+                        None,
+                        &[source.into(), col.clone().into()],
+                    ),
+                    "checking columns",
+                )
+                .len();
+                if exists == 0 {
+                    error!(
+                        "add_source: {what}: table {table} has no column {}",
+                        literal(col)
+                    );
+                }
+            }
+        }
+        let already = or_raise(
+            c.select(
+                "SELECT 1 FROM nudge.sources WHERE source = $1",
+                None,
+                &[source.into()],
+            ),
+            "reading sources",
+        )
+        .len();
+        if already > 0 {
+            error!("add_source: {table} is already an event source (nudge.drop_source it first to change its mapping)");
+        }
+        or_raise(
+            c.update(
+                "INSERT INTO nudge.sources (source, user_column, event_column, time_column, props_column, event_name)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                None,
+                &[
+                    source.into(),
+                    map.user_column.clone().into(),
+                    map.event_column.clone().into(),
+                    map.time_column.clone().into(),
+                    map.props_column.clone().into(),
+                    map.event_name.clone().into(),
+                ],
+            ),
+            "registering the source",
+        );
+        let f = function_name(source);
+        or_raise(
+            c.update(&map.capture_function(&f), None, &[]),
+            "creating the capture function",
+        );
+        or_raise(
+            c.update(
+                &format!(
+                    "CREATE TRIGGER nudge_capture AFTER INSERT ON {table}
+                     REFERENCING NEW TABLE AS nudge_new_rows
+                     FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+                ),
+                None,
+                &[],
+            ),
+            "creating the capture trigger",
+        );
+        rebuild_all_events(c);
+    })
+}
+
+pub fn drop(source: pg_sys::Oid) {
+    Spi::connect_mut(|c| {
+        let table = table_name(c, source);
+        let gone = or_raise(
+            c.update(
+                "DELETE FROM nudge.sources WHERE source = $1 RETURNING 1",
+                None,
+                &[source.into()],
+            ),
+            "unregistering the source",
+        )
+        .len();
+        if gone == 0 {
+            error!("drop_source: {table} is not an event source");
+        }
+        or_raise(
+            c.update(
+                &format!("DROP TRIGGER IF EXISTS nudge_capture ON {table}"),
+                None,
+                &[],
+            ),
+            "dropping the trigger",
+        );
+        or_raise(
+            c.update(
+                &format!("DROP FUNCTION IF EXISTS {}()", function_name(source)),
+                None,
+                &[],
+            ),
+            "dropping the function",
+        );
+        rebuild_all_events(c);
+    })
+}
+
+fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {
+    or_raise(
+        c.select("SELECT $1::regclass::text", None, &[oid.into()]),
+        "naming the table",
+    )
+    .first()
+    .get::<String>(1)
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| error!("no table with oid {}", oid.to_u32()))
+}
+
+/// `nudge.all_events`: every source's rows as (user_id, event, occurred_at, props).
+fn rebuild_all_events(c: &mut SpiClient<'_>) {
+    let rows = or_raise(
+        c.select(
+            "SELECT source::text, user_column, event_column, time_column, props_column, event_name
+               FROM nudge.sources ORDER BY source::oid",
+            None,
+            &[],
+        ),
+        "reading sources",
+    );
+    let mut branches = vec![];
+    for r in rows {
+        let s = |i| r.get::<String>(i).ok().flatten();
+        let table = s(1).unwrap_or_default();
+        let map = SourceMap {
+            user_column: s(2).unwrap_or_default(),
+            event_column: s(3),
+            time_column: s(4),
+            props_column: s(5),
+            event_name: s(6),
+        };
+        branches.push(format!("SELECT {} FROM {table} r", map.projection("r")));
+    }
+    let body = if branches.is_empty() {
+        "SELECT NULL::text AS user_id, NULL::text AS event, NULL::timestamptz AS occurred_at, NULL::jsonb AS props WHERE false".to_string()
+    } else {
+        branches.join("\nUNION ALL\n")
+    };
+    // Every branch casts to the same four types, so the view can be replaced in place.
+    or_raise(
+        c.update(
+            &format!("CREATE OR REPLACE VIEW nudge.all_events AS\n{body}"),
+            None,
+            &[],
+        ),
+        "creating all_events",
+    );
+}
