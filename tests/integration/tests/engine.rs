@@ -77,14 +77,14 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
     let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
     c.execute(
         "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-         SELECT u, e, p::jsonb, $5::timestamptz + s * interval '1 second'
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
            FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
         &[&users, &names, &props, &secs, &START],
     )
     .unwrap();
     let written: i32 = c
         .query_one(
-            "SELECT nudge.run_due($1::timestamptz + $2 * interval '1 second', 100000)",
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
             &[&START, &(end as f64)],
         )
         .unwrap()
@@ -106,20 +106,20 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
         let at = *s as f64;
         live_written += c
             .query_one(
-                "SELECT nudge.run_due($1::timestamptz + $2 * interval '1 second')",
+                "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
                 &[&START, &at],
             )
             .unwrap()
             .get::<_, i32>(0);
         c.execute(
-            "SELECT nudge.track($1, $2, $3::text::jsonb, $4::timestamptz + $5 * interval '1 second')",
+            "SELECT nudge.track($1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
             &[u, e, p, &START, &at],
         )
         .unwrap();
     }
     live_written += c
         .query_one(
-            "SELECT nudge.run_due($1::timestamptz + $2 * interval '1 second', 100000)",
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
             &[&START, &(end as f64)],
         )
         .unwrap()
