@@ -6,6 +6,7 @@ TEST_DIR  ?= /tmp/pg_nudge-it
 TEST_PORT ?= 28815
 DEMO_DIR  ?= $(CURDIR)/.demo/data
 DEMO_PORT ?= 28816
+KEEP      ?= 0
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
@@ -43,7 +44,7 @@ integration:
 
 ## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
 demo: install
-	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) demo/run.sh
+	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) KEEP=$(KEEP) demo/run.sh
 
 demo-stop:
 	@scripts/cluster.sh stop $(DEMO_DIR) && echo "demo server stopped"

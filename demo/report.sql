@@ -1,0 +1,26 @@
+\set ON_ERROR_STOP on
+\pset footer off
+\echo
+\echo '== What each trigger did =='
+SELECT trigger,
+       count(*)                                   AS entered,
+       count(*) FILTER (WHERE state = 'exited')   AS exited,
+       count(*) FILTER (WHERE state = 'waiting')  AS waiting,
+       count(*) FILTER (WHERE state = 'sent')     AS sent,
+       count(*) FILTER (WHERE state = 'failed')   AS failed,
+       sum(coalesced)                             AS coalesced_entries
+  FROM nudge.enrollments GROUP BY trigger ORDER BY trigger;
+
+\echo '== Why journeys ended without a message =='
+SELECT trigger, reason, count(*) FROM nudge.enrollments
+ WHERE state IN ('exited', 'failed') GROUP BY 1, 2 ORDER BY 1, 3 DESC;
+
+\echo '== A few messages from the outbox =='
+\x on
+SELECT DISTINCT ON (trigger) trigger, recipient, subject, html, message_key, available_at
+  FROM nudge.outbox ORDER BY trigger, id;
+\x off
+
+\echo '== One customer, explained =='
+SELECT user_id AS "customer" FROM nudge.outbox WHERE trigger = 'cart_abandonment' ORDER BY id LIMIT 1 \gset
+SELECT * FROM nudge.explain('cart_abandonment', :'customer');

@@ -1,0 +1,43 @@
+-- The case study's three journeys, defined before the shop's data arrives.
+\set ON_ERROR_STOP on
+
+-- Orders are events: the app's own table, no copy.
+SELECT nudge.add_source('app.orders', 'customer_id', time_column => 'created_at', event_name => 'purchased');
+-- Recipients come straight from the app's customers table.
+SELECT nudge.set_profile_query($$
+    SELECT email, timezone, first_name, loyalty_tier FROM app.customers WHERE id = $1
+$$);
+
+SELECT nudge.define_template('cart_reminder',
+  'Still thinking about the {{ event.product_name }}, {{ profile.first_name | default: "friend" }}?',
+  '<h1>Your cart is waiting</h1>
+<p>Hi {{ profile.first_name | default: "there" }}, you left the <b>{{ event.product_name }}</b>
+(${{ event.price }}) in your cart.</p>
+{% if profile.loyalty_tier == "gold" %}<p>As a gold member, shipping is on us.</p>{% endif %}
+<p><a href="https://shop.example/cart/{{ event.cart_id }}">Return to your cart</a></p>',
+  'Hi {{ profile.first_name | default: "there" }}, your {{ event.product_name }} is still in cart {{ event.cart_id }}.');
+
+SELECT nudge.define_template('thanks_follow_up',
+  'How are you liking your order, {{ profile.first_name | default: "friend" }}?',
+  '<p>Thanks again for order #{{ event.id }} (${{ event.total }}). Tell us how it went?</p>');
+
+SELECT nudge.define_template('browse_reminder',
+  'The {{ event.product_name }} is still here',
+  '<p>{{ profile.first_name | default: "Hi" }}, you were looking at the {{ event.product_name }}. It is still in stock.</p>');
+
+SELECT nudge.define_trigger('cart_abandonment', '{
+  "on":       {"event": "cart_added", "key": "cart_id"},
+  "wait":     "5 minutes",
+  "unless":   [{"event": "purchased", "same_key": true}],
+  "template": "cart_reminder"}');
+
+SELECT nudge.define_trigger('post_purchase', '{
+  "on":       {"event": "purchased", "key": "cart_id"},
+  "wait":     "48 hours",
+  "template": "thanks_follow_up"}');
+
+SELECT nudge.define_trigger('browse_abandonment', '{
+  "on":       {"event": "product_viewed"},
+  "wait":     "1 hour",
+  "unless":   [{"event": "cart_added"}, {"event": "purchased"}],
+  "template": "browse_reminder"}');
