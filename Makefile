@@ -22,7 +22,7 @@ install: setup
 test: setup test-unit test-pgrx test-server
 
 test-unit:
-	cargo test -p nudge-core
+	cargo test -p nudge-core --lib
 
 test-pgrx:
 	install -d -o postgres /tmp/pg_nudge-test 2>/dev/null || mkdir -p /tmp/pg_nudge-test
@@ -40,7 +40,7 @@ regress:
 	  || { cat tests/pg_regress/regression.diffs 2>/dev/null | head -200; exit 1; }
 
 integration:
-	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration -- --test-threads=1
+	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration --tests -- --test-threads=1
 
 ## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
 demo: install
