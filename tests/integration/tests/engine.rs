@@ -55,6 +55,18 @@ fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     (messages, journeys)
 }
 
+/// A database with the triggers above and 150 users with an email each.
+fn shop(db: &str) -> postgres::Client {
+    let mut c = connect(db);
+    c.batch_execute(SETUP).unwrap();
+    c.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email)
+         SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(0, 149) i",
+    )
+    .unwrap();
+    c
+}
+
 #[test]
 fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
     let events = history();
@@ -62,15 +74,7 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
 
     // Loaded at once, one run_due at the end.
     let bulk = fresh_db("nudge_it_bulk");
-    let mut c = connect(&bulk);
-    c.batch_execute(SETUP).unwrap();
-    for u in 0..150 {
-        c.execute(
-            "INSERT INTO nudge.profiles (user_id, email) VALUES ($1, $1 || '@example.com')",
-            &[&format!("u{u}")],
-        )
-        .unwrap();
-    }
+    let mut c = shop(&bulk);
     let users: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
@@ -92,15 +96,7 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
 
     // Lived through: one event at a time, the engine running at each instant.
     let live = fresh_db("nudge_it_live");
-    let mut c = connect(&live);
-    c.batch_execute(SETUP).unwrap();
-    for u in 0..150 {
-        c.execute(
-            "INSERT INTO nudge.profiles (user_id, email) VALUES ($1, $1 || '@example.com')",
-            &[&format!("u{u}")],
-        )
-        .unwrap();
-    }
+    let mut c = shop(&live);
     let mut live_written: i32 = 0;
     for (u, e, p, s) in &events {
         let at = *s as f64;
