@@ -33,3 +33,41 @@ $$;
 
 SELECT nudge.set_profile_query(NULL);
 SELECT nudge.add_source('nudge.events', 'user_id', 'event', 'occurred_at', 'props');
+
+-- Roles (DESIGN.md, Security model): each gets what it needs and no more.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'nudge_admin') THEN
+        CREATE ROLE nudge_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'nudge_writer') THEN
+        CREATE ROLE nudge_writer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'nudge_mailer') THEN
+        CREATE ROLE nudge_mailer NOLOGIN;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA nudge FROM PUBLIC;
+GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
+
+-- nudge_admin: defines triggers, templates, sources and the profile query; reads everything.
+GRANT ALL ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
+GRANT ALL ON ALL SEQUENCES IN SCHEMA nudge TO nudge_admin;
+GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
+GRANT CREATE ON SCHEMA nudge TO nudge_admin;  -- add_source writes capture functions here
+
+-- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
+GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;
+GRANT INSERT ON nudge.events TO nudge_writer;
+
+-- nudge_mailer: claims, acks, fails, records engagement, reads the outbox.
+GRANT SELECT ON nudge.outbox TO nudge_mailer;
+GRANT EXECUTE ON FUNCTION
+    nudge.claim(int, interval, text),
+    nudge.ack(bigint, text),
+    nudge.fail(bigint, text, boolean),
+    nudge.record_engagement(text, text, timestamptz, jsonb),
+    nudge.outbox_metrics()
+TO nudge_mailer;

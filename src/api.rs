@@ -191,7 +191,35 @@ fn run_due(
     if max_messages < 0 {
         error!("run_due: max_messages must not be negative");
     }
-    due::run_due(as_of, max_messages)
+    due::run_due(as_of, max_messages).written
+}
+
+/// The background worker's counters (since the server started) and the lag:
+/// how long the oldest due enrollment of an active trigger has been waiting.
+#[pg_extern]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(running, bool),
+        name!(last_pass, Option<TimestampWithTimeZone>),
+        name!(passes, i64),
+        name!(messages, i64),
+        name!(errors, i64),
+        name!(lag, Option<Interval>),
+    ),
+> {
+    let s = crate::worker::status();
+    let lag = one::<Interval>(
+        "SELECT now() - min(e.due_at) FROM nudge.enrollments e
+           JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
+          WHERE e.state = 'waiting' AND e.due_at <= now()",
+        &[],
+        "worker_status",
+    );
+    let last = s
+        .last_pass_us
+        .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
+    TableIterator::once((s.running, last, s.passes, s.messages, s.errors, lag))
 }
 
 /// Reads profiles from the user's own tables: `sql` uses `$1` for the user id

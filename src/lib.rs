@@ -10,12 +10,29 @@ use pgrx::prelude::*;
 mod api;
 mod catalog;
 mod engine;
+mod settings;
 mod sources;
 mod spi_util;
+mod worker;
 
 ::pgrx::pg_module_magic!();
 
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define();
+    // The worker and its shared memory exist only when preloaded
+    // (shared_preload_libraries = 'pg_nudge'); without it, run_due by hand.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::init_preloaded();
+    }
+}
+
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!(
+    "../sql/outbox.sql",
+    name = "outbox",
+    requires = ["bootstrap"]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -27,6 +44,9 @@ pub mod pg_test {
     pub fn setup(_options: Vec<&str>) {}
 
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec![]
+        vec![
+            "shared_preload_libraries = 'pg_nudge'",
+            "nudge.database = 'pgrx_tests'",
+        ]
     }
 }

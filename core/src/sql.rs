@@ -56,10 +56,13 @@ impl SourceMap {
 
     /// The plpgsql body of the statement-level capture trigger: it reads the
     /// transition table once, keeps only events some trigger watches, and
-    /// hands them to `nudge._capture` as four arrays in one call.
+    /// hands them to `nudge._capture` as four arrays in one call. SECURITY
+    /// DEFINER: whoever may insert into the source may capture, without any
+    /// privilege on pg_nudge's own tables.
     pub fn capture_function(&self, function: &str) -> String {
         format!(
-            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $nudge$
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $nudge$
 DECLARE
   watched text[] := nudge._watched_events();
 BEGIN

@@ -78,16 +78,22 @@ pub fn capture(batch: Batch) {
         }
 
         let mut writes = Writes::default();
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        let mut due_now = false;
         for ((ti, user), steps) in steps {
             let t = &triggers[ti].trigger;
             let existing = open
                 .remove(&(t.name.clone(), user.clone()))
                 .unwrap_or_default();
             for j in sequence(existing, steps, t.wait_us) {
+                due_now |= j.id.is_none() && j.exited.is_none() && j.due_at <= now;
                 writes.add(t, &user, j, &batch);
             }
         }
         writes.flush(c);
+        if due_now {
+            crate::worker::wake_on_commit();
+        }
     })
 }
 

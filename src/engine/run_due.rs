@@ -28,14 +28,24 @@ enum Outcome {
         at: TimestampWithTimeZone,
         event: String,
     },
+    Suppressed(String),
     Failed(String),
 }
 
-pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> i32 {
+/// What one pass did: enrollments taken, messages written.
+pub struct Pass {
+    pub claimed: usize,
+    pub written: i32,
+}
+
+pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
     Spi::connect_mut(|c| {
         let due = claim_due(c, as_of, max_messages);
         if due.is_empty() {
-            return 0;
+            return Pass {
+                claimed: 0,
+                written: 0,
+            };
         }
         let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
             .into_iter()
@@ -50,6 +60,7 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> i32 {
             .into_iter()
             .collect();
         let tpls = templates(c, tpl_names);
+        let suppressed = suppressions(c, &due, &profiles);
 
         let mut out = OutboxRows::default();
         let mut outcomes = Vec::with_capacity(due.len());
@@ -77,10 +88,16 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> i32 {
                 ),
             };
             match msg {
-                Ok(m) => {
-                    out.push(d, t.version, m);
-                    outcomes.push(Outcome::Sent);
-                }
+                Ok(m) => match suppressed
+                    .get(&m.recipient.to_lowercase())
+                    .or_else(|| suppressed.get(&d.user_id))
+                {
+                    Some(why) => outcomes.push(Outcome::Suppressed(why.clone())),
+                    None => {
+                        out.push(d, t.version, m);
+                        outcomes.push(Outcome::Sent);
+                    }
+                },
                 Err(e) => outcomes.push(Outcome::Failed(e)),
             }
         }
@@ -97,8 +114,47 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> i32 {
                 "notifying",
             );
         }
-        written
+        Pass {
+            claimed: due.len(),
+            written,
+        }
     })
+}
+
+/// Suppressions that touch this batch, by lower-cased address and by user id.
+fn suppressions(
+    c: &SpiClient<'_>,
+    due: &[Due],
+    profiles: &HashMap<String, Value>,
+) -> HashMap<String, String> {
+    let users: Vec<String> = due
+        .iter()
+        .map(|d| d.user_id.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let emails: Vec<String> = profiles
+        .values()
+        .filter_map(|p| p.get("email").and_then(Value::as_str))
+        .map(|e| e.trim().to_lowercase())
+        .collect();
+    let rows = or_raise(
+        c.select(
+            "SELECT email, user_id, reason, message_key FROM nudge.suppressions
+              WHERE email = ANY ($1) OR user_id = ANY ($2)",
+            None,
+            &[emails.into(), users.into()],
+        ),
+        "reading suppressions",
+    );
+    let mut out = HashMap::new();
+    for r in rows {
+        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+        let why = format!("address {} suppressed: {} (message {})", s(1), s(3), s(4));
+        out.insert(s(1), why.clone());
+        out.insert(s(2), why);
+    }
+    out
 }
 
 fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
@@ -325,6 +381,13 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
                 keys.push(None);
                 exited.push(Some(at));
                 j_at.push(at);
+            }
+            Outcome::Suppressed(why) => {
+                states.push("suppressed".to_string());
+                reasons.push(Some(why));
+                keys.push(None);
+                exited.push(None);
+                j_at.push(d.due_at);
             }
             Outcome::Failed(e) => {
                 states.push("failed".to_string());

@@ -1,0 +1,134 @@
+-- The outbox protocol, in SQL because each call is one set-based statement:
+-- claim (SKIP LOCKED, leased), ack, fail (exponential backoff with jitter,
+-- dead after nudge.max_attempts), metrics, and engagement feedback.
+-- Mailer-facing functions are SECURITY DEFINER so that nudge_mailer needs
+-- nothing but EXECUTE on them and SELECT on the outbox.
+
+-- A setting of ours, or its default when the library is not loaded in this backend.
+CREATE FUNCTION nudge._setting(name text, fallback text) RETURNS text
+LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''), fallback) $$;
+
+CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
+RETURNS SETOF nudge.outbox
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH c AS (
+        SELECT o.user_id, o.id
+          FROM nudge.outbox o
+         WHERE o.status IN ('pending', 'claimed') AND o.available_at <= now()
+         ORDER BY o.priority DESC, o.available_at, o.id
+         LIMIT greatest(batch, 0)
+           FOR UPDATE SKIP LOCKED)
+    UPDATE nudge.outbox o
+       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+           available_at = now() + greatest(lease, interval '0')
+      FROM c
+     WHERE o.user_id = c.user_id AND o.id = c.id
+    RETURNING o.*
+$$;
+
+-- true when this call marked the message sent; false when it already was.
+CREATE FUNCTION nudge.ack(id bigint, provider_message_id text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = ack.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'ack: no message with id %', ack.id;
+    ELSIF st = 'sent' THEN
+        RETURN false;
+    ELSIF st <> 'claimed' THEN
+        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', ack.id, st;
+    END IF;
+    UPDATE nudge.outbox o
+       SET status = 'sent', sent_at = now(), provider_message_id = ack.provider_message_id, last_error = NULL
+     WHERE o.id = ack.id;
+    RETURN true;
+END
+$$;
+
+-- Returns the message's new status: 'pending' (retried at available_at) or 'dead'.
+CREATE FUNCTION nudge.fail(id bigint, error text, permanent boolean DEFAULT false) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m record;
+    base float8 := nudge._setting('nudge.retry_base_seconds', '30')::float8;
+    cap float8 := nudge._setting('nudge.retry_max_seconds', '3600')::float8;
+    max_attempts int := nudge._setting('nudge.max_attempts', '5')::int;
+    delay float8;
+BEGIN
+    SELECT o.status, o.attempts INTO m FROM nudge.outbox o WHERE o.id = fail.id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'fail: no message with id %', fail.id;
+    ELSIF m.status <> 'claimed' THEN
+        RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, m.status;
+    END IF;
+    IF permanent OR m.attempts >= max_attempts THEN
+        UPDATE nudge.outbox o SET status = 'dead', last_error = fail.error WHERE o.id = fail.id;
+        RETURN 'dead';
+    END IF;
+    -- exponential backoff, capped, with equal jitter: half fixed, half random,
+    -- so that a burst of failures does not retry in lockstep
+    delay := least(cap, base * 2 ^ (m.attempts - 1));
+    delay := delay / 2 + random() * delay / 2;
+    UPDATE nudge.outbox o
+       SET status = 'pending', last_error = fail.error, available_at = now() + delay * interval '1 second'
+     WHERE o.id = fail.id;
+    RETURN 'pending';
+END
+$$;
+
+CREATE FUNCTION nudge.outbox_metrics()
+RETURNS TABLE (status text, messages bigint, oldest_available_age interval)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT s.status, count(o.id), now() - min(o.available_at)
+      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead']) AS s(status)
+      LEFT JOIN nudge.outbox o ON o.status = s.status
+     GROUP BY s.status
+     ORDER BY array_position(ARRAY['pending', 'claimed', 'sent', 'dead'], s.status)
+$$;
+
+-- What happened to a message after it left: an event of its user
+-- (email_delivered, email_opened, ...), usable by triggers; the first time of
+-- each kind on the message; and, for a hard bounce, a complaint or an
+-- unsubscribe, a suppression of the address.
+CREATE FUNCTION nudge.record_engagement(
+    message_key text, kind text, occurred_at timestamptz DEFAULT now(), meta jsonb DEFAULT '{}'
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m record;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('delivered', 'opened', 'clicked', 'bounced', 'complained', 'unsubscribed') THEN
+        RAISE EXCEPTION 'record_engagement: unknown kind %', coalesce(quote_literal(kind), 'NULL')
+            USING HINT = 'kind is one of delivered, opened, clicked, bounced, complained, unsubscribed';
+    END IF;
+    IF meta IS NOT NULL AND jsonb_typeof(meta) <> 'object' THEN
+        RAISE EXCEPTION 'record_engagement: meta must be a JSON object';
+    END IF;
+    SELECT o.user_id, o.id, o.recipient, o.trigger, o.variant INTO m
+      FROM nudge.outbox o WHERE o.message_key = record_engagement.message_key;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_engagement: no message with key %', coalesce(quote_literal(record_engagement.message_key), 'NULL');
+    END IF;
+    INSERT INTO nudge.events (user_id, event, occurred_at, props)
+    VALUES (m.user_id, 'email_' || kind, record_engagement.occurred_at,
+            coalesce(meta, '{}') || jsonb_build_object('message_key', record_engagement.message_key,
+                                                      'trigger', m.trigger, 'variant', m.variant));
+    UPDATE nudge.outbox o
+       SET delivered_at    = CASE WHEN kind = 'delivered'    THEN coalesce(o.delivered_at, record_engagement.occurred_at)    ELSE o.delivered_at END,
+           opened_at       = CASE WHEN kind = 'opened'       THEN coalesce(o.opened_at, record_engagement.occurred_at)       ELSE o.opened_at END,
+           clicked_at      = CASE WHEN kind = 'clicked'      THEN coalesce(o.clicked_at, record_engagement.occurred_at)      ELSE o.clicked_at END,
+           bounced_at      = CASE WHEN kind = 'bounced'      THEN coalesce(o.bounced_at, record_engagement.occurred_at)      ELSE o.bounced_at END,
+           complained_at   = CASE WHEN kind = 'complained'   THEN coalesce(o.complained_at, record_engagement.occurred_at)   ELSE o.complained_at END,
+           unsubscribed_at = CASE WHEN kind = 'unsubscribed' THEN coalesce(o.unsubscribed_at, record_engagement.occurred_at) ELSE o.unsubscribed_at END
+     WHERE o.user_id = m.user_id AND o.id = m.id;
+    -- a bounce is hard unless the provider says it is soft
+    IF kind IN ('complained', 'unsubscribed') OR (kind = 'bounced' AND coalesce(meta->>'type', 'hard') <> 'soft') THEN
+        INSERT INTO nudge.suppressions (email, user_id, reason, message_key)
+        VALUES (lower(m.recipient), m.user_id, CASE kind WHEN 'bounced' THEN 'hard bounce' ELSE kind END,
+                record_engagement.message_key)
+        ON CONFLICT (email) DO NOTHING;
+    END IF;
+END
+$$;

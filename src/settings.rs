@@ -1,0 +1,91 @@
+//! GUCs. `nudge.database` needs a restart; the rest are read again on SIGHUP.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+// Read by nudge.fail (sql/outbox.sql); defined here so that they are real
+// settings with limits, not placeholders.
+static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
+static RETRY_BASE_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(30);
+static RETRY_MAX_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(3600);
+
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"nudge.database",
+        c"Database the pg_nudge background worker serves.",
+        c"The worker runs nudge.run_due there; the extension must be created in it.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.naptime",
+        c"Milliseconds the worker sleeps when nothing is due.",
+        c"A capture that opens an enrollment due at once wakes it early.",
+        &NAPTIME_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.batch_size",
+        c"Due enrollments the worker takes per transaction.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"nudge.enabled",
+        c"Whether the pg_nudge worker evaluates triggers.",
+        c"Off: the worker idles; nudge.run_due() still works by hand.",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.max_attempts",
+        c"Delivery attempts before a message is dead.",
+        c"",
+        &MAX_ATTEMPTS,
+        1,
+        1000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.retry_base_seconds",
+        c"First retry delay of a failed message; it doubles with each attempt.",
+        c"",
+        &RETRY_BASE_SECONDS,
+        0,
+        86_400,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.retry_max_seconds",
+        c"Longest retry delay of a failed message.",
+        c"",
+        &RETRY_MAX_SECONDS,
+        0,
+        604_800,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+}
+
+pub fn database() -> String {
+    DATABASE
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .unwrap_or_else(|| "postgres".into())
+}

@@ -1,0 +1,194 @@
+//! The background worker: runs the same pass as `nudge.run_due()`, one
+//! transaction per batch, until nothing is due, then sleeps on its latch.
+//! A commit that opened an enrollment due at once sets that latch.
+
+use crate::settings;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgAtomic};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
+use std::time::Duration;
+
+/// What the worker shares with every backend.
+#[derive(Default)]
+pub struct Shared {
+    /// The worker's PGPROC number (its latch), or -1 while none runs.
+    procno: AtomicI32,
+    last_pass_us: AtomicI64,
+    passes: AtomicI64,
+    messages: AtomicI64,
+    errors: AtomicI64,
+}
+
+unsafe impl PGRXSharedMemory for Shared {}
+
+static SHARED: PgAtomic<Shared> = unsafe { PgAtomic::new(c"pg_nudge_worker") };
+
+/// Set in the postmaster by _PG_init when preloaded, and so in every backend
+/// it forks: only then does the shared memory above exist.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub fn init_preloaded() {
+    pg_shmem_init!(
+        SHARED = Shared {
+            procno: AtomicI32::new(-1),
+            ..Default::default()
+        }
+    );
+    PRELOADED.store(true, Ordering::Relaxed);
+    BackgroundWorkerBuilder::new("pg_nudge worker")
+        .set_type("pg_nudge worker")
+        .set_function("nudge_worker_main")
+        .set_library("pg_nudge")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+fn shared() -> Option<&'static Shared> {
+    PRELOADED.load(Ordering::Relaxed).then(|| SHARED.get())
+}
+
+/// Wakes the worker when the current transaction commits (once per transaction).
+pub fn wake_on_commit() {
+    thread_local! { static ARMED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) }; }
+    if shared().is_none() || ARMED.with(|a| a.replace(true)) {
+        return;
+    }
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, || {
+        ARMED.with(|a| a.set(false));
+        wake();
+    });
+    pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Abort, || {
+        ARMED.with(|a| a.set(false))
+    });
+}
+
+fn wake() {
+    let Some(s) = shared() else { return };
+    let procno = s.procno.load(Ordering::Acquire);
+    if procno < 0 {
+        return;
+    }
+    unsafe {
+        let proc_ = (*pg_sys::ProcGlobal).allProcs.add(procno as usize);
+        pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+    }
+}
+
+pub struct Status {
+    pub running: bool,
+    pub last_pass_us: Option<i64>,
+    pub passes: i64,
+    pub messages: i64,
+    pub errors: i64,
+}
+
+pub fn status() -> Status {
+    match shared() {
+        None => Status {
+            running: false,
+            last_pass_us: None,
+            passes: 0,
+            messages: 0,
+            errors: 0,
+        },
+        Some(s) => {
+            let last = s.last_pass_us.load(Ordering::Relaxed);
+            Status {
+                running: s.procno.load(Ordering::Relaxed) >= 0,
+                last_pass_us: (last != 0).then_some(last),
+                passes: s.passes.load(Ordering::Relaxed),
+                messages: s.messages.load(Ordering::Relaxed),
+                errors: s.errors.load(Ordering::Relaxed),
+            }
+        }
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let db = settings::database();
+    BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    let s = SHARED.get();
+    s.procno
+        .store(unsafe { (*pg_sys::MyProc).pgprocno }, Ordering::Release);
+    log!("pg_nudge worker started for database {db}");
+
+    loop {
+        if settings::ENABLED.get() && extension_present() {
+            drain(s);
+        }
+        let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
+        if !BackgroundWorker::wait_latch(Some(nap)) {
+            break;
+        }
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+    }
+    s.procno.store(-1, Ordering::Release);
+    log!("pg_nudge worker stopped");
+}
+
+/// Batches until one comes back short: everything due now is written.
+fn drain(s: &Shared) {
+    loop {
+        let batch = settings::BATCH_SIZE.get().max(1);
+        let claimed = match one_batch(batch) {
+            Ok(pass) => {
+                s.messages.fetch_add(pass.written as i64, Ordering::Relaxed);
+                pass.claimed
+            }
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                warning!("pg_nudge worker: pass failed, retrying after naptime: {e}");
+                0
+            }
+        };
+        s.passes.fetch_add(1, Ordering::Relaxed);
+        s.last_pass_us
+            .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
+        if claimed < batch as usize || BackgroundWorker::sigterm_received() {
+            return;
+        }
+    }
+}
+
+/// One run_due transaction. An ERROR inside it is caught, the transaction
+/// aborted, and the message returned, so that one bad batch never kills the
+/// worker (a crash would only be restarted, and fail the same way).
+fn one_batch(batch: i32) -> Result<crate::engine::run_due::Pass, String> {
+    PgTryBuilder::new(|| {
+        BackgroundWorker::transaction(|| {
+            let now = TimestampWithTimeZone::try_from(unsafe { pg_sys::GetCurrentTimestamp() })
+                .expect("the clock is in range");
+            Ok(crate::engine::run_due::run_due(now, batch))
+        })
+    })
+    .catch_others(|e| {
+        unsafe {
+            pg_sys::AbortCurrentTransaction();
+        }
+        Err(match e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r)
+            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
+        })
+    })
+    .execute()
+}
+
+/// The worker's database may not have the extension (yet).
+fn extension_present() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_nudge')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
