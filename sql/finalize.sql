@@ -68,6 +68,7 @@ GRANT EXECUTE ON FUNCTION
     nudge.claim(int, interval, text),
     nudge.ack(bigint, text),
     nudge.fail(bigint, text, boolean),
+    nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
     nudge.outbox_metrics()
 TO nudge_mailer;

@@ -132,3 +132,15 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Hands claimed messages back at once (a mailer shutting down cleanly), as
+-- if their lease had run out, without counting an attempt.
+CREATE FUNCTION nudge.release(ids bigint[]) RETURNS int
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    WITH r AS (
+        UPDATE nudge.outbox o
+           SET status = 'pending', available_at = now(), attempts = greatest(o.attempts - 1, 0), claimed_by = NULL
+         WHERE o.id = ANY (ids) AND o.status = 'claimed'
+        RETURNING 1)
+    SELECT count(*)::int FROM r
+$$;

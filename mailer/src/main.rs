@@ -1,1 +1,155 @@
-fn main() {}
+//! nudge-mailer: LISTENs on `nudge_outbox` (polling as a fallback), claims a
+//! batch, sends each message over SMTP, acks or fails it. On SIGTERM it
+//! finishes the message in flight, hands the rest of its batch back
+//! (`nudge.release`) and exits; a mailer that dies instead leaves its batch to
+//! come back when the lease ends.
+
+mod config;
+mod envelope;
+
+use config::{Config, Tls};
+use envelope::Row;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{SmtpTransport, Transport};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, NoTls};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = Config::from_args(&args, |k| std::env::var(k).ok()).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).expect("signal handler");
+    }
+    let threads: Vec<_> = (0..cfg.concurrency)
+        .map(|i| {
+            let cfg = cfg.clone();
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || run(&cfg, i, &stop))
+        })
+        .collect();
+    let mut failed = false;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(n)) => eprintln!("nudge-mailer: thread done, {n} messages sent"),
+            Ok(Err(e)) => {
+                eprintln!("nudge-mailer: {e}");
+                failed = true;
+            }
+            Err(_) => failed = true,
+        }
+    }
+    std::process::exit(i32::from(failed));
+}
+
+fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
+    let b = match cfg.smtp_tls {
+        Tls::None => SmtpTransport::builder_dangerous(&cfg.smtp_host),
+        Tls::StartTls => SmtpTransport::starttls_relay(&cfg.smtp_host).map_err(|e| e.to_string())?,
+        Tls::Wrapper => SmtpTransport::relay(&cfg.smtp_host).map_err(|e| e.to_string())?,
+    };
+    let mut b = b.port(cfg.smtp_port).timeout(Some(Duration::from_secs(30)));
+    if let (Some(u), Some(p)) = (&cfg.smtp_user, &cfg.smtp_password) {
+        b = b.credentials(Credentials::new(u.clone(), p.clone()));
+    }
+    Ok(b.build())
+}
+
+/// One worker thread: its own database connection and SMTP transport.
+fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
+    let mut db = Client::connect(&cfg.database_url, NoTls).map_err(|e| format!("database: {e}"))?;
+    db.batch_execute("LISTEN nudge_outbox").map_err(|e| format!("LISTEN: {e}"))?;
+    let smtp = transport(cfg)?;
+    let consumer = format!("{}/{thread}", cfg.consumer);
+    let pause = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate));
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let batch = claim(&mut db, cfg, &consumer)?;
+        if batch.is_empty() {
+            if cfg.once {
+                break;
+            }
+            wait_for_work(&mut db, cfg.poll, stop);
+            continue;
+        }
+        let mut left: Vec<i64> = batch.iter().map(|r| r.id).collect();
+        for row in &batch {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let started = Instant::now();
+            deliver(&mut db, &smtp, cfg, row)?;
+            sent += 1;
+            left.retain(|id| *id != row.id);
+            if let Some(p) = pause {
+                std::thread::sleep(p.saturating_sub(started.elapsed()));
+            }
+        }
+        if !left.is_empty() {
+            db.execute("SELECT nudge.release($1)", &[&left]).map_err(|e| format!("release: {e}"))?;
+        }
+    }
+    Ok(sent)
+}
+
+fn claim(db: &mut Client, cfg: &Config, consumer: &str) -> Result<Vec<Row>, String> {
+    let rows = db
+        .query(
+            "SELECT id, message_key, recipient, subject, html, text_body, headers::text
+               FROM nudge.claim($1, make_interval(secs => $2), $3)",
+            &[&cfg.batch, &cfg.lease.as_secs_f64(), &consumer],
+        )
+        .map_err(|e| format!("claim: {e}"))?;
+    Ok(rows
+        .iter()
+        .map(|r| Row {
+            id: r.get(0),
+            message_key: r.get(1),
+            recipient: r.get(2),
+            subject: r.get(3),
+            html: r.get(4),
+            text_body: r.get(5),
+            headers: serde_json::from_str(r.get::<_, &str>(6)).unwrap_or(serde_json::Value::Null),
+        })
+        .collect())
+}
+
+/// Sends one message and records the outcome. Only database errors stop the
+/// thread; an SMTP error is the message's (`nudge.fail`, retried or dead).
+fn deliver(db: &mut Client, smtp: &SmtpTransport, cfg: &Config, row: &Row) -> Result<(), String> {
+    let outcome = envelope::build(row, &cfg.from)
+        .map_err(|e| (e, true))
+        .and_then(|m| smtp.send(&m).map_err(|e| (e.to_string(), e.is_permanent())));
+    match outcome {
+        Ok(resp) => {
+            let provider_id = resp.message().collect::<Vec<_>>().join(" ");
+            db.execute("SELECT nudge.ack($1, $2)", &[&row.id, &provider_id]).map_err(|e| format!("ack: {e}"))?;
+        }
+        Err((error, permanent)) => {
+            eprintln!("nudge-mailer: message {} ({}): {error}", row.id, row.message_key);
+            db.execute("SELECT nudge.fail($1, $2, $3)", &[&row.id, &error, &permanent])
+                .map_err(|e| format!("fail: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Sleeps until a NOTIFY arrives, the poll interval passes, or we are stopped.
+fn wait_for_work(db: &mut Client, poll: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + poll;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        let slice = until.saturating_duration_since(Instant::now()).min(Duration::from_millis(250));
+        let mut n = db.notifications();
+        if n.timeout_iter(slice).next().ok().flatten().is_some() {
+            // drain the rest: one claim serves them all
+            while n.iter().next().ok().flatten().is_some() {}
+            return;
+        }
+    }
+}
