@@ -61,6 +61,7 @@ GRANT CREATE ON SCHEMA nudge TO nudge_admin;  -- add_source writes capture funct
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;
 GRANT INSERT ON nudge.events TO nudge_writer;
+GRANT SELECT (id) ON nudge.events TO nudge_writer;  -- track's INSERT ... RETURNING id
 
 -- nudge_mailer: claims, acks, fails, records engagement, reads the outbox.
 GRANT SELECT ON nudge.outbox TO nudge_mailer;

@@ -79,9 +79,10 @@ END
 $$;
 
 CREATE FUNCTION nudge.outbox_metrics()
-RETURNS TABLE (status text, messages bigint, oldest_available_age interval)
+RETURNS TABLE (status text, messages bigint, oldest_age interval)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT s.status, count(o.id), now() - min(o.available_at)
+    -- oldest_age: how long the oldest message in that status has existed
+    SELECT s.status, count(o.id), now() - min(o.created_at)
       FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead']) AS s(status)
       LEFT JOIN nudge.outbox o ON o.status = s.status
      GROUP BY s.status

@@ -69,7 +69,7 @@ pub fn define() {
         0,
         86_400,
         GucContext::Suset,
-        GucFlags::UNIT_S,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"nudge.retry_max_seconds",
@@ -79,7 +79,7 @@ pub fn define() {
         0,
         604_800,
         GucContext::Suset,
-        GucFlags::UNIT_S,
+        GucFlags::default(),
     );
 }
 
