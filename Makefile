@@ -22,7 +22,7 @@ install: setup
 test: setup test-unit test-pgrx test-server
 
 test-unit:
-	cargo test -p nudge-core --lib
+	cargo test -p nudge-core -p nudge-mailer
 
 test-pgrx:
 	install -d -o postgres /tmp/pg_nudge-test 2>/dev/null || mkdir -p /tmp/pg_nudge-test
@@ -30,7 +30,8 @@ test-pgrx:
 
 # pg_regress and the integration tests against one real server of our own
 test-server: install
-	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT)
+	cargo build -p nudge-mailer
+	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) shared_preload_libraries=pg_nudge nudge.database=nudge_it_worker
 	@trap 'scripts/cluster.sh stop $(TEST_DIR)' EXIT; \
 	  $(MAKE) --no-print-directory regress integration
 

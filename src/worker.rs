@@ -131,6 +131,10 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
     }
     s.procno.store(-1, Ordering::Release);
     log!("pg_nudge worker stopped");
+    // Exit code 1, not 0: a worker that exits 0 is never restarted, and a
+    // SIGTERM also comes from DROP DATABASE ... FORCE or pg_terminate_backend,
+    // after which the worker must come back. At shutdown nothing restarts anyway.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 /// Batches until one comes back short: everything due now is written.

@@ -48,7 +48,10 @@ pub const USAGE: &str = "nudge-mailer: delivers pg_nudge's outbox over SMTP
 ";
 
 impl Config {
-    pub fn from_args(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
+    pub fn from_args(
+        args: &[String],
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, String> {
         let mut flags = std::collections::HashMap::new();
         let mut once = false;
         let mut it = args.iter();
@@ -65,30 +68,54 @@ impl Config {
             }
             let (name, value) = match name.split_once('=') {
                 Some((n, v)) => (n.to_string(), v.to_string()),
-                None => (name.to_string(), it.next().ok_or_else(|| format!("--{name} needs a value"))?.clone()),
+                None => (
+                    name.to_string(),
+                    it.next()
+                        .ok_or_else(|| format!("--{name} needs a value"))?
+                        .clone(),
+                ),
             };
             flags.insert(name, value);
         }
         let get = |flag: &str, var: &str| flags.get(flag).cloned().or_else(|| env(var));
         let num = |flag: &str, var: &str, default: f64| -> Result<f64, String> {
-            get(flag, var).map_or(Ok(default), |v| v.parse::<f64>().map_err(|_| format!("--{flag}: not a number: {v:?}")))
+            get(flag, var).map_or(Ok(default), |v| {
+                v.parse::<f64>()
+                    .map_err(|_| format!("--{flag}: not a number: {v:?}"))
+            })
         };
         let known = [
-            "database-url", "smtp-host", "smtp-port", "smtp-tls", "smtp-user", "smtp-password", "from", "batch",
-            "lease", "concurrency", "consumer", "poll-ms", "rate",
+            "database-url",
+            "smtp-host",
+            "smtp-port",
+            "smtp-tls",
+            "smtp-user",
+            "smtp-password",
+            "from",
+            "batch",
+            "lease",
+            "concurrency",
+            "consumer",
+            "poll-ms",
+            "rate",
         ];
         if let Some(bad) = flags.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(format!("unknown flag --{bad}\n\n{USAGE}"));
         }
         Ok(Config {
-            database_url: get("database-url", "NUDGE_DATABASE_URL").unwrap_or_else(|| "host=127.0.0.1 user=postgres".into()),
+            database_url: get("database-url", "NUDGE_DATABASE_URL")
+                .unwrap_or_else(|| "host=127.0.0.1 user=postgres".into()),
             smtp_host: get("smtp-host", "NUDGE_SMTP_HOST").unwrap_or_else(|| "127.0.0.1".into()),
             smtp_port: num("smtp-port", "NUDGE_SMTP_PORT", 25.0)? as u16,
             smtp_tls: match get("smtp-tls", "NUDGE_SMTP_TLS").as_deref() {
                 None | Some("none") => Tls::None,
                 Some("starttls") => Tls::StartTls,
                 Some("tls") => Tls::Wrapper,
-                Some(other) => return Err(format!("--smtp-tls: expected none, starttls or tls, got {other:?}")),
+                Some(other) => {
+                    return Err(format!(
+                        "--smtp-tls: expected none, starttls or tls, got {other:?}"
+                    ))
+                }
             },
             smtp_user: get("smtp-user", "NUDGE_SMTP_USER"),
             smtp_password: get("smtp-password", "NUDGE_SMTP_PASSWORD"),
@@ -96,7 +123,8 @@ impl Config {
             batch: num("batch", "NUDGE_BATCH", 10.0)?.max(1.0) as i32,
             lease: Duration::from_secs_f64(num("lease", "NUDGE_LEASE", 300.0)?.max(1.0)),
             concurrency: num("concurrency", "NUDGE_CONCURRENCY", 1.0)?.max(1.0) as usize,
-            consumer: get("consumer", "NUDGE_CONSUMER").unwrap_or_else(|| format!("nudge-mailer-{}", std::process::id())),
+            consumer: get("consumer", "NUDGE_CONSUMER")
+                .unwrap_or_else(|| format!("nudge-mailer-{}", std::process::id())),
             poll: Duration::from_millis(num("poll-ms", "NUDGE_POLL_MS", 5000.0)?.max(10.0) as u64),
             rate: num("rate", "NUDGE_RATE", 0.0)?.max(0.0),
             once,
@@ -116,7 +144,10 @@ mod tests {
     fn flags_override_environment() {
         let env = |k: &str| (k == "NUDGE_SMTP_PORT").then(|| "2525".to_string());
         let c = Config::from_args(&args("--batch 50 --smtp-tls=starttls --once"), env).unwrap();
-        assert_eq!((c.batch, c.smtp_port, c.smtp_tls, c.once), (50, 2525, Tls::StartTls, true));
+        assert_eq!(
+            (c.batch, c.smtp_port, c.smtp_tls, c.once),
+            (50, 2525, Tls::StartTls, true)
+        );
         let c = Config::from_args(&args("--smtp-port 26"), env).unwrap();
         assert_eq!(c.smtp_port, 26);
     }
@@ -124,9 +155,17 @@ mod tests {
     #[test]
     fn mistakes_are_named() {
         let none = |_: &str| None;
-        assert!(Config::from_args(&args("--bach 5"), none).unwrap_err().starts_with("unknown flag --bach"));
-        assert!(Config::from_args(&args("--batch x"), none).unwrap_err().contains("--batch: not a number"));
-        assert!(Config::from_args(&args("--smtp-tls ssl"), none).unwrap_err().contains("expected none, starttls or tls"));
-        assert!(Config::from_args(&args("--lease"), none).unwrap_err().contains("--lease needs a value"));
+        assert!(Config::from_args(&args("--bach 5"), none)
+            .unwrap_err()
+            .starts_with("unknown flag --bach"));
+        assert!(Config::from_args(&args("--batch x"), none)
+            .unwrap_err()
+            .contains("--batch: not a number"));
+        assert!(Config::from_args(&args("--smtp-tls ssl"), none)
+            .unwrap_err()
+            .contains("expected none, starttls or tls"));
+        assert!(Config::from_args(&args("--lease"), none)
+            .unwrap_err()
+            .contains("--lease needs a value"));
     }
 }

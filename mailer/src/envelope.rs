@@ -18,25 +18,40 @@ pub struct Row {
 /// Builds the email; an error here is permanent (retrying cannot fix it).
 pub fn build(row: &Row, from: &str) -> Result<Message, String> {
     let mut b = Message::builder()
-        .from(from.parse().map_err(|e| format!("from address {from:?}: {e}"))?)
-        .to(row.recipient.parse().map_err(|e| format!("recipient {:?}: {e}", row.recipient))?)
+        .from(
+            from.parse()
+                .map_err(|e| format!("from address {from:?}: {e}"))?,
+        )
+        .to(row
+            .recipient
+            .parse()
+            .map_err(|e| format!("recipient {:?}: {e}", row.recipient))?)
         .subject(row.subject.clone())
         .message_id(Some(format!("<{}@pg_nudge>", row.message_key)));
     // The provider-facing idempotency key: a retried send carries the same one.
-    b = b.raw_header(HeaderValue::new(HeaderName::new_from_ascii_str("X-Nudge-Message-Key"), row.message_key.clone()));
+    b = b.raw_header(HeaderValue::new(
+        HeaderName::new_from_ascii_str("X-Nudge-Message-Key"),
+        row.message_key.clone(),
+    ));
     if let Some(headers) = row.headers.as_object() {
         for (name, value) in headers {
-            let value = value.as_str().map_or_else(|| value.to_string(), str::to_owned);
+            let value = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
             if name.eq_ignore_ascii_case("message-id") {
                 b = b.message_id(Some(value));
                 continue;
             }
-            let name = HeaderName::new_from_ascii(name.clone()).map_err(|e| format!("header {name:?}: {e}"))?;
+            let name = HeaderName::new_from_ascii(name.clone())
+                .map_err(|e| format!("header {name:?}: {e}"))?;
             b = b.raw_header(HeaderValue::new(name, value));
         }
     }
     let body = match &row.text_body {
-        Some(text) => b.multipart(MultiPart::alternative_plain_html(text.clone(), row.html.clone())),
+        Some(text) => b.multipart(MultiPart::alternative_plain_html(
+            text.clone(),
+            row.html.clone(),
+        )),
         None => b.singlepart(SinglePart::html(row.html.clone())),
     };
     body.map_err(|e| format!("building the message: {e}"))
@@ -61,7 +76,12 @@ mod tests {
 
     #[test]
     fn carries_the_key_and_headers() {
-        let m = String::from_utf8(build(&row(), "Shop <shop@example.com>").unwrap().formatted()).unwrap();
+        let m = String::from_utf8(
+            build(&row(), "Shop <shop@example.com>")
+                .unwrap()
+                .formatted(),
+        )
+        .unwrap();
         assert!(m.contains("Message-ID: <nm_abc@pg_nudge>"), "{m}");
         assert!(m.contains("X-Nudge-Message-Key: nm_abc"), "{m}");
         assert!(m.contains("List-Unsubscribe: <https://x/u>"), "{m}");
@@ -72,6 +92,8 @@ mod tests {
     fn a_bad_address_is_an_error() {
         let mut r = row();
         r.recipient = "not an address".into();
-        assert!(build(&r, "shop@example.com").unwrap_err().starts_with("recipient"));
+        assert!(build(&r, "shop@example.com")
+            .unwrap_err()
+            .starts_with("recipient"));
     }
 }

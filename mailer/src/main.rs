@@ -51,7 +51,9 @@ fn main() {
 fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
     let b = match cfg.smtp_tls {
         Tls::None => SmtpTransport::builder_dangerous(&cfg.smtp_host),
-        Tls::StartTls => SmtpTransport::starttls_relay(&cfg.smtp_host).map_err(|e| e.to_string())?,
+        Tls::StartTls => {
+            SmtpTransport::starttls_relay(&cfg.smtp_host).map_err(|e| e.to_string())?
+        }
         Tls::Wrapper => SmtpTransport::relay(&cfg.smtp_host).map_err(|e| e.to_string())?,
     };
     let mut b = b.port(cfg.smtp_port).timeout(Some(Duration::from_secs(30)));
@@ -64,7 +66,8 @@ fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
 /// One worker thread: its own database connection and SMTP transport.
 fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
     let mut db = Client::connect(&cfg.database_url, NoTls).map_err(|e| format!("database: {e}"))?;
-    db.batch_execute("LISTEN nudge_outbox").map_err(|e| format!("LISTEN: {e}"))?;
+    db.batch_execute("LISTEN nudge_outbox")
+        .map_err(|e| format!("LISTEN: {e}"))?;
     let smtp = transport(cfg)?;
     let consumer = format!("{}/{thread}", cfg.consumer);
     let pause = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate));
@@ -92,7 +95,8 @@ fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
             }
         }
         if !left.is_empty() {
-            db.execute("SELECT nudge.release($1)", &[&left]).map_err(|e| format!("release: {e}"))?;
+            db.execute("SELECT nudge.release($1)", &[&left])
+                .map_err(|e| format!("release: {e}"))?;
         }
     }
     Ok(sent)
@@ -129,12 +133,19 @@ fn deliver(db: &mut Client, smtp: &SmtpTransport, cfg: &Config, row: &Row) -> Re
     match outcome {
         Ok(resp) => {
             let provider_id = resp.message().collect::<Vec<_>>().join(" ");
-            db.execute("SELECT nudge.ack($1, $2)", &[&row.id, &provider_id]).map_err(|e| format!("ack: {e}"))?;
+            db.execute("SELECT nudge.ack($1, $2)", &[&row.id, &provider_id])
+                .map_err(|e| format!("ack: {e}"))?;
         }
         Err((error, permanent)) => {
-            eprintln!("nudge-mailer: message {} ({}): {error}", row.id, row.message_key);
-            db.execute("SELECT nudge.fail($1, $2, $3)", &[&row.id, &error, &permanent])
-                .map_err(|e| format!("fail: {e}"))?;
+            eprintln!(
+                "nudge-mailer: message {} ({}): {error}",
+                row.id, row.message_key
+            );
+            db.execute(
+                "SELECT nudge.fail($1, $2, $3)",
+                &[&row.id, &error, &permanent],
+            )
+            .map_err(|e| format!("fail: {e}"))?;
         }
     }
     Ok(())
@@ -144,7 +155,9 @@ fn deliver(db: &mut Client, smtp: &SmtpTransport, cfg: &Config, row: &Row) -> Re
 fn wait_for_work(db: &mut Client, poll: Duration, stop: &AtomicBool) {
     let until = Instant::now() + poll;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-        let slice = until.saturating_duration_since(Instant::now()).min(Duration::from_millis(250));
+        let slice = until
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(250));
         let mut n = db.notifications();
         if n.timeout_iter(slice).next().ok().flatten().is_some() {
             // drain the rest: one claim serves them all

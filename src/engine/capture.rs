@@ -10,9 +10,14 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// Advisory-lock class for per-user serialization of capture (an arbitrary
-/// constant, so that our locks do not collide with an application's).
+/// Advisory-lock classes of capture (arbitrary constants, so that our locks
+/// do not collide with an application's): one key per user, and one key that
+/// a statement with many users takes instead.
 const USER_LOCK_CLASS: i32 = 0x6e75_6467; // "nudg"
+const ALL_USERS_LOCK_CLASS: i32 = 0x6e75_6468;
+/// Above this many users a statement locks all users at once: the lock table
+/// holds only max_locks_per_transaction (64 by default) per connection.
+const MAX_USER_LOCKS: usize = 32;
 
 pub struct Batch {
     pub users: Vec<Option<String>>,
@@ -31,22 +36,7 @@ pub fn capture(batch: Batch) {
         if steps.is_empty() {
             return;
         }
-        // Serialize capture per user, so that two concurrent statements with
-        // events of one user see each other's enrollments (sorted: no deadlock).
-        let users: Vec<String> = {
-            let mut u: Vec<String> = steps.keys().map(|(_, u)| u.clone()).collect();
-            u.dedup();
-            u
-        };
-        or_raise(
-            c.update(
-                "SELECT count(pg_advisory_xact_lock($1, h))
-                   FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
-                None,
-                &[USER_LOCK_CLASS.into(), users.into()],
-            ),
-            "locking users",
-        );
+        lock_users(c, steps.keys().map(|(_, u)| u.clone()).collect());
 
         let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
             .keys()
@@ -95,6 +85,42 @@ pub fn capture(batch: Batch) {
             crate::worker::wake_on_commit();
         }
     })
+}
+
+/// Serializes capture per user, so that two concurrent statements with events
+/// of one user see each other's enrollments. A statement with few users takes
+/// the all-users key shared, then its users' keys in hash order; one with many
+/// takes the all-users key exclusively. Same order everywhere: no deadlock.
+fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSet<String>) {
+    if users.len() > MAX_USER_LOCKS {
+        or_raise(
+            c.update(
+                "SELECT pg_advisory_xact_lock($1, 0)",
+                None,
+                &[ALL_USERS_LOCK_CLASS.into()],
+            ),
+            "locking all users",
+        );
+        return;
+    }
+    or_raise(
+        c.update(
+            "SELECT pg_advisory_xact_lock_shared($1, 0)",
+            None,
+            &[ALL_USERS_LOCK_CLASS.into()],
+        ),
+        "locking users",
+    );
+    let users: Vec<String> = users.into_iter().collect();
+    or_raise(
+        c.update(
+            "SELECT count(pg_advisory_xact_lock($1, h))
+               FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
+            None,
+            &[USER_LOCK_CLASS.into(), users.into()],
+        ),
+        "locking users",
+    );
 }
 
 /// Entry and exit steps per (trigger index, user), from one pass over the batch.

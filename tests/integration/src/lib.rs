@@ -49,3 +49,88 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Polls `check` until it returns Some or `secs` pass.
+pub fn wait_for<T>(secs: u64, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A real SMTP server (aiosmtpd from PyPI) writing what it receives to a Maildir.
+pub struct SmtpServer {
+    pub port: u16,
+    pub maildir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl SmtpServer {
+    pub fn start(name: &str) -> SmtpServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = std::env::temp_dir().join(format!("nudge-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&maildir);
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(&maildir)
+            .spawn()
+            .expect("python3 -m aiosmtpd (scripts/setup.sh installs it)");
+        let up = wait_for(20, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        assert!(up.is_some(), "the SMTP server did not start on port {port}");
+        SmtpServer {
+            port,
+            maildir,
+            child,
+        }
+    }
+
+    /// The Message-ID of every message received, one entry per delivery.
+    pub fn message_ids(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.maildir.join("new")) else {
+            return vec![];
+        };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .filter_map(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("Message-ID: ").map(|v| v.trim().to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.maildir);
+    }
+}
+
+/// The reference mailer's binary (`make integration` builds it first).
+pub fn mailer_bin() -> std::path::PathBuf {
+    std::env::var_os("NUDGE_MAILER")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/nudge-mailer")
+        })
+}

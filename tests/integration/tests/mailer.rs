@@ -1,0 +1,177 @@
+//! The reference mailer against a real SMTP server: concurrent mailers,
+//! a mailer killed mid-batch, a mailer stopped with SIGTERM.
+
+use nudge_integration::{connect, fresh_db, mailer_bin, wait_for, SmtpServer};
+use postgres::Client;
+use std::collections::HashSet;
+use std::process::{Child, Command};
+
+fn outbox_with(db: &str, n: i32) -> Client {
+    let mut c = connect(db);
+    c.batch_execute(&format!(
+        r#"SELECT nudge.define_template('t', 'Hello {{{{ user_id }}}}', '<p>hi</p>', 'hi');
+           SELECT nudge.define_trigger('at_once', '{{"on": {{"event": "ping"}}, "template": "t"}}');
+           INSERT INTO nudge.profiles (user_id, email) SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(1, {n}) i;
+           INSERT INTO nudge.events (user_id, event, occurred_at) SELECT 'u' || i, 'ping', now() - interval '1 minute' FROM generate_series(1, {n}) i;
+           SELECT nudge.run_due(now(), 100000);"#
+    ))
+    .unwrap();
+    c
+}
+
+fn mailer(db: &str, smtp: &SmtpServer, extra: &[&str]) -> Child {
+    Command::new(mailer_bin())
+        .args([
+            "--database-url",
+            db,
+            "--smtp-port",
+            &smtp.port.to_string(),
+            "--poll-ms",
+            "200",
+        ])
+        .args(extra)
+        .spawn()
+        .expect("the nudge-mailer binary (cargo build -p nudge-mailer)")
+}
+
+fn keys(c: &mut Client) -> HashSet<String> {
+    c.query(
+        "SELECT '<' || message_key || '@pg_nudge>' FROM nudge.outbox",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+fn signal(child: &Child, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn two_mailers_deliver_every_message_exactly_once() {
+    let db = fresh_db("nudge_it_mail_two");
+    let mut c = outbox_with(&db, 300);
+    let smtp = SmtpServer::start("two");
+    let mut a = mailer(&db, &smtp, &["--once", "--batch", "7", "--consumer", "a"]);
+    let mut b = mailer(&db, &smtp, &["--once", "--batch", "7", "--consumer", "b"]);
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'"
+        ),
+        300
+    );
+    let received = smtp.message_ids();
+    assert_eq!(received.len(), 300, "each message delivered once");
+    assert_eq!(
+        received.iter().cloned().collect::<HashSet<_>>(),
+        keys(&mut c)
+    );
+    // both took part
+    let consumers = count(
+        &mut c,
+        "SELECT count(DISTINCT split_part(claimed_by, '/', 1)) FROM nudge.outbox",
+    );
+    assert_eq!(consumers, 2);
+}
+
+#[test]
+fn a_mailer_killed_mid_batch_loses_nothing() {
+    let db = fresh_db("nudge_it_mail_kill");
+    let mut c = outbox_with(&db, 120);
+    let smtp = SmtpServer::start("kill");
+    // Slow, with big batches and a short lease, so that the kill lands mid-batch.
+    let mut a = mailer(
+        &db,
+        &smtp,
+        &[
+            "--batch",
+            "60",
+            "--lease",
+            "2",
+            "--rate",
+            "40",
+            "--consumer",
+            "a",
+        ],
+    );
+    wait_for(30, || (smtp.message_ids().len() >= 5).then_some(())).expect("a started delivering");
+    signal(&a, "-KILL");
+    a.wait().unwrap();
+    let claimed_by_a = count(
+        &mut c,
+        "SELECT count(*) FROM nudge.outbox WHERE status = 'claimed'",
+    );
+    assert!(claimed_by_a > 0, "a died holding a claimed batch");
+    let mut b = mailer(&db, &smtp, &["--batch", "10", "--consumer", "b"]);
+    let all = wait_for(60, || {
+        (count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'",
+        ) == 120)
+            .then_some(())
+    });
+    signal(&b, "-TERM");
+    assert!(b.wait().unwrap().success(), "b stops cleanly on SIGTERM");
+    assert!(all.is_some(), "every message was sent in the end");
+    let received = smtp.message_ids();
+    let distinct: HashSet<String> = received.iter().cloned().collect();
+    assert_eq!(distinct, keys(&mut c), "nothing lost");
+    // at-least-once: only the message in flight when a died can arrive twice
+    assert!(
+        received.len() <= 121,
+        "{} deliveries for 120 messages",
+        received.len()
+    );
+}
+
+#[test]
+fn sigterm_hands_the_unsent_rest_of_the_batch_back() {
+    let db = fresh_db("nudge_it_mail_term");
+    let mut c = outbox_with(&db, 60);
+    let smtp = SmtpServer::start("term");
+    let mut m = mailer(
+        &db,
+        &smtp,
+        &["--batch", "60", "--rate", "20", "--consumer", "m"],
+    );
+    wait_for(30, || (smtp.message_ids().len() >= 3).then_some(())).expect("delivering");
+    signal(&m, "-TERM");
+    assert!(m.wait().unwrap().success());
+    let sent = count(
+        &mut c,
+        "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'",
+    );
+    assert!(sent < 60, "stopped mid-batch");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'claimed'"
+        ),
+        0,
+        "the rest was released"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'pending' AND available_at <= now()"
+        ),
+        60 - sent
+    );
+    assert_eq!(
+        smtp.message_ids().len() as i64,
+        sent,
+        "everything delivered was acked"
+    );
+}

@@ -1,0 +1,184 @@
+//! The background worker on a server with pg_nudge preloaded
+//! (`nudge.database = 'nudge_it_worker'`, as `make test-server` starts it).
+
+use nudge_integration::{connect, dsn, fresh_db, wait_for};
+use postgres::Client;
+use std::time::{Duration, Instant};
+
+const DB: &str = "nudge_it_worker";
+
+fn setup(db: &str) -> Client {
+    let mut c = connect(db);
+    c.batch_execute(
+        r#"SELECT nudge.define_template('t', 'Hello {{ user_id }}', '<p>{{ event.n }}</p>');
+           SELECT nudge.define_trigger('at_once', '{"on": {"event": "ping"}, "template": "t"}');
+           SELECT nudge.define_trigger('later', '{"on": {"event": "pong"}, "wait": "5 minutes", "template": "t"}');
+           INSERT INTO nudge.profiles (user_id, email)
+           SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(1, 20000) i;"#,
+    )
+    .unwrap();
+    c
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Sets (or, with None, resets) a server setting and reloads the configuration.
+fn set_setting(name: &str, value: Option<&str>) {
+    let mut admin = connect(&dsn());
+    match value {
+        Some(v) => admin
+            .batch_execute(&format!("ALTER SYSTEM SET {name} = '{v}'"))
+            .unwrap(),
+        None => admin
+            .batch_execute(&format!("ALTER SYSTEM RESET {name}"))
+            .unwrap(),
+    }
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+#[test]
+fn due_enrollments_reach_the_outbox_without_run_due() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    c.batch_execute(
+        "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'pong', now() - interval '10 minutes', '{}' FROM generate_series(1, 50) i",
+    )
+    .unwrap();
+    let done = wait_for(15, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 50).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "the worker wrote {} of 50",
+        count(&mut c, "SELECT count(*) FROM nudge.outbox")
+    );
+    let row = c
+        .query_one(
+            "SELECT running, messages, lag IS NULL FROM nudge.worker_status()",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert!(row.get::<_, i64>(1) >= 50);
+    assert!(
+        row.get::<_, bool>(2),
+        "nothing is left due, so there is no lag"
+    );
+    let name: String = c
+        .query_one(
+            "SELECT backend_type FROM pg_stat_activity WHERE backend_type LIKE 'pg_nudge%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "pg_nudge worker");
+}
+
+#[test]
+fn a_capture_due_at_once_wakes_a_sleeping_worker() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    // With a ten-minute nap, only the wake-up on commit can deliver in time.
+    set_setting("nudge.naptime", Some("600s"));
+    // Let the worker take the setting and go back to sleep.
+    std::thread::sleep(Duration::from_millis(1500));
+    let passes: i64 = c
+        .query_one("SELECT passes FROM nudge.worker_status()", &[])
+        .unwrap()
+        .get(0);
+    let start = Instant::now();
+    c.batch_execute("SELECT nudge.track('u1', 'ping', '{\"n\": 1}')")
+        .unwrap();
+    let arrived = wait_for(20, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 1).then_some(())
+    });
+    let took = start.elapsed();
+    set_setting("nudge.naptime", None);
+    assert!(
+        arrived.is_some(),
+        "the message did not arrive: the worker was not woken"
+    );
+    let after: i64 = c
+        .query_one("SELECT passes FROM nudge.worker_status()", &[])
+        .unwrap()
+        .get(0);
+    assert!(after > passes, "it took a pass of the worker");
+    eprintln!("zero-wait event to outbox row: {took:?}");
+}
+
+#[test]
+fn killing_the_worker_loses_nothing_and_duplicates_nothing() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    set_setting("nudge.batch_size", Some("500"));
+    c.batch_execute(
+        "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'pong', now() - interval '10 minutes', jsonb_build_object('n', i) FROM generate_series(1, 20000) i",
+    )
+    .unwrap();
+    let pid: i32 = wait_for(20, || {
+        let started = count(&mut c, "SELECT count(*) FROM nudge.outbox") > 0;
+        let pid = c
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_nudge worker'",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0));
+        if started {
+            pid
+        } else {
+            None
+        }
+    })
+    .expect("the worker started writing");
+    let written_before: i64 = count(&mut c, "SELECT count(*) FROM nudge.outbox");
+    let status = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    drop(c);
+    // The postmaster restarts everything after a crash; reconnect when it is back.
+    let mut c =
+        wait_for(60, || postgres::Client::connect(&db, postgres::NoTls).ok()).expect("server back");
+    let finished = wait_for(120, || {
+        let waiting = c
+            .query_one(
+                "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'",
+                &[],
+            )
+            .ok()?;
+        (waiting.get::<_, i64>(0) == 0).then_some(())
+    });
+    set_setting("nudge.batch_size", None);
+    assert!(finished.is_some(), "the restarted worker did not finish");
+    assert!(
+        written_before < 20000,
+        "the kill came before the end ({written_before} written)"
+    );
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT message_key), count(DISTINCT enrollment_id) FROM nudge.outbox",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2)
+        ),
+        (20000, 20000, 20000)
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'sent'"
+        ),
+        20000
+    );
+}
