@@ -45,6 +45,7 @@ integration:
 
 ## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
 demo: install
+	cargo build -p nudge-mailer
 	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) KEEP=$(KEEP) demo/run.sh
 
 demo-stop:

@@ -15,9 +15,12 @@ SELECT trigger,
 SELECT trigger, reason, count(*) FROM nudge.enrollments
  WHERE state IN ('exited', 'failed') GROUP BY 1, 2 ORDER BY 1, 3 DESC;
 
+\echo '== The outbox after delivery =='
+SELECT * FROM nudge.outbox_metrics();
+
 \echo '== A few messages from the outbox =='
 \x on
-SELECT DISTINCT ON (trigger) trigger, recipient, subject, html, message_key, available_at
+SELECT DISTINCT ON (trigger) trigger, recipient, subject, html, message_key, status, sent_at
   FROM nudge.outbox ORDER BY trigger, id;
 \x off
 

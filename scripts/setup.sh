@@ -17,6 +17,16 @@ fi
 # Debian starts a cluster on 5432 when it installs the server; we run our own.
 $SUDO pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
 
+# A real SMTP server for the mailer's tests and the demo: aiosmtpd (PyPI).
+if ! command -v python3 >/dev/null; then
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-pip >/dev/null
+fi
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+  echo "setup: installing aiosmtpd"
+  python3 -m pip install -q --disable-pip-version-check aiosmtpd 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages aiosmtpd
+fi
+
 export PATH="$HOME/.cargo/bin:$PATH"
 if [[ $(cargo pgrx --version 2>/dev/null) != "cargo-pgrx $PGRX_VERSION" ]]; then
   echo "setup: installing cargo-pgrx $PGRX_VERSION (about 5 minutes)"
