@@ -11,7 +11,7 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
-pub struct Due {
+struct Due {
     id: i64,
     trigger: String,
     user_id: String,
@@ -52,15 +52,10 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             .map(|l| (l.trigger.name.clone(), l.trigger))
             .collect();
         let exits = exits_at_send_time(c, &due, &triggers);
-        let profiles = profiles(c, &due);
-        let tpl_names: Vec<String> = triggers
-            .values()
-            .map(|t| t.template.clone())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let tpls = templates(c, tpl_names);
-        let suppressed = suppressions(c, &due, &profiles);
+        let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
+        let profiles = profiles_of(c, users.clone());
+        let tpls = templates(c, distinct(triggers.values().map(|t| t.template.clone())));
+        let suppressed = suppressions(c, users, &profiles);
 
         let mut out = OutboxRows::default();
         let mut outcomes = Vec::with_capacity(due.len());
@@ -124,15 +119,9 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
 /// Suppressions that touch this batch, by lower-cased address and by user id.
 fn suppressions(
     c: &SpiClient<'_>,
-    due: &[Due],
+    users: Vec<String>,
     profiles: &HashMap<String, Value>,
 ) -> HashMap<String, String> {
-    let users: Vec<String> = due
-        .iter()
-        .map(|d| d.user_id.clone())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
     let emails: Vec<String> = profiles
         .values()
         .filter_map(|p| p.get("email").and_then(Value::as_str))
@@ -261,18 +250,12 @@ fn exits_at_send_time(
     found
 }
 
-/// Profiles of the batch's users through nudge._profile (the built-in table,
-/// or the query given to set_profile_query), in one statement.
-pub fn profiles(c: &SpiClient<'_>, due: &[Due]) -> HashMap<String, Value> {
-    let users: Vec<String> = due
-        .iter()
-        .map(|d| d.user_id.clone())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    profiles_of(c, users)
+fn distinct(items: impl Iterator<Item = String>) -> Vec<String> {
+    items.collect::<HashSet<_>>().into_iter().collect()
 }
 
+/// Profiles of these users through nudge._profile (the built-in table, or the
+/// query given to set_profile_query), in one statement.
 pub fn profiles_of(c: &SpiClient<'_>, users: Vec<String>) -> HashMap<String, Value> {
     let rows = or_raise(
         c.select(

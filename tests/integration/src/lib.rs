@@ -30,6 +30,20 @@ pub fn connect(db: &str) -> Client {
     Client::connect(db, NoTls).expect("connect")
 }
 
+/// The single bigint a query returns (a count).
+pub fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// Messages in the outbox, distinct message keys, distinct enrollments: the
+/// three are equal when nothing was written twice.
+pub fn outbox_uniqueness(c: &mut Client) -> (i64, i64, i64) {
+    let r = c
+        .query_one("SELECT count(*), count(DISTINCT message_key), count(DISTINCT enrollment_id) FROM nudge.outbox", &[])
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
 /// A small deterministic generator (SplitMix64), so that data sets are the
 /// same on every run without a dependency.
 pub struct Rng(u64);

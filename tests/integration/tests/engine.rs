@@ -1,7 +1,7 @@
 //! The engine against a real server, through a real client: event time,
 //! concurrency and idempotency.
 
-use nudge_integration::{connect, fresh_db, Rng};
+use nudge_integration::{connect, fresh_db, outbox_uniqueness, Rng};
 use std::collections::BTreeSet;
 
 const SETUP: &str = r#"
@@ -181,17 +181,7 @@ fn run_due_from_two_connections_writes_each_message_once() {
         .collect();
     let totals: Vec<i32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
     assert_eq!(totals.iter().sum::<i32>(), 3000, "per worker: {totals:?}");
-    let row = c
-        .query_one("SELECT count(*), count(DISTINCT message_key), count(DISTINCT enrollment_id) FROM nudge.outbox", &[])
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, i64>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, i64>(2)
-        ),
-        (3000, 3000, 3000)
-    );
+    assert_eq!(outbox_uniqueness(&mut c), (3000, 3000, 3000));
     // And again, later: nothing more.
     let n: i32 = c
         .query_one("SELECT nudge.run_due('2026-02-01 00:00+00')", &[])

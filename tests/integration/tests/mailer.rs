@@ -1,7 +1,7 @@
 //! The reference mailer against a real SMTP server: concurrent mailers,
 //! a mailer killed mid-batch, a mailer stopped with SIGTERM.
 
-use nudge_integration::{connect, fresh_db, mailer_bin, wait_for, SmtpServer};
+use nudge_integration::{connect, count, fresh_db, mailer_bin, wait_for, SmtpServer};
 use postgres::Client;
 use std::collections::HashSet;
 use std::process::{Child, Command};
@@ -43,10 +43,6 @@ fn keys(c: &mut Client) -> HashSet<String> {
     .iter()
     .map(|r| r.get(0))
     .collect()
-}
-
-fn count(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
 }
 
 fn signal(child: &Child, sig: &str) {

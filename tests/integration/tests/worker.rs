@@ -1,7 +1,7 @@
 //! The background worker on a server with pg_nudge preloaded
 //! (`nudge.database = 'nudge_it_worker'`, as `make test-server` starts it).
 
-use nudge_integration::{connect, dsn, fresh_db, wait_for};
+use nudge_integration::{connect, count, dsn, fresh_db, outbox_uniqueness, wait_for};
 use postgres::Client;
 use std::time::{Duration, Instant};
 
@@ -18,10 +18,6 @@ fn setup(db: &str) -> Client {
     )
     .unwrap();
     c
-}
-
-fn count(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
 }
 
 /// Sets (or, with None, resets) a server setting and reloads the configuration.
@@ -81,10 +77,24 @@ fn due_enrollments_reach_the_outbox_without_run_due() {
 fn a_capture_due_at_once_wakes_a_sleeping_worker() {
     let db = fresh_db(DB);
     let mut c = setup(&db);
+    wait_for(20, || {
+        c.query_opt("SELECT 1 FROM pg_stat_activity WHERE backend_type = 'pg_nudge worker' AND datname = $1", &[&DB])
+            .unwrap()
+    })
+    .expect("the worker serves the new database");
     // With a ten-minute nap, only the wake-up on commit can deliver in time.
     set_setting("nudge.naptime", Some("600s"));
-    // Let the worker take the setting and go back to sleep.
+    // Let the worker take the setting (SIGHUP) and go back to sleep.
     std::thread::sleep(Duration::from_millis(1500));
+    // An enrollment written behind the engine's back wakes nobody: it stays
+    // due, which shows the worker really sleeps for the reloaded ten minutes.
+    c.batch_execute(
+        "INSERT INTO nudge.enrollments (trigger, trigger_version, user_id, entered_at, due_at, anchor_event, last_entry_at)
+         VALUES ('at_once', 1, 'u2', now(), now(), 'ping', now())",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let asleep = count(&mut c, "SELECT count(*) FROM nudge.outbox") == 0;
     let passes: i64 = c
         .query_one("SELECT passes FROM nudge.worker_status()", &[])
         .unwrap()
@@ -93,13 +103,17 @@ fn a_capture_due_at_once_wakes_a_sleeping_worker() {
     c.batch_execute("SELECT nudge.track('u1', 'ping', '{\"n\": 1}')")
         .unwrap();
     let arrived = wait_for(20, || {
-        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 1).then_some(())
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 2).then_some(())
     });
     let took = start.elapsed();
     set_setting("nudge.naptime", None);
     assert!(
+        asleep,
+        "the worker should have been asleep for 600 s (SIGHUP reload)"
+    );
+    assert!(
         arrived.is_some(),
-        "the message did not arrive: the worker was not woken"
+        "the messages did not arrive: the worker was not woken"
     );
     let after: i64 = c
         .query_one("SELECT passes FROM nudge.worker_status()", &[])
@@ -160,20 +174,7 @@ fn killing_the_worker_loses_nothing_and_duplicates_nothing() {
         written_before < 20000,
         "the kill came before the end ({written_before} written)"
     );
-    let row = c
-        .query_one(
-            "SELECT count(*), count(DISTINCT message_key), count(DISTINCT enrollment_id) FROM nudge.outbox",
-            &[],
-        )
-        .unwrap();
-    assert_eq!(
-        (
-            row.get::<_, i64>(0),
-            row.get::<_, i64>(1),
-            row.get::<_, i64>(2)
-        ),
-        (20000, 20000, 20000)
-    );
+    assert_eq!(outbox_uniqueness(&mut c), (20000, 20000, 20000));
     assert_eq!(
         count(
             &mut c,
@@ -181,4 +182,49 @@ fn killing_the_worker_loses_nothing_and_duplicates_nothing() {
         ),
         20000
     );
+}
+
+#[test]
+fn a_failing_batch_is_counted_and_the_worker_carries_on() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    let errors_before: i64 = c
+        .query_one("SELECT errors FROM nudge.worker_status()", &[])
+        .unwrap()
+        .get(0);
+    // A profile query that fails for one user fails the batch that holds it.
+    c.batch_execute(
+        "SELECT nudge.set_profile_query($q$
+             SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1 AND 1 / (CASE WHEN $1 = 'u1' THEN 0 ELSE 1 END) = 1
+         $q$)",
+    )
+    .unwrap();
+    c.batch_execute("SELECT nudge.track('u1', 'ping')").unwrap();
+    let failed = wait_for(20, || {
+        let e: i64 = c
+            .query_one("SELECT errors FROM nudge.worker_status()", &[])
+            .ok()?
+            .get(0);
+        (e > errors_before).then_some(())
+    });
+    assert!(failed.is_some(), "the failing batch was counted");
+    let row = c
+        .query_one(
+            "SELECT running, lag IS NOT NULL FROM nudge.worker_status()",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, bool>(0), row.get::<_, bool>(1)),
+        (true, true),
+        "alive, with a due enrollment waiting"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 0);
+    // Fixed, the same worker process sends it.
+    c.batch_execute("SELECT nudge.set_profile_query(NULL)")
+        .unwrap();
+    let sent = wait_for(20, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 1).then_some(())
+    });
+    assert!(sent.is_some(), "the worker carried on after the error");
 }
