@@ -19,10 +19,11 @@ mod worker;
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    settings::define();
     // The worker and its shared memory exist only when preloaded
     // (shared_preload_libraries = 'pg_nudge'); without it, run_due by hand.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloaded = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    settings::define(preloaded);
+    if preloaded {
         worker::init_preloaded();
     }
 }

@@ -14,15 +14,20 @@ static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 static RETRY_BASE_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(30);
 static RETRY_MAX_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
-pub fn define() {
-    GucRegistry::define_string_guc(
-        c"nudge.database",
-        c"Database the pg_nudge background worker serves.",
-        c"The worker runs nudge.run_due there; the extension must be created in it.",
-        &DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+/// `preloaded`: called from shared_preload_libraries. Only then may a
+/// postmaster-level setting be defined (later it is a FATAL error), and only
+/// then is there a worker to read it.
+pub fn define(preloaded: bool) {
+    if preloaded {
+        GucRegistry::define_string_guc(
+            c"nudge.database",
+            c"Database the pg_nudge background worker serves.",
+            c"The worker runs nudge.run_due there; the extension must be created in it.",
+            &DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"nudge.naptime",
         c"Milliseconds the worker sleeps when nothing is due.",
