@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 mod api;
 mod catalog;
 mod engine;
+mod isolate;
 mod settings;
 mod sources;
 mod spi_util;

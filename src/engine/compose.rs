@@ -14,17 +14,26 @@ pub struct Inputs<'a> {
     pub user_id: &'a str,
     pub message_key: &'a str,
     pub anchor: &'a Value,
-    /// The profile as the profile lookup returned it; None = no such user.
-    pub profile: Option<&'a Value>,
+    /// The profile lookup's answer: None = no such user, Err = the lookup failed.
+    pub profile: Option<&'a Result<Value, String>>,
 }
 
 pub fn compose(template: &Template, i: &Inputs<'_>) -> Result<Message, String> {
-    let profile = i.profile.ok_or_else(|| {
-        format!(
-            "no profile for user {:?} (nudge.profiles or the profile query returned no row)",
-            i.user_id
-        )
-    })?;
+    let profile = match i.profile {
+        None => {
+            return Err(format!(
+                "no profile for user {:?} (nudge.profiles or the profile query returned no row)",
+                i.user_id
+            ))
+        }
+        Some(Err(e)) => {
+            return Err(format!(
+                "profile query failed for user {:?}: {e}",
+                i.user_id
+            ))
+        }
+        Some(Ok(p)) => p,
+    };
     let recipient = match profile.get("email") {
         Some(Value::String(e)) if !e.trim().is_empty() => e.trim().to_owned(),
         _ => return Err(format!("profile of user {:?} has no email", i.user_id)),

@@ -4,6 +4,7 @@
 
 use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Inputs};
+use crate::isolate;
 use crate::spi_util::or_raise;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -120,11 +121,11 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
 fn suppressions(
     c: &SpiClient<'_>,
     users: Vec<String>,
-    profiles: &HashMap<String, Value>,
+    profiles: &HashMap<String, Result<Value, String>>,
 ) -> HashMap<String, String> {
     let emails: Vec<String> = profiles
         .values()
-        .filter_map(|p| p.get("email").and_then(Value::as_str))
+        .filter_map(|p| p.as_ref().ok()?.get("email").and_then(Value::as_str))
         .map(|e| e.trim().to_lowercase())
         .collect();
     let rows = or_raise(
@@ -255,22 +256,28 @@ fn distinct(items: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 /// Profiles of these users through nudge._profile (the built-in table, or the
-/// query given to set_profile_query), in one statement.
-pub fn profiles_of(c: &SpiClient<'_>, users: Vec<String>) -> HashMap<String, Value> {
-    let rows = or_raise(
-        c.select(
-            "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
-            None,
-            &[users.into()],
-        ),
-        "reading profiles",
-    );
-    rows.filter_map(|r| {
-        let u: String = r.get(1).ok().flatten()?;
-        let p: JsonB = r.get(2).ok().flatten()?;
-        Some((u, p.0))
+/// query given to set_profile_query): one statement for the batch; a user
+/// whose lookup raises an error gets `Err`, the others their profile.
+pub fn profiles_of(
+    c: &SpiClient<'_>,
+    users: Vec<String>,
+) -> HashMap<String, Result<Value, String>> {
+    isolate::per_user(&users, |some| {
+        or_raise(
+            c.select(
+                "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
+                None,
+                &[some.to_vec().into()],
+            ),
+            "reading profiles",
+        )
+        .filter_map(|r| {
+            let u: String = r.get(1).ok().flatten()?;
+            let p: JsonB = r.get(2).ok().flatten()?;
+            Some((u, p.0))
+        })
+        .collect()
     })
-    .collect()
 }
 
 #[derive(Default)]

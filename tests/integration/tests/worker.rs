@@ -192,13 +192,9 @@ fn a_failing_batch_is_counted_and_the_worker_carries_on() {
         .query_one("SELECT errors FROM nudge.worker_status()", &[])
         .unwrap()
         .get(0);
-    // A profile query that fails for one user fails the batch that holds it.
-    c.batch_execute(
-        "SELECT nudge.set_profile_query($q$
-             SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1 AND 1 / (CASE WHEN $1 = 'u1' THEN 0 ELSE 1 END) = 1
-         $q$)",
-    )
-    .unwrap();
+    // The batch's outbox INSERT fails as a whole: a constraint refuses u1's message.
+    c.batch_execute("ALTER TABLE nudge.outbox ADD CONSTRAINT refuse_u1 CHECK (user_id <> 'u1')")
+        .unwrap();
     c.batch_execute("SELECT nudge.track('u1', 'ping')").unwrap();
     let failed = wait_for(20, || {
         let e: i64 = c
@@ -221,7 +217,7 @@ fn a_failing_batch_is_counted_and_the_worker_carries_on() {
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 0);
     // Fixed, the same worker process sends it.
-    c.batch_execute("SELECT nudge.set_profile_query(NULL)")
+    c.batch_execute("ALTER TABLE nudge.outbox DROP CONSTRAINT refuse_u1")
         .unwrap();
     let sent = wait_for(20, || {
         (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 1).then_some(())

@@ -62,6 +62,16 @@ SELECT user_id, state, reason LIKE 'message %' AS sent, CASE WHEN state = 'faile
   FROM nudge.enrollments ORDER BY user_id;
 SELECT user_id, recipient, subject FROM nudge.outbox;
 
+-- a profile query that fails for one user fails that user's enrollment only
+INSERT INTO public.customers VALUES ('fragile', 'fragile@example.com', 'Fay', 'UTC'), ('sturdy', 'sturdy@example.com', 'Sam', 'UTC');
+SELECT nudge.set_profile_query($$SELECT mail AS email, first_name FROM public.customers
+                                  WHERE id = $1 AND 1 / (CASE WHEN $1 = 'fragile' THEN 0 ELSE 1 END) = 1$$);
+SELECT nudge.track(u, 'cart_added', '{}', '2026-01-06 10:00+00') > 0 AS tracked FROM unnest(ARRAY['fragile', 'sturdy']) u;
+SELECT nudge.run_due('2026-01-06 12:00+00') AS written;
+SELECT user_id, state, CASE WHEN state = 'failed' THEN reason END AS failure
+  FROM nudge.enrollments WHERE user_id IN ('fragile', 'sturdy') ORDER BY user_id;
+SELECT nudge.set_profile_query('SELECT mail AS email, first_name, tz AS timezone FROM public.customers WHERE id = $1');
+
 -- a template that fails to render fails its enrollment only
 SELECT nudge.define_template('broken', '{{ event.n | divided_by: 0 }}', 'x');
 SELECT nudge.define_trigger('div', '{"on": {"event": "oops"}, "template": "broken"}');
