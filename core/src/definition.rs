@@ -1,6 +1,7 @@
 //! Trigger definitions: the JSON a user writes, its validation with JSON
 //! paths in every error, and the compiled form the engine runs.
 
+use crate::policy::{Cap, CapSpec, QuietHoursSpec, Schedule, SendWindowSpec};
 use crate::predicate::Predicate;
 use crate::time::parse_duration;
 use serde::Deserialize;
@@ -17,6 +18,28 @@ pub struct Definition {
     #[serde(default)]
     pub unless: Vec<ExitSpec>,
     pub template: String,
+    /// A predicate on the recipient's profile, checked at entry and at send time.
+    #[serde(default)]
+    pub audience: Option<Value>,
+    /// "after_exit" (default), "once", "every_time" or {"cooldown": "7 days"}.
+    #[serde(default)]
+    pub reentry: Option<Value>,
+    /// Caps of this trigger alone, on top of the global ones.
+    #[serde(default)]
+    pub cap: Vec<CapSpec>,
+    /// Transactional messages bypass every cap and arbitration.
+    #[serde(default)]
+    pub transactional: bool,
+    /// Importance when several triggers come due for one user at once.
+    #[serde(default)]
+    pub priority: i32,
+    /// What a message that loses arbitration does: "suppress" (default) or "defer".
+    #[serde(default)]
+    pub on_conflict: Option<String>,
+    #[serde(default)]
+    pub quiet_hours: Option<QuietHoursSpec>,
+    #[serde(default)]
+    pub send_window: Option<SendWindowSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +73,57 @@ pub struct Trigger {
     pub key_path: Option<Vec<String>>,
     pub exits: Vec<ExitRule>,
     pub template: String,
+    pub audience: Option<Predicate>,
+    pub reentry: Reentry,
+    pub caps: Vec<Cap>,
+    pub transactional: bool,
+    pub priority: i32,
+    pub defer_on_conflict: bool,
+    pub schedule: Schedule,
+}
+
+/// Whether a user may start the journey again (per trigger and key).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reentry {
+    /// After the previous journey ended (due or exited): the default.
+    AfterExit,
+    /// Never again, whatever happened to the first journey.
+    Once,
+    /// Every entry event starts a journey of its own.
+    EveryTime,
+    /// Only once this long has passed since the previous journey ended.
+    Cooldown(i64),
+}
+
+impl Reentry {
+    fn parse(v: Option<&Value>) -> Result<Reentry, String> {
+        match v {
+            None => Ok(Reentry::AfterExit),
+            Some(Value::String(s)) => match s.as_str() {
+                "after_exit" => Ok(Reentry::AfterExit),
+                "once" => Ok(Reentry::Once),
+                "every_time" => Ok(Reentry::EveryTime),
+                other => Err(format!(
+                    "reentry: unknown mode {other:?}, expected \"after_exit\", \"once\", \"every_time\" or {{\"cooldown\": \"7 days\"}}"
+                )),
+            },
+            Some(Value::Object(m)) => match (m.len(), m.get("cooldown")) {
+                (1, Some(Value::String(d))) => {
+                    Ok(Reentry::Cooldown(parse_duration(d).map_err(|e| format!("reentry.cooldown: {e}"))?))
+                }
+                _ => Err("reentry: expected {\"cooldown\": \"7 days\"}".into()),
+            },
+            Some(_) => Err("reentry: expected a mode name or {\"cooldown\": \"7 days\"}".into()),
+        }
+    }
+}
+
+struct Policies {
+    audience: Option<Predicate>,
+    reentry: Reentry,
+    caps: Vec<Cap>,
+    defer_on_conflict: bool,
+    schedule: Schedule,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +159,7 @@ impl Definition {
         non_empty(&self.on.event, "on.event")?;
         non_empty(&self.template, "template")?;
         self.wait_us()?;
+        self.policies()?;
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
@@ -111,8 +186,45 @@ impl Definition {
         })
     }
 
+    /// The send-time policies, compiled (and so validated).
+    fn policies(&self) -> Result<Policies, String> {
+        let on_conflict = match self.on_conflict.as_deref() {
+            None | Some("suppress") => false,
+            Some("defer") => true,
+            Some(other) => {
+                return Err(format!(
+                    "on_conflict: expected \"suppress\" or \"defer\", got {other:?}"
+                ))
+            }
+        };
+        Ok(Policies {
+            audience: self
+                .audience
+                .as_ref()
+                .map(|a| Predicate::parse(a, "audience"))
+                .transpose()?,
+            reentry: Reentry::parse(self.reentry.as_ref())?,
+            caps: self
+                .cap
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Cap::compile(c, &format!("cap[{i}]"), "this trigger"))
+                .collect::<Result<_, _>>()?,
+            defer_on_conflict: on_conflict,
+            schedule: Schedule::compile(self.quiet_hours.as_ref(), self.send_window.as_ref())?,
+        })
+    }
+
     pub fn compile(&self, name: &str, version: i32) -> Result<Trigger, String> {
+        let p = self.policies()?;
         Ok(Trigger {
+            audience: p.audience,
+            reentry: p.reentry,
+            caps: p.caps,
+            transactional: self.transactional,
+            priority: self.priority,
+            defer_on_conflict: p.defer_on_conflict,
+            schedule: p.schedule,
             name: name.to_owned(),
             version,
             wait_us: self.wait_us()?,
@@ -242,6 +354,70 @@ mod tests {
         );
         assert_eq!(t.exit_scope("checkout_started", &json!({})), Some(None));
         assert_eq!(t.exit_scope("viewed", &json!({})), None);
+    }
+
+    #[test]
+    fn policies_compile_and_errors_name_their_path() {
+        let mut v = cart();
+        v["audience"] = json!({"country": {"in": ["DE", "AT"]}});
+        v["reentry"] = json!({"cooldown": "7 days"});
+        v["cap"] = json!([{"max": 1, "per": "1 day"}]);
+        v["priority"] = json!(5);
+        v["on_conflict"] = json!("defer");
+        v["quiet_hours"] = json!({"start": "21:00", "end": "08:00"});
+        v["send_window"] = json!({"days": ["mon", "fri"]});
+        let t = Definition::parse(&v).unwrap().compile("c", 1).unwrap();
+        assert_eq!(t.reentry, Reentry::Cooldown(7 * 86_400_000_000));
+        assert!(t
+            .audience
+            .as_ref()
+            .unwrap()
+            .matches(&json!({"country": "AT"})));
+        assert_eq!(
+            (t.caps.len(), t.priority, t.defer_on_conflict),
+            (1, 5, true)
+        );
+        assert!(t.schedule.quiet.is_some() && t.schedule.days.is_some());
+
+        for (key, bad, want) in [
+            ("reentry", json!("twice"), "reentry: unknown mode \"twice\""),
+            (
+                "reentry",
+                json!({"cooldown": "1 month"}),
+                "reentry.cooldown: '1 month': months",
+            ),
+            (
+                "cap",
+                json!([{"max": 1, "per": "1 dya"}]),
+                "cap[0].per: '1 dya': unknown unit",
+            ),
+            ("cap", json!([{"max": 1}]), "cap[0]: missing field `per`"),
+            (
+                "audience",
+                json!({"country": {"like": "D%"}}),
+                "audience.country: unknown operator `like`",
+            ),
+            (
+                "on_conflict",
+                json!("merge"),
+                "on_conflict: expected \"suppress\" or \"defer\"",
+            ),
+            (
+                "quiet_hours",
+                json!({"start": "21:00"}),
+                "quiet_hours: missing field `end`",
+            ),
+            (
+                "send_window",
+                json!({"days": ["mon"], "start": "9"}),
+                "send_window: give both start and end",
+            ),
+        ] {
+            let mut v = cart();
+            v[key] = bad;
+            let e = Definition::parse(&v).unwrap_err();
+            assert!(e.starts_with(want), "{key}: {e}");
+        }
     }
 
     #[test]

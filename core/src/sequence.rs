@@ -8,6 +8,9 @@
 //! batch gives the journeys that living through that month gives, whatever
 //! `run_due` did in between.
 
+use crate::definition::Reentry;
+use std::collections::HashMap;
+
 /// Times are microseconds on any fixed epoch.
 pub type Micros = i64;
 
@@ -71,35 +74,90 @@ impl Journey {
             && (at < self.due_at || at == self.entered_at)
     }
 
+    /// When the journey ends: its exit, else its due time.
+    fn end(&self) -> Micros {
+        self.exited.as_ref().map_or(self.due_at, |(at, _)| *at)
+    }
+
     fn changed(&self) -> bool {
         self.id.is_none() || !self.coalesced.is_empty() || self.exited.is_some()
     }
 }
 
-/// Applies `steps` to the user's waiting journeys of one trigger and returns
-/// the journeys that changed or were opened. Entries sort before exits at the
-/// same instant, so an exit at the anchor's own time closes it.
-pub fn sequence(existing: Vec<Journey>, mut steps: Vec<Step>, wait: Micros) -> Vec<Journey> {
+/// An entry event that the trigger's re-entry rule turned away.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocked {
+    pub at: Micros,
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct Sequenced {
+    /// Journeys opened or changed.
+    pub journeys: Vec<Journey>,
+    pub blocked: Vec<Blocked>,
+}
+
+/// Applies `steps` to the user's waiting journeys of one trigger. `ended`
+/// gives, per key, when the user's latest journey that is no longer waiting
+/// ended (its exit, else its due time); re-entry rules read it. Entries sort
+/// before exits at the same instant, so an exit at the anchor's own time closes it.
+pub fn sequence(
+    existing: Vec<Journey>,
+    ended: &HashMap<String, Micros>,
+    mut steps: Vec<Step>,
+    wait: Micros,
+    reentry: Reentry,
+) -> Sequenced {
     steps.sort_by_key(|s| (s.at(), matches!(s, Step::Exit { .. })));
     let mut journeys = existing;
+    let mut blocked = vec![];
     for step in steps {
         match step {
             Step::Entry { at, key, event } => {
-                let open = journeys.iter_mut().find(|j| j.key == key && j.covers(at));
-                // An entry that arrives late, before a journey already open for
-                // this key but within one wait of it, joins that journey rather
-                // than opening an overlapping one.
-                let open = match open {
-                    Some(j) => Some(j),
-                    None => journeys.iter_mut().find(|j| {
-                        j.key == key
-                            && j.exited.is_none()
-                            && at < j.entered_at
-                            && at + wait > j.entered_at
-                    }),
+                let open = match reentry {
+                    // a journey per entry event; two at the same instant are one
+                    Reentry::EveryTime => journeys
+                        .iter()
+                        .position(|j| j.key == key && j.entered_at == at),
+                    _ => journeys
+                        .iter()
+                        .position(|j| j.key == key && j.covers(at))
+                        .or_else(|| {
+                            // An entry that arrives late, before a journey already open for
+                            // this key but within one wait of it, joins that journey rather
+                            // than opening an overlapping one.
+                            journeys.iter().position(|j| {
+                                j.key == key
+                                    && j.exited.is_none()
+                                    && at < j.entered_at
+                                    && at + wait > j.entered_at
+                            })
+                        }),
                 };
-                match open {
-                    Some(j) => j.coalesced.push(at),
+                if let Some(i) = open {
+                    journeys[i].coalesced.push(at);
+                    continue;
+                }
+                let last_end = journeys
+                    .iter()
+                    .filter(|j| j.key == key && j.entered_at <= at)
+                    .map(Journey::end)
+                    .chain(ended.get(&key).copied())
+                    .max();
+                let refusal = match (reentry, last_end) {
+                    (Reentry::Once, Some(_)) => {
+                        Some("reentry once: the user already had this journey".to_string())
+                    }
+                    (Reentry::Cooldown(c), Some(end)) if at < end + c => Some(format!(
+                        "reentry cooldown: the previous journey ended {} ago",
+                        crate::time::format_duration(at - end)
+                    )),
+                    _ => None,
+                };
+                match refusal {
+                    Some(reason) => blocked.push(Blocked { at, key, reason }),
                     None => journeys.push(Journey {
                         id: None,
                         key,
@@ -122,7 +180,7 @@ pub fn sequence(existing: Vec<Journey>, mut steps: Vec<Step>, wait: Micros) -> V
         }
     }
     journeys.retain(Journey::changed);
-    journeys
+    Sequenced { journeys, blocked }
 }
 
 #[cfg(test)]
@@ -130,6 +188,10 @@ mod tests {
     use super::*;
 
     const H: Micros = 3_600_000_000;
+
+    fn run(existing: Vec<Journey>, steps: Vec<Step>, wait: Micros) -> Vec<Journey> {
+        sequence(existing, &HashMap::new(), steps, wait, Reentry::AfterExit).journeys
+    }
 
     fn entry(at: Micros, key: &str, event: usize) -> Step {
         Step::Entry {
@@ -148,7 +210,7 @@ mod tests {
 
     #[test]
     fn repeated_entry_coalesces_and_exit_closes() {
-        let out = sequence(
+        let out = run(
             vec![],
             vec![
                 entry(0, "c1", 0),
@@ -164,13 +226,13 @@ mod tests {
 
     #[test]
     fn exit_of_another_key_does_not_close() {
-        let out = sequence(vec![], vec![entry(0, "c1", 0), exit(H, Some("c2"))], 24 * H);
+        let out = run(vec![], vec![entry(0, "c1", 0), exit(H, Some("c2"))], 24 * H);
         assert_eq!(out[0].exited, None);
     }
 
     #[test]
     fn exit_after_due_does_not_close_and_entry_after_due_reopens() {
-        let out = sequence(
+        let out = run(
             vec![],
             vec![
                 entry(0, "c1", 0),
@@ -187,7 +249,7 @@ mod tests {
 
     #[test]
     fn entry_after_exit_reopens() {
-        let out = sequence(
+        let out = run(
             vec![],
             vec![entry(0, "c1", 0), exit(H, None), entry(2 * H, "c1", 1)],
             24 * H,
@@ -198,7 +260,7 @@ mod tests {
 
     #[test]
     fn exit_at_the_anchor_instant_counts() {
-        let out = sequence(vec![], vec![exit(0, None), entry(0, "", 0)], H);
+        let out = run(vec![], vec![exit(0, None), entry(0, "", 0)], H);
         assert!(out[0].exited.is_some());
     }
 
@@ -213,13 +275,13 @@ mod tests {
             exit(6 * H, None),
             entry(30 * H, "b", 4),
         ];
-        let batch = sequence(vec![], steps.clone(), 4 * H);
+        let batch = run(vec![], steps.clone(), 4 * H);
         // Living through: feed the steps one by one, carrying the still-open journeys.
         let mut open: Vec<Journey> = vec![];
         let mut all: Vec<Journey> = vec![];
         let mut next_id = 100;
         for s in steps {
-            for j in sequence(open.clone(), vec![s], 4 * H) {
+            for j in run(open.clone(), vec![s], 4 * H) {
                 match j.id {
                     Some(id) => {
                         let k = all.iter_mut().find(|x| x.id == Some(id)).unwrap();
@@ -257,12 +319,80 @@ mod tests {
     }
 
     #[test]
+    fn reentry_once_refuses_a_second_journey_even_after_history() {
+        let s = sequence(
+            vec![],
+            &HashMap::new(),
+            vec![entry(0, "a", 0), entry(30 * H, "a", 1)],
+            H,
+            Reentry::Once,
+        );
+        assert_eq!(s.journeys.len(), 1);
+        assert_eq!(s.blocked.len(), 1);
+        assert!(s.blocked[0].reason.starts_with("reentry once"));
+        let ended = HashMap::from([("a".to_string(), -100 * H)]);
+        let s = sequence(vec![], &ended, vec![entry(0, "a", 0)], H, Reentry::Once);
+        assert!(s.journeys.is_empty() && s.blocked.len() == 1);
+        let s = sequence(vec![], &ended, vec![entry(0, "b", 0)], H, Reentry::Once);
+        assert_eq!(s.journeys.len(), 1, "another key is another journey");
+    }
+
+    #[test]
+    fn reentry_cooldown_counts_from_the_previous_end() {
+        let c = Reentry::Cooldown(24 * H);
+        // journey 0..1h ends at 1h; an entry at 10h is inside the cooldown, at 26h outside
+        let s = sequence(
+            vec![],
+            &HashMap::new(),
+            vec![entry(0, "", 0), entry(10 * H, "", 1), entry(26 * H, "", 2)],
+            H,
+            c,
+        );
+        assert_eq!(
+            s.journeys.iter().map(|j| j.entered_at).collect::<Vec<_>>(),
+            vec![0, 26 * H]
+        );
+        assert_eq!(s.blocked.len(), 1);
+        assert!(
+            s.blocked[0].reason.contains("ended 9 hours ago"),
+            "{}",
+            s.blocked[0].reason
+        );
+        // an exited journey ends at its exit
+        let s = sequence(
+            vec![],
+            &HashMap::new(),
+            vec![entry(0, "", 0), exit(H / 2, None), entry(25 * H, "", 1)],
+            2 * H,
+            c,
+        );
+        assert_eq!(s.journeys.len(), 2);
+    }
+
+    #[test]
+    fn reentry_every_time_opens_a_journey_per_entry() {
+        let s = sequence(
+            vec![],
+            &HashMap::new(),
+            vec![entry(0, "a", 0), entry(H, "a", 1), entry(H, "a", 2)],
+            24 * H,
+            Reentry::EveryTime,
+        );
+        assert_eq!(s.journeys.len(), 2);
+        assert_eq!(
+            s.journeys[1].coalesced,
+            vec![H],
+            "the same instant is the same journey"
+        );
+    }
+
+    #[test]
     fn existing_open_journey_absorbs_entries_and_unchanged_ones_are_not_returned() {
         let existing = vec![
             Journey::open(7, "c1".into(), 0, 24 * H),
             Journey::open(8, "c2".into(), 0, 24 * H),
         ];
-        let out = sequence(existing, vec![entry(H, "c1", 0)], 24 * H);
+        let out = run(existing, vec![entry(H, "c1", 0)], 24 * H);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].id, Some(7));
         assert_eq!(out[0].coalesced, vec![H]);

@@ -15,6 +15,21 @@ pub fn format_pg_utc(pg_us: i64) -> String {
     )
 }
 
+/// A duration in words, rounded down to its largest unit: "9 hours", "3 days".
+pub fn format_duration(us: i64) -> String {
+    let s = us.max(0) / SECOND;
+    let (n, unit) = if s >= 86_400 {
+        (s / 86_400, "day")
+    } else if s >= 3_600 {
+        (s / 3_600, "hour")
+    } else if s >= 60 {
+        (s / 60, "minute")
+    } else {
+        (s, "second")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
 pub fn parse_duration(text: &str) -> Result<i64, String> {
     let s = text.trim().to_ascii_lowercase();
     if s.is_empty() {
