@@ -116,6 +116,8 @@ CREATE TABLE nudge.outbox (
     headers             jsonb       NOT NULL DEFAULT '{}',
     variant             text,
     priority            int         NOT NULL DEFAULT 0,
+    -- transactional messages bypass caps and do not count against them
+    transactional       boolean     NOT NULL DEFAULT false,
     status              text        NOT NULL DEFAULT 'pending'
                         CHECK (status IN ('pending', 'claimed', 'sent', 'dead')),
     attempts            int         NOT NULL DEFAULT 0,
@@ -150,8 +152,9 @@ CREATE TABLE nudge.suppressions (
 );
 CREATE INDEX suppressions_user ON nudge.suppressions (user_id);
 
--- Single-row settings that are not GUCs because they belong to the database.
+-- Policy settings that belong to the database, not the server: global caps,
+-- the arbitration window, the default time zone (nudge.configure).
 CREATE TABLE nudge.settings (
     name  text PRIMARY KEY,
-    value text
+    value jsonb NOT NULL
 );

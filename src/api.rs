@@ -324,3 +324,47 @@ fn preview(
         msg.rendered.text,
     ))
 }
+
+/// Sets database-wide policies; keys given replace the current ones, a key
+/// set to null goes back to its default. Returns the settings now in force.
+/// `{"caps": [{"max": 1, "per": "16 hours"}], "arbitration_window": "10 minutes",
+///   "default_timezone": "America/New_York"}`
+#[pg_extern]
+fn configure(settings: JsonB) -> JsonB {
+    let Some(given) = settings.0.as_object() else {
+        error!("configure: expected a JSON object with keys caps, arbitration_window, default_timezone");
+    };
+    let current = one::<JsonB>(
+        "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
+        &[],
+        "configure",
+    )
+    .map_or(serde_json::json!({}), |j| j.0);
+    let mut merged = current.as_object().cloned().unwrap_or_default();
+    for (k, v) in given {
+        if v.is_null() {
+            merged.remove(k);
+        } else {
+            merged.insert(k.clone(), v.clone());
+        }
+    }
+    let merged = serde_json::Value::Object(merged);
+    if let Err(e) = nudge_core::policy::Settings::parse(&merged) {
+        error!("configure: {e}");
+    }
+    Spi::connect_mut(|c| {
+        or_raise(
+            c.update("DELETE FROM nudge.settings", None, &[]),
+            "configure",
+        );
+        or_raise(
+            c.update(
+                "INSERT INTO nudge.settings (name, value) SELECT key, value FROM jsonb_each($1)",
+                None,
+                &[JsonB(merged.clone()).into()],
+            ),
+            "configure",
+        );
+    });
+    JsonB(merged)
+}

@@ -532,74 +532,107 @@ pub enum Verdict {
     Suppress(String),
 }
 
-/// Decides caps and priority for a batch. Candidates are taken per user in
-/// order of importance (priority, then most recent anchor), so the one that
-/// wins arbitration is also the one a cap lets through. `sent` holds the
-/// users' non-transactional messages already in the outbox.
+/// Decides priority and caps for a batch. First arbitration: a message loses
+/// to any more important message of the same user (candidate or already in
+/// the outbox) within the window; importance is priority, then the most recent
+/// anchor, then the trigger name. Then caps, in time order, over what is left:
+/// global caps count all of the user's messages, a trigger's own caps only its
+/// own. Transactional messages bypass both and count for neither.
 pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) -> Vec<Verdict> {
-    let mut order: Vec<usize> = (0..candidates.len()).collect();
-    order.sort_by_key(|&i| {
-        let c = &candidates[i];
-        (
-            c.user,
-            std::cmp::Reverse(c.transactional),
-            std::cmp::Reverse(c.priority),
-            std::cmp::Reverse(c.entered_at),
-        )
-    });
-    let mut verdicts = vec![Verdict::Suppress(String::new()); candidates.len()];
-    // what counts for each user: the outbox, then what this batch lets through
-    let mut taken: Vec<Sent> = sent.to_vec();
-    for i in order {
-        let c = &candidates[i];
-        if c.transactional {
-            verdicts[i] = Verdict::Send { at: c.send_at };
-            continue;
-        }
-        let mine: Vec<&Sent> = taken.iter().filter(|s| s.user == c.user).collect();
-        if settings.arbitration_us > 0 {
-            let rival = mine.iter().find(|s| {
-                (s.at - c.send_at).abs() <= settings.arbitration_us
-                    && (s.priority, s.entered_at) >= (c.priority, c.entered_at)
-                    && !(s.trigger == c.trigger && s.key == c.key && s.entered_at == c.entered_at)
-            });
-            if let Some(w) = rival {
-                let why = format!(
-                    "priority: lost to trigger {} (priority {}, key {:?}) within the arbitration window",
-                    w.trigger, w.priority, w.key
-                );
+    let rank = |priority: i32, entered_at: Micros, trigger: &str| {
+        (priority, entered_at, trigger.to_owned())
+    };
+    let mut verdicts: Vec<Verdict> = candidates
+        .iter()
+        .map(|c| Verdict::Send { at: c.send_at })
+        .collect();
+    if settings.arbitration_us > 0 {
+        for (i, c) in candidates.iter().enumerate() {
+            if c.transactional {
+                continue;
+            }
+            let mine = rank(c.priority, c.entered_at, c.trigger);
+            let near = |at: Micros| (at - c.send_at).abs() <= settings.arbitration_us;
+            let rival = candidates
+                .iter()
+                .enumerate()
+                .filter(|(j, o)| *j != i && !o.transactional && o.user == c.user && near(o.send_at))
+                .map(|(_, o)| {
+                    (
+                        rank(o.priority, o.entered_at, o.trigger),
+                        o.trigger,
+                        o.priority,
+                        o.key,
+                        o.send_at,
+                    )
+                })
+                .chain(
+                    sent.iter()
+                        .filter(|s| s.user == c.user && near(s.at))
+                        .map(|s| {
+                            (
+                                rank(s.priority, s.entered_at, &s.trigger),
+                                s.trigger.as_str(),
+                                s.priority,
+                                s.key.as_str(),
+                                s.at,
+                            )
+                        }),
+                )
+                .filter(|r| r.0 > mine)
+                .max_by(|a, b| a.0.cmp(&b.0));
+            if let Some((_, trigger, priority, key, at)) = rival {
+                let why = format!("priority: lost to trigger {trigger} (priority {priority}, key {key:?}) within the arbitration window");
                 verdicts[i] = if c.defer_on_conflict {
                     Verdict::Defer {
-                        at: w.at + settings.arbitration_us,
+                        at: at + settings.arbitration_us,
                         reason: why,
                     }
                 } else {
                     Verdict::Suppress(why)
                 };
-                if let Verdict::Defer { at, .. } = verdicts[i] {
-                    taken.push(Sent { at, ..sent_of(c) });
-                }
-                continue;
             }
         }
-        // global caps count all of the user's messages, a trigger's own caps only its own
-        let all: Vec<Micros> = mine.iter().map(|s| s.at).collect();
-        let own: Vec<Micros> = mine
+    }
+    // caps, in the order the messages go out
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    let when = |v: &Verdict, c: &Candidate<'_>| match v {
+        Verdict::Send { at } | Verdict::Defer { at, .. } => *at,
+        Verdict::Suppress(_) => c.send_at,
+    };
+    order.sort_by_key(|&i| {
+        (
+            candidates[i].user,
+            when(&verdicts[i], &candidates[i]),
+            std::cmp::Reverse(candidates[i].priority),
+        )
+    });
+    let mut taken: Vec<Sent> = sent.to_vec();
+    for i in order {
+        let c = &candidates[i];
+        if c.transactional || matches!(verdicts[i], Verdict::Suppress(_)) {
+            continue;
+        }
+        let at = when(&verdicts[i], c);
+        let all: Vec<Micros> = taken
             .iter()
-            .filter(|s| s.trigger == c.trigger)
+            .filter(|s| s.user == c.user)
+            .map(|s| s.at)
+            .collect();
+        let own: Vec<Micros> = taken
+            .iter()
+            .filter(|s| s.user == c.user && s.trigger == c.trigger)
             .map(|s| s.at)
             .collect();
         let held = settings
             .caps
             .iter()
-            .find(|cap| !cap.allows(c.send_at, &all))
-            .or_else(|| c.caps.iter().find(|cap| !cap.allows(c.send_at, &own)));
-        if let Some(cap) = held {
-            verdicts[i] = Verdict::Suppress(format!("cap: {}", cap.label));
-            continue;
+            .find(|cap| !cap.allows(at, &all))
+            .or_else(|| c.caps.iter().find(|cap| !cap.allows(at, &own)));
+        match held {
+            Some(cap) => verdicts[i] = Verdict::Suppress(format!("cap: {}", cap.label)),
+            None => taken.push(Sent { at, ..sent_of(c) }),
         }
-        verdicts[i] = Verdict::Send { at: c.send_at };
-        taken.push(sent_of(c));
     }
     verdicts
 }

@@ -4,11 +4,13 @@
 
 use crate::catalog::{live_triggers, LiveTrigger};
 use crate::spi_util::{micros, or_raise, ts};
+use nudge_core::definition::Reentry;
 use nudge_core::sequence::{sequence, Journey, Step};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// Advisory-lock classes of capture (arbitrary constants, so that our locks
 /// do not collide with an application's): one key per user, and one key that
@@ -32,10 +34,12 @@ pub fn capture(batch: Batch) {
         if triggers.is_empty() {
             return;
         }
-        let steps = steps_of(&batch, &triggers);
+        let mut steps = steps_of(&batch, &triggers);
         if steps.is_empty() {
             return;
         }
+        let mut writes = Writes::default();
+        audience_at_entry(c, &mut steps, &triggers, &mut writes);
         lock_users(c, steps.keys().map(|(_, u)| u.clone()).collect());
 
         let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
@@ -67,17 +71,27 @@ pub fn capture(batch: Batch) {
                 .push(Journey::open(id, get_s(4), micros(entered), micros(due)));
         }
 
-        let mut writes = Writes::default();
+        let ended = ended_journeys(c, &steps, &triggers);
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let mut due_now = false;
+        let none = HashMap::new();
         for ((ti, user), steps) in steps {
             let t = &triggers[ti].trigger;
-            let existing = open
-                .remove(&(t.name.clone(), user.clone()))
-                .unwrap_or_default();
-            for j in sequence(existing, steps, t.wait_us) {
+            let pair = (t.name.clone(), user.clone());
+            let existing = open.remove(&pair).unwrap_or_default();
+            let done = sequence(
+                existing,
+                ended.get(&pair).unwrap_or(&none),
+                steps,
+                t.wait_us,
+                t.reentry,
+            );
+            for j in done.journeys {
                 due_now |= j.id.is_none() && j.exited.is_none() && j.due_at <= now;
                 writes.add(t, &user, j, &batch);
+            }
+            for b in done.blocked {
+                writes.note(&user, &t.name, b.at, "not entered", b.reason);
             }
         }
         writes.flush(c);
@@ -121,6 +135,96 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
         ),
         "locking users",
     );
+}
+
+/// Drops the entry steps of users whose profile fails a trigger's audience.
+/// A user without a profile, or whose lookup fails, is let in: the send-time
+/// check decides, when the profile may exist.
+fn audience_at_entry(
+    c: &pgrx::spi::SpiClient<'_>,
+    steps: &mut BTreeMap<(usize, String), Vec<Step>>,
+    triggers: &[LiveTrigger],
+    writes: &mut Writes,
+) {
+    let users: Vec<String> = steps
+        .iter()
+        .filter(|((ti, _), st)| {
+            triggers[*ti].trigger.audience.is_some()
+                && st.iter().any(|s| matches!(s, Step::Entry { .. }))
+        })
+        .map(|((_, u), _)| u.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if users.is_empty() {
+        return;
+    }
+    let profiles = crate::engine::run_due::profiles_of(c, users);
+    for ((ti, user), st) in steps.iter_mut() {
+        let t = &triggers[*ti].trigger;
+        let (Some(audience), Some(Ok(profile))) = (&t.audience, profiles.get(user)) else {
+            continue;
+        };
+        if audience.matches(profile) {
+            continue;
+        }
+        st.retain(|s| match s {
+            Step::Entry { at, .. } => {
+                writes.note(
+                    user,
+                    &t.name,
+                    *at,
+                    "not entered",
+                    "audience: the profile does not match".into(),
+                );
+                false
+            }
+            Step::Exit { .. } => true,
+        });
+    }
+}
+
+/// For triggers that limit re-entry: when each (trigger, user, key) last
+/// ended a journey, read once for the batch.
+fn ended_journeys(
+    c: &pgrx::spi::SpiClient<'_>,
+    steps: &BTreeMap<(usize, String), Vec<Step>>,
+    triggers: &[LiveTrigger],
+) -> HashMap<(String, String), HashMap<String, i64>> {
+    let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
+        .keys()
+        .filter(|(ti, _)| {
+            matches!(
+                triggers[*ti].trigger.reentry,
+                Reentry::Once | Reentry::Cooldown(_)
+            )
+        })
+        .map(|(ti, u)| (triggers[*ti].trigger.name.clone(), u.clone()))
+        .unzip();
+    let mut out: HashMap<(String, String), HashMap<String, i64>> = HashMap::new();
+    if pair_t.is_empty() {
+        return out;
+    }
+    let rows = or_raise(
+        c.select(
+            "SELECT p.trigger, p.user_id, e.key, max(coalesce(e.exited_at, e.due_at))
+               FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
+               JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
+              WHERE e.state <> 'waiting'
+              GROUP BY 1, 2, 3",
+            None,
+            &[pair_t.into(), pair_u.into()],
+        ),
+        "reading ended enrollments",
+    );
+    for r in rows {
+        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+        let end: TimestampWithTimeZone = r.get(4).ok().flatten().expect("max of a non-null column");
+        out.entry((s(1), s(2)))
+            .or_default()
+            .insert(s(3), micros(end));
+    }
+    out
 }
 
 /// Entry and exit steps per (trigger index, user), from one pass over the batch.
@@ -272,6 +376,17 @@ impl Writes {
         if let Some((at, name)) = &j.exited {
             line(*at, "exited", Some(format!("exit event {name}")));
         }
+    }
+
+    /// A journal line about no enrollment (an entry that was turned away).
+    fn note(&mut self, user: &str, trigger: &str, at: i64, step: &str, detail: String) {
+        self.j_user.push(user.to_owned());
+        self.j_trigger.push(trigger.to_owned());
+        self.j_enrollment.push(None);
+        self.j_new.push(None);
+        self.j_at.push(ts(at));
+        self.j_step.push(step.to_owned());
+        self.j_detail.push(Some(detail));
     }
 
     fn flush(mut self, c: &mut pgrx::spi::SpiClient<'_>) {

@@ -5,7 +5,9 @@
 use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Inputs};
 use crate::isolate;
-use crate::spi_util::or_raise;
+use crate::spi_util::{micros, or_raise, ts};
+use nudge_core::definition::Trigger;
+use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -24,7 +26,10 @@ struct Due {
 }
 
 enum Outcome {
-    Sent,
+    /// Written to the outbox; `note` says why it goes later than due.
+    Sent {
+        note: Option<String>,
+    },
     Exited {
         at: TimestampWithTimeZone,
         event: String,
@@ -58,16 +63,33 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let tpls = templates(c, distinct(triggers.values().map(|t| t.template.clone())));
         let suppressed = suppressions(c, users, &profiles);
 
-        let mut out = OutboxRows::default();
-        let mut outcomes = Vec::with_capacity(due.len());
+        let settings = settings(c);
+
+        // First the per-message checks; what survives them is a candidate.
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
+        let mut ready: Vec<(
+            usize,
+            crate::engine::compose::Message,
+            Micros,
+            Option<String>,
+        )> = vec![];
         for (i, d) in due.iter().enumerate() {
             let t = &triggers[&d.trigger];
             if let Some((at, event)) = exits.get(&i) {
-                outcomes.push(Outcome::Exited {
+                outcomes.push(Some(Outcome::Exited {
                     at: *at,
                     event: event.clone(),
-                });
+                }));
                 continue;
+            }
+            let profile = profiles.get(&d.user_id);
+            if let (Some(audience), Some(Ok(p))) = (&t.audience, profile) {
+                if !audience.matches(p) {
+                    outcomes.push(Some(Outcome::Suppressed(
+                        "audience: the profile no longer matches".into(),
+                    )));
+                    continue;
+                }
             }
             let msg = match tpls.get(&t.template) {
                 None => Err(format!("template {:?} does not exist", t.template)),
@@ -79,24 +101,86 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                         user_id: &d.user_id,
                         message_key: &d.message_key,
                         anchor: &d.anchor,
-                        profile: profiles.get(&d.user_id),
+                        profile,
                     },
                 ),
             };
-            match msg {
-                Ok(m) => match suppressed
-                    .get(&m.recipient.to_lowercase())
-                    .or_else(|| suppressed.get(&d.user_id))
-                {
-                    Some(why) => outcomes.push(Outcome::Suppressed(why.clone())),
-                    None => {
-                        out.push(d, t.version, m);
-                        outcomes.push(Outcome::Sent);
-                    }
-                },
-                Err(e) => outcomes.push(Outcome::Failed(e)),
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    outcomes.push(Some(Outcome::Failed(e)));
+                    continue;
+                }
+            };
+            if let Some(why) = suppressed
+                .get(&m.recipient.to_lowercase())
+                .or_else(|| suppressed.get(&d.user_id))
+            {
+                outcomes.push(Some(Outcome::Suppressed(why.clone())));
+                continue;
             }
+            // Quiet hours and send windows move the message, never drop it.
+            let due_us = micros(d.due_at);
+            let tz = policy::zone(
+                profile
+                    .and_then(|p| p.as_ref().ok())
+                    .and_then(|p| p.get("timezone"))
+                    .and_then(Value::as_str),
+                settings.default_timezone.as_deref(),
+            );
+            let send_at = t.schedule.next_allowed(due_us, tz);
+            let moved = (send_at > due_us).then(|| {
+                format!(
+                    "deferred to {} by the send schedule",
+                    policy::local_text(send_at, tz)
+                )
+            });
+            ready.push((i, m, send_at, moved));
+            outcomes.push(None);
         }
+
+        // Then caps and priority, over the batch and what the outbox already holds.
+        let candidates: Vec<Candidate<'_>> = ready
+            .iter()
+            .map(|(i, _, send_at, _)| {
+                let (d, t) = (&due[*i], &triggers[&due[*i].trigger]);
+                Candidate {
+                    user: &d.user_id,
+                    key: &d.key,
+                    trigger: &t.name,
+                    priority: t.priority,
+                    entered_at: micros(d.entered_at),
+                    send_at: *send_at,
+                    transactional: t.transactional,
+                    defer_on_conflict: t.defer_on_conflict,
+                    caps: &t.caps,
+                }
+            })
+            .collect();
+        let sent = recent_messages(c, &candidates, &settings);
+        let verdicts = policy::decide(&candidates, &sent, &settings);
+        drop(candidates);
+        let mut out = OutboxRows::default();
+        for ((i, m, _, moved), verdict) in ready.into_iter().zip(verdicts) {
+            let (d, t) = (&due[i], &triggers[&due[i].trigger]);
+            outcomes[i] = Some(match verdict {
+                Verdict::Send { at } => {
+                    out.push(d, t, m, at);
+                    Outcome::Sent { note: moved }
+                }
+                Verdict::Defer { at, reason } => {
+                    out.push(d, t, m, at);
+                    Outcome::Sent {
+                        note: Some(format!("deferred: {reason}")),
+                    }
+                }
+                Verdict::Suppress(reason) => Outcome::Suppressed(reason),
+            });
+        }
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| o.expect("every enrollment has an outcome"))
+            .collect();
         let written = out.insert(c);
         record(c, &due, outcomes);
         if written > 0 {
@@ -115,6 +199,83 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             written,
         }
     })
+}
+
+/// The database-wide policy settings (nudge.configure); validated when set.
+fn settings(c: &SpiClient<'_>) -> Settings {
+    let v = or_raise(
+        c.select(
+            "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
+            None,
+            &[],
+        ),
+        "reading settings",
+    )
+    .first()
+    .get::<JsonB>(1)
+    .ok()
+    .flatten()
+    .map_or(Value::Null, |j| j.0);
+    Settings::parse(&v).map(|(_, s)| s).unwrap_or_else(|e| {
+        warning!("pg_nudge: ignoring invalid settings: {e}");
+        Settings::default()
+    })
+}
+
+/// The candidates' users' non-transactional messages in the outbox that a
+/// cap or the arbitration window can still see, in one query.
+fn recent_messages(
+    c: &SpiClient<'_>,
+    candidates: &[Candidate<'_>],
+    settings: &Settings,
+) -> Vec<Sent> {
+    let reach = settings
+        .caps
+        .iter()
+        .chain(candidates.iter().flat_map(|c| c.caps.iter()))
+        .map(|cap| cap.per_us)
+        .chain(std::iter::once(settings.arbitration_us))
+        .max()
+        .unwrap_or(0);
+    let Some(earliest) = candidates.iter().map(|c| c.send_at).min() else {
+        return vec![];
+    };
+    if reach == 0 {
+        return vec![];
+    }
+    let users = distinct(candidates.iter().map(|c| c.user.to_owned()));
+    let rows = or_raise(
+        c.select(
+            "SELECT o.user_id, o.trigger, o.priority, o.available_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
+               FROM nudge.outbox o
+               LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
+              WHERE o.user_id = ANY ($1) AND NOT o.transactional AND o.status <> 'dead'
+                AND o.available_at > $2",
+            None,
+            &[users.into(), ts(earliest - reach).into()],
+        ),
+        "reading recent messages",
+    );
+    rows.map(|r| {
+        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+        let t = |i| {
+            micros(
+                r.get::<TimestampWithTimeZone>(i)
+                    .ok()
+                    .flatten()
+                    .expect("not null"),
+            )
+        };
+        Sent {
+            user: s(1),
+            trigger: s(2),
+            priority: r.get(3).ok().flatten().unwrap_or(0),
+            at: t(4),
+            key: s(5),
+            entered_at: t(6),
+        }
+    })
+    .collect()
 }
 
 /// Suppressions that touch this batch, by lower-cased address and by user id.
@@ -292,20 +453,24 @@ struct OutboxRows {
     html: Vec<String>,
     text: Vec<Option<String>>,
     available: Vec<TimestampWithTimeZone>,
+    priority: Vec<i32>,
+    transactional: Vec<bool>,
 }
 
 impl OutboxRows {
-    fn push(&mut self, d: &Due, version: i32, m: crate::engine::compose::Message) {
+    fn push(&mut self, d: &Due, t: &Trigger, m: crate::engine::compose::Message, at: Micros) {
         self.key.push(d.message_key.clone());
         self.trigger.push(d.trigger.clone());
-        self.version.push(version);
+        self.version.push(t.version);
         self.enrollment.push(d.id);
         self.user.push(d.user_id.clone());
         self.recipient.push(m.recipient);
         self.subject.push(m.rendered.subject);
         self.html.push(m.rendered.html);
         self.text.push(m.rendered.text);
-        self.available.push(d.due_at);
+        self.available.push(ts(at));
+        self.priority.push(t.priority);
+        self.transactional.push(t.transactional);
     }
 
     /// One INSERT for the batch; the unique message_key makes a repeat a no-op.
@@ -316,11 +481,12 @@ impl OutboxRows {
         let rows = or_raise(
             c.update(
                 "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
-                                           recipient, subject, html, text_body, available_at, headers)
-                 SELECT k, t, v, e, u, r, s, h, x, a, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
+                                           recipient, subject, html, text_body, available_at, priority,
+                                           transactional, headers)
+                 SELECT k, t, v, e, u, r, s, h, x, a, p, tx, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
                    FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
-                               $7::text[], $8::text[], $9::text[], $10::timestamptz[])
-                     AS m(k, t, v, e, u, r, s, h, x, a)
+                               $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[])
+                     AS m(k, t, v, e, u, r, s, h, x, a, p, tx)
                  ON CONFLICT (message_key, user_id) DO NOTHING
                  RETURNING 1",
                 None,
@@ -335,6 +501,8 @@ impl OutboxRows {
                     self.html.into(),
                     self.text.into(),
                     self.available.into(),
+                    self.priority.into(),
+                    self.transactional.into(),
                 ],
             ),
             "writing the outbox",
@@ -358,9 +526,12 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
         ids.push(d.id);
         users.push(d.user_id.clone());
         match o {
-            Outcome::Sent => {
+            Outcome::Sent { note } => {
                 states.push("sent".to_string());
-                reasons.push(Some(format!("message {}", d.message_key)));
+                reasons.push(Some(match note {
+                    None => format!("message {}", d.message_key),
+                    Some(n) => format!("message {}; {n}", d.message_key),
+                }));
                 keys.push(Some(d.message_key.clone()));
                 exited.push(None);
                 j_at.push(d.due_at);

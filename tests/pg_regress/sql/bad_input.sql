@@ -6,7 +6,7 @@ SELECT nudge.define_template('t', 'Hello {{ profile.first_name }}', '<p>hi</p>')
 SELECT nudge.define_trigger('good', '{"on": {"event": "cart_added"}, "wait": "1 hour", "template": "t"}');
 
 -- unknown key at the top
-SELECT nudge.define_trigger('bad', '{"on": {"event": "cart_added"}, "wait": "1 hour", "template": "t", "priority": 5}');
+SELECT nudge.define_trigger('bad', '{"on": {"event": "cart_added"}, "wait": "1 hour", "template": "t", "priorty": 5}');
 -- misspelled key inside a list
 SELECT nudge.define_trigger('bad', '{"on": {"event": "cart_added"}, "unless": [{"evnt": "purchased"}], "template": "t"}');
 -- misspelled key inside on
