@@ -152,6 +152,18 @@ CREATE TABLE nudge.suppressions (
 );
 CREATE INDEX suppressions_user ON nudge.suppressions (user_id);
 
+-- The functions that hold SQL written into definitions (audience_sql,
+-- context), one per query and trigger version, owned by the defining role.
+CREATE TABLE nudge.user_sql (
+    trigger  text NOT NULL,
+    version  int  NOT NULL,
+    part     text NOT NULL,  -- 'audience_sql' or 'context.<name>'
+    function text NOT NULL,
+    owner    name NOT NULL DEFAULT current_user,
+    PRIMARY KEY (trigger, version, part)
+);
+CREATE SEQUENCE nudge.user_sql_id;
+
 -- Policy settings that belong to the database, not the server: global caps,
 -- the arbitration window, the default time zone (nudge.configure).
 CREATE TABLE nudge.settings (

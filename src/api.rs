@@ -5,7 +5,8 @@ use crate::catalog;
 use crate::engine::{capture, compose, run_due as due};
 use crate::sources;
 use crate::spi_util::{in_context, one, or_raise};
-use nudge_core::definition::Definition;
+use crate::user_sql;
+use nudge_core::definition::{context_part, Definition, AUDIENCE_SQL};
 use nudge_core::render::Template;
 use nudge_core::sql::SourceMap;
 use pgrx::prelude::*;
@@ -108,35 +109,58 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
     let trigger = def
         .compile(name, 0)
         .unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
-    let template_exists = one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
-        &[def.template.clone().into()],
-        "define_trigger",
-    )
-    .unwrap_or(false);
-    if !template_exists {
-        error!(
-            "define_trigger({name}): template: no template named {:?} (create it first with nudge.define_template)",
-            def.template
-        );
+    for (path, template) in std::iter::once(("template", &def.template)).chain(
+        def.fallback_template
+            .as_ref()
+            .map(|f| ("fallback_template", f)),
+    ) {
+        let exists = one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
+            &[template.clone().into()],
+            "define_trigger",
+        )
+        .unwrap_or(false);
+        if !exists {
+            error!("define_trigger({name}): {path}: no template named {template:?} (create it first with nudge.define_template)");
+        }
+    }
+    // SQL in the definition is checked as the defining role, before anything is written.
+    let user_sql: Vec<(String, &String, user_sql::Kind)> = def
+        .audience_sql
+        .iter()
+        .map(|q| (AUDIENCE_SQL.to_string(), q, user_sql::Kind::Audience))
+        .chain(
+            def.context
+                .iter()
+                .map(|(n, q)| (context_part(n), q, user_sql::Kind::Context)),
+        )
+        .collect();
+    for (part, sql, kind) in &user_sql {
+        user_sql::check(&format!("define_trigger({name}): {part}"), sql, *kind);
     }
     let mut watches: Vec<String> = trigger.watched_events().map(str::to_owned).collect();
     watches.sort();
     watches.dedup();
-    one::<i32>(
-            "WITH v AS (
-                 INSERT INTO nudge.trigger_versions (trigger, version, definition)
-                 SELECT $1, coalesce(max(version), 0) + 1, $2 FROM nudge.trigger_versions WHERE trigger = $1
-                 RETURNING version)
-             INSERT INTO nudge.triggers AS t (name, version, watches)
-             SELECT $1, v.version, $3 FROM v
-             ON CONFLICT (name) DO UPDATE
-                SET version = EXCLUDED.version, watches = EXCLUDED.watches, owner = current_user, updated_at = now()
-             RETURNING t.version",
-            &[name.into(), definition.into(), watches.into()],
-            "define_trigger",
-        )
-    .expect("a version is returned")
+    let version = one::<i32>(
+        "WITH v AS (
+             INSERT INTO nudge.trigger_versions (trigger, version, definition)
+             SELECT $1, coalesce(max(version), 0) + 1, $2 FROM nudge.trigger_versions WHERE trigger = $1
+             RETURNING version)
+         INSERT INTO nudge.triggers AS t (name, version, watches)
+         SELECT $1, v.version, $3 FROM v
+         ON CONFLICT (name) DO UPDATE
+            SET version = EXCLUDED.version, watches = EXCLUDED.watches, owner = current_user, updated_at = now()
+         RETURNING t.version",
+        &[name.into(), definition.into(), watches.into()],
+        "define_trigger",
+    )
+    .expect("a version is returned");
+    Spi::connect_mut(|c| {
+        for (part, sql, kind) in &user_sql {
+            user_sql::create(c, name, version, part, sql, *kind);
+        }
+    });
+    version
 }
 
 fn set_status(name: &str, status: &str, verb: &str) {
@@ -299,23 +323,34 @@ fn preview(
         .flatten()
         .map_or(serde_json::json!({}), |j| j.0);
         let profiles = due::profiles_of(c, vec![user_id.to_owned()]);
-        let tpls = catalog::templates(c, vec![t.template.clone()]);
-        let tpl = match tpls.get(&t.template) {
-            Some(Ok(tpl)) => tpl,
-            Some(Err(e)) => error!("preview: template {:?}: {e}", t.template),
-            None => error!("preview: template {:?} does not exist", t.template),
-        };
-        compose::compose(
-            tpl,
-            &compose::Inputs {
+        let tpls = catalog::templates(
+            c,
+            std::iter::once(t.template.clone())
+                .chain(t.fallback_template.clone())
+                .collect(),
+        );
+        let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
+        let (context, context_error) = due::context_of(&t, user_id, &answers);
+        match compose::compose(
+            due::loaded(&tpls, &t.template),
+            t.fallback_template
+                .as_deref()
+                .map(|f| due::loaded(&tpls, f)),
+            compose::Inputs {
                 trigger,
                 user_id,
                 message_key: "preview",
                 anchor: &anchor,
                 profile: profiles.get(user_id),
+                context,
+                context_error,
             },
-        )
-        .unwrap_or_else(|e| error!("preview: {e}"))
+        ) {
+            compose::Composed::Message { message, .. } => message,
+            compose::Composed::Suppressed(why) | compose::Composed::Failed(why) => {
+                error!("preview: {why}")
+            }
+        }
     });
     TableIterator::once((
         msg.recipient,

@@ -14,6 +14,7 @@ mod isolate;
 mod settings;
 mod sources;
 mod spi_util;
+mod user_sql;
 mod worker;
 
 ::pgrx::pg_module_magic!();

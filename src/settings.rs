@@ -8,6 +8,7 @@ pub static DATABASE: GucSetting<Option<CString>> =
 pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static USER_SQL_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 // Read by nudge.fail (sql/outbox.sql); defined here so that they are real
 // settings with limits, not placeholders.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -55,6 +56,16 @@ pub fn define(preloaded: bool) {
         &ENABLED,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"nudge.user_sql_timeout",
+        c"Longest a batch's audience or context query may run.",
+        c"0: no limit. A query cancelled by it fails the messages of the users it was for.",
+        &USER_SQL_TIMEOUT_MS,
+        0,
+        3_600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
         c"nudge.max_attempts",

@@ -6,6 +6,7 @@ use crate::predicate::Predicate;
 use crate::time::parse_duration;
 use serde::Deserialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// The JSON of `nudge.define_trigger`, as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +41,16 @@ pub struct Definition {
     pub quiet_hours: Option<QuietHoursSpec>,
     #[serde(default)]
     pub send_window: Option<SendWindowSpec>,
+    /// A query with `$1` = user id returning one boolean, run as the defining role.
+    #[serde(default)]
+    pub audience_sql: Option<String>,
+    /// Named queries run at send time as the defining role; their rows are
+    /// `context.<name>` in the template (one row: an object, several: a list).
+    #[serde(default)]
+    pub context: BTreeMap<String, String>,
+    /// Rendered instead when a context query fails or the template aborts.
+    #[serde(default)]
+    pub fallback_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +91,17 @@ pub struct Trigger {
     pub priority: i32,
     pub defer_on_conflict: bool,
     pub schedule: Schedule,
+    pub has_audience_sql: bool,
+    /// Names of the context queries.
+    pub context: Vec<String>,
+    pub fallback_template: Option<String>,
+}
+
+/// Where a trigger's SQL lives in the definition (and in error messages).
+pub const AUDIENCE_SQL: &str = "audience_sql";
+
+pub fn context_part(name: &str) -> String {
+    format!("context.{name}")
 }
 
 /// Whether a user may start the journey again (per trigger and key).
@@ -160,6 +182,25 @@ impl Definition {
         non_empty(&self.template, "template")?;
         self.wait_us()?;
         self.policies()?;
+        if let Some(q) = &self.audience_sql {
+            non_empty(q, AUDIENCE_SQL)?;
+        }
+        for (name, q) in &self.context {
+            let ok = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(format!(
+                    "context.{name}: a context name is letters, digits and _, such as \"cart\""
+                ));
+            }
+            non_empty(q, &context_part(name))?;
+        }
+        if let Some(f) = &self.fallback_template {
+            non_empty(f, "fallback_template")?;
+        }
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
@@ -225,6 +266,9 @@ impl Definition {
             priority: self.priority,
             defer_on_conflict: p.defer_on_conflict,
             schedule: p.schedule,
+            has_audience_sql: self.audience_sql.is_some(),
+            context: self.context.keys().cloned().collect(),
+            fallback_template: self.fallback_template.clone(),
             name: name.to_owned(),
             version,
             wait_us: self.wait_us()?,

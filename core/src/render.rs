@@ -27,11 +27,77 @@ fn parser() -> &'static liquid::Parser {
     static P: std::sync::OnceLock<liquid::Parser> = std::sync::OnceLock::new();
     P.get_or_init(|| {
         liquid::ParserBuilder::with_stdlib()
+            .tag(AbortTag)
             .build()
             .expect("the standard Liquid library builds")
     })
 }
 
+/// Marks an error raised by `{% abort %}` (Braze's abort_message): the
+/// template decided that this message must not go out.
+const ABORT: &str = "nudge-abort: ";
+
+/// Why a render did not produce a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RenderError {
+    /// `{% abort "reason" %}` ran.
+    Aborted(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for RenderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RenderError::Aborted(r) => write!(f, "aborted by the template: {r}"),
+            RenderError::Failed(e) => write!(f, "render failed: {e}"),
+        }
+    }
+}
+
+/// `{% abort "no stock left" %}` or `{% abort reason_variable %}`.
+#[derive(Clone, Copy, Debug)]
+struct AbortTag;
+
+impl liquid_core::TagReflection for AbortTag {
+    fn tag(&self) -> &'static str {
+        "abort"
+    }
+    fn description(&self) -> &'static str {
+        "Stops the message from being sent, with a reason."
+    }
+}
+
+impl liquid_core::ParseTag for AbortTag {
+    fn parse(
+        &self,
+        mut arguments: liquid_core::TagTokenIter<'_>,
+        _options: &liquid_core::Language,
+    ) -> liquid_core::Result<Box<dyn liquid_core::Renderable>> {
+        let reason = arguments
+            .expect_next("abort needs a reason, e.g. {% abort \"out of stock\" %}")?
+            .expect_value()
+            .into_result()?;
+        arguments.expect_nothing()?;
+        Ok(Box::new(Abort(reason)))
+    }
+    fn reflection(&self) -> &dyn liquid_core::TagReflection {
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Abort(liquid_core::Expression);
+
+impl liquid_core::Renderable for Abort {
+    fn render_to(
+        &self,
+        _w: &mut dyn std::io::Write,
+        runtime: &dyn liquid_core::Runtime,
+    ) -> liquid_core::Result<()> {
+        let reason = self.0.evaluate(runtime)?.to_kstr().to_string();
+        Err(liquid_core::Error::with_msg(format!("{ABORT}{reason}")))
+    }
+}
 /// Parses one part; the error names the part and the line.
 fn parse_part(part: &str, source: &str) -> Result<liquid::Template, String> {
     parser()
@@ -71,11 +137,21 @@ impl Template {
     }
 
     /// Renders with `context` (a JSON object whose keys are the template's globals).
-    pub fn render(&self, context: &Json) -> Result<Rendered, String> {
+    pub fn render(&self, context: &Json) -> Result<Rendered, RenderError> {
         let globals = Lax::from_json(context);
         let run = |part: &str, t: &liquid::Template| {
-            t.render(&globals)
-                .map_err(|e| format!("{part}: {}", one_line(&e.to_string())))
+            t.render(&globals).map_err(|e| {
+                let text = one_line(&e.to_string());
+                match text.find(ABORT) {
+                    Some(i) => {
+                        let reason = &text[i + ABORT.len()..];
+                        // liquid appends its trace after the message
+                        let reason = reason.split(" from: ").next().unwrap_or(reason);
+                        RenderError::Aborted(reason.trim().to_string())
+                    }
+                    None => RenderError::Failed(format!("{part}: {text}")),
+                }
+            })
         };
         Ok(Rendered {
             subject: run("subject", &self.subject)?.trim().to_owned(),
@@ -291,6 +367,37 @@ mod tests {
             .unwrap();
         assert_eq!(r.subject, "Still thinking about , Ada?");
         assert!(r.html.starts_with("<p>VIP "));
+    }
+
+    #[test]
+    fn abort_stops_the_message_with_its_reason() {
+        let t = Template::parse(
+            "Hi",
+            "{% if context.cart == nil %}{% abort \"the cart is empty\" %}{% endif %}{{ context.cart.total }}",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&json!({"context": {}})).unwrap_err(),
+            RenderError::Aborted("the cart is empty".into())
+        );
+        assert_eq!(
+            t.render(&json!({"context": {"cart": {"total": 12}}}))
+                .unwrap()
+                .html,
+            "12"
+        );
+        assert!(
+            Template::parse("s", "{% abort %}", None).is_err(),
+            "a reason is required"
+        );
+        let e = Template::parse("s", "{{ 1 | divided_by: 0 }}", None)
+            .unwrap()
+            .render(&json!({}))
+            .unwrap_err();
+        assert!(
+            matches!(e, RenderError::Failed(m) if m.starts_with("subject: ") || m.starts_with("html: "))
+        );
     }
 
     #[test]

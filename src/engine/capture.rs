@@ -4,7 +4,7 @@
 
 use crate::catalog::{live_triggers, LiveTrigger};
 use crate::spi_util::{micros, or_raise, ts};
-use nudge_core::definition::Reentry;
+use nudge_core::definition::{Reentry, AUDIENCE_SQL};
 use nudge_core::sequence::{sequence, Journey, Step};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -137,46 +137,58 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
     );
 }
 
-/// Drops the entry steps of users whose profile fails a trigger's audience.
-/// A user without a profile, or whose lookup fails, is let in: the send-time
-/// check decides, when the profile may exist.
+/// Drops the entry steps of users outside a trigger's audience (the profile
+/// predicate, then audience_sql run as the trigger's owner). A user without a
+/// profile, or whose lookup fails, is let in: the send-time check decides.
 fn audience_at_entry(
     c: &pgrx::spi::SpiClient<'_>,
     steps: &mut BTreeMap<(usize, String), Vec<Step>>,
     triggers: &[LiveTrigger],
     writes: &mut Writes,
 ) {
-    let users: Vec<String> = steps
+    let entering = |want: &dyn Fn(&nudge_core::definition::Trigger) -> bool| -> Vec<String> {
+        steps
+            .iter()
+            .filter(|((ti, _), st)| {
+                want(&triggers[*ti].trigger) && st.iter().any(|s| matches!(s, Step::Entry { .. }))
+            })
+            .map(|((_, u), _)| u.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    let users = entering(&|t| t.audience.is_some());
+    let profiles = if users.is_empty() {
+        HashMap::new()
+    } else {
+        crate::engine::run_due::profiles_of(c, users)
+    };
+    let asking: Vec<(&nudge_core::definition::Trigger, Vec<String>)> = triggers
         .iter()
-        .filter(|((ti, _), st)| {
-            triggers[*ti].trigger.audience.is_some()
-                && st.iter().any(|s| matches!(s, Step::Entry { .. }))
-        })
-        .map(|((_, u), _)| u.clone())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
+        .filter(|l| l.trigger.has_audience_sql)
+        .map(|l| (&l.trigger, entering(&|t| t.name == l.trigger.name)))
         .collect();
-    if users.is_empty() {
-        return;
-    }
-    let profiles = crate::engine::run_due::profiles_of(c, users);
+    let answers = crate::engine::run_due::answers_for(c, asking);
     for ((ti, user), st) in steps.iter_mut() {
         let t = &triggers[*ti].trigger;
-        let (Some(audience), Some(Ok(profile))) = (&t.audience, profiles.get(user)) else {
-            continue;
+        let refused = match (&t.audience, profiles.get(user)) {
+            (Some(audience), Some(Ok(profile))) if !audience.matches(profile) => {
+                Some("audience: the profile does not match")
+            }
+            _ => match answers
+                .get(&(t.name.clone(), AUDIENCE_SQL.to_string()))
+                .and_then(|a| a.get(user))
+            {
+                Some(Ok(Value::Bool(false) | Value::Null)) => {
+                    Some("audience_sql: false for this user")
+                }
+                _ => None,
+            },
         };
-        if audience.matches(profile) {
-            continue;
-        }
+        let Some(reason) = refused else { continue };
         st.retain(|s| match s {
             Step::Entry { at, .. } => {
-                writes.note(
-                    user,
-                    &t.name,
-                    *at,
-                    "not entered",
-                    "audience: the profile does not match".into(),
-                );
+                writes.note(user, &t.name, *at, "not entered", reason.into());
                 false
             }
             Step::Exit { .. } => true,

@@ -3,10 +3,11 @@
 //! outbox, the enrollments and the journal with one statement each.
 
 use crate::catalog::{live_triggers, templates};
-use crate::engine::compose::{compose, Inputs};
+use crate::engine::compose::{compose, Composed, Inputs, Loaded};
 use crate::isolate;
 use crate::spi_util::{micros, or_raise, ts};
 use nudge_core::definition::Trigger;
+use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -60,8 +61,14 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let exits = exits_at_send_time(c, &due, &triggers);
         let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
         let profiles = profiles_of(c, users.clone());
-        let tpls = templates(c, distinct(triggers.values().map(|t| t.template.clone())));
+        let tpls = templates(
+            c,
+            distinct(triggers.values().flat_map(|t| {
+                std::iter::once(t.template.clone()).chain(t.fallback_template.clone())
+            })),
+        );
         let suppressed = suppressions(c, users, &profiles);
+        let answers = user_sql_answers(c, &due, &exits, &triggers);
 
         let settings = settings(c);
 
@@ -91,23 +98,47 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                     continue;
                 }
             }
-            let msg = match tpls.get(&t.template) {
-                None => Err(format!("template {:?} does not exist", t.template)),
-                Some(Err(e)) => Err(format!("template {:?} does not parse: {e}", t.template)),
-                Some(Ok(tpl)) => compose(
-                    tpl,
-                    &Inputs {
-                        trigger: &t.name,
-                        user_id: &d.user_id,
-                        message_key: &d.message_key,
-                        anchor: &d.anchor,
-                        profile,
-                    },
-                ),
+            let answer = |part: &str| {
+                answers
+                    .get(&(t.name.clone(), part.to_string()))
+                    .and_then(|a| a.get(&d.user_id))
             };
-            let m = match msg {
-                Ok(m) => m,
-                Err(e) => {
+            if t.has_audience_sql {
+                match answer(AUDIENCE_SQL) {
+                    Some(Ok(Value::Bool(true))) => {}
+                    Some(Err(e)) => {
+                        outcomes.push(Some(Outcome::Failed(format!("audience_sql failed: {e}"))));
+                        continue;
+                    }
+                    _ => {
+                        outcomes.push(Some(Outcome::Suppressed(
+                            "audience_sql: false for this user".into(),
+                        )));
+                        continue;
+                    }
+                }
+            }
+            let (context, context_error) = context_of(t, &d.user_id, &answers);
+            let composed = compose(
+                loaded(&tpls, &t.template),
+                t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
+                Inputs {
+                    trigger: &t.name,
+                    user_id: &d.user_id,
+                    message_key: &d.message_key,
+                    anchor: &d.anchor,
+                    profile,
+                    context,
+                    context_error,
+                },
+            );
+            let (m, fallback_note) = match composed {
+                Composed::Message { message, note } => (message, note),
+                Composed::Suppressed(why) => {
+                    outcomes.push(Some(Outcome::Suppressed(why)));
+                    continue;
+                }
+                Composed::Failed(e) => {
                     outcomes.push(Some(Outcome::Failed(e)));
                     continue;
                 }
@@ -135,6 +166,10 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                     policy::local_text(send_at, tz)
                 )
             });
+            let moved = match (fallback_note, moved) {
+                (Some(f), Some(m)) => Some(format!("{f}; {m}")),
+                (f, m) => f.or(m),
+            };
             ready.push((i, m, send_at, moved));
             outcomes.push(None);
         }
@@ -199,6 +234,95 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             written,
         }
     })
+}
+
+pub fn loaded<'a>(
+    tpls: &'a HashMap<String, Result<nudge_core::render::Template, String>>,
+    name: &str,
+) -> Loaded<'a> {
+    match tpls.get(name) {
+        None => Err(format!("template {name:?} does not exist")),
+        Some(Err(e)) => Err(format!("template {name:?} does not parse: {e}")),
+        Some(Ok(t)) => Ok(t),
+    }
+}
+
+/// Answers of the batch's audience and context queries: one call per query
+/// for all the users due for its trigger, as the role that defined it.
+/// (trigger, part) -> user -> answer.
+pub type Answers = HashMap<(String, String), HashMap<String, Result<Value, String>>>;
+
+fn user_sql_answers(
+    c: &SpiClient<'_>,
+    due: &[Due],
+    exits: &HashMap<usize, (TimestampWithTimeZone, String)>,
+    triggers: &HashMap<String, Trigger>,
+) -> Answers {
+    let wanted = triggers
+        .values()
+        .map(|t| {
+            let users = distinct(
+                due.iter()
+                    .enumerate()
+                    .filter(|(i, d)| d.trigger == t.name && !exits.contains_key(i))
+                    .map(|(_, d)| d.user_id.clone()),
+            );
+            (t, users)
+        })
+        .collect();
+    answers_for(c, wanted)
+}
+
+/// Runs the audience and context queries of these triggers for these users.
+pub fn answers_for(c: &SpiClient<'_>, wanted: Vec<(&Trigger, Vec<String>)>) -> Answers {
+    let wanted: Vec<(&Trigger, Vec<String>)> = wanted
+        .into_iter()
+        .filter(|(t, users)| (t.has_audience_sql || !t.context.is_empty()) && !users.is_empty())
+        .collect();
+    if wanted.is_empty() {
+        return HashMap::new();
+    }
+    let registry = crate::user_sql::registry(
+        c,
+        wanted
+            .iter()
+            .map(|(t, _)| (t.name.clone(), t.version))
+            .collect(),
+    );
+    let mut out = HashMap::new();
+    for ((trigger, part), function) in registry {
+        if let Some((_, users)) = wanted.iter().find(|(t, _)| t.name == trigger) {
+            out.insert((trigger, part), crate::user_sql::call(c, &function, users));
+        }
+    }
+    out
+}
+
+/// The `context` of one message, and the first of its queries that failed.
+pub fn context_of(
+    t: &Trigger,
+    user: &str,
+    answers: &Answers,
+) -> (serde_json::Map<String, Value>, Option<String>) {
+    let mut context = serde_json::Map::new();
+    let mut error = None;
+    for name in &t.context {
+        match answers
+            .get(&(t.name.clone(), context_part(name)))
+            .and_then(|a| a.get(user))
+        {
+            Some(Ok(v)) => {
+                context.insert(name.clone(), v.clone());
+            }
+            Some(Err(e)) => {
+                error.get_or_insert(format!("context.{name} failed: {e}"));
+            }
+            None => {
+                context.insert(name.clone(), Value::Null);
+            }
+        }
+    }
+    (context, error)
 }
 
 /// The database-wide policy settings (nudge.configure); validated when set.
