@@ -135,8 +135,9 @@ pub fn call(
     users: &[String],
 ) -> HashMap<String, Result<Value, String>> {
     let query = format!("SELECT u, to_jsonb({function}(u)) FROM unnest($1::text[]) u");
-    with_timeout(|| {
-        isolate::per_user(users, |some| {
+    // every attempt (the batch, then each user if it failed) gets the full timeout
+    isolate::per_user(users, |some| {
+        with_timeout(|| {
             or_raise(
                 c.select(&query, None, &[some.to_vec().into()]),
                 "running user SQL",
@@ -178,9 +179,15 @@ fn with_timeout<R>(f: impl FnOnce() -> R) -> R {
     if armed {
         unsafe { enable_timeout_after(STATEMENT_TIMEOUT, ms) };
     }
-    let r = f();
-    if armed {
-        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    // disarmed on the way out, also when `f` raises an error
+    struct Disarm(bool);
+    impl Drop for Disarm {
+        fn drop(&mut self) {
+            if self.0 {
+                unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+            }
+        }
     }
-    r
+    let _disarm = Disarm(armed);
+    f()
 }

@@ -61,6 +61,12 @@ pub struct EntrySpec {
     pub filter: Option<Value>,
     #[serde(default)]
     pub key: Option<String>,
+    /// Enter only on the min_count-th matching event within `within`
+    /// ("viewed 3 times in an hour"); counted per key when there is one.
+    #[serde(default)]
+    pub min_count: Option<u32>,
+    #[serde(default)]
+    pub within: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +88,8 @@ pub struct Trigger {
     pub entry_event: String,
     pub entry_filter: Option<Predicate>,
     pub key_path: Option<Vec<String>>,
+    /// (min_count, within) when entry needs repeated events.
+    pub entry_count: Option<(u32, i64)>,
     pub exits: Vec<ExitRule>,
     pub template: String,
     pub audience: Option<Predicate>,
@@ -204,6 +212,7 @@ impl Definition {
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
+        self.entry_count()?;
         if let Some(f) = &self.on.filter {
             Predicate::parse(f, "on.where")?;
         }
@@ -219,6 +228,23 @@ impl Definition {
             }
         }
         Ok(())
+    }
+
+    fn entry_count(&self) -> Result<Option<(u32, i64)>, String> {
+        match (self.on.min_count, &self.on.within) {
+            (None, None) => Ok(None),
+            (Some(n), Some(w)) => {
+                if n == 0 {
+                    return Err("on.min_count: must be at least 1".into());
+                }
+                let w = parse_duration(w).map_err(|e| format!("on.within: {e}"))?;
+                if w == 0 {
+                    return Err("on.within: must be longer than zero".into());
+                }
+                Ok(Some((n, w)))
+            }
+            _ => Err("on.min_count: give min_count and within together, e.g. \"min_count\": 3, \"within\": \"1 hour\"".into()),
+        }
     }
 
     fn wait_us(&self) -> Result<i64, String> {
@@ -285,6 +311,7 @@ impl Definition {
                 .as_deref()
                 .map(|k| key_path(k, "on.key"))
                 .transpose()?,
+            entry_count: self.entry_count()?,
             exits: self
                 .unless
                 .iter()
@@ -462,6 +489,25 @@ mod tests {
             let e = Definition::parse(&v).unwrap_err();
             assert!(e.starts_with(want), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn repeated_entry_is_validated() {
+        let mut v = cart();
+        v["on"]["min_count"] = json!(3);
+        v["on"]["within"] = json!("1 hour");
+        assert_eq!(
+            Definition::parse(&v)
+                .unwrap()
+                .compile("c", 1)
+                .unwrap()
+                .entry_count,
+            Some((3, 3_600_000_000))
+        );
+        v["on"].as_object_mut().unwrap().remove("within");
+        assert!(Definition::parse(&v)
+            .unwrap_err()
+            .starts_with("on.min_count: give min_count and within together"));
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub fn capture(batch: Batch) {
             return;
         }
         let mut writes = Writes::default();
+        repeated_entries(c, &mut steps, &triggers);
         audience_at_entry(c, &mut steps, &triggers, &mut writes);
         lock_users(c, steps.keys().map(|(_, u)| u.clone()).collect());
 
@@ -135,6 +136,86 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
         ),
         "locking users",
     );
+}
+
+/// For triggers that enter on the n-th event within a window ("viewed 3
+/// times in an hour"): keeps an entry step only when, counting the events of
+/// every source up to and including it, the window holds enough matching
+/// events of the same key. One query per such trigger for the whole batch.
+fn repeated_entries(
+    c: &pgrx::spi::SpiClient<'_>,
+    steps: &mut BTreeMap<(usize, String), Vec<Step>>,
+    triggers: &[LiveTrigger],
+) {
+    for (ti, lt) in triggers.iter().enumerate() {
+        let t = &lt.trigger;
+        let Some((min_count, within)) = t.entry_count else {
+            continue;
+        };
+        let mut users = vec![];
+        let (mut from, mut to) = (i64::MAX, i64::MIN);
+        for ((i, u), st) in steps.iter() {
+            for s in st.iter().filter(|_| *i == ti) {
+                if let Step::Entry { at, .. } = s {
+                    users.push(u.clone());
+                    from = from.min(at - within);
+                    to = to.max(*at);
+                }
+            }
+        }
+        if users.is_empty() {
+            continue;
+        }
+        users.dedup();
+        // The statement's own rows are already in the source tables: an AFTER
+        // trigger sees them, so the history includes the batch.
+        let rows = or_raise(
+            c.select(
+                "SELECT a.user_id, a.occurred_at, a.props FROM nudge.all_events a
+                  WHERE a.user_id = ANY ($1) AND a.event = $2 AND a.occurred_at BETWEEN $3 AND $4",
+                None,
+                &[
+                    users.into(),
+                    t.entry_event.clone().into(),
+                    ts(from).into(),
+                    ts(to).into(),
+                ],
+            ),
+            "counting repeated entry events",
+        );
+        let mut history: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+        for r in rows {
+            let user: String = r.get(1).ok().flatten().unwrap_or_default();
+            let at: TimestampWithTimeZone = r.get(2).ok().flatten().expect("occurred_at");
+            let props = r
+                .get::<JsonB>(3)
+                .ok()
+                .flatten()
+                .map_or(Value::Null, |j| j.0);
+            if t.enters(&t.entry_event, &props) {
+                history
+                    .entry(user)
+                    .or_default()
+                    .push((micros(at), t.key_of(&props)));
+            }
+        }
+        for ((i, u), st) in steps.iter_mut() {
+            if *i != ti {
+                continue;
+            }
+            let seen = history.get(u).map(Vec::as_slice).unwrap_or_default();
+            st.retain(|s| match s {
+                Step::Entry { at, key, .. } => {
+                    let n = seen
+                        .iter()
+                        .filter(|(e, k)| k == key && *e <= *at && *e >= at - within)
+                        .count();
+                    n as u32 >= min_count
+                }
+                Step::Exit { .. } => true,
+            });
+        }
+    }
 }
 
 /// Drops the entry steps of users outside a trigger's audience (the profile

@@ -100,6 +100,17 @@ SELECT nudge.run_due('2026-02-04 12:00+00') AS written;
 SELECT user_id, state, regexp_replace(reason, 'nm_[0-9a-f]+', 'nm_…') AS reason
   FROM nudge.enrollments WHERE trigger = 'fragile' ORDER BY user_id;
 
+-- user SQL runs under nudge.user_sql_timeout: a slow query fails its message, not the pass
+SET ROLE regress_marketer;
+SELECT nudge.define_trigger('slow', '{"on": {"event": "slow"}, "context": {"nap": "SELECT pg_sleep(1) AS slept"},
+  "template": "cart_generic"}');
+RESET ROLE;
+SET nudge.user_sql_timeout = 100;
+SELECT nudge.track('u1', 'slow', '{}', '2026-02-05 10:00+00') > 0 AS tracked;
+SELECT nudge.run_due('2026-02-05 12:00+00') AS written;
+SELECT state, reason FROM nudge.enrollments WHERE trigger = 'slow';
+RESET nudge.user_sql_timeout;
+
 DROP SCHEMA shop CASCADE;
 DROP OWNED BY regress_marketer;
 DROP ROLE regress_marketer;

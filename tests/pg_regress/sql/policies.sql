@@ -25,6 +25,26 @@ SELECT at, step, detail FROM nudge.explain('welcome_once', 'de');
 SELECT at, step, detail FROM nudge.explain('cooled', 'de') WHERE step = 'not entered';
 SELECT nudge.drop_trigger(t) FROM unnest(ARRAY['welcome_once', 'every_view', 'cooled']) t;
 
+-- == Repeated entry: "viewed the same product 3 times within an hour" ==
+SELECT nudge.define_trigger('keen', '{"on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
+  "wait": "10 minutes", "template": "t"}');
+SELECT count(nudge.track('ny', 'viewed_product', jsonb_build_object('sku', sku), at::timestamptz)) FROM (VALUES
+  ('A', '2026-01-05 10:00+00'), ('A', '2026-01-05 10:20+00'), ('B', '2026-01-05 10:30+00'),  -- two of A, one of B
+  ('A', '2026-01-05 10:50+00'),                                                             -- third A within the hour: enters
+  ('B', '2026-01-05 12:00+00'), ('B', '2026-01-05 12:50+00'), ('B', '2026-01-05 14:00+00')  -- never three B within an hour
+) AS v(sku, at);
+SELECT key, entered_at FROM nudge.enrollments WHERE trigger = 'keen';
+-- loaded at once, the same history gives the same journey
+SELECT nudge.drop_trigger('keen');
+SELECT nudge.define_trigger('keen2', '{"on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
+  "wait": "10 minutes", "template": "t"}');
+INSERT INTO nudge.events (user_id, event, props, occurred_at)
+SELECT 'nz', 'viewed_product', jsonb_build_object('sku', sku), at::timestamptz FROM (VALUES
+  ('A', '2026-01-05 10:00+00'), ('A', '2026-01-05 10:20+00'), ('B', '2026-01-05 10:30+00'), ('A', '2026-01-05 10:50+00'),
+  ('B', '2026-01-05 12:00+00'), ('B', '2026-01-05 12:50+00'), ('B', '2026-01-05 14:00+00')) AS v(sku, at);
+SELECT key, entered_at FROM nudge.enrollments WHERE trigger = 'keen2';
+SELECT nudge.drop_trigger('keen2');
+
 -- == Audience ==
 SELECT nudge.define_trigger('dach_only', '{"on": {"event": "cart_added"}, "wait": "1 hour",
   "audience": {"country": {"in": ["DE", "AT", "CH"]}}, "template": "t"}');
