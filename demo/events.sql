@@ -3,14 +3,17 @@
 \set ON_ERROR_STOP on
 SET max_parallel_workers_per_gather = 0;
 SELECT setseed(0.43);
+-- one transaction, as if the shop had been live: the worker sees it all at once
+BEGIN;
 
--- Sessions: each customer visits 0 to 3 times in the past three days.
+-- Sessions: most customers visit 1 to 3 times in the past three days.
 CREATE TEMP TABLE sessions AS
 SELECT c.id AS customer_id, s AS n,
        now() - (random() * interval '72 hours') AS started,
        1 + floor(random() * 40)::int AS product_id,
        random() AS p_cart, random() AS p_checkout, random() AS p_buy, 1 + floor(random() * 4)::int AS views
-  FROM app.customers c, generate_series(1, 1 + floor(random() * 3)::int) s
+  FROM app.customers c
+ CROSS JOIN LATERAL generate_series(1, 1 + floor(random() * 3)::int + 0 * length(c.id)) s  -- per customer: 1 to 3 visits
  WHERE random() < 0.8;
 
 -- Every event of the shop in one statement, as an import would load it.
@@ -39,3 +42,4 @@ SELECT s.customer_id, s.customer_id || '-' || s.n, p.price, s.started + interval
   FROM sessions s JOIN app.products p ON p.id = s.product_id
  WHERE s.p_cart < 0.45 AND s.p_checkout < 0.6 AND s.p_buy < 0.7
  ORDER BY 4;
+COMMIT;

@@ -7,15 +7,22 @@ SELECT trigger,
        count(*) FILTER (WHERE state = 'exited')   AS exited,
        count(*) FILTER (WHERE state = 'waiting')  AS waiting,
        count(*) FILTER (WHERE state = 'sent')     AS sent,
+       count(*) FILTER (WHERE state = 'suppressed') AS suppressed,
        count(*) FILTER (WHERE state = 'failed')   AS failed,
        sum(coalesced)                             AS coalesced_entries
   FROM nudge.enrollments GROUP BY trigger ORDER BY trigger;
 
-\echo '== Why journeys ended without a message =='
-SELECT trigger, reason, count(*) FROM nudge.enrollments
- WHERE state IN ('exited', 'failed') GROUP BY 1, 2 ORDER BY 1, 3 DESC;
+\echo '== Why journeys ended without a message, or went later =='
+SELECT trigger, state,
+       regexp_replace(regexp_replace(regexp_replace(reason, 'nm_[0-9a-f]+', 'nm_…', 'g'),
+                                     'deferred to .* by', 'deferred to the next allowed local minute by'),
+                      ', key "[^"]*"', '') AS reason,
+       count(*)
+  FROM nudge.enrollments
+ WHERE state IN ('exited', 'failed', 'suppressed') OR reason LIKE '%deferred%'
+ GROUP BY 1, 2, 3 ORDER BY 1, 4 DESC;
 
-\echo '== The outbox after delivery =='
+\echo '== The outbox after delivery (pending: held by quiet hours until the recipient''s morning) =='
 SELECT * FROM nudge.outbox_metrics();
 
 \echo '== A few messages from the outbox =='

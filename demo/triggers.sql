@@ -19,25 +19,37 @@ SELECT nudge.define_template('cart_reminder',
 
 SELECT nudge.define_template('thanks_follow_up',
   'How are you liking your order, {{ profile.first_name | default: "friend" }}?',
-  '<p>Thanks again for order #{{ event.id }} (${{ event.total }}). Tell us how it went?</p>');
+  '<p>Thanks again for order #{{ event.id }} (${{ event.total }}). Tell us how it went?</p>
+{% if context.history.orders > 1 %}<p>That was order number {{ context.history.orders }} with us: thank you for coming back.</p>{% endif %}');
 
 SELECT nudge.define_template('browse_reminder',
   'The {{ event.product_name }} is still here',
   '<p>{{ profile.first_name | default: "Hi" }}, you were looking at the {{ event.product_name }}. It is still in stock.</p>');
 
+-- Smart sending: at most one marketing email per customer per 16 hours; when
+-- several are due within half an hour, the most important one goes.
+SELECT nudge.configure('{"caps": [{"max": 1, "per": "16 hours"}], "arbitration_window": "30 minutes"}');
+
 SELECT nudge.define_trigger('cart_abandonment', '{
   "on":       {"event": "cart_added", "key": "cart_id"},
   "wait":     "5 minutes",
   "unless":   [{"event": "purchased", "same_key": true}],
+  "priority": 10,
   "template": "cart_reminder"}');
 
 SELECT nudge.define_trigger('post_purchase', '{
   "on":       {"event": "purchased", "key": "cart_id"},
   "wait":     "48 hours",
+  "priority": 5,
+  "context":  {"history": "SELECT count(*) AS orders, sum(total) AS spent FROM app.orders WHERE customer_id = $1"},
+  "quiet_hours": {"start": "21:00", "end": "08:00"},
   "template": "thanks_follow_up"}');
 
 SELECT nudge.define_trigger('browse_abandonment', '{
   "on":       {"event": "product_viewed"},
   "wait":     "1 hour",
   "unless":   [{"event": "cart_added"}, {"event": "purchased"}],
+  "reentry":  {"cooldown": "1 day"},
+  "priority": 1,
+  "quiet_hours": {"start": "21:00", "end": "08:00"},
   "template": "browse_reminder"}');
