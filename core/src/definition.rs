@@ -1,6 +1,7 @@
 //! Trigger definitions: the JSON a user writes, its validation with JSON
 //! paths in every error, and the compiled form the engine runs.
 
+use crate::experiment::{assign, Arm, Assignment, VariantSpec, HOLDOUT};
 use crate::policy::{Cap, CapSpec, QuietHoursSpec, Schedule, SendWindowSpec};
 use crate::predicate::Predicate;
 use crate::time::parse_duration;
@@ -51,6 +52,30 @@ pub struct Definition {
     /// Rendered instead when a context query fails or the template aborts.
     #[serde(default)]
     pub fallback_template: Option<String>,
+    /// Arms of an A/B test, each with its template; assignment is a stable
+    /// hash of experiment and user.
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+    /// Share of entering users kept as a control group: they go through
+    /// every rule and are recorded as held_out instead of being sent.
+    #[serde(default)]
+    pub holdout: Option<f64>,
+    /// Names the experiment (default: the trigger): renaming it reshuffles users.
+    #[serde(default)]
+    pub experiment: Option<String>,
+    /// The conversion that sends and holdouts are measured on.
+    #[serde(default)]
+    pub goal: Option<GoalSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoalSpec {
+    pub event: String,
+    pub within: String,
+    /// A props field of the goal event holding its value (revenue).
+    #[serde(default)]
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +128,25 @@ pub struct Trigger {
     /// Names of the context queries.
     pub context: Vec<String>,
     pub fallback_template: Option<String>,
+    pub arms: Vec<Arm>,
+    pub holdout: f64,
+    pub experiment: String,
+}
+
+impl Trigger {
+    /// The arm of a user: "holdout", a variant's name, or None.
+    pub fn arm_of(&self, user: &str) -> Option<String> {
+        match assign(&self.experiment, user, self.holdout, &self.arms) {
+            Assignment::Holdout => Some(HOLDOUT.to_string()),
+            Assignment::Variant(a) => Some(a.name.clone()),
+            Assignment::Default => None,
+        }
+    }
+
+    /// The template of an arm (a variant's, else the trigger's).
+    pub fn template_of(&self, arm: Option<&str>) -> &str {
+        arm.and_then(|a| self.arms.iter().find(|v| v.name == a)).map_or(&self.template, |v| &v.template)
+    }
 }
 
 /// Where a trigger's SQL lives in the definition (and in error messages).
@@ -209,6 +253,26 @@ impl Definition {
         if let Some(f) = &self.fallback_template {
             non_empty(f, "fallback_template")?;
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, v) in self.variants.iter().enumerate() {
+            non_empty(&v.name, &format!("variants[{i}].name"))?;
+            non_empty(&v.template, &format!("variants[{i}].template"))?;
+            if v.name == HOLDOUT || !names.insert(v.name.as_str()) {
+                return Err(format!("variants[{i}].name: {:?} is taken (names are unique and not \"holdout\")", v.name));
+            }
+            if !(v.weight > 0.0 && v.weight.is_finite()) {
+                return Err(format!("variants[{i}].weight: must be a positive number"));
+            }
+        }
+        if let Some(h) = self.holdout {
+            if !(0.0..1.0).contains(&h) {
+                return Err("holdout: a share from 0 up to (not including) 1, such as 0.1".into());
+            }
+        }
+        if let Some(g) = &self.goal {
+            non_empty(&g.event, "goal.event")?;
+            parse_duration(&g.within).map_err(|e| format!("goal.within: {e}"))?;
+        }
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
@@ -295,6 +359,13 @@ impl Definition {
             has_audience_sql: self.audience_sql.is_some(),
             context: self.context.keys().cloned().collect(),
             fallback_template: self.fallback_template.clone(),
+            arms: self
+                .variants
+                .iter()
+                .map(|v| Arm { name: v.name.clone(), template: v.template.clone(), weight: v.weight })
+                .collect(),
+            holdout: self.holdout.unwrap_or(0.0),
+            experiment: self.experiment.clone().unwrap_or_else(|| name.to_owned()),
             name: name.to_owned(),
             version,
             wait_us: self.wait_us()?,
@@ -483,6 +554,34 @@ mod tests {
                 json!({"days": ["mon"], "start": "9"}),
                 "send_window: give both start and end",
             ),
+        ] {
+            let mut v = cart();
+            v[key] = bad;
+            let e = Definition::parse(&v).unwrap_err();
+            assert!(e.starts_with(want), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn experiments_are_validated() {
+        let mut v = cart();
+        v["variants"] = json!([{"name": "A", "template": "a"}, {"name": "B", "template": "b", "weight": 2}]);
+        v["holdout"] = json!(0.1);
+        v["goal"] = json!({"event": "purchased", "within": "7 days", "value": "total"});
+        let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();
+        assert_eq!((t.arms.len(), t.holdout, t.experiment.as_str()), (2, 0.1, "cart"));
+        let arm = t.arm_of("u1");
+        assert_eq!(arm, t.arm_of("u1"), "stable");
+        if let Some(a) = arm.as_deref().filter(|a| *a != "holdout") {
+            assert_eq!(t.template_of(Some(a)), a.to_lowercase());
+        }
+        assert_eq!(t.template_of(None), "cart_reminder");
+        for (key, bad, want) in [
+            ("variants", json!([{"name": "A", "template": "a"}, {"name": "A", "template": "b"}]), "variants[1].name: \"A\" is taken"),
+            ("variants", json!([{"name": "holdout", "template": "a"}]), "variants[0].name: \"holdout\" is taken"),
+            ("variants", json!([{"name": "A", "template": "a", "weight": 0}]), "variants[0].weight: must be a positive"),
+            ("holdout", json!(1.5), "holdout: a share"),
+            ("goal", json!({"event": "purchased", "within": "a week"}), "goal.within: 'a week'"),
         ] {
             let mut v = cart();
             v[key] = bad;
