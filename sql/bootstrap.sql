@@ -69,7 +69,7 @@ CREATE TABLE nudge.enrollments (
     entered_at      timestamptz NOT NULL,
     due_at          timestamptz NOT NULL,
     state           text        NOT NULL DEFAULT 'waiting'
-                    CHECK (state IN ('waiting', 'exited', 'sent', 'failed', 'suppressed', 'cancelled')),
+                    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled')),
     reason          text,
     anchor          jsonb       NOT NULL DEFAULT '{}',
     anchor_event    text        NOT NULL,
@@ -77,6 +77,10 @@ CREATE TABLE nudge.enrollments (
     last_entry_at   timestamptz NOT NULL,
     exited_at       timestamptz,
     message_key     text,
+    -- the experiment arm: a variant's name, 'holdout', or NULL
+    variant         text,
+    -- when the message went (its available_at) or, held out, would have gone
+    sent_at         timestamptz,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, id),
     -- one journey per trigger, user, key and anchor instant

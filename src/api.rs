@@ -109,11 +109,20 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
     let trigger = def
         .compile(name, 0)
         .unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
-    for (path, template) in std::iter::once(("template", &def.template)).chain(
-        def.fallback_template
-            .as_ref()
-            .map(|f| ("fallback_template", f)),
-    ) {
+    let variant_paths: Vec<(String, &String)> = def
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("variants[{i}].template"), &v.template))
+        .collect();
+    for (path, template) in std::iter::once(("template", &def.template))
+        .chain(
+            def.fallback_template
+                .as_ref()
+                .map(|f| ("fallback_template", f)),
+        )
+        .chain(variant_paths.iter().map(|(p, t)| (p.as_str(), *t)))
+    {
         let exists = one::<bool>(
             "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
             &[template.clone().into()],
@@ -402,4 +411,41 @@ fn configure(settings: JsonB) -> JsonB {
         );
     });
     JsonB(merged)
+}
+
+/// A duration as pg_nudge reads it (`wait`, `within`, caps), as an interval,
+/// so that SQL (trigger_stats) and Rust use one parser.
+#[pg_extern(immutable, parallel_safe)]
+fn _duration(text: &str) -> Interval {
+    let us = nudge_core::time::parse_duration(text).unwrap_or_else(|e| error!("{e}"));
+    Interval::from_micros(us)
+}
+
+/// An arm's conversion against the holdout's: difference of rates, its 95%
+/// interval and the two-sided p-value (no row when either side is empty).
+#[pg_extern(immutable, parallel_safe)]
+fn _uplift(
+    converted: i64,
+    exposed: i64,
+    holdout_converted: i64,
+    holdout_exposed: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(uplift, f64),
+        name!(ci_low, f64),
+        name!(ci_high, f64),
+        name!(p_value, f64),
+    ),
+> {
+    let u = nudge_core::experiment::uplift(
+        converted.max(0) as u64,
+        exposed.max(0) as u64,
+        holdout_converted.max(0) as u64,
+        holdout_exposed.max(0) as u64,
+    );
+    TableIterator::new(
+        u.into_iter()
+            .map(|u| (u.diff, u.ci_low, u.ci_high, u.p_value)),
+    )
 }

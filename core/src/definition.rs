@@ -145,7 +145,8 @@ impl Trigger {
 
     /// The template of an arm (a variant's, else the trigger's).
     pub fn template_of(&self, arm: Option<&str>) -> &str {
-        arm.and_then(|a| self.arms.iter().find(|v| v.name == a)).map_or(&self.template, |v| &v.template)
+        arm.and_then(|a| self.arms.iter().find(|v| v.name == a))
+            .map_or(&self.template, |v| &v.template)
     }
 }
 
@@ -258,7 +259,10 @@ impl Definition {
             non_empty(&v.name, &format!("variants[{i}].name"))?;
             non_empty(&v.template, &format!("variants[{i}].template"))?;
             if v.name == HOLDOUT || !names.insert(v.name.as_str()) {
-                return Err(format!("variants[{i}].name: {:?} is taken (names are unique and not \"holdout\")", v.name));
+                return Err(format!(
+                    "variants[{i}].name: {:?} is taken (names are unique and not \"holdout\")",
+                    v.name
+                ));
             }
             if !(v.weight > 0.0 && v.weight.is_finite()) {
                 return Err(format!("variants[{i}].weight: must be a positive number"));
@@ -362,7 +366,11 @@ impl Definition {
             arms: self
                 .variants
                 .iter()
-                .map(|v| Arm { name: v.name.clone(), template: v.template.clone(), weight: v.weight })
+                .map(|v| Arm {
+                    name: v.name.clone(),
+                    template: v.template.clone(),
+                    weight: v.weight,
+                })
                 .collect(),
             holdout: self.holdout.unwrap_or(0.0),
             experiment: self.experiment.clone().unwrap_or_else(|| name.to_owned()),
@@ -565,11 +573,15 @@ mod tests {
     #[test]
     fn experiments_are_validated() {
         let mut v = cart();
-        v["variants"] = json!([{"name": "A", "template": "a"}, {"name": "B", "template": "b", "weight": 2}]);
+        v["variants"] =
+            json!([{"name": "A", "template": "a"}, {"name": "B", "template": "b", "weight": 2}]);
         v["holdout"] = json!(0.1);
         v["goal"] = json!({"event": "purchased", "within": "7 days", "value": "total"});
         let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();
-        assert_eq!((t.arms.len(), t.holdout, t.experiment.as_str()), (2, 0.1, "cart"));
+        assert_eq!(
+            (t.arms.len(), t.holdout, t.experiment.as_str()),
+            (2, 0.1, "cart")
+        );
         let arm = t.arm_of("u1");
         assert_eq!(arm, t.arm_of("u1"), "stable");
         if let Some(a) = arm.as_deref().filter(|a| *a != "holdout") {
@@ -577,11 +589,27 @@ mod tests {
         }
         assert_eq!(t.template_of(None), "cart_reminder");
         for (key, bad, want) in [
-            ("variants", json!([{"name": "A", "template": "a"}, {"name": "A", "template": "b"}]), "variants[1].name: \"A\" is taken"),
-            ("variants", json!([{"name": "holdout", "template": "a"}]), "variants[0].name: \"holdout\" is taken"),
-            ("variants", json!([{"name": "A", "template": "a", "weight": 0}]), "variants[0].weight: must be a positive"),
+            (
+                "variants",
+                json!([{"name": "A", "template": "a"}, {"name": "A", "template": "b"}]),
+                "variants[1].name: \"A\" is taken",
+            ),
+            (
+                "variants",
+                json!([{"name": "holdout", "template": "a"}]),
+                "variants[0].name: \"holdout\" is taken",
+            ),
+            (
+                "variants",
+                json!([{"name": "A", "template": "a", "weight": 0}]),
+                "variants[0].weight: must be a positive",
+            ),
             ("holdout", json!(1.5), "holdout: a share"),
-            ("goal", json!({"event": "purchased", "within": "a week"}), "goal.within: 'a week'"),
+            (
+                "goal",
+                json!({"event": "purchased", "within": "a week"}),
+                "goal.within: 'a week'",
+            ),
         ] {
             let mut v = cart();
             v[key] = bad;

@@ -108,8 +108,17 @@ pub fn uplift(x1: u64, n1: u64, x0: u64, n0: u64) -> Option<Uplift> {
     let z95 = 1.959_963_984_540_054;
     let pooled = (x1 + x0) as f64 / (n1 + n0) as f64;
     let se0 = (pooled * (1.0 - pooled) * (1.0 / n1 as f64 + 1.0 / n0 as f64)).sqrt();
-    let p_value = if se0 == 0.0 { 1.0 } else { erfc((diff / se0).abs() / std::f64::consts::SQRT_2) };
-    Some(Uplift { diff, ci_low: diff - z95 * se, ci_high: diff + z95 * se, p_value })
+    let p_value = if se0 == 0.0 {
+        1.0
+    } else {
+        erfc((diff / se0).abs() / std::f64::consts::SQRT_2)
+    };
+    Some(Uplift {
+        diff,
+        ci_low: diff - z95 * se,
+        ci_high: diff + z95 * se,
+        p_value,
+    })
 }
 
 /// The complementary error function, to about 1.2e-7 everywhere (the
@@ -124,7 +133,9 @@ pub fn erfc(x: f64) -> f64 {
                     + t * (0.096_784_18
                         + t * (-0.186_288_06
                             + t * (0.278_868_07
-                                + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
             .exp();
     if x >= 0.0 {
         r
@@ -148,15 +159,26 @@ mod tests {
 
     fn arms() -> Vec<Arm> {
         vec![
-            Arm { name: "A".into(), template: "a".into(), weight: 1.0 },
-            Arm { name: "B".into(), template: "b".into(), weight: 3.0 },
+            Arm {
+                name: "A".into(),
+                template: "a".into(),
+                weight: 1.0,
+            },
+            Arm {
+                name: "B".into(),
+                template: "b".into(),
+                weight: 3.0,
+            },
         ]
     }
 
     #[test]
     fn assignment_is_stable_and_follows_the_weights() {
         let arms = arms();
-        assert_eq!(assign("exp", "u1", 0.1, &arms), assign("exp", "u1", 0.1, &arms));
+        assert_eq!(
+            assign("exp", "u1", 0.1, &arms),
+            assign("exp", "u1", 0.1, &arms)
+        );
         // 10,000 users: each share within 4 binomial standard deviations of its
         // expectation (a false alarm about once in 16,000 runs; the hash is
         // fixed, so this run's outcome is the same every time).

@@ -375,6 +375,7 @@ struct Writes {
     n_last_entry: Vec<TimestampWithTimeZone>,
     n_exited: Vec<Option<TimestampWithTimeZone>>,
     n_reason: Vec<Option<String>>,
+    n_variant: Vec<Option<String>>,
     // changes to waiting enrollments
     u_id: Vec<i64>,
     u_user: Vec<String>,
@@ -422,6 +423,7 @@ impl Writes {
                     .push(ts(j.coalesced.last().copied().unwrap_or(j.entered_at)));
                 self.n_exited.push(exited_at);
                 self.n_reason.push(exit_reason.clone());
+                self.n_variant.push(t.arm_of(user));
                 Some(self.n_trigger.len() - 1)
             }
             Some(id) => {
@@ -453,9 +455,11 @@ impl Writes {
                 j.entered_at,
                 "entered",
                 Some(format!(
-                    "v{}{key}, due {}",
+                    "v{}{key}, due {}{}",
                     t.version,
-                    nudge_core::time::format_pg_utc(j.due_at)
+                    nudge_core::time::format_pg_utc(j.due_at),
+                    t.arm_of(user)
+                        .map_or(String::new(), |a| format!(", arm {a}"))
                 )),
             );
         }
@@ -504,15 +508,15 @@ impl Writes {
                 c.update(
                     "INSERT INTO nudge.enrollments
                        (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                        coalesced, last_entry_at, exited_at, state, reason)
+                        coalesced, last_entry_at, exited_at, state, reason, variant)
                      SELECT id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
                             coalesced, last_entry_at, exited_at,
-                            CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason
+                            CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason, variant
                        FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
                                    $7::timestamptz[], $8::jsonb[], $9::text[], $10::int[], $11::timestamptz[],
-                                   $12::timestamptz[], $13::text[])
+                                   $12::timestamptz[], $13::text[], $14::text[])
                          AS n(id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                              coalesced, last_entry_at, exited_at, reason)",
+                              coalesced, last_entry_at, exited_at, reason, variant)",
                     None,
                     &[
                         ids.into(),
@@ -528,6 +532,7 @@ impl Writes {
                         std::mem::take(&mut self.n_last_entry).into(),
                         std::mem::take(&mut self.n_exited).into(),
                         std::mem::take(&mut self.n_reason).into(),
+                        std::mem::take(&mut self.n_variant).into(),
                     ],
                 ),
                 "opening enrollments",

@@ -8,6 +8,7 @@ use crate::isolate;
 use crate::spi_util::{micros, or_raise, ts};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
+use nudge_core::experiment::HOLDOUT;
 use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -24,12 +25,20 @@ struct Due {
     due_at: TimestampWithTimeZone,
     anchor: Value,
     message_key: String,
+    /// The experiment arm drawn at entry.
+    variant: Option<String>,
 }
 
 enum Outcome {
-    /// Written to the outbox; `note` says why it goes later than due.
+    /// Written to the outbox to go at `at`; `note` says why it goes later
+    /// than due or with the fallback template.
     Sent {
+        at: Micros,
         note: Option<String>,
+    },
+    /// In the control group: everything passed, nothing is written.
+    HeldOut {
+        at: Micros,
     },
     Exited {
         at: TimestampWithTimeZone,
@@ -64,7 +73,9 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let tpls = templates(
             c,
             distinct(triggers.values().flat_map(|t| {
-                std::iter::once(t.template.clone()).chain(t.fallback_template.clone())
+                std::iter::once(t.template.clone())
+                    .chain(t.fallback_template.clone())
+                    .chain(t.arms.iter().map(|a| a.template.clone()))
             })),
         );
         let suppressed = suppressions(c, users, &profiles);
@@ -120,7 +131,7 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             }
             let (context, context_error) = context_of(t, &d.user_id, &answers);
             let composed = compose(
-                loaded(&tpls, &t.template),
+                loaded(&tpls, t.template_of(d.variant.as_deref())),
                 t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
                 Inputs {
                     trigger: &t.name,
@@ -198,14 +209,19 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let mut out = OutboxRows::default();
         for ((i, m, _, moved), verdict) in ready.into_iter().zip(verdicts) {
             let (d, t) = (&due[i], &triggers[&due[i].trigger]);
+            let held_out = d.variant.as_deref() == Some(HOLDOUT);
             outcomes[i] = Some(match verdict {
+                Verdict::Send { at } | Verdict::Defer { at, .. } if held_out => {
+                    Outcome::HeldOut { at }
+                }
                 Verdict::Send { at } => {
                     out.push(d, t, m, at);
-                    Outcome::Sent { note: moved }
+                    Outcome::Sent { at, note: moved }
                 }
                 Verdict::Defer { at, reason } => {
                     out.push(d, t, m, at);
                     Outcome::Sent {
+                        at,
                         note: Some(format!("deferred: {reason}")),
                     }
                 }
@@ -437,7 +453,8 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
         c.update(
             "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
-                                 || extract(epoch FROM e.entered_at)::text)
+                                 || extract(epoch FROM e.entered_at)::text),
+                    e.variant
                FROM nudge.enrollments e
                JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
               WHERE e.state = 'waiting' AND e.due_at <= $1
@@ -464,6 +481,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
                 .flatten()
                 .map_or(Value::Null, |j| j.0),
             message_key: s(8),
+            variant: r.get::<String>(9).ok().flatten(),
         }
     })
     .collect()
@@ -579,6 +597,7 @@ struct OutboxRows {
     available: Vec<TimestampWithTimeZone>,
     priority: Vec<i32>,
     transactional: Vec<bool>,
+    variant: Vec<Option<String>>,
 }
 
 impl OutboxRows {
@@ -595,6 +614,7 @@ impl OutboxRows {
         self.available.push(ts(at));
         self.priority.push(t.priority);
         self.transactional.push(t.transactional);
+        self.variant.push(d.variant.clone());
     }
 
     /// One INSERT for the batch; the unique message_key makes a repeat a no-op.
@@ -606,11 +626,12 @@ impl OutboxRows {
             c.update(
                 "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
                                            recipient, subject, html, text_body, available_at, priority,
-                                           transactional, headers)
-                 SELECT k, t, v, e, u, r, s, h, x, a, p, tx, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
+                                           transactional, variant, headers)
+                 SELECT k, t, v, e, u, r, s, h, x, a, p, tx, va, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
                    FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
-                               $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[])
-                     AS m(k, t, v, e, u, r, s, h, x, a, p, tx)
+                               $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[],
+                               $13::text[])
+                     AS m(k, t, v, e, u, r, s, h, x, a, p, tx, va)
                  ON CONFLICT (message_key, user_id) DO NOTHING
                  RETURNING 1",
                 None,
@@ -627,6 +648,7 @@ impl OutboxRows {
                     self.available.into(),
                     self.priority.into(),
                     self.transactional.into(),
+                    self.variant.into(),
                 ],
             ),
             "writing the outbox",
@@ -638,70 +660,73 @@ impl OutboxRows {
 /// Writes each enrollment's outcome and its journal line.
 fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
     let n = due.len();
-    let mut ids = Vec::with_capacity(n);
-    let mut users = Vec::with_capacity(n);
-    let mut states = Vec::with_capacity(n);
-    let mut reasons: Vec<Option<String>> = Vec::with_capacity(n);
-    let mut keys: Vec<Option<String>> = Vec::with_capacity(n);
-    let mut exited: Vec<Option<TimestampWithTimeZone>> = Vec::with_capacity(n);
-    let mut j_at = Vec::with_capacity(n);
-    let mut j_step = Vec::with_capacity(n);
+    let (mut states, mut reasons, mut keys) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut exited, mut sent, mut j_at) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for (d, o) in due.iter().zip(outcomes) {
-        ids.push(d.id);
-        users.push(d.user_id.clone());
-        match o {
-            Outcome::Sent { note } => {
-                states.push("sent".to_string());
-                reasons.push(Some(match note {
+        let message = Some(d.message_key.clone());
+        // state, reason, message key, exited_at, sent_at, journal time
+        let (state, reason, key, exit, went, at) = match o {
+            Outcome::Sent { at, note } => {
+                let why = match note {
                     None => format!("message {}", d.message_key),
                     Some(n) => format!("message {}; {n}", d.message_key),
-                }));
-                keys.push(Some(d.message_key.clone()));
-                exited.push(None);
-                j_at.push(d.due_at);
+                };
+                ("sent", why, message, None, Some(ts(at)), d.due_at)
             }
-            Outcome::Exited { at, event } => {
-                states.push("exited".to_string());
-                reasons.push(Some(format!("exited by {event} (found at send time)")));
-                keys.push(None);
-                exited.push(Some(at));
-                j_at.push(at);
+            Outcome::HeldOut { at } => {
+                let why = format!(
+                    "held out (control group): would have gone at {}",
+                    nudge_core::time::format_pg_utc(at)
+                );
+                ("held_out", why, None, None, Some(ts(at)), d.due_at)
             }
-            Outcome::Suppressed(why) => {
-                states.push("suppressed".to_string());
-                reasons.push(Some(why));
-                keys.push(None);
-                exited.push(None);
-                j_at.push(d.due_at);
-            }
-            Outcome::Failed(e) => {
-                states.push("failed".to_string());
-                reasons.push(Some(e));
-                keys.push(None);
-                exited.push(None);
-                j_at.push(d.due_at);
-            }
-        }
-        j_step.push(states.last().cloned().unwrap_or_default());
+            Outcome::Exited { at, event } => (
+                "exited",
+                format!("exited by {event} (found at send time)"),
+                None,
+                Some(at),
+                None,
+                at,
+            ),
+            Outcome::Suppressed(why) => ("suppressed", why, None, None, None, d.due_at),
+            Outcome::Failed(e) => ("failed", e, None, None, None, d.due_at),
+        };
+        states.push(state.to_string());
+        reasons.push(Some(reason));
+        keys.push(key);
+        exited.push(exit);
+        sent.push(went);
+        j_at.push(at);
     }
-    let details = reasons.clone();
+    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+    let users: Vec<String> = due.iter().map(|d| d.user_id.clone()).collect();
     let triggers: Vec<String> = due.iter().map(|d| d.trigger.clone()).collect();
     or_raise(
         c.update(
             "UPDATE nudge.enrollments e
                 SET state = u.state, reason = u.reason, message_key = u.message_key,
-                    exited_at = coalesce(u.exited_at, e.exited_at), updated_at = now()
-               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-                 AS u(id, user_id, state, reason, message_key, exited_at)
+                    exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now()
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                           $7::timestamptz[])
+                 AS u(id, user_id, state, reason, message_key, exited_at, sent_at)
               WHERE e.user_id = u.user_id AND e.id = u.id",
             None,
             &[
                 ids.clone().into(),
                 users.clone().into(),
-                states.into(),
-                reasons.into(),
+                states.clone().into(),
+                reasons.clone().into(),
                 keys.into(),
                 exited.into(),
+                sent.into(),
             ],
         ),
         "recording outcomes",
@@ -712,8 +737,8 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
         triggers,
         ids.into_iter().map(Some).collect(),
         j_at,
-        j_step,
-        details,
+        states,
+        reasons,
     );
 }
 
