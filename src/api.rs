@@ -449,3 +449,26 @@ fn _uplift(
             .map(|u| (u.diff, u.ci_low, u.ci_high, u.p_value)),
     )
 }
+
+/// What `definition` would have done over the events of [from_ts, to_ts),
+/// without writing anything: per outcome, how many journeys (or entries) and
+/// up to five sample users.
+#[pg_extern]
+fn backtest(
+    definition: JsonB,
+    from_ts: TimestampWithTimeZone,
+    to_ts: TimestampWithTimeZone,
+) -> TableIterator<
+    'static,
+    (
+        name!(outcome, String),
+        name!(journeys, i64),
+        name!(sample_users, Vec<String>),
+    ),
+> {
+    TableIterator::new(crate::engine::backtest::backtest(
+        &definition.0,
+        from_ts,
+        to_ts,
+    ))
+}

@@ -2,6 +2,7 @@
 //! validation, predicates over JSON, the event-time sequencing of enrollments,
 //! and template rendering. The extension crate is a thin SQL layer over this.
 
+pub mod backtest;
 pub mod definition;
 pub mod experiment;
 pub mod policy;

@@ -183,6 +183,28 @@ pub fn sequence(
     Sequenced { journeys, blocked }
 }
 
+/// For "enter on the n-th matching event within a window": keeps an entry
+/// step only when `history` (time and key of every matching entry event,
+/// the step's own included) holds at least `min_count` of its key in
+/// [at - within, at].
+pub fn keep_repeated(
+    steps: &mut Vec<Step>,
+    history: &[(Micros, String)],
+    min_count: u32,
+    within: Micros,
+) {
+    steps.retain(|s| match s {
+        Step::Entry { at, key, .. } => {
+            let n = history
+                .iter()
+                .filter(|(e, k)| k == key && *e <= *at && *e >= at - within)
+                .count();
+            n as u32 >= min_count
+        }
+        Step::Exit { .. } => true,
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +338,25 @@ mod tests {
         };
         assert_eq!(summary(&batch), summary(&all));
         assert_eq!(batch.len(), 4);
+    }
+
+    #[test]
+    fn repeated_entry_needs_enough_events_of_its_key_in_the_window() {
+        let history = vec![
+            (0, "a".to_string()),
+            (H / 2, "a".to_string()),
+            (H / 2, "b".to_string()),
+            (2 * H, "a".to_string()),
+        ];
+        let mut steps = vec![
+            entry(H / 2, "a", 1),
+            entry(H / 2, "b", 2),
+            entry(2 * H, "a", 3),
+            exit(3 * H, None),
+        ];
+        keep_repeated(&mut steps, &history, 2, H);
+        // a at 1/2 h: two a's within the hour; b: one; a at 2 h: the one at 1/2 h is 1.5 h back
+        assert_eq!(steps, vec![entry(H / 2, "a", 1), exit(3 * H, None)]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use crate::catalog::{live_triggers, LiveTrigger};
 use crate::spi_util::{micros, or_raise, ts};
 use nudge_core::definition::{Reentry, AUDIENCE_SQL};
-use nudge_core::sequence::{sequence, Journey, Step};
+use nudge_core::sequence::{keep_repeated, sequence, Journey, Step};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
@@ -204,16 +204,7 @@ fn repeated_entries(
                 continue;
             }
             let seen = history.get(u).map(Vec::as_slice).unwrap_or_default();
-            st.retain(|s| match s {
-                Step::Entry { at, key, .. } => {
-                    let n = seen
-                        .iter()
-                        .filter(|(e, k)| k == key && *e <= *at && *e >= at - within)
-                        .count();
-                    n as u32 >= min_count
-                }
-                Step::Exit { .. } => true,
-            });
+            keep_repeated(st, seen, min_count, within);
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (send what is due). Both read their batch once, decide in Rust, and write
 //! each table with one statement.
 
+pub mod backtest;
 pub mod capture;
 pub mod compose;
 pub mod run_due;

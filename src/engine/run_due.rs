@@ -342,7 +342,7 @@ pub fn context_of(
 }
 
 /// The database-wide policy settings (nudge.configure); validated when set.
-fn settings(c: &SpiClient<'_>) -> Settings {
+pub fn settings(c: &SpiClient<'_>) -> Settings {
     let v = or_raise(
         c.select(
             "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
@@ -419,7 +419,7 @@ fn recent_messages(
 }
 
 /// Suppressions that touch this batch, by lower-cased address and by user id.
-fn suppressions(
+pub fn suppressions(
     c: &SpiClient<'_>,
     users: Vec<String>,
     profiles: &HashMap<String, Result<Value, String>>,

@@ -1,0 +1,266 @@
+//! nudge.backtest: what a definition would have done over a period of
+//! history, without writing anything. Events stream from `nudge.all_events`
+//! ordered by user, one user's history in memory at a time; each user's
+//! journeys come from the same rules as live capture (`nudge_core::backtest`),
+//! and the due ones go through the same send-time policies as run_due.
+
+use crate::engine::run_due::{profiles_of, settings, suppressions};
+use crate::spi_util::{micros, or_raise, ts};
+use nudge_core::backtest::{replay_user, Event};
+use nudge_core::definition::{Definition, Trigger};
+use nudge_core::experiment::HOLDOUT;
+use nudge_core::policy::{self, Candidate, Verdict};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+
+const SAMPLES: usize = 5;
+
+#[derive(Default)]
+struct Tally(BTreeMap<String, (i64, Vec<String>)>);
+
+impl Tally {
+    fn add(&mut self, outcome: &str, user: &str, n: i64) {
+        let e = self.0.entry(outcome.to_string()).or_default();
+        e.0 += n;
+        if e.1.len() < SAMPLES && !e.1.iter().any(|u| u == user) {
+            e.1.push(user.to_string());
+        }
+    }
+}
+
+/// A journey that came due inside the period.
+struct Due {
+    user: String,
+    key: String,
+    entered_at: i64,
+    due_at: i64,
+}
+
+pub fn backtest(
+    definition: &Value,
+    from: TimestampWithTimeZone,
+    to: TimestampWithTimeZone,
+) -> Vec<(String, i64, Vec<String>)> {
+    let t: Trigger = Definition::parse(definition)
+        .and_then(|d| d.compile("backtest", 0))
+        .unwrap_or_else(|e| error!("backtest: {e}"));
+    let (from_us, to_us) = (micros(from), micros(to));
+    let lookback = t.entry_count.map_or(0, |(_, within)| within);
+    let names: Vec<String> = t.watched_events().map(str::to_owned).collect();
+    let mut run = Run {
+        t: &t,
+        from: from_us,
+        to: to_us,
+        tally: Tally::default(),
+        due: vec![],
+        pending: vec![],
+    };
+
+    Spi::connect(|c| {
+        let mut cursor = c.open_cursor(
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+              WHERE event = ANY ($1) AND occurred_at >= $2 AND occurred_at < $3
+              ORDER BY user_id, occurred_at",
+            &[names.into(), ts(from_us - lookback).into(), to.into()],
+        );
+        let mut user = String::new();
+        let mut events: Vec<Event> = vec![];
+        loop {
+            let rows = or_raise(cursor.fetch(10_000), "backtest: reading events");
+            let last_page = rows.is_empty();
+            for r in rows {
+                let u: String = r.get(1).ok().flatten().unwrap_or_default();
+                if u != user && !events.is_empty() {
+                    run.user_done(c, std::mem::take(&mut user), std::mem::take(&mut events));
+                }
+                user = u;
+                let at: TimestampWithTimeZone = r.get(3).ok().flatten().expect("occurred_at");
+                let props = r
+                    .get::<JsonB>(4)
+                    .ok()
+                    .flatten()
+                    .map_or(Value::Null, |j| j.0);
+                events.push((
+                    r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                    micros(at),
+                    props,
+                ));
+            }
+            if last_page {
+                break;
+            }
+        }
+        if !events.is_empty() {
+            run.user_done(c, user, events);
+        }
+        run.flush(c);
+        run.decide_due(c);
+    });
+    run.tally
+        .0
+        .into_iter()
+        .map(|(k, (n, users))| (k, n, users))
+        .collect()
+}
+
+/// Users are replayed in groups, so that the audience's profiles are read
+/// with one query per group.
+const GROUP: usize = 1000;
+
+struct Run<'a> {
+    t: &'a Trigger,
+    from: i64,
+    to: i64,
+    tally: Tally,
+    due: Vec<Due>,
+    pending: Vec<(String, Vec<Event>)>,
+}
+
+impl Run<'_> {
+    fn user_done(&mut self, c: &pgrx::spi::SpiClient<'_>, user: String, events: Vec<Event>) {
+        self.pending.push((user, events));
+        if self.pending.len() >= GROUP {
+            self.flush(c);
+        }
+    }
+
+    fn flush(&mut self, c: &pgrx::spi::SpiClient<'_>) {
+        let pending = std::mem::take(&mut self.pending);
+        let profiles = match &self.t.audience {
+            Some(_) if !pending.is_empty() => {
+                profiles_of(c, pending.iter().map(|(u, _)| u.clone()).collect())
+            }
+            _ => HashMap::new(),
+        };
+        for (user, events) in pending {
+            // audience is checked at entry, on the profile: as it is now
+            if let (Some(a), Some(Ok(p))) = (&self.t.audience, profiles.get(&user)) {
+                if !a.matches(p) {
+                    let entries = events
+                        .iter()
+                        .filter(|(n, at, props)| *at >= self.from && self.t.enters(n, props))
+                        .count() as i64;
+                    if entries > 0 {
+                        self.tally.add("not entered: audience", &user, entries);
+                    }
+                    continue;
+                }
+            }
+            self.replay(&user, &events);
+        }
+    }
+
+    fn replay(&mut self, user: &str, events: &[Event]) {
+        let r = replay_user(self.t, events, self.from, self.to);
+        for b in &r.blocked {
+            self.tally.add(
+                &format!("not entered: {}", b.reason.split(':').next().unwrap_or("")),
+                user,
+                1,
+            );
+        }
+        for j in r.journeys {
+            self.tally.add("entered", user, 1);
+            if !j.coalesced.is_empty() {
+                self.tally
+                    .add("coalesced entries", user, j.coalesced.len() as i64);
+            }
+            if j.exited.is_some() {
+                self.tally.add("exited", user, 1);
+            } else if j.due_at >= self.to {
+                self.tally.add("waiting at the end", user, 1);
+            } else {
+                self.due.push(Due {
+                    user: user.to_string(),
+                    key: j.key,
+                    entered_at: j.entered_at,
+                    due_at: j.due_at,
+                });
+            }
+        }
+    }
+
+    /// The send-time rules for the journeys due in the period: audience again,
+    /// the suppression list, the send schedule, the holdout, caps and priority
+    /// among the definition's own messages.
+    fn decide_due(&mut self, c: &pgrx::spi::SpiClient<'_>) {
+        let t = self.t;
+        let users: Vec<String> = {
+            let mut u: Vec<String> = self.due.iter().map(|d| d.user.clone()).collect();
+            u.sort();
+            u.dedup();
+            u
+        };
+        if users.is_empty() {
+            return;
+        }
+        let profiles = profiles_of(c, users.clone());
+        let suppressed = suppressions(c, users, &profiles);
+        let settings = settings(c);
+        let mut candidates = vec![];
+        let mut moved = vec![];
+        for d in &self.due {
+            let profile = match profiles.get(&d.user) {
+                Some(Ok(p)) => p,
+                Some(Err(_)) => {
+                    self.tally.add("failed: profile query", &d.user, 1);
+                    continue;
+                }
+                None => {
+                    self.tally.add("failed: no profile", &d.user, 1);
+                    continue;
+                }
+            };
+            let email = profile
+                .get("email")
+                .and_then(Value::as_str)
+                .map(|e| e.trim().to_lowercase());
+            let Some(email) = email.filter(|e| !e.is_empty()) else {
+                self.tally.add("failed: no email", &d.user, 1);
+                continue;
+            };
+            if suppressed.contains_key(&email) || suppressed.contains_key(&d.user) {
+                self.tally.add("suppressed: suppression list", &d.user, 1);
+                continue;
+            }
+            let tz = policy::zone(
+                profile.get("timezone").and_then(Value::as_str),
+                settings.default_timezone.as_deref(),
+            );
+            let send_at = t.schedule.next_allowed(d.due_at, tz);
+            moved.push(send_at > d.due_at);
+            candidates.push(Candidate {
+                user: &d.user,
+                key: &d.key,
+                trigger: "backtest",
+                priority: t.priority,
+                entered_at: d.entered_at,
+                send_at,
+                transactional: t.transactional,
+                defer_on_conflict: t.defer_on_conflict,
+                caps: &t.caps,
+            });
+        }
+        let verdicts = policy::decide(&candidates, &[], &settings);
+        for ((c, v), later) in candidates.iter().zip(verdicts).zip(moved) {
+            match v {
+                Verdict::Suppress(why) => self.tally.add(
+                    &format!("suppressed: {}", why.split(':').next().unwrap_or("")),
+                    c.user,
+                    1,
+                ),
+                _ if t.arm_of(c.user).as_deref() == Some(HOLDOUT) => {
+                    self.tally.add("held out", c.user, 1)
+                }
+                _ => {
+                    self.tally.add("sent", c.user, 1);
+                    if later {
+                        self.tally.add("sent later (send schedule)", c.user, 1);
+                    }
+                }
+            }
+        }
+    }
+}
