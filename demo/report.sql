@@ -7,6 +7,7 @@ SELECT trigger,
        count(*) FILTER (WHERE state = 'exited')   AS exited,
        count(*) FILTER (WHERE state = 'waiting')  AS waiting,
        count(*) FILTER (WHERE state = 'sent')     AS sent,
+       count(*) FILTER (WHERE state = 'held_out') AS held_out,
        count(*) FILTER (WHERE state = 'suppressed') AS suppressed,
        count(*) FILTER (WHERE state = 'failed')   AS failed,
        sum(coalesced)                             AS coalesced_entries
@@ -30,6 +31,12 @@ SELECT * FROM nudge.outbox_metrics();
 SELECT DISTINCT ON (trigger) trigger, recipient, subject, html, message_key, status, sent_at
   FROM nudge.outbox ORDER BY trigger, id;
 \x off
+
+\echo '== Does it work? Cart reminders by arm, against the holdout =='
+SELECT arm, entered, held_out, sent, converted, round(conversion_rate::numeric, 3) AS conv_rate, revenue,
+       round(uplift::numeric, 3) AS uplift, round(uplift_ci_low::numeric, 3) AS ci_low,
+       round(uplift_ci_high::numeric, 3) AS ci_high, round(p_value::numeric, 3) AS p_value
+  FROM nudge.trigger_stats WHERE trigger = 'cart_abandonment' ORDER BY arm;
 
 \echo '== One customer, explained =='
 SELECT user_id AS "customer" FROM nudge.outbox WHERE trigger = 'cart_abandonment' ORDER BY id LIMIT 1 \gset

@@ -30,11 +30,19 @@ SELECT nudge.define_template('browse_reminder',
 -- several are due within half an hour, the most important one goes.
 SELECT nudge.configure('{"caps": [{"max": 1, "per": "16 hours"}], "arbitration_window": "30 minutes"}');
 
+SELECT nudge.define_template('cart_reminder_short',
+  'Your {{ event.product_name }} is waiting',
+  '<p><a href="https://shop.example/cart/{{ event.cart_id }}">Finish your order</a></p>');
+
+-- Two subject lines against each other, and a 10% holdout to measure the uplift.
 SELECT nudge.define_trigger('cart_abandonment', '{
   "on":       {"event": "cart_added", "key": "cart_id"},
   "wait":     "5 minutes",
   "unless":   [{"event": "purchased", "same_key": true}],
   "priority": 10,
+  "variants": [{"name": "friendly", "template": "cart_reminder"}, {"name": "short", "template": "cart_reminder_short"}],
+  "holdout":  0.1,
+  "goal":     {"event": "purchased", "within": "3 days", "value": "total"},
   "template": "cart_reminder"}');
 
 SELECT nudge.define_trigger('post_purchase', '{
