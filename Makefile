@@ -10,7 +10,7 @@ KEEP      ?= 0
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
-.PHONY: setup install test test-unit test-pgrx test-server regress integration demo demo-stop bench clean
+.PHONY: setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -33,12 +33,15 @@ test-server: install
 	cargo build -p nudge-mailer
 	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) shared_preload_libraries=pg_nudge nudge.database=nudge_it_worker
 	@trap 'scripts/cluster.sh stop $(TEST_DIR)' EXIT; \
-	  $(MAKE) --no-print-directory regress integration
+	  $(MAKE) --no-print-directory regress tour integration
 
 regress:
 	@$(PG_REGRESS) --host=127.0.0.1 --port=$(TEST_PORT) --user=postgres --dbname=nudge_regress \
 	  --inputdir=tests/pg_regress --outputdir=tests/pg_regress $(REGRESS) \
 	  || { cat tests/pg_regress/regression.diffs 2>/dev/null | head -200; exit 1; }
+
+tour:
+	@scripts/readme-tour.sh $(TEST_PORT)
 
 integration:
 	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration --tests -- --test-threads=1

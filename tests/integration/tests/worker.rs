@@ -156,20 +156,21 @@ fn killing_the_worker_loses_nothing_and_duplicates_nothing() {
         .unwrap();
     assert!(status.success());
     drop(c);
-    // The postmaster restarts everything after a crash; reconnect when it is back.
-    let mut c =
-        wait_for(60, || postgres::Client::connect(&db, postgres::NoTls).ok()).expect("server back");
+    // The postmaster restarts everything after a crash. A connection made in
+    // the moment before it does is cut too, so every poll connects afresh.
     let finished = wait_for(120, || {
-        let waiting = c
+        let mut c = postgres::Client::connect(&db, postgres::NoTls).ok()?;
+        let waiting: i64 = c
             .query_one(
                 "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'",
                 &[],
             )
-            .ok()?;
-        (waiting.get::<_, i64>(0) == 0).then_some(())
+            .ok()?
+            .get(0);
+        (waiting == 0).then_some(c)
     });
     set_setting("nudge.batch_size", None);
-    assert!(finished.is_some(), "the restarted worker did not finish");
+    let mut c = finished.expect("the restarted worker did not finish");
     assert!(
         written_before < 20000,
         "the kill came before the end ({written_before} written)"
