@@ -168,6 +168,17 @@ CREATE TABLE nudge.user_sql (
 );
 CREATE SEQUENCE nudge.user_sql_id;
 
+-- Every change of an experiment's allocation (optimize): from this row on,
+-- new entries of `trigger` go to `winner`; `evidence` is what decided it.
+CREATE TABLE nudge.allocations (
+    trigger    text NOT NULL,
+    experiment text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    winner     text NOT NULL,
+    evidence   jsonb NOT NULL,
+    PRIMARY KEY (trigger, at)
+);
+
 -- Policy settings that belong to the database, not the server: global caps,
 -- the arbitration window, the default time zone (nudge.configure).
 CREATE TABLE nudge.settings (

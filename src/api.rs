@@ -472,3 +472,11 @@ fn backtest(
         to_ts,
     ))
 }
+
+/// Checks the experiments that optimize and records the winners found (the
+/// worker does this every minute). Returns the new allocations.
+#[pg_extern]
+fn evaluate_experiments() -> TableIterator<'static, (name!(trigger, String), name!(winner, String))>
+{
+    TableIterator::new(Spi::connect_mut(crate::experiments::evaluate))
+}

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 mod api;
 mod catalog;
 mod engine;
+mod experiments;
 mod isolate;
 mod settings;
 mod sources;

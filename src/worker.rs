@@ -117,9 +117,11 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
         .store(unsafe { (*pg_sys::MyProc).pgprocno }, Ordering::Release);
     log!("pg_nudge worker started for database {db}");
 
+    let mut experiments_checked = 0;
     loop {
         if settings::ENABLED.get() && extension_present() {
             drain(s);
+            check_experiments(&mut experiments_checked);
         }
         let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
         if !BackgroundWorker::wait_latch(Some(nap)) {
@@ -161,28 +163,54 @@ fn drain(s: &Shared) {
     }
 }
 
-/// One run_due transaction. An ERROR inside it is caught, the transaction
-/// aborted, and the message returned, so that one bad batch never kills the
-/// worker (a crash would only be restarted, and fail the same way).
+/// One run_due transaction.
 fn one_batch(batch: i32) -> Result<crate::engine::run_due::Pass, String> {
-    PgTryBuilder::new(|| {
-        BackgroundWorker::transaction(|| {
-            let now = TimestampWithTimeZone::try_from(unsafe { pg_sys::GetCurrentTimestamp() })
-                .expect("the clock is in range");
-            Ok(crate::engine::run_due::run_due(now, batch))
-        })
+    guarded(|| {
+        let now = TimestampWithTimeZone::try_from(unsafe { pg_sys::GetCurrentTimestamp() })
+            .expect("the clock is in range");
+        crate::engine::run_due::run_due(now, batch)
     })
-    .catch_others(|e| {
-        unsafe {
-            pg_sys::AbortCurrentTransaction();
+}
+
+/// Runs `f` in a transaction of its own. An ERROR inside it is caught, the
+/// transaction aborted, and the message returned, so that one bad batch never
+/// kills the worker (a crash would only be restarted, and fail the same way).
+fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    let f = std::panic::AssertUnwindSafe(f);
+    PgTryBuilder::new(move || BackgroundWorker::transaction(move || Ok(f())))
+        .catch_others(|e| {
+            unsafe {
+                pg_sys::AbortCurrentTransaction();
+            }
+            Err(match e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    r.message().to_string()
+                }
+            })
+        })
+        .execute()
+}
+
+/// How often the worker looks for experiment winners (`optimize`): the check
+/// reads trigger_stats, which is too much for every pass.
+const EXPERIMENT_CHECK_US: i64 = 60_000_000;
+
+fn check_experiments(last: &mut i64) {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now - *last < EXPERIMENT_CHECK_US {
+        return;
+    }
+    *last = now;
+    match guarded(|| Spi::connect_mut(crate::experiments::evaluate)) {
+        Ok(changes) => {
+            for (trigger, winner) in changes {
+                log!("pg_nudge worker: trigger {trigger}: new entries now go to variant {winner}");
+            }
         }
-        Err(match e {
-            pg_sys::panic::CaughtError::PostgresError(r)
-            | pg_sys::panic::CaughtError::ErrorReport(r)
-            | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => r.message().to_string(),
-        })
-    })
-    .execute()
+        Err(e) => warning!("pg_nudge worker: experiment check failed: {e}"),
+    }
 }
 
 /// The worker's database may not have the extension (yet).

@@ -1,7 +1,7 @@
 //! Trigger definitions: the JSON a user writes, its validation with JSON
 //! paths in every error, and the compiled form the engine runs.
 
-use crate::experiment::{assign, Arm, Assignment, VariantSpec, HOLDOUT};
+use crate::experiment::{assign, Arm, Assignment, OptimizeSpec, VariantSpec, HOLDOUT, METRICS};
 use crate::policy::{Cap, CapSpec, QuietHoursSpec, Schedule, SendWindowSpec};
 use crate::predicate::Predicate;
 use crate::time::parse_duration;
@@ -66,6 +66,9 @@ pub struct Definition {
     /// The conversion that sends and holdouts are measured on.
     #[serde(default)]
     pub goal: Option<GoalSpec>,
+    /// Automatic winner: new entries go to a variant once it is significantly best.
+    #[serde(default)]
+    pub optimize: Option<OptimizeSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,14 +134,21 @@ pub struct Trigger {
     pub arms: Vec<Arm>,
     pub holdout: f64,
     pub experiment: String,
+    pub optimize: Option<OptimizeSpec>,
 }
 
 impl Trigger {
     /// The arm of a user: "holdout", a variant's name, or None.
     pub fn arm_of(&self, user: &str) -> Option<String> {
+        self.arm_with_winner(user, None)
+    }
+
+    /// The arm once `optimize` has picked a winner: the holdout stays, every
+    /// other entry goes to the winner.
+    pub fn arm_with_winner(&self, user: &str, winner: Option<&str>) -> Option<String> {
         match assign(&self.experiment, user, self.holdout, &self.arms) {
             Assignment::Holdout => Some(HOLDOUT.to_string()),
-            Assignment::Variant(a) => Some(a.name.clone()),
+            Assignment::Variant(a) => Some(winner.unwrap_or(&a.name).to_string()),
             Assignment::Default => None,
         }
     }
@@ -277,6 +287,24 @@ impl Definition {
             non_empty(&g.event, "goal.event")?;
             parse_duration(&g.within).map_err(|e| format!("goal.within: {e}"))?;
         }
+        if let Some(o) = &self.optimize {
+            if !METRICS.contains(&o.metric.as_str()) {
+                return Err(format!(
+                    "optimize.metric: expected one of {}, got {:?}",
+                    METRICS.join(", "),
+                    o.metric
+                ));
+            }
+            if o.metric == "converted" && self.goal.is_none() {
+                return Err("optimize.metric: \"converted\" needs a goal".into());
+            }
+            if self.variants.len() < 2 {
+                return Err("optimize: needs at least two variants".into());
+            }
+            if !(o.alpha > 0.0 && o.alpha < 0.5) {
+                return Err("optimize.alpha: a significance level such as 0.05".into());
+            }
+        }
         if let Some(k) = &self.on.key {
             key_path(k, "on.key")?;
         }
@@ -374,6 +402,7 @@ impl Definition {
                 .collect(),
             holdout: self.holdout.unwrap_or(0.0),
             experiment: self.experiment.clone().unwrap_or_else(|| name.to_owned()),
+            optimize: self.optimize.clone(),
             name: name.to_owned(),
             version,
             wait_us: self.wait_us()?,

@@ -144,6 +144,46 @@ pub fn erfc(x: f64) -> f64 {
     }
 }
 
+/// `"optimize": {"metric": "converted", "min_per_arm": 500}`: once every
+/// variant has `min_per_arm` messages and one is better than each other
+/// variant at p < `alpha`, new entries go to it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizeSpec {
+    pub metric: String,
+    pub min_per_arm: u64,
+    #[serde(default = "alpha")]
+    pub alpha: f64,
+}
+
+fn alpha() -> f64 {
+    0.05
+}
+
+pub const METRICS: [&str; 3] = ["converted", "opened", "clicked"];
+
+/// An arm's evidence: messages sent and how many of them did the metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmStats {
+    pub name: String,
+    pub sent: u64,
+    pub hits: u64,
+}
+
+/// The variant that beats every other one, once each has enough messages.
+pub fn winner<'a>(arms: &'a [ArmStats], min_per_arm: u64, alpha: f64) -> Option<&'a ArmStats> {
+    if arms.len() < 2 || arms.iter().any(|a| a.sent < min_per_arm.max(1)) {
+        return None;
+    }
+    let rate = |a: &ArmStats| a.hits as f64 / a.sent as f64;
+    let best = arms.iter().max_by(|a, b| rate(a).total_cmp(&rate(b)))?;
+    let beats_all = arms.iter().filter(|a| a.name != best.name).all(|o| {
+        uplift(best.hits, best.sent, o.hits, o.sent)
+            .is_some_and(|u| u.diff > 0.0 && u.p_value < alpha)
+    });
+    beats_all.then_some(best)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +263,34 @@ mod tests {
         assert!((u.ci_high - 0.066237).abs() < 1e-5, "{}", u.ci_high);
         assert!((u.p_value - 0.0028693).abs() < 1e-5, "{}", u.p_value);
         assert!(uplift(1, 0, 1, 10).is_none());
+    }
+
+    #[test]
+    fn a_winner_needs_enough_data_and_significance() {
+        let arm = |name: &str, sent, hits| ArmStats {
+            name: name.into(),
+            sent,
+            hits,
+        };
+        // clearly better, enough data
+        let arms = [arm("A", 1000, 120), arm("B", 1000, 80)];
+        assert_eq!(winner(&arms, 500, 0.05).map(|a| a.name.as_str()), Some("A"));
+        // not enough messages yet
+        assert_eq!(winner(&arms, 1500, 0.05), None);
+        // better, but not significantly
+        assert_eq!(
+            winner(&[arm("A", 1000, 90), arm("B", 1000, 80)], 500, 0.05),
+            None
+        );
+        // must beat every other arm
+        assert_eq!(
+            winner(
+                &[arm("A", 1000, 120), arm("B", 1000, 80), arm("C", 1000, 115)],
+                500,
+                0.05
+            ),
+            None
+        );
     }
 
     #[test]

@@ -73,6 +73,14 @@ pub fn capture(batch: Batch) {
         }
 
         let ended = ended_journeys(c, &steps, &triggers);
+        let winners = crate::experiments::winners(
+            c,
+            triggers
+                .iter()
+                .map(|l| &l.trigger)
+                .filter(|t| t.optimize.is_some())
+                .collect(),
+        );
         let now = unsafe { pg_sys::GetCurrentTimestamp() };
         let mut due_now = false;
         let none = HashMap::new();
@@ -89,7 +97,13 @@ pub fn capture(batch: Batch) {
             );
             for j in done.journeys {
                 due_now |= j.id.is_none() && j.exited.is_none() && j.due_at <= now;
-                writes.add(t, &user, j, &batch);
+                writes.add(
+                    t,
+                    &user,
+                    j,
+                    &batch,
+                    winners.get(&t.name).map(String::as_str),
+                );
             }
             for b in done.blocked {
                 writes.note(&user, &t.name, b.at, "not entered", b.reason);
@@ -385,7 +399,15 @@ struct Writes {
 }
 
 impl Writes {
-    fn add(&mut self, t: &nudge_core::definition::Trigger, user: &str, j: Journey, b: &Batch) {
+    fn add(
+        &mut self,
+        t: &nudge_core::definition::Trigger,
+        user: &str,
+        j: Journey,
+        b: &Batch,
+        winner: Option<&str>,
+    ) {
+        let arm = t.arm_with_winner(user, winner);
         let exit_reason = j
             .exited
             .as_ref()
@@ -414,7 +436,7 @@ impl Writes {
                     .push(ts(j.coalesced.last().copied().unwrap_or(j.entered_at)));
                 self.n_exited.push(exited_at);
                 self.n_reason.push(exit_reason.clone());
-                self.n_variant.push(t.arm_of(user));
+                self.n_variant.push(arm.clone());
                 Some(self.n_trigger.len() - 1)
             }
             Some(id) => {
@@ -449,7 +471,7 @@ impl Writes {
                     "v{}{key}, due {}{}",
                     t.version,
                     nudge_core::time::format_pg_utc(j.due_at),
-                    t.arm_of(user)
+                    arm.as_deref()
                         .map_or(String::new(), |a| format!(", arm {a}"))
                 )),
             );

@@ -59,3 +59,29 @@ SELECT round(uplift::numeric, 4) AS uplift, round(ci_low::numeric, 4) AS ci_low,
 SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "cart_a", "variants": [{"name": "A", "template": "nope"}]}');
 SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "cart_a", "holdout": 1}');
 SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "cart_a", "goal": {"event": "purchased"}}');
+
+-- automatic winner: once each variant has 20 messages and one is clicked
+-- significantly more, new entries go to it; the change is recorded
+SELECT nudge.define_template('opt_x', 'X', '<p>x</p>');
+SELECT nudge.define_template('opt_y', 'Y', '<p>y</p>');
+SELECT nudge.define_trigger('opt', '{
+  "on": {"event": "visited"}, "wait": "1 hour",
+  "variants": [{"name": "X", "template": "opt_x"}, {"name": "Y", "template": "opt_y"}],
+  "optimize": {"metric": "clicked", "min_per_arm": 20},
+  "template": "opt_x"}');
+INSERT INTO nudge.profiles (user_id, email) SELECT 'v' || i, 'v' || i || '@example.com' FROM generate_series(1, 120) i;
+SELECT count(nudge.track('v' || i, 'visited', '{}', '2026-03-10 10:00+00')) FROM generate_series(1, 60) i;
+SELECT nudge.run_due('2026-03-10 12:00+00') AS written;
+-- not enough evidence yet: no clicks at all
+SELECT * FROM nudge.evaluate_experiments();
+-- most of X's messages are clicked, few of Y's
+SELECT count(nudge.record_engagement(o.message_key, 'clicked'))
+  FROM nudge.outbox o WHERE o.trigger = 'opt' AND (o.variant = 'X' OR o.id % 7 = 0);
+SELECT arm, sent, clicked FROM nudge.trigger_stats WHERE trigger = 'opt' ORDER BY arm;
+SELECT * FROM nudge.evaluate_experiments();
+SELECT trigger, experiment, winner, evidence->'metric' AS metric FROM nudge.allocations;
+SELECT * FROM nudge.evaluate_experiments();
+-- from now on, every new entry goes to X
+SELECT count(nudge.track('v' || i, 'visited', '{}', '2026-03-11 10:00+00')) FROM generate_series(61, 120) i;
+SELECT variant, count(*) FROM nudge.enrollments WHERE trigger = 'opt' AND entered_at = '2026-03-11 10:00+00' GROUP BY 1;
+SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "cart_a", "optimize": {"metric": "converted", "min_per_arm": 5}}');
