@@ -244,14 +244,24 @@ impl Cap {
         })
     }
 
-    /// Whether one more message at `at` stays within the cap, given the
-    /// send times of the messages that count against it.
+    /// Whether one more message at `at` keeps every window of the cap within
+    /// it, given the send times of the messages that count: the window that
+    /// ends at `at`, and those that end at each later message it would share
+    /// a window with (a message decided earlier may go out later, after
+    /// quiet hours).
     pub fn allows(&self, at: Micros, sent: &[Micros]) -> bool {
-        let in_window = sent
-            .iter()
-            .filter(|s| **s > at - self.per_us && **s <= at)
-            .count();
-        (in_window as u32) < self.max
+        let within = |end: Micros| {
+            sent.iter()
+                .filter(|s| **s > end - self.per_us && **s <= end)
+                .count() as u32
+        };
+        std::iter::once(at)
+            .chain(
+                sent.iter()
+                    .copied()
+                    .filter(|s| *s > at && *s < at + self.per_us),
+            )
+            .all(|end| within(end) < self.max)
     }
 }
 
@@ -508,6 +518,9 @@ pub struct Candidate<'a> {
     pub priority: i32,
     /// The anchor event's time: among equal priorities the most recent wins.
     pub entered_at: Micros,
+    /// When the message was due: caps are granted in this order, the order in
+    /// which a live engine decides, whatever quiet hours do to `send_at`.
+    pub due_at: Micros,
     pub send_at: Micros,
     pub transactional: bool,
     pub defer_on_conflict: bool,
@@ -535,7 +548,7 @@ pub enum Verdict {
 /// Decides priority and caps for a batch. First arbitration: a message loses
 /// to any more important message of the same user (candidate or already in
 /// the outbox) within the window; importance is priority, then the most recent
-/// anchor, then the trigger name. Then caps, in time order, over what is left:
+/// anchor, then the trigger name. Then caps, in due order, over what is left:
 /// global caps count all of the user's messages, a trigger's own caps only its
 /// own. Transactional messages bypass both and count for neither.
 pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) -> Vec<Verdict> {
@@ -594,17 +607,21 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
             }
         }
     }
-    // caps, in the order the messages go out
+    // caps, in the order the messages came due (the order a live engine
+    // decides them in), each checked against every window it would share
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     let when = |v: &Verdict, c: &Candidate<'_>| match v {
         Verdict::Send { at } | Verdict::Defer { at, .. } => *at,
         Verdict::Suppress(_) => c.send_at,
     };
     order.sort_by_key(|&i| {
+        let c = &candidates[i];
         (
-            candidates[i].user,
-            when(&verdicts[i], &candidates[i]),
-            std::cmp::Reverse(candidates[i].priority),
+            c.user,
+            c.due_at,
+            std::cmp::Reverse(c.priority),
+            c.trigger,
+            c.key,
         )
     });
     let mut taken: Vec<Sent> = sent.to_vec();
@@ -668,6 +685,7 @@ mod decide_tests {
             trigger,
             priority,
             entered_at,
+            due_at: 10 * H,
             send_at: 10 * H,
             transactional: false,
             defer_on_conflict: false,
@@ -740,6 +758,7 @@ mod decide_tests {
         // 20 hours after: let through
         let mut later = cand("u", "a", 1, 0, &[]);
         later.send_at = 20 * H;
+        later.due_at = 20 * H;
         assert_eq!(
             decide(&[later], &earlier, &s)[0],
             Verdict::Send { at: 20 * H }
@@ -785,6 +804,47 @@ mod decide_tests {
             v[0],
             Verdict::Suppress("cap: 1 per 1 day (this trigger)".into())
         );
+    }
+
+    #[test]
+    fn a_batch_that_spans_days_is_capped_in_due_order() {
+        let s = settings(json!({"caps": [{"max": 1, "per": "16 hours"}]}));
+        // given latest first: 0 h goes, 6 h is held, 17 h goes
+        let batch: Vec<Candidate> = [17, 6, 0]
+            .iter()
+            .map(|h| {
+                let mut c = cand("u", "a", 1, h * H, &[]);
+                c.send_at = h * H;
+                c.due_at = h * H;
+                c
+            })
+            .collect();
+        let v = decide(&batch, &[], &s);
+        assert_eq!(v[0], Verdict::Send { at: 17 * H });
+        assert!(matches!(v[1], Verdict::Suppress(_)));
+        assert_eq!(v[2], Verdict::Send { at: 0 });
+    }
+
+    #[test]
+    fn a_cap_counts_messages_that_go_out_later_too() {
+        // 2 per day. A message decided earlier goes at 13:00 (quiet hours);
+        // one due at 12:00 would make three in the day that ends at 13:00.
+        let s = settings(json!({"caps": [{"max": 2, "per": "1 day"}]}));
+        let at = |h: i64| Sent {
+            user: "u".into(),
+            key: String::new(),
+            trigger: "a".into(),
+            priority: 0,
+            entered_at: 0,
+            at: h * H,
+        };
+        let mut c = cand("u", "b", 0, 0, &[]);
+        c.send_at = 12 * H;
+        c.due_at = 12 * H;
+        let v = decide(std::slice::from_ref(&c), &[at(-9), at(13)], &s);
+        assert_eq!(v[0], Verdict::Suppress("cap: 2 per 1 day (global)".into()));
+        // without the later one, it fits
+        assert_eq!(decide(&[c], &[at(-9)], &s)[0], Verdict::Send { at: 12 * H });
     }
 
     #[test]

@@ -237,6 +237,7 @@ impl Run<'_> {
                 trigger: "backtest",
                 priority: t.priority,
                 entered_at: d.entered_at,
+                due_at: d.due_at,
                 send_at,
                 transactional: t.transactional,
                 defer_on_conflict: t.defer_on_conflict,

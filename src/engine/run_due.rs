@@ -196,6 +196,7 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                     trigger: &t.name,
                     priority: t.priority,
                     entered_at: micros(d.entered_at),
+                    due_at: micros(d.due_at),
                     send_at: *send_at,
                     transactional: t.transactional,
                     defer_on_conflict: t.defer_on_conflict,

@@ -13,6 +13,22 @@ const SETUP: &str = r#"
     SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours", "template": "thanks"}');
 "#;
 
+/// The same triggers with every send-time policy that is decided in event
+/// time: audience, re-entry cooldown, global and per-trigger caps,
+/// quiet hours in the recipients' zones.
+const SETUP_WITH_POLICIES: &str = r#"
+    SET timezone = 'UTC';
+    SELECT nudge.configure('{"caps": [{"max": 2, "per": "1 day"}], "default_timezone": "America/New_York"}');
+    SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }}', '<p>{{ event.cart_id }}</p>');
+    SELECT nudge.define_template('thanks', 'Thanks for order {{ event.cart_id }}', '<p>thanks</p>');
+    SELECT nudge.define_trigger('cart_abandon', '{"on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+        "unless": [{"event": "purchased", "same_key": true}, {"event": "unsubscribed"}],
+        "audience": {"tier": {"ne": "blocked"}}, "reentry": {"cooldown": "6 hours"},
+        "quiet_hours": {"start": "21:00", "end": "08:00"}, "template": "cart"}');
+    SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours",
+        "cap": [{"max": 1, "per": "3 days"}], "template": "thanks"}');
+"#;
+
 /// A month of events for 150 users, in time order.
 fn history() -> Vec<(String, String, String, i64)> {
     let mut rng = Rng::new(42);
@@ -34,10 +50,24 @@ fn history() -> Vec<(String, String, String, i64)> {
 
 const START: &str = "2026-01-01 00:00:00+00";
 
+/// Asserts two sets are equal, showing only where they differ.
+fn same(what: &str, bulk: &BTreeSet<String>, live: &BTreeSet<String>) {
+    let only_bulk: Vec<&String> = bulk.difference(live).take(5).collect();
+    let only_live: Vec<&String> = live.difference(bulk).take(5).collect();
+    assert!(
+        only_bulk.is_empty() && only_live.is_empty(),
+        "{what} differ:\n  only loaded at once: {only_bulk:#?}\n  only lived through: {only_live:#?}"
+    );
+}
+
 fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut c = connect(db);
     let messages = c
-        .query("SELECT trigger || ' ' || user_id || ' ' || message_key || ' ' || subject FROM nudge.outbox", &[])
+        .query(
+            "SELECT trigger || ' ' || user_id || ' ' || message_key || ' ' || subject || ' '
+                    || extract(epoch FROM available_at)::text FROM nudge.outbox",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -45,7 +75,9 @@ fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     let journeys = c
         .query(
             "SELECT trigger || ' ' || user_id || ' ' || key || ' ' || extract(epoch FROM entered_at)::text || ' ' || state
-                    || ' ' || coalesced::text FROM nudge.enrollments",
+                    || ' ' || coalesced::text || ' ' || coalesce(reason, '') FROM nudge.enrollments
+             UNION ALL
+             SELECT trigger || ' ' || user_id || ' ' || step || ' ' || detail FROM nudge.journal WHERE step = 'not entered'",
             &[],
         )
         .unwrap()
@@ -55,26 +87,31 @@ fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
     (messages, journeys)
 }
 
-/// A database with the triggers above and 150 users with an email each.
-fn shop(db: &str) -> postgres::Client {
+/// A database with `setup`'s triggers and 150 users with an email each (a
+/// few of them outside the policies' audience, in several time zones).
+fn shop(db: &str, setup: &str) -> postgres::Client {
     let mut c = connect(db);
-    c.batch_execute(SETUP).unwrap();
+    c.batch_execute(setup).unwrap();
     c.batch_execute(
-        "INSERT INTO nudge.profiles (user_id, email)
-         SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(0, 149) i",
+        "INSERT INTO nudge.profiles (user_id, email, timezone, attrs)
+         SELECT 'u' || i, 'u' || i || '@example.com',
+                (ARRAY['Europe/Berlin', 'Asia/Tokyo', NULL])[1 + i % 3],
+                jsonb_build_object('tier', CASE WHEN i % 10 = 0 THEN 'blocked' ELSE 'ok' END)
+           FROM generate_series(0, 149) i",
     )
     .unwrap();
     c
 }
 
-#[test]
-fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
+/// Loads the month at once and lives through it event by event, with the
+/// triggers of `setup`; both must write the same messages and journeys.
+fn month_twice(setup: &str, bulk_db: &str, live_db: &str) -> String {
     let events = history();
     let end = events.last().unwrap().3 + 4 * 86_400;
 
     // Loaded at once, one run_due at the end.
-    let bulk = fresh_db("nudge_it_bulk");
-    let mut c = shop(&bulk);
+    let bulk = fresh_db(bulk_db);
+    let mut c = shop(&bulk, setup);
     let users: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
@@ -95,8 +132,8 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
         .get(0);
 
     // Lived through: one event at a time, the engine running at each instant.
-    let live = fresh_db("nudge_it_live");
-    let mut c = shop(&live);
+    let live = fresh_db(live_db);
+    let mut c = shop(&live, setup);
     let mut live_written: i32 = 0;
     for (u, e, p, s) in &events {
         let at = *s as f64;
@@ -132,10 +169,33 @@ fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
         bulk_journeys.iter().any(|j| j.contains(" exited ")),
         "and exit some journeys"
     );
-    assert_eq!(bulk_msgs, live_msgs);
-    assert_eq!(bulk_journeys, live_journeys);
+    same("messages", &bulk_msgs, &live_msgs);
+    same("journeys", &bulk_journeys, &live_journeys);
     assert_eq!(written, live_written);
     assert_eq!(written as usize, bulk_msgs.len());
+    bulk
+}
+
+#[test]
+fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
+    month_twice(SETUP, "nudge_it_bulk", "nudge_it_live");
+}
+
+#[test]
+fn with_every_event_time_policy_too() {
+    let bulk = month_twice(SETUP_WITH_POLICIES, "nudge_it_bulk_p", "nudge_it_live_p");
+    // and every policy did act on that month
+    let mut c = connect(&bulk);
+    for (what, sql) in [
+        ("global cap", "SELECT count(*) FROM nudge.enrollments WHERE reason = 'cap: 2 per 1 day (global)'"),
+        ("trigger cap", "SELECT count(*) FROM nudge.enrollments WHERE reason = 'cap: 1 per 3 days (this trigger)'"),
+        ("quiet hours", "SELECT count(*) FROM nudge.enrollments WHERE reason LIKE '%by the send schedule'"),
+        ("audience", "SELECT count(*) FROM nudge.journal WHERE detail LIKE 'audience%'"),
+        ("cooldown", "SELECT count(*) FROM nudge.journal WHERE detail LIKE 'reentry cooldown%'"),
+    ] {
+        let n: i64 = c.query_one(sql, &[]).unwrap().get(0);
+        assert!(n > 0, "{what} never acted");
+    }
 }
 
 #[test]
