@@ -67,6 +67,27 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             .into_iter()
             .map(|l| (l.trigger.name.clone(), l.trigger))
             .collect();
+        // A trigger whose stored definition no longer compiles was skipped by
+        // live_triggers (with a warning): its due enrollments fail, with the
+        // reason, instead of failing the pass for everyone, again and again.
+        let (due, orphans): (Vec<Due>, Vec<Due>) = due
+            .into_iter()
+            .partition(|d| triggers.contains_key(&d.trigger));
+        if !orphans.is_empty() {
+            let why = || {
+                Outcome::Failed(
+                    "the trigger's definition does not compile (see the server log)".into(),
+                )
+            };
+            record(c, &orphans, orphans.iter().map(|_| why()).collect());
+        }
+        let claimed = due.len() + orphans.len();
+        if due.is_empty() {
+            return Pass {
+                claimed,
+                written: 0,
+            };
+        }
         let exits = exits_at_send_time(c, &due, &triggers);
         let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
         let profiles = profiles_of(c, users.clone());
@@ -246,10 +267,7 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                 "notifying",
             );
         }
-        Pass {
-            claimed: due.len(),
-            written,
-        }
+        Pass { claimed, written }
     })
 }
 

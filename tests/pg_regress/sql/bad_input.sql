@@ -80,3 +80,12 @@ SELECT nudge.track('known', 'cart_added', '{}', '2026-01-05 11:30+00') > 0 AS tr
 SELECT nudge.run_due('2026-01-05 13:00+00') AS written;
 SELECT trigger, state, reason LIKE 'message %' AS sent, CASE WHEN state = 'failed' THEN reason END AS failure
   FROM nudge.enrollments WHERE user_id = 'known' ORDER BY entered_at;
+
+-- a stored definition that no longer compiles (written by hand, or by an older
+-- build) fails its own due enrollments, with a warning, and nothing else
+SELECT nudge.track('known', 'cart_added', '{}', '2026-01-07 10:00+00') > 0 AS tracked;
+SELECT nudge.track('known', 'oops', '{"n": 2}', '2026-01-07 10:00+00') > 0 AS tracked;
+UPDATE nudge.trigger_versions SET definition = definition || '{"bogus": 1}' WHERE trigger = 'div';
+SELECT nudge.run_due('2026-01-07 12:00+00') AS written;
+SELECT trigger, state, reason LIKE 'message %' AS sent, CASE WHEN state = 'failed' THEN reason END AS failure
+  FROM nudge.enrollments WHERE user_id = 'known' AND entered_at = '2026-01-07 10:00+00' ORDER BY trigger;
