@@ -29,6 +29,7 @@ pub struct Batch {
 }
 
 pub fn capture(batch: Batch) {
+    let mut batch = batch;
     Spi::connect_mut(|c| {
         let triggers = live_triggers(c);
         if triggers.is_empty() {
@@ -49,7 +50,7 @@ pub fn capture(batch: Batch) {
             .unzip();
         let rows = or_raise(
             c.update(
-                "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at
+                "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at
                    FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
                    JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
                   WHERE e.state = 'waiting'
@@ -61,7 +62,13 @@ pub fn capture(batch: Batch) {
             "reading waiting enrollments",
         );
         let mut open: BTreeMap<(String, String), Vec<Journey>> = BTreeMap::new();
+        let mut last_entry: HashMap<i64, i64> = HashMap::new();
         for row in rows {
+            if let (Ok(Some(id)), Ok(Some(last))) =
+                (row.get::<i64>(1), row.get::<TimestampWithTimeZone>(7))
+            {
+                last_entry.insert(id, micros(last));
+            }
             let get_s = |i| -> String { row.get::<String>(i).ok().flatten().unwrap_or_default() };
             let id: i64 = row.get(1).ok().flatten().unwrap_or_default();
             let entered: TimestampWithTimeZone =
@@ -72,6 +79,8 @@ pub fn capture(batch: Batch) {
                 .push(Journey::open(id, get_s(4), micros(entered), micros(due)));
         }
 
+        let moved =
+            reopen_after_late_exits(c, &mut steps, &open, &last_entry, &triggers, &mut batch);
         let ended = ended_journeys(c, &steps, &triggers);
         let winners = crate::experiments::winners(
             c,
@@ -108,6 +117,9 @@ pub fn capture(batch: Batch) {
             for b in done.blocked {
                 writes.note(&user, &t.name, b.at, "not entered", b.reason);
             }
+        }
+        for (id, n) in &moved {
+            writes.uncoalesce(*id, *n);
         }
         writes.flush(c);
         if due_now {
@@ -280,6 +292,116 @@ fn audience_at_entry(
             Step::Exit { .. } => true,
         });
     }
+}
+
+/// An exit in this batch may close a waiting journey at a time before some
+/// entries that earlier statements coalesced into it (history of two tables
+/// loaded one table at a time: all cart adds, then the purchases). In event
+/// time those later entries open a journey of their own after the exit, so
+/// they are read back from the sources and sequenced again with the batch.
+/// Returns, per existing journey, how many coalesced entries moved out of it.
+fn reopen_after_late_exits(
+    c: &pgrx::spi::SpiClient<'_>,
+    steps: &mut BTreeMap<(usize, String), Vec<Step>>,
+    open: &BTreeMap<(String, String), Vec<Journey>>,
+    last_entry: &HashMap<i64, i64>,
+    triggers: &[LiveTrigger],
+    batch: &mut Batch,
+) -> HashMap<i64, i32> {
+    // (trigger index, user, key, exit time, last coalesced entry, journey id)
+    let mut wanted = vec![];
+    for ((ti, user), st) in steps.iter() {
+        let t = &triggers[*ti].trigger;
+        for j in open
+            .get(&(t.name.clone(), user.clone()))
+            .into_iter()
+            .flatten()
+        {
+            let exit = st
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Exit { at, key, .. }
+                        if key.as_ref().is_none_or(|k| *k == j.key)
+                            && j.entered_at <= *at
+                            && *at < j.due_at =>
+                    {
+                        Some(*at)
+                    }
+                    _ => None,
+                })
+                .min();
+            let (Some(x), Some(id)) = (exit, j.id) else {
+                continue;
+            };
+            if last_entry.get(&id).is_some_and(|last| *last > x) {
+                wanted.push((*ti, user.clone(), j.key.clone(), x, last_entry[&id], id));
+            }
+        }
+    }
+    let mut moved = HashMap::new();
+    if wanted.is_empty() {
+        return moved;
+    }
+    let users: Vec<String> = wanted.iter().map(|w| w.1.clone()).collect();
+    let names: Vec<String> = wanted
+        .iter()
+        .map(|w| triggers[w.0].trigger.entry_event.clone())
+        .collect();
+    let from = wanted.iter().map(|w| w.3).min().expect("not empty");
+    let to = wanted.iter().map(|w| w.4).max().expect("not empty");
+    let rows: Vec<(String, String, i64, Value)> = or_raise(
+        c.select(
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+              WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at > $3 AND occurred_at <= $4",
+            None,
+            &[users.into(), names.into(), ts(from).into(), ts(to).into()],
+        ),
+        "reading entries after a late exit",
+    )
+    .filter_map(|r| {
+        let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
+        Some((
+            r.get::<String>(1).ok().flatten()?,
+            r.get::<String>(2).ok().flatten()?,
+            micros(at),
+            r.get::<JsonB>(4).ok().flatten().map_or(Value::Null, |j| j.0),
+        ))
+    })
+    .collect();
+    for (ti, user, key, x, last, id) in wanted {
+        let t = &triggers[ti].trigger;
+        let st = steps
+            .get_mut(&(ti, user.clone()))
+            .expect("wanted comes from steps");
+        for (u, event, at, props) in &rows {
+            if *u != user
+                || *at <= x
+                || *at > last
+                || !t.enters(event, props)
+                || t.key_of(props) != key
+            {
+                continue;
+            }
+            // an entry of this very statement is already a step
+            if st
+                .iter()
+                .any(|s| matches!(s, Step::Entry { at: a, key: k, .. } if a == at && *k == key))
+            {
+                continue;
+            }
+            batch.users.push(Some(u.clone()));
+            batch.events.push(Some(event.clone()));
+            batch.times.push(Some(ts(*at)));
+            batch.props.push(Some(JsonB(props.clone())));
+            st.push(Step::Entry {
+                at: *at,
+                key: key.clone(),
+                event: batch.users.len() - 1,
+            });
+            *moved.entry(id).or_insert(0) += 1;
+        }
+    }
+    moved
 }
 
 /// For triggers that limit re-entry: when each (trigger, user, key) last
@@ -485,6 +607,14 @@ impl Writes {
         }
         if let Some((at, name)) = &j.exited {
             line(*at, "exited", Some(format!("exit event {name}")));
+        }
+    }
+
+    /// Entries that an earlier statement coalesced into this journey and that
+    /// now belong to a journey of their own.
+    fn uncoalesce(&mut self, id: i64, n: i32) {
+        if let Some(i) = self.u_id.iter().position(|x| *x == id) {
+            self.u_coalesced[i] -= n;
         }
     }
 

@@ -51,3 +51,19 @@ INSERT INTO app.orders (customer_id, cart_id, total, created_at) VALUES ('u1', '
 SELECT key, state FROM nudge.enrollments WHERE user_id = 'u1' ORDER BY entered_at;
 SELECT tgname FROM pg_trigger WHERE tgrelid = 'app.orders'::regclass AND NOT tgisinternal;
 SELECT nudge.drop_source('app.orders');
+
+-- History of two tables loaded one table at a time gives the journeys of
+-- event time: h1's cart adds (10:00 and 14:00) go in first, the 12:00 order
+-- of that cart after; h2 lives the same day in time order.
+SELECT nudge.add_source('app.orders', 'customer_id', time_column => 'created_at', event_name => 'purchased');
+INSERT INTO nudge.events (user_id, event, occurred_at, props) VALUES
+  ('h1', 'cart_added', '2026-02-01 10:00+00', '{"cart_id": "k9"}'),
+  ('h1', 'cart_added', '2026-02-01 14:00+00', '{"cart_id": "k9"}');
+SELECT key, entered_at, state, coalesced FROM nudge.enrollments WHERE user_id = 'h1';
+INSERT INTO app.orders (customer_id, cart_id, total, created_at) VALUES ('h1', 'k9', 30, '2026-02-01 12:00+00');
+SELECT nudge.track('h2', 'cart_added', '{"cart_id": "k9"}', '2026-02-01 10:00+00') > 0 AS tracked;
+INSERT INTO app.orders (customer_id, cart_id, total, created_at) VALUES ('h2', 'k9', 30, '2026-02-01 12:00+00');
+SELECT nudge.track('h2', 'cart_added', '{"cart_id": "k9"}', '2026-02-01 14:00+00') > 0 AS tracked;
+SELECT user_id, key, entered_at, state, coalesced, reason FROM nudge.enrollments
+ WHERE user_id IN ('h1', 'h2') ORDER BY user_id, entered_at;
+SELECT nudge.drop_source('app.orders');
