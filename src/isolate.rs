@@ -18,15 +18,7 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         // allocate in the caller's context, so that results outlive the subtransaction
         pg_sys::MemoryContextSwitchTo(context);
         let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
-            .catch_others(|e| {
-                Err(match e {
-                    pg_sys::panic::CaughtError::PostgresError(r)
-                    | pg_sys::panic::CaughtError::ErrorReport(r)
-                    | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                        r.message().to_string()
-                    }
-                })
-            })
+            .catch_others(|e| Err(crate::spi_util::caught_message(e)))
             .execute();
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),

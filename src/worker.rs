@@ -182,13 +182,7 @@ fn guarded<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             unsafe {
                 pg_sys::AbortCurrentTransaction();
             }
-            Err(match e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
-                    r.message().to_string()
-                }
-            })
+            Err(crate::spi_util::caught_message(e))
         })
         .execute()
 }

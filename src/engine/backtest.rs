@@ -5,7 +5,7 @@
 //! and the due ones go through the same send-time policies as run_due.
 
 use crate::engine::run_due::{profiles_of, settings, suppressions};
-use crate::spi_util::{micros, or_raise, ts};
+use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::experiment::HOLDOUT;
@@ -187,12 +187,7 @@ impl Run<'_> {
     /// among the definition's own messages.
     fn decide_due(&mut self, c: &pgrx::spi::SpiClient<'_>) {
         let t = self.t;
-        let users: Vec<String> = {
-            let mut u: Vec<String> = self.due.iter().map(|d| d.user.clone()).collect();
-            u.sort();
-            u.dedup();
-            u
-        };
+        let users = distinct(self.due.iter().map(|d| d.user.clone()));
         if users.is_empty() {
             return;
         }

@@ -3,7 +3,7 @@
 //! trigger of each source with the statement's events as four arrays.
 
 use crate::catalog::{live_triggers, LiveTrigger};
-use crate::spi_util::{micros, or_raise, ts};
+use crate::spi_util::{distinct, history, micros, or_raise, ts};
 use nudge_core::definition::{Reentry, AUDIENCE_SQL};
 use nudge_core::sequence::{keep_repeated, sequence, Journey, Step};
 use pgrx::prelude::*;
@@ -195,41 +195,28 @@ fn repeated_entries(
         users.dedup();
         // The statement's own rows are already in the source tables: an AFTER
         // trigger sees them, so the history includes the batch.
-        let rows = or_raise(
-            c.select(
-                "SELECT a.user_id, a.occurred_at, a.props FROM nudge.all_events a
-                  WHERE a.user_id = ANY ($1) AND a.event = $2 AND a.occurred_at BETWEEN $3 AND $4",
-                None,
-                &[
-                    users.into(),
-                    t.entry_event.clone().into(),
-                    ts(from).into(),
-                    ts(to).into(),
-                ],
-            ),
+        let rows = history(
+            c,
+            users,
+            vec![t.entry_event.clone()],
+            from,
+            to,
             "counting repeated entry events",
         );
-        let mut history: HashMap<String, Vec<(i64, String)>> = HashMap::new();
-        for r in rows {
-            let user: String = r.get(1).ok().flatten().unwrap_or_default();
-            let at: TimestampWithTimeZone = r.get(2).ok().flatten().expect("occurred_at");
-            let props = r
-                .get::<JsonB>(3)
-                .ok()
-                .flatten()
-                .map_or(Value::Null, |j| j.0);
-            if t.enters(&t.entry_event, &props) {
-                history
+        let mut seen_by_user: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+        for (user, event, at, props) in rows {
+            if t.enters(&event, &props) {
+                seen_by_user
                     .entry(user)
                     .or_default()
-                    .push((micros(at), t.key_of(&props)));
+                    .push((at, t.key_of(&props)));
             }
         }
         for ((i, u), st) in steps.iter_mut() {
             if *i != ti {
                 continue;
             }
-            let seen = history.get(u).map(Vec::as_slice).unwrap_or_default();
+            let seen = seen_by_user.get(u).map(Vec::as_slice).unwrap_or_default();
             keep_repeated(st, seen, min_count, within);
         }
     }
@@ -245,15 +232,13 @@ fn audience_at_entry(
     writes: &mut Writes,
 ) {
     let entering = |want: &dyn Fn(&nudge_core::definition::Trigger) -> bool| -> Vec<String> {
-        steps
+        let users = steps
             .iter()
             .filter(|((ti, _), st)| {
                 want(&triggers[*ti].trigger) && st.iter().any(|s| matches!(s, Step::Entry { .. }))
             })
-            .map(|((_, u), _)| u.clone())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect()
+            .map(|((_, u), _)| u.clone());
+        distinct(users)
     };
     let users = entering(&|t| t.audience.is_some());
     let profiles = if users.is_empty() {
@@ -349,25 +334,15 @@ fn reopen_after_late_exits(
         .collect();
     let from = wanted.iter().map(|w| w.3).min().expect("not empty");
     let to = wanted.iter().map(|w| w.4).max().expect("not empty");
-    let rows: Vec<(String, String, i64, Value)> = or_raise(
-        c.select(
-            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
-              WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at > $3 AND occurred_at <= $4",
-            None,
-            &[users.into(), names.into(), ts(from).into(), ts(to).into()],
-        ),
+    // (from, to]: the exit's own instant stays with the closed journey
+    let rows = history(
+        c,
+        users,
+        names,
+        from + 1,
+        to,
         "reading entries after a late exit",
-    )
-    .filter_map(|r| {
-        let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
-        Some((
-            r.get::<String>(1).ok().flatten()?,
-            r.get::<String>(2).ok().flatten()?,
-            micros(at),
-            r.get::<JsonB>(4).ok().flatten().map_or(Value::Null, |j| j.0),
-        ))
-    })
-    .collect();
+    );
     for (ti, user, key, x, last, id) in wanted {
         let t = &triggers[ti].trigger;
         let st = steps

@@ -5,7 +5,7 @@
 use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Composed, Inputs, Loaded};
 use crate::isolate;
-use crate::spi_util::{micros, or_raise, ts};
+use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::experiment::HOLDOUT;
@@ -571,10 +571,6 @@ fn exits_at_send_time(
         }
     }
     found
-}
-
-fn distinct(items: impl Iterator<Item = String>) -> Vec<String> {
-    items.collect::<HashSet<_>>().into_iter().collect()
 }
 
 /// Profiles of these users through nudge._profile (the built-in table, or the
