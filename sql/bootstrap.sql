@@ -88,6 +88,9 @@ CREATE TABLE nudge.enrollments (
 );
 CREATE INDEX enrollments_due ON nudge.enrollments (due_at) WHERE state = 'waiting';
 CREATE INDEX enrollments_trigger_state ON nudge.enrollments (trigger, state);
+-- capture reads a user's waiting journeys on every statement; a heavy user's
+-- ended ones would otherwise be read (and skipped) each time
+CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
 
 -- Why each enrollment did what it did; nudge.explain reads it back.
 CREATE TABLE nudge.journal (

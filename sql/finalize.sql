@@ -22,13 +22,22 @@ $$;
 CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
 LANGUAGE sql AS $$ SELECT nudge._drop_source(source::oid) $$;
 
+-- A journey's entry is its enrollment row; every later step is a journal line.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text)
 LANGUAGE sql STABLE AS $$
-    SELECT j.at, j.step, j.detail
-      FROM nudge.journal j
-     WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
-     ORDER BY j.at, j.id
+    SELECT s.at, s.step, s.detail FROM (
+        SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
+               'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
+               || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+               || coalesce(', arm ' || e.variant, '') AS detail
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+        UNION ALL
+        SELECT j.at, 1, j.id, j.step, j.detail
+          FROM nudge.journal j
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id) s
+     ORDER BY s.at, s.o, s.id
 $$;
 
 -- Per trigger and arm (each variant, 'default' without variants, and
@@ -109,6 +118,16 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
+
+-- Capture writes our tables whoever inserts the event; the fixed search_path
+-- keeps the inserting role's own objects out of the statements it runs.
+ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+-- Backends keep the compiled triggers until nudge.triggers changes, however it changes.
+CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.triggers
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
+CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.trigger_versions
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
 
 SELECT nudge.set_profile_query(NULL);
 SELECT nudge.add_source('nudge.events', 'user_id', 'event', 'occurred_at', 'props');

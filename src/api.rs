@@ -48,6 +48,26 @@ fn _capture(
     });
 }
 
+/// The capture trigger of every source (`sources` creates it; finalize.sql
+/// makes it SECURITY DEFINER, so that inserting needs no right on our tables).
+#[pg_trigger]
+fn _capture_rows<'a>(
+    t: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let args = t.extra_args()?;
+    unsafe { crate::engine::transition::capture_statement(t.trigger_data(), &args) };
+    Ok(None)
+}
+
+/// Statement trigger on nudge.triggers: every backend drops its compiled triggers.
+#[pg_trigger]
+fn _triggers_changed<'a>(
+    t: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    catalog::invalidate(t.relid()?);
+    Ok(None)
+}
+
 #[pg_extern]
 fn _add_source(
     source: pg_sys::Oid,
@@ -314,10 +334,12 @@ fn preview(
 > {
     let msg = Spi::connect(|c| {
         let t = catalog::live_triggers(c)
-            .into_iter()
+            .triggers
+            .iter()
             .find(|l| l.trigger.name == trigger)
             .unwrap_or_else(|| error!("preview: no trigger named {trigger:?}"))
-            .trigger;
+            .trigger
+            .clone();
         let anchor = or_raise(
             c.select(
                 "SELECT anchor FROM nudge.enrollments WHERE trigger = $1 AND user_id = $2 ORDER BY entered_at DESC LIMIT 1",

@@ -1,34 +1,96 @@
-//! Reads trigger definitions and templates. Definitions are small and read
-//! once per batch, so nothing is cached across statements: a redefinition is
-//! seen by the very next statement, in every backend.
+//! Reads trigger definitions and templates. The compiled triggers are kept
+//! per backend until nudge.triggers changes: a statement trigger on that
+//! table sends a relcache invalidation, which every backend (this one at its
+//! next command, others at their next transaction) turns into a re-read.
+//! Capture runs on every inserting statement, and reading and parsing the
+//! definitions each time cost more than the capture itself.
 
-use crate::spi_util::or_raise;
+use crate::spi_util::run;
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::render::Template;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 pub struct LiveTrigger {
     pub trigger: Trigger,
     pub active: bool,
 }
 
+/// Every trigger's current version, compiled, and the event names they watch.
+pub struct Catalog {
+    pub triggers: Vec<LiveTrigger>,
+    pub watched: HashSet<String>,
+}
+
+thread_local! {
+    static CACHED: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
+    static TRIGGERS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static VERSIONS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static LISTENING: Cell<bool> = const { Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // InvalidOid: the whole relcache is being reset
+    if relid == pg_sys::InvalidOid
+        || relid == TRIGGERS_RELID.with(Cell::get)
+        || relid == VERSIONS_RELID.with(Cell::get)
+    {
+        CACHED.with(|c| c.borrow_mut().take());
+    }
+}
+
+/// Tells every backend to re-read the triggers (called by the statement
+/// triggers on nudge.triggers and trigger_versions, so hand edits count too).
+pub fn invalidate(relid: pg_sys::Oid) {
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    CACHED.with(|c| c.borrow_mut().take());
+}
+
+fn relid(c: &SpiClient<'_>, table: &str) -> pg_sys::Oid {
+    run(
+        c,
+        "SELECT $1::regclass::oid",
+        &[table.into()],
+        "finding our tables",
+    )
+    .first()
+    .get::<pg_sys::Oid>(1)
+    .ok()
+    .flatten()
+    .unwrap_or(pg_sys::InvalidOid)
+}
+
 /// The current version of every trigger (active or paused).
-pub fn live_triggers(c: &SpiClient<'_>) -> Vec<LiveTrigger> {
-    let rows = or_raise(
-        c.select(
-            "SELECT t.name, t.version, t.status = 'active', v.definition
-               FROM nudge.triggers t
-               JOIN nudge.trigger_versions v ON v.trigger = t.name AND v.version = t.version
-              ORDER BY t.name",
-            None,
-            &[],
-        ),
+pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
+    if let Some(cached) = CACHED.with(|k| k.borrow().clone()) {
+        return cached;
+    }
+    if !LISTENING.with(Cell::get) {
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(on_relcache_invalidation),
+                pg_sys::Datum::from(0),
+            )
+        };
+        LISTENING.with(|l| l.set(true));
+    }
+    TRIGGERS_RELID.with(|r| r.set(relid(c, "nudge.triggers")));
+    VERSIONS_RELID.with(|r| r.set(relid(c, "nudge.trigger_versions")));
+    let rows = run(
+        c,
+        "SELECT t.name, t.version, t.status = 'active', v.definition
+           FROM nudge.triggers t
+           JOIN nudge.trigger_versions v ON v.trigger = t.name AND v.version = t.version
+          ORDER BY t.name",
+        &[],
         "reading triggers",
     );
-    let mut out = Vec::new();
+    let mut triggers = Vec::new();
     for row in rows {
         let name: String = row.get(1).ok().flatten().unwrap_or_default();
         let version: i32 = row.get(2).ok().flatten().unwrap_or_default();
@@ -40,11 +102,18 @@ pub fn live_triggers(c: &SpiClient<'_>) -> Vec<LiveTrigger> {
             .ok_or("no definition".to_string())
             .and_then(|d| compile(&name, version, &d.0))
         {
-            Ok(trigger) => out.push(LiveTrigger { trigger, active }),
+            Ok(trigger) => triggers.push(LiveTrigger { trigger, active }),
             Err(e) => warning!("pg_nudge: trigger {name} v{version} skipped: {e}"),
         }
     }
-    out
+    let watched = triggers
+        .iter()
+        // paused triggers too: their waiting journeys still exit
+        .flat_map(|l| l.trigger.watched_events().map(str::to_owned))
+        .collect();
+    let catalog = Rc::new(Catalog { triggers, watched });
+    CACHED.with(|k| *k.borrow_mut() = Some(catalog.clone()));
+    catalog
 }
 
 pub fn compile(name: &str, version: i32, def: &serde_json::Value) -> Result<Trigger, String> {
@@ -57,12 +126,10 @@ pub fn templates(
     c: &SpiClient<'_>,
     names: Vec<String>,
 ) -> HashMap<String, Result<Template, String>> {
-    let rows = or_raise(
-        c.select(
-            "SELECT name, subject, html, text_body FROM nudge.templates WHERE name = ANY($1)",
-            None,
-            &[names.into()],
-        ),
+    let rows = run(
+        c,
+        "SELECT name, subject, html, text_body FROM nudge.templates WHERE name = ANY($1)",
+        &[names.into()],
         "reading templates",
     );
     let mut out = HashMap::new();

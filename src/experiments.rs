@@ -2,7 +2,7 @@
 //! periodic check that picks one. Every change of allocation is a row of
 //! `nudge.allocations`, so the history of an experiment can be read back.
 
-use crate::spi_util::or_raise;
+use crate::spi_util::{or_raise, run};
 use nudge_core::definition::Trigger;
 use nudge_core::experiment::{winner, ArmStats};
 use pgrx::spi::SpiClient;
@@ -18,17 +18,10 @@ pub fn winners(c: &SpiClient<'_>, triggers: Vec<&Trigger>) -> HashMap<String, St
         .iter()
         .map(|t| (t.name.clone(), t.experiment.clone()))
         .unzip();
-    or_raise(
-        c.select(
-            "SELECT DISTINCT ON (a.trigger) a.trigger, a.winner
+    run(c, "SELECT DISTINCT ON (a.trigger) a.trigger, a.winner
                FROM nudge.allocations a
                JOIN unnest($1::text[], $2::text[]) AS x(trigger, experiment) USING (trigger, experiment)
-              ORDER BY a.trigger, a.at DESC",
-            None,
-            &[names.into(), experiments.into()],
-        ),
-        "reading experiment winners",
-    )
+              ORDER BY a.trigger, a.at DESC", &[names.into(), experiments.into()], "reading experiment winners")
     .filter_map(|r| Some((r.get::<String>(1).ok().flatten()?, r.get::<String>(2).ok().flatten()?)))
     .collect()
 }
@@ -37,9 +30,10 @@ pub fn winners(c: &SpiClient<'_>, triggers: Vec<&Trigger>) -> HashMap<String, St
 /// the winners it finds. Returns (trigger, winner) of the new allocations.
 pub fn evaluate(c: &mut SpiClient<'_>) -> Vec<(String, String)> {
     let triggers: Vec<Trigger> = crate::catalog::live_triggers(c)
-        .into_iter()
+        .triggers
+        .iter()
         .filter(|l| l.active && l.trigger.optimize.is_some())
-        .map(|l| l.trigger)
+        .map(|l| l.trigger.clone())
         .collect();
     let decided = winners(c, triggers.iter().collect());
     let mut changes = vec![];
@@ -78,14 +72,7 @@ pub fn evaluate(c: &mut SpiClient<'_>) -> Vec<(String, String)> {
             "alpha": o.alpha,
             "arms": arms.iter().map(|a| serde_json::json!({"arm": a.name, "sent": a.sent, o.metric.clone(): a.hits})).collect::<Vec<_>>(),
         });
-        or_raise(
-            c.update(
-                "INSERT INTO nudge.allocations (trigger, experiment, winner, evidence) VALUES ($1, $2, $3, $4)",
-                None,
-                &[t.name.clone().into(), t.experiment.clone().into(), best.name.clone().into(), JsonB(evidence).into()],
-            ),
-            "recording the winner",
-        );
+        run(c, "INSERT INTO nudge.allocations (trigger, experiment, winner, evidence) VALUES ($1, $2, $3, $4)", &[t.name.clone().into(), t.experiment.clone().into(), best.name.clone().into(), JsonB(evidence).into()], "recording the winner");
         changes.push((t.name.clone(), best.name.clone()));
     }
     changes

@@ -70,21 +70,8 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             ),
             "registering the source",
         );
-        let f = function_name(source);
         or_raise(
-            c.update(&map.capture_function(&f), None, &[]),
-            "creating the capture function",
-        );
-        or_raise(
-            c.update(
-                &format!(
-                    "CREATE TRIGGER nudge_capture AFTER INSERT ON {table}
-                     REFERENCING NEW TABLE AS nudge_new_rows
-                     FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
-                ),
-                None,
-                &[],
-            ),
+            c.update(&map.capture_trigger(&table), None, &[]),
             "creating the capture trigger",
         );
         rebuild_all_events(c);
@@ -114,14 +101,23 @@ pub fn drop(source: pg_sys::Oid) {
             ),
             "dropping the trigger",
         );
-        or_raise(
-            c.update(
-                &format!("DROP FUNCTION IF EXISTS {}()", function_name(source)),
+        // the per-source plpgsql function of a source added by 0.1.0
+        let old = function_name(source) + "()";
+        let exists = or_raise(
+            c.select(
+                "SELECT 1 WHERE to_regprocedure($1) IS NOT NULL",
                 None,
-                &[],
+                &[old.clone().into()],
             ),
-            "dropping the function",
-        );
+            "finding the 0.1.0 capture function",
+        )
+        .len();
+        if exists > 0 {
+            or_raise(
+                c.update(&format!("DROP FUNCTION {old}"), None, &[]),
+                "dropping the function",
+            );
+        }
         rebuild_all_events(c);
     })
 }

@@ -1,6 +1,12 @@
 //! Small conversions between pgrx and nudge-core types.
 
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiTupleTable};
+use pgrx::PgOid;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// nudge-core counts time in microseconds; Postgres' timestamptz is
 /// microseconds since 2000-01-01 UTC, so the two meet without conversion.
@@ -10,6 +16,35 @@ pub fn micros(t: TimestampWithTimeZone) -> i64 {
 
 pub fn ts(us: i64) -> TimestampWithTimeZone {
     TimestampWithTimeZone::try_from(us).unwrap_or_else(|e| error!("timestamp out of range: {e:?}"))
+}
+
+thread_local! {
+    /// Plans of our own statements, kept for the life of the backend: parsing
+    /// and planning cost more than running most of them (capture runs a few
+    /// per inserting statement). PostgreSQL's plan cache revalidates them when
+    /// a table they use changes.
+    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// Runs one of pg_nudge's own statements to completion through its kept plan.
+/// Each call site passes the same argument types every time.
+pub fn run<'c>(
+    c: &SpiClient<'c>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+    doing: &str,
+) -> SpiTupleTable<'c> {
+    let plan = match PLANS.with(|p| p.borrow().get(sql).cloned()) {
+        Some(plan) => plan,
+        None => {
+            let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
+            // prepare_mut: run as a read-write statement (DML, nextval, locks)
+            let plan = Rc::new(or_raise(c.prepare_mut(sql, &types), doing).keep());
+            PLANS.with(|p| p.borrow_mut().insert(sql, plan.clone()));
+            plan
+        }
+    };
+    or_raise(c.select(&*plan, None, args), doing)
 }
 
 /// Raises a Postgres ERROR for a failed SPI call, naming what was being done.
@@ -58,6 +93,44 @@ pub fn caught_message(e: pg_sys::panic::CaughtError) -> String {
     }
 }
 
+/// The keys a history read is about: their JSON values at `path`, the same
+/// as text, and whether a missing key (key '') is one of them.
+pub struct KeyFilter {
+    pub path: Vec<String>,
+    pub values: Vec<pgrx::JsonB>,
+    pub texts: Vec<String>,
+    pub missing: bool,
+}
+
+impl KeyFilter {
+    /// The filter for the keys these events (props) have under `trigger`,
+    /// or None when the trigger has no key.
+    pub fn of<'a>(
+        trigger: &nudge_core::definition::Trigger,
+        props: impl Iterator<Item = &'a serde_json::Value>,
+    ) -> Option<KeyFilter> {
+        let path = trigger.key_path.as_ref()?;
+        let mut f = KeyFilter {
+            path: path.clone(),
+            values: vec![],
+            texts: vec![],
+            missing: false,
+        };
+        let mut seen = std::collections::HashSet::new();
+        for p in props {
+            let text = trigger.key_of(p);
+            f.missing |= text.is_empty();
+            if let Some(v) = nudge_core::predicate::lookup(p, path) {
+                if seen.insert(text.clone()) {
+                    f.values.push(pgrx::JsonB(v.clone()));
+                    f.texts.push(text);
+                }
+            }
+        }
+        Some(f)
+    }
+}
+
 /// Events of these users and names in [from, to] from every source, as
 /// (user, event, time, props): the history capture reads back.
 pub fn history(
@@ -66,18 +139,40 @@ pub fn history(
     events: Vec<String>,
     from: i64,
     to: i64,
+    keys: Option<KeyFilter>,
     doing: &str,
 ) -> Vec<(String, String, i64, serde_json::Value)> {
-    or_raise(
-        c.select(
+    let rows = match keys {
+        None => run(
+            c,
             "SELECT user_id, event, occurred_at, props FROM nudge.all_events
               WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4",
-            None,
             &[users.into(), events.into(), ts(from).into(), ts(to).into()],
+            doing,
         ),
-        doing,
-    )
-    .filter_map(|r| {
+        // Only events whose key is one of these (compared as JSON and as
+        // text, so that every row Trigger::key_of would match is kept):
+        // a heavy user's other keys stay in the table.
+        Some(k) => run(
+            c,
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+              WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4
+                AND (props #> $5 = ANY ($6) OR props #>> $5 = ANY ($7)
+                     OR ($8 AND coalesce(props #> $5, 'null') = 'null'))",
+            &[
+                users.into(),
+                events.into(),
+                ts(from).into(),
+                ts(to).into(),
+                k.path.into(),
+                k.values.into(),
+                k.texts.into(),
+                k.missing.into(),
+            ],
+            doing,
+        ),
+    };
+    rows.filter_map(|r| {
         let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
         Some((
             r.get::<String>(1).ok().flatten()?,

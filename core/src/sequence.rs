@@ -31,7 +31,7 @@ pub enum Step {
 }
 
 impl Step {
-    fn at(&self) -> Micros {
+    pub fn at(&self) -> Micros {
         match self {
             Step::Entry { at, .. } | Step::Exit { at, .. } => *at,
         }
@@ -113,36 +113,40 @@ pub fn sequence(
     steps.sort_by_key(|s| (s.at(), matches!(s, Step::Exit { .. })));
     let mut journeys = existing;
     let mut blocked = vec![];
+    // Indexes into `journeys`, so that a heavy user's thousands of steps stay
+    // linear: per key, and the journeys an exit of any key may still close.
+    let mut by_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, j) in journeys.iter().enumerate() {
+        by_key.entry(j.key.clone()).or_default().push(i);
+    }
+    let mut closable: Vec<usize> = (0..journeys.len()).collect();
     for step in steps {
         match step {
             Step::Entry { at, key, event } => {
+                let same_key = by_key.get(&key).map(Vec::as_slice).unwrap_or_default();
+                let find = |f: &dyn Fn(&Journey) -> bool| {
+                    same_key.iter().copied().find(|i| f(&journeys[*i]))
+                };
                 let open = match reentry {
                     // a journey per entry event; two at the same instant are one
-                    Reentry::EveryTime => journeys
-                        .iter()
-                        .position(|j| j.key == key && j.entered_at == at),
-                    _ => journeys
-                        .iter()
-                        .position(|j| j.key == key && j.covers(at))
-                        .or_else(|| {
-                            // An entry that arrives late, before a journey already open for
-                            // this key but within one wait of it, joins that journey rather
-                            // than opening an overlapping one.
-                            journeys.iter().position(|j| {
-                                j.key == key
-                                    && j.exited.is_none()
-                                    && at < j.entered_at
-                                    && at + wait > j.entered_at
-                            })
-                        }),
+                    Reentry::EveryTime => find(&|j| j.entered_at == at),
+                    _ => find(&|j| j.covers(at)).or_else(|| {
+                        // An entry that arrives late, before a journey already open for
+                        // this key but within one wait of it, joins that journey rather
+                        // than opening an overlapping one.
+                        find(&|j| {
+                            j.exited.is_none() && at < j.entered_at && at + wait > j.entered_at
+                        })
+                    }),
                 };
                 if let Some(i) = open {
                     journeys[i].coalesced.push(at);
                     continue;
                 }
-                let last_end = journeys
+                let last_end = same_key
                     .iter()
-                    .filter(|j| j.key == key && j.entered_at <= at)
+                    .map(|i| &journeys[*i])
+                    .filter(|j| j.entered_at <= at)
                     .map(Journey::end)
                     .chain(ended.get(&key).copied())
                     .max();
@@ -158,24 +162,35 @@ pub fn sequence(
                 };
                 match refusal {
                     Some(reason) => blocked.push(Blocked { at, key, reason }),
-                    None => journeys.push(Journey {
-                        id: None,
-                        key,
-                        entered_at: at,
-                        due_at: at + wait,
-                        anchor: Some(event),
-                        coalesced: vec![],
-                        exited: None,
-                    }),
+                    None => {
+                        by_key.entry(key.clone()).or_default().push(journeys.len());
+                        closable.push(journeys.len());
+                        journeys.push(Journey {
+                            id: None,
+                            key,
+                            entered_at: at,
+                            due_at: at + wait,
+                            anchor: Some(event),
+                            coalesced: vec![],
+                            exited: None,
+                        });
+                    }
                 }
             }
             Step::Exit { at, key, name } => {
-                for j in journeys.iter_mut() {
-                    let key_ok = key.as_ref().is_none_or(|k| *k == j.key);
-                    if key_ok && j.exited.is_none() && j.entered_at <= at && at < j.due_at {
+                let candidates: &[usize] = match &key {
+                    Some(k) => by_key.get(k).map(Vec::as_slice).unwrap_or_default(),
+                    None => &closable,
+                };
+                for i in candidates {
+                    let j = &mut journeys[*i];
+                    if j.exited.is_none() && j.entered_at <= at && at < j.due_at {
                         j.exited = Some((at, name.clone()));
                     }
                 }
+                // steps come in time order: a journey due by now, or exited,
+                // is closed by no later exit
+                closable.retain(|i| journeys[*i].exited.is_none() && journeys[*i].due_at > at);
             }
         }
     }
@@ -193,13 +208,24 @@ pub fn keep_repeated(
     min_count: u32,
     within: Micros,
 ) {
+    // times per key, sorted: each step counts its window by two binary
+    // searches (a heavy user's history is tens of thousands of events)
+    let mut by_key: std::collections::HashMap<&str, Vec<Micros>> = Default::default();
+    for (at, key) in history {
+        by_key.entry(key.as_str()).or_default().push(*at);
+    }
+    for times in by_key.values_mut() {
+        times.sort_unstable();
+    }
     steps.retain(|s| match s {
         Step::Entry { at, key, .. } => {
-            let n = history
-                .iter()
-                .filter(|(e, k)| k == key && *e <= *at && *e >= at - within)
-                .count();
-            n as u32 >= min_count
+            let times = by_key
+                .get(key.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let first = times.partition_point(|e| *e < at - within);
+            let last = times.partition_point(|e| e <= at);
+            last.saturating_sub(first) as u32 >= min_count
         }
         Step::Exit { .. } => true,
     });

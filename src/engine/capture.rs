@@ -3,7 +3,7 @@
 //! trigger of each source with the statement's events as four arrays.
 
 use crate::catalog::{live_triggers, LiveTrigger};
-use crate::spi_util::{distinct, history, micros, or_raise, ts};
+use crate::spi_util::{distinct, history, micros, run, ts, KeyFilter};
 use nudge_core::definition::{Reentry, AUDIENCE_SQL};
 use nudge_core::sequence::{keep_repeated, sequence, Journey, Step};
 use pgrx::prelude::*;
@@ -31,7 +31,8 @@ pub struct Batch {
 pub fn capture(batch: Batch) {
     let mut batch = batch;
     Spi::connect_mut(|c| {
-        let triggers = live_triggers(c);
+        let catalog = live_triggers(c);
+        let triggers = &catalog.triggers;
         if triggers.is_empty() {
             return;
         }
@@ -40,7 +41,7 @@ pub fn capture(batch: Batch) {
             return;
         }
         let mut writes = Writes::default();
-        repeated_entries(c, &mut steps, &triggers);
+        repeated_entries(c, &mut steps, triggers, &batch);
         audience_at_entry(c, &mut steps, &triggers, &mut writes);
         lock_users(c, steps.keys().map(|(_, u)| u.clone()).collect());
 
@@ -48,17 +49,23 @@ pub fn capture(batch: Batch) {
             .keys()
             .map(|(t, u)| (triggers[*t].trigger.name.clone(), u.clone()))
             .unzip();
-        let rows = or_raise(
-            c.update(
-                "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at
-                   FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
-                   JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
-                  WHERE e.state = 'waiting'
-                  ORDER BY e.entered_at
-                    FOR UPDATE OF e",
-                None,
-                &[pair_t.into(), pair_u.into()],
-            ),
+        // A journey due before the batch's first event is beyond its reach
+        // (no entry can join it, no exit close it): only run_due still wants it.
+        let first = steps
+            .values()
+            .flatten()
+            .map(Step::at)
+            .min()
+            .unwrap_or(i64::MAX); // every entry turned away: nothing to read
+        let rows = run(
+            c,
+            "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at
+               FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
+               JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
+              WHERE e.state = 'waiting' AND e.due_at >= $3
+              ORDER BY e.entered_at
+                FOR UPDATE OF e",
+            &[pair_t.into(), pair_u.into(), ts(first).into()],
             "reading waiting enrollments",
         );
         let mut open: BTreeMap<(String, String), Vec<Journey>> = BTreeMap::new();
@@ -81,7 +88,7 @@ pub fn capture(batch: Batch) {
 
         let moved =
             reopen_after_late_exits(c, &mut steps, &open, &last_entry, &triggers, &mut batch);
-        let ended = ended_journeys(c, &steps, &triggers);
+        let ended = ended_journeys(c, &steps, triggers, first);
         let winners = crate::experiments::winners(
             c,
             triggers
@@ -134,32 +141,26 @@ pub fn capture(batch: Batch) {
 /// takes the all-users key exclusively. Same order everywhere: no deadlock.
 fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSet<String>) {
     if users.len() > MAX_USER_LOCKS {
-        or_raise(
-            c.update(
-                "SELECT pg_advisory_xact_lock($1, 0)",
-                None,
-                &[ALL_USERS_LOCK_CLASS.into()],
-            ),
+        run(
+            c,
+            "SELECT pg_advisory_xact_lock($1, 0)",
+            &[ALL_USERS_LOCK_CLASS.into()],
             "locking all users",
         );
         return;
     }
-    or_raise(
-        c.update(
-            "SELECT pg_advisory_xact_lock_shared($1, 0)",
-            None,
-            &[ALL_USERS_LOCK_CLASS.into()],
-        ),
+    run(
+        c,
+        "SELECT pg_advisory_xact_lock_shared($1, 0)",
+        &[ALL_USERS_LOCK_CLASS.into()],
         "locking users",
     );
     let users: Vec<String> = users.into_iter().collect();
-    or_raise(
-        c.update(
-            "SELECT count(pg_advisory_xact_lock($1, h))
+    run(
+        c,
+        "SELECT count(pg_advisory_xact_lock($1, h))
                FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
-            None,
-            &[USER_LOCK_CLASS.into(), users.into()],
-        ),
+        &[USER_LOCK_CLASS.into(), users.into()],
         "locking users",
     );
 }
@@ -172,6 +173,7 @@ fn repeated_entries(
     c: &pgrx::spi::SpiClient<'_>,
     steps: &mut BTreeMap<(usize, String), Vec<Step>>,
     triggers: &[LiveTrigger],
+    batch: &Batch,
 ) {
     for (ti, lt) in triggers.iter().enumerate() {
         let t = &lt.trigger;
@@ -179,11 +181,13 @@ fn repeated_entries(
             continue;
         };
         let mut users = vec![];
+        let mut entries = vec![];
         let (mut from, mut to) = (i64::MAX, i64::MIN);
         for ((i, u), st) in steps.iter() {
             for s in st.iter().filter(|_| *i == ti) {
-                if let Step::Entry { at, .. } = s {
+                if let Step::Entry { at, event, .. } = s {
                     users.push(u.clone());
+                    entries.push(*event);
                     from = from.min(at - within);
                     to = to.max(*at);
                 }
@@ -201,6 +205,12 @@ fn repeated_entries(
             vec![t.entry_event.clone()],
             from,
             to,
+            KeyFilter::of(
+                t,
+                entries
+                    .iter()
+                    .filter_map(|i| batch.props.get(*i).and_then(|p| p.as_ref()).map(|p| &p.0)),
+            ),
             "counting repeated entry events",
         );
         let mut seen_by_user: HashMap<String, Vec<(i64, String)>> = HashMap::new();
@@ -341,6 +351,7 @@ fn reopen_after_late_exits(
         names,
         from + 1,
         to,
+        None,
         "reading entries after a late exit",
     );
     for (ti, user, key, x, last, id) in wanted {
@@ -385,31 +396,44 @@ fn ended_journeys(
     c: &pgrx::spi::SpiClient<'_>,
     steps: &BTreeMap<(usize, String), Vec<Step>>,
     triggers: &[LiveTrigger],
+    first: i64,
 ) -> HashMap<(String, String), HashMap<String, i64>> {
-    let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
-        .keys()
-        .filter(|(ti, _)| {
-            matches!(
-                triggers[*ti].trigger.reentry,
-                Reentry::Once | Reentry::Cooldown(_)
-            )
-        })
-        .map(|(ti, u)| (triggers[*ti].trigger.name.clone(), u.clone()))
-        .unzip();
+    // (trigger, user, key) of every entry of a trigger that limits re-entry
+    let mut wanted = std::collections::BTreeSet::new();
+    for ((ti, u), st) in steps {
+        let t = &triggers[*ti].trigger;
+        if matches!(t.reentry, Reentry::Once | Reentry::Cooldown(_)) {
+            for s in st {
+                if let Step::Entry { key, .. } = s {
+                    wanted.insert((t.name.clone(), u.clone(), key.clone()));
+                }
+            }
+        }
+    }
     let mut out: HashMap<(String, String), HashMap<String, i64>> = HashMap::new();
-    if pair_t.is_empty() {
+    if wanted.is_empty() {
         return out;
     }
-    let rows = or_raise(
-        c.select(
-            "SELECT p.trigger, p.user_id, e.key, max(coalesce(e.exited_at, e.due_at))
-               FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
-               JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
-              WHERE e.state <> 'waiting'
-              GROUP BY 1, 2, 3",
-            None,
-            &[pair_t.into(), pair_u.into()],
-        ),
+    let (mut w_t, mut w_u, mut w_k) = (vec![], vec![], vec![]);
+    for (t, u, k) in wanted {
+        w_t.push(t);
+        w_u.push(u);
+        w_k.push(k);
+    }
+    // The journeys of one key follow each other (an entry joins an open one),
+    // so the last one entered is the last one ended: one index probe per key
+    // instead of a heavy user's whole history. A journey still waiting but
+    // due before the batch (not read as open) has ended for this purpose.
+    let rows = run(
+        c,
+        "SELECT p.trigger, p.user_id, p.key, l.ended
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS p(trigger, user_id, key)
+           CROSS JOIN LATERAL (
+                SELECT coalesce(e.exited_at, e.due_at) AS ended FROM nudge.enrollments e
+                 WHERE e.user_id = p.user_id AND e.trigger = p.trigger AND e.key = p.key
+                   AND (e.state <> 'waiting' OR e.due_at < $4)
+                 ORDER BY e.entered_at DESC LIMIT 1) l",
+        &[w_t.into(), w_u.into(), w_k.into(), ts(first).into()],
         "reading ended enrollments",
     );
     for r in rows {
@@ -493,6 +517,8 @@ struct Writes {
     j_at: Vec<TimestampWithTimeZone>,
     j_step: Vec<String>,
     j_detail: Vec<Option<String>>,
+    // turned-away entries: (user, trigger, step, rule) -> (first, last, count, first reason)
+    notes: BTreeMap<(String, String, String, String), (i64, i64, usize, String)>,
 }
 
 impl Writes {
@@ -555,24 +581,8 @@ impl Writes {
             self.j_step.push(step.to_owned());
             self.j_detail.push(detail);
         };
-        if j.id.is_none() {
-            let key = if j.key.is_empty() {
-                String::new()
-            } else {
-                format!(" key {}", j.key)
-            };
-            line(
-                j.entered_at,
-                "entered",
-                Some(format!(
-                    "v{}{key}, due {}{}",
-                    t.version,
-                    nudge_core::time::format_pg_utc(j.due_at),
-                    arm.as_deref()
-                        .map_or(String::new(), |a| format!(", arm {a}"))
-                )),
-            );
-        }
+        // No "entered" line: nudge.explain reads entries from the enrollments
+        // themselves (a bulk load would write one line per journey otherwise).
         for at in &j.coalesced {
             line(
                 *at,
@@ -593,28 +603,44 @@ impl Writes {
         }
     }
 
-    /// A journal line about no enrollment (an entry that was turned away).
+    /// An entry that was turned away. A statement's refusals of one user by
+    /// one trigger for one rule (the reason up to its ':') make one journal
+    /// line: the first refusal's reason, and how many there were.
     fn note(&mut self, user: &str, trigger: &str, at: i64, step: &str, detail: String) {
-        self.j_user.push(user.to_owned());
-        self.j_trigger.push(trigger.to_owned());
-        self.j_enrollment.push(None);
-        self.j_new.push(None);
-        self.j_at.push(ts(at));
-        self.j_step.push(step.to_owned());
-        self.j_detail.push(Some(detail));
+        let rule = detail.split(':').next().unwrap_or_default().to_owned();
+        let n = self
+            .notes
+            .entry((user.to_owned(), trigger.to_owned(), step.to_owned(), rule))
+            .or_insert((at, at, 0, detail.clone()));
+        if at < n.0 {
+            n.0 = at;
+            n.3 = detail;
+        }
+        n.1 = n.1.max(at);
+        n.2 += 1;
     }
 
     fn flush(mut self, c: &mut pgrx::spi::SpiClient<'_>) {
+        for ((user, trigger, step, _), (first, last, n, detail)) in std::mem::take(&mut self.notes)
+        {
+            self.j_user.push(user);
+            self.j_trigger.push(trigger);
+            self.j_enrollment.push(None);
+            self.j_new.push(None);
+            self.j_at.push(ts(first));
+            self.j_step.push(step);
+            self.j_detail.push(Some(if n == 1 {
+                detail
+            } else {
+                format!(
+                    "{detail} ({n} entry events, the last at {})",
+                    nudge_core::time::format_pg_utc(last)
+                )
+            }));
+        }
         if !self.n_trigger.is_empty() {
             // Ids first, so that journal lines can name the enrollments they describe.
-            let ids: Vec<i64> = or_raise(
-                c.update(
-                    "SELECT nextval(pg_get_serial_sequence('nudge.enrollments', 'id')) FROM generate_series(1, $1)",
-                    None,
-                    &[(self.n_trigger.len() as i32).into()],
-                ),
-                "allocating enrollment ids",
-            )
+            let ids: Vec<i64> = run(c, "SELECT nextval(pg_get_serial_sequence('nudge.enrollments', 'id')) FROM generate_series(1, $1)", &[(self.n_trigger.len() as i32).into()], "allocating enrollment ids")
             .map(|r| r.get::<i64>(1).ok().flatten().expect("nextval is not null"))
             .collect();
             for (e, n) in self.j_enrollment.iter_mut().zip(&self.j_new) {
@@ -622,9 +648,7 @@ impl Writes {
                     *e = Some(ids[*n]);
                 }
             }
-            or_raise(
-                c.update(
-                    "INSERT INTO nudge.enrollments
+            run(c, "INSERT INTO nudge.enrollments
                        (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
                         coalesced, last_entry_at, exited_at, state, reason, variant)
                      SELECT id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
@@ -634,9 +658,7 @@ impl Writes {
                                    $7::timestamptz[], $8::jsonb[], $9::text[], $10::int[], $11::timestamptz[],
                                    $12::timestamptz[], $13::text[], $14::text[])
                          AS n(id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                              coalesced, last_entry_at, exited_at, reason, variant)",
-                    None,
-                    &[
+                              coalesced, last_entry_at, exited_at, reason, variant)", &[
                         ids.into(),
                         std::mem::take(&mut self.n_trigger).into(),
                         std::mem::take(&mut self.n_version).into(),
@@ -651,15 +673,10 @@ impl Writes {
                         std::mem::take(&mut self.n_exited).into(),
                         std::mem::take(&mut self.n_reason).into(),
                         std::mem::take(&mut self.n_variant).into(),
-                    ],
-                ),
-                "opening enrollments",
-            );
+                    ], "opening enrollments");
         }
         if !self.u_id.is_empty() {
-            or_raise(
-                c.update(
-                    "UPDATE nudge.enrollments e
+            run(c, "UPDATE nudge.enrollments e
                         SET coalesced = e.coalesced + u.coalesced,
                             last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
                             exited_at = u.exited_at,
@@ -668,19 +685,14 @@ impl Writes {
                             updated_at = now()
                        FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[])
                          AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
-                      WHERE e.user_id = u.user_id AND e.id = u.id",
-                    None,
-                    &[
+                      WHERE e.user_id = u.user_id AND e.id = u.id", &[
                         std::mem::take(&mut self.u_id).into(),
                         std::mem::take(&mut self.u_user).into(),
                         std::mem::take(&mut self.u_coalesced).into(),
                         std::mem::take(&mut self.u_last_entry).into(),
                         std::mem::take(&mut self.u_exited).into(),
                         std::mem::take(&mut self.u_reason).into(),
-                    ],
-                ),
-                "updating enrollments",
-            );
+                    ], "updating enrollments");
         }
         if !self.j_user.is_empty() {
             crate::engine::run_due::journal(

@@ -6,3 +6,4 @@ pub mod backtest;
 pub mod capture;
 pub mod compose;
 pub mod run_due;
+pub mod transition;

@@ -5,7 +5,7 @@
 use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Composed, Inputs, Loaded};
 use crate::isolate;
-use crate::spi_util::{distinct, micros, or_raise, ts};
+use crate::spi_util::{distinct, micros, run, ts};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::experiment::HOLDOUT;
@@ -64,8 +64,9 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             };
         }
         let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
-            .into_iter()
-            .map(|l| (l.trigger.name.clone(), l.trigger))
+            .triggers
+            .iter()
+            .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
             .collect();
         // A trigger whose stored definition no longer compiles was skipped by
         // live_triggers (with a warning): its due enrollments fail, with the
@@ -258,12 +259,10 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         record(c, &due, outcomes);
         if written > 0 {
             // One wake-up per batch, never one per message.
-            or_raise(
-                c.update(
-                    "SELECT pg_notify('nudge_outbox', $1::text)",
-                    None,
-                    &[written.into()],
-                ),
+            run(
+                c,
+                "SELECT pg_notify('nudge_outbox', $1::text)",
+                &[written.into()],
                 "notifying",
             );
         }
@@ -362,12 +361,10 @@ pub fn context_of(
 
 /// The database-wide policy settings (nudge.configure); validated when set.
 pub fn settings(c: &SpiClient<'_>) -> Settings {
-    let v = or_raise(
-        c.select(
-            "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
-            None,
-            &[],
-        ),
+    let v = run(
+        c,
+        "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
+        &[],
         "reading settings",
     )
     .first()
@@ -403,18 +400,11 @@ fn recent_messages(
         return vec![];
     }
     let users = distinct(candidates.iter().map(|c| c.user.to_owned()));
-    let rows = or_raise(
-        c.select(
-            "SELECT o.user_id, o.trigger, o.priority, o.available_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
+    let rows = run(c, "SELECT o.user_id, o.trigger, o.priority, o.available_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
                FROM nudge.outbox o
                LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
               WHERE o.user_id = ANY ($1) AND NOT o.transactional AND o.status <> 'dead'
-                AND o.available_at > $2",
-            None,
-            &[users.into(), ts(earliest - reach).into()],
-        ),
-        "reading recent messages",
-    );
+                AND o.available_at > $2", &[users.into(), ts(earliest - reach).into()], "reading recent messages");
     rows.map(|r| {
         let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
         let t = |i| {
@@ -448,13 +438,11 @@ pub fn suppressions(
         .filter_map(|p| p.as_ref().ok()?.get("email").and_then(Value::as_str))
         .map(|e| e.trim().to_lowercase())
         .collect();
-    let rows = or_raise(
-        c.select(
-            "SELECT email, user_id, reason, message_key FROM nudge.suppressions
+    let rows = run(
+        c,
+        "SELECT email, user_id, reason, message_key FROM nudge.suppressions
               WHERE email = ANY ($1) OR user_id = ANY ($2)",
-            None,
-            &[emails.into(), users.into()],
-        ),
+        &[emails.into(), users.into()],
         "reading suppressions",
     );
     let mut out = HashMap::new();
@@ -468,9 +456,9 @@ pub fn suppressions(
 }
 
 fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
-    let rows = or_raise(
-        c.update(
-            "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
+    let rows = run(
+        c,
+        "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
                                  || extract(epoch FROM e.entered_at)::text),
                     e.variant
@@ -480,9 +468,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
               ORDER BY e.due_at
               LIMIT $2
                 FOR UPDATE OF e SKIP LOCKED",
-            None,
-            &[as_of.into(), max.max(0).into()],
-        ),
+        &[as_of.into(), max.max(0).into()],
         "claiming due enrollments",
     );
     rows.map(|r| {
@@ -535,19 +521,12 @@ fn exits_at_send_time(
     if idx.is_empty() {
         return found;
     }
-    let rows = or_raise(
-        c.select(
-            "SELECT b.i, a.event, a.props, a.occurred_at
+    let rows = run(c, "SELECT b.i, a.event, a.props, a.occurred_at
                FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(i, user_id, f, t)
                JOIN nudge.all_events a
                  ON a.user_id = b.user_id AND a.occurred_at >= b.f AND a.occurred_at < b.t
               WHERE a.event = ANY ($5)
-              ORDER BY b.i, a.occurred_at",
-            None,
-            &[idx.into(), users.into(), from.into(), to.into(), names.into_iter().collect::<Vec<_>>().into()],
-        ),
-        "re-checking exit events",
-    );
+              ORDER BY b.i, a.occurred_at", &[idx.into(), users.into(), from.into(), to.into(), names.into_iter().collect::<Vec<_>>().into()], "re-checking exit events");
     for r in rows {
         let i = r.get::<i32>(1).ok().flatten().unwrap_or_default() as usize;
         if found.contains_key(&i) {
@@ -581,12 +560,10 @@ pub fn profiles_of(
     users: Vec<String>,
 ) -> HashMap<String, Result<Value, String>> {
     isolate::per_user(&users, |some| {
-        or_raise(
-            c.select(
-                "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
-                None,
-                &[some.to_vec().into()],
-            ),
+        run(
+            c,
+            "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
+            &[some.to_vec().into()],
             "reading profiles",
         )
         .filter_map(|r| {
@@ -637,9 +614,7 @@ impl OutboxRows {
         if self.key.is_empty() {
             return 0;
         }
-        let rows = or_raise(
-            c.update(
-                "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
+        let rows = run(c, "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
                                            recipient, subject, html, text_body, available_at, priority,
                                            transactional, variant, headers)
                  SELECT k, t, v, e, u, r, s, h, x, a, p, tx, va, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
@@ -648,9 +623,7 @@ impl OutboxRows {
                                $13::text[])
                      AS m(k, t, v, e, u, r, s, h, x, a, p, tx, va)
                  ON CONFLICT (message_key, user_id) DO NOTHING
-                 RETURNING 1",
-                None,
-                &[
+                 RETURNING 1", &[
                     self.key.into(),
                     self.trigger.into(),
                     self.version.into(),
@@ -664,10 +637,7 @@ impl OutboxRows {
                     self.priority.into(),
                     self.transactional.into(),
                     self.variant.into(),
-                ],
-            ),
-            "writing the outbox",
-        );
+                ], "writing the outbox");
         rows.len() as i32
     }
 }
@@ -724,17 +694,13 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
     let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
     let users: Vec<String> = due.iter().map(|d| d.user_id.clone()).collect();
     let triggers: Vec<String> = due.iter().map(|d| d.trigger.clone()).collect();
-    or_raise(
-        c.update(
-            "UPDATE nudge.enrollments e
+    run(c, "UPDATE nudge.enrollments e
                 SET state = u.state, reason = u.reason, message_key = u.message_key,
                     exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now()
                FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
                            $7::timestamptz[])
                  AS u(id, user_id, state, reason, message_key, exited_at, sent_at)
-              WHERE e.user_id = u.user_id AND e.id = u.id",
-            None,
-            &[
+              WHERE e.user_id = u.user_id AND e.id = u.id", &[
                 ids.clone().into(),
                 users.clone().into(),
                 states.clone().into(),
@@ -742,10 +708,7 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
                 keys.into(),
                 exited.into(),
                 sent.into(),
-            ],
-        ),
-        "recording outcomes",
-    );
+            ], "recording outcomes");
     journal(
         c,
         users,
@@ -767,13 +730,6 @@ pub fn journal(
     steps: Vec<String>,
     details: Vec<Option<String>>,
 ) {
-    or_raise(
-        c.update(
-            "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[])",
-            None,
-            &[users.into(), triggers.into(), enrollments.into(), at.into(), steps.into(), details.into()],
-        ),
-        "writing the journal",
-    );
+    run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[])", &[users.into(), triggers.into(), enrollments.into(), at.into(), steps.into(), details.into()], "writing the journal");
 }

@@ -38,8 +38,11 @@ UNION ALL SELECT 'waiting at the end', count(*) FROM nudge.enrollments WHERE sta
 UNION ALL SELECT 'sent', count(*) FROM nudge.enrollments WHERE state = 'sent'
 UNION ALL SELECT 'sent later (send schedule)', count(*) FROM nudge.enrollments WHERE reason LIKE '%by the send schedule%'
 UNION ALL SELECT 'suppressed: cap', count(*) FROM nudge.enrollments WHERE state = 'suppressed' AND reason LIKE 'cap:%'
-UNION ALL SELECT 'not entered: audience', count(*) FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'audience%'
-UNION ALL SELECT 'not entered: reentry cooldown', count(*) FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'reentry cooldown%';
+-- a journal line stands for the refusals of one statement: "(N entry events, ..."
+UNION ALL SELECT 'not entered: audience', sum(coalesce((regexp_match(detail, '\((\d+) entry events'))[1]::int, 1))
+  FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'audience%'
+UNION ALL SELECT 'not entered: reentry cooldown', sum(coalesce((regexp_match(detail, '\((\d+) entry events'))[1]::int, 1))
+  FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'reentry cooldown%';
 
 CREATE TEMP TABLE replayed AS
 SELECT outcome, journeys AS n, sample_users

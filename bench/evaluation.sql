@@ -1,0 +1,18 @@
+-- DUE cart adds, all older than their 30-minute wait, for every user twice;
+-- every eleventh cart was bought (its journey closes at capture), and one
+-- customer in ten has not opted in (the audience rule refuses them at send).
+\set ON_ERROR_STOP on
+SELECT nudge.define_trigger('eval_cart', '{
+  "on": {"event": "cart_added", "key": "cart_id"}, "wait": "30 minutes",
+  "unless": [{"event": "purchased", "same_key": true}],
+  "audience": {"opted_in": {"eq": true}}, "template": "cart"}');
+BEGIN;
+INSERT INTO bench.events (user_id, event, occurred_at, props)
+SELECT 'u' || (1 + i % 100000), 'cart_added', now() - interval '2 hours' + i * interval '10 microseconds',
+       jsonb_build_object('cart_id', 'e' || i, 'product_id', i % 500, 'price', 19.99)
+  FROM generate_series(1, :due + :due / 10) i;
+INSERT INTO bench.events (user_id, event, occurred_at, props)
+SELECT 'u' || (1 + i % 100000), 'purchased', now() - interval '1 hour', jsonb_build_object('cart_id', 'e' || i, 'total', 19.99)
+  FROM generate_series(11, :due + :due / 10, 11) i;
+COMMIT;
+ANALYZE bench.events;

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# make bench: pg_nudge against baselines on one server, side by side, fixed seed.
+# Prints a table of figures and ratios and writes it, with the machine and the
+# server settings, to bench/RESULTS.md. Sizes can be shrunk for a quick look:
+#   BENCH_EVENTS=100000 BENCH_DUE=20000 make bench
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${BENCH_DIR:-/tmp/pg_nudge-bench}
+PORT=${BENCH_PORT:-28818}
+EVENTS=${BENCH_EVENTS:-1000000}
+USERS=${BENCH_USERS:-100000}
+DUE=${BENCH_DUE:-200000}
+PINGS=${BENCH_PINGS:-10000}
+PING_RATE=${BENCH_PING_RATE:-500}
+INSERT_SECONDS=${BENCH_INSERT_SECONDS:-15}
+INSERT_CLIENTS=${BENCH_INSERT_CLIENTS:-4}
+OUTBOX_SECONDS=${BENCH_OUTBOX_SECONDS:-5}
+ROUNDS=${BENCH_ROUNDS:-2}
+RESULTS=${BENCH_RESULTS:-bench/RESULTS.md}
+SETTINGS=(shared_preload_libraries=pg_nudge nudge.database=bench nudge.enabled=off nudge.naptime=100
+          track_commit_timestamp=on shared_buffers=1GB max_wal_size=8GB checkpoint_timeout=30min
+          max_connections=100)
+if [[ $(id -u) == 0 ]]; then as=(runuser -u postgres --); else as=(); fi
+psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d bench)
+q() { "${psql[@]}" -t -A -c "$1"; }
+worker() { "${psql[@]}" -c "ALTER SYSTEM SET nudge.enabled = $1" -c "SELECT pg_reload_conf()" >/dev/null; }
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc -l; }
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+best() { printf '%s\n' "$@" | sort -g | tail -1; }  # the best of the rounds (least disturbed)
+fmt() { printf "%'.0f" "$1"; }
+rows=()
+row() { rows+=("| $1 | $2 | $3 | $4 | $5 |"); printf '%-58s %16s %16s %7s  %s\n' "$1" "$2" "$3" "$4" "$5"; }
+
+scripts/cluster.sh start "$DIR" "$PORT" "${SETTINGS[@]}"
+trap 'scripts/cluster.sh stop "$DIR"' EXIT
+psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE bench" >/dev/null
+"${psql[@]}" -v users="$USERS" -f bench/schema.sql >/dev/null
+"${psql[@]}" -f bench/queue.sql >/dev/null
+
+csv=/tmp/pg_nudge-bench-events-$EVENTS-$USERS.csv
+if [[ ! -s $csv ]]; then
+  echo "generating $EVENTS events over $USERS users (Zipf, fixed seed)..."
+  python3 bench/gen_events.py "$EVENTS" "$USERS" 1767225600 2592000 > "$csv.tmp" && mv "$csv.tmp" "$csv"
+fi
+chmod a+r "$csv"
+reset_nudge() { q "TRUNCATE nudge.enrollments, nudge.journal, nudge.outbox" >/dev/null; }
+
+echo
+printf '%-58s %16s %16s %7s  %s\n' "measure" "baseline" "pg_nudge" "ratio" "target"
+
+# 1. Capture cost: the same COPY into a plain table and into a source with 5 triggers.
+copy_rate() {
+  q "TRUNCATE bench.$1" >/dev/null; reset_nudge; q "CHECKPOINT" >/dev/null
+  local t0; t0=$(now)
+  q "COPY bench.$1 (user_id, event, occurred_at, props) FROM '$csv' WITH (FORMAT csv)" >/dev/null
+  echo "$EVENTS / $(since "$t0")" | bc -l
+}
+plain=() nudged=()
+for _ in $(seq "$ROUNDS"); do plain+=("$(copy_rate plain)"); nudged+=("$(copy_rate events)"); done
+p=$(best "${plain[@]}") n=$(best "${nudged[@]}")
+enrolled=$(q "SELECT count(*) FROM nudge.enrollments")
+row "capture: COPY $(fmt "$EVENTS") events, 5 triggers (rows/s)" "$(fmt "$p")" "$(fmt "$n")" "$(ratio "$n" "$p")" ">= 0.7"
+
+# single-row inserts from concurrent clients (pgbench, prepared statements)
+insert_tps() {
+  sed "s/TABLE/$1/" bench/insert.sql > "/tmp/pg_nudge-bench-insert-$1.sql"
+  q "CHECKPOINT" >/dev/null
+  pgbench -n -M prepared -h 127.0.0.1 -p "$PORT" -U postgres -c "$INSERT_CLIENTS" -j 2 -T "$INSERT_SECONDS" \
+    -f "/tmp/pg_nudge-bench-insert-$1.sql" bench 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+plain=() nudged=()
+for _ in $(seq "$ROUNDS"); do plain+=("$(insert_tps plain)"); nudged+=("$(insert_tps events)"); done
+p=$(best "${plain[@]}") n=$(best "${nudged[@]}")
+row "capture: single-row INSERT, $INSERT_CLIENTS clients (rows/s)" "$(fmt "$p")" "$(fmt "$n")" "$(ratio "$n" "$p")" ">= 0.8"
+
+# 5. Backtest: the cart trigger replayed over the loaded events.
+t0=$(now)
+q "SELECT count(*) FROM nudge.backtest((SELECT v.definition FROM nudge.trigger_versions v WHERE v.trigger = 'cart_abandonment'),
+                                      '2026-01-01', '2026-02-01')" >/dev/null
+secs=$(since "$t0")
+replayed=$(q "SELECT count(*) FROM bench.events")
+row "backtest: $(fmt "$replayed") events replayed (events/s; s)" "-" "$(fmt "$(echo "$replayed / $secs" | bc -l)")" "-" \
+    "< 10 s: $(printf '%.1f' "$secs") s"
+
+# 2. Evaluation: DUE enrollments due at once, drained by the worker, vs the
+# INSERT ... SELECT ... WHERE NOT EXISTS a user would schedule with pg_cron.
+for t in cart_abandonment checkout_abandonment post_purchase browse_abandonment high_intent; do
+  q "SELECT nudge.pause_trigger('$t')" >/dev/null
+done
+q "TRUNCATE bench.events" >/dev/null; reset_nudge
+"${psql[@]}" -v due="$DUE" -f bench/evaluation.sql >/dev/null
+waiting=$(q "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting' AND due_at <= now()")
+q "CHECKPOINT" >/dev/null
+t0=$(now)
+"${psql[@]}" -f bench/evaluation_baseline.sql >/dev/null
+bsecs=$(since "$t0")
+bcount=$(q "SELECT count(*) FROM bench.hand_outbox")
+q "CHECKPOINT" >/dev/null
+start=$(q "SELECT clock_timestamp()")
+worker on
+until [[ $(q "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting' AND due_at <= now()") == 0 ]]; do sleep 0.2; done
+worker off
+read -r ncount nsecs < <(q "SELECT count(*), extract(epoch FROM max(pg_xact_commit_timestamp(xmin)) - '$start'::timestamptz)
+                          FROM nudge.outbox" | tr '|' ' ')
+b=$(echo "$bcount / $bsecs" | bc -l) n=$(echo "$ncount / $nsecs" | bc -l)
+row "evaluation: $(fmt "$waiting") due -> $(fmt "$ncount") messages (msg/s)" "$(fmt "$b")" "$(fmt "$n")" "$(ratio "$n" "$b")" \
+    ">= 20,000/s, >= 0.5"
+[[ $bcount == "$ncount" ]] || echo "  note: the baseline wrote $bcount messages, pg_nudge $ncount"
+
+# 4. Latency: a zero-wait trigger, events at a steady rate, event commit to outbox commit.
+q "SELECT nudge.pause_trigger('eval_cart')" >/dev/null
+reset_nudge
+q "SELECT nudge.define_trigger('ping', '{\"on\": {\"event\": \"ping\"}, \"wait\": \"0 seconds\", \"template\": \"ping\"}')" >/dev/null
+worker on
+sleep 1
+pgbench -n -M prepared -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 2 -R "$PING_RATE" -t $((PINGS / 2)) \
+  -f bench/ping.sql bench >/dev/null 2>&1
+until [[ $(q "SELECT count(*) FROM nudge.outbox") -ge $PINGS ]]; do sleep 0.2; done
+worker off
+read -r p50 p99 < <(q "SELECT round(1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY s)::numeric, 1),
+                              round(1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY s)::numeric, 1)
+                         FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(o.xmin) - pg_xact_commit_timestamp(e.xmin)) s
+                                 FROM nudge.outbox o JOIN bench.events e ON e.user_id = o.user_id AND e.event = 'ping') l" | tr '|' ' ')
+row "latency: $(fmt "$PINGS") events at $PING_RATE/s, commit to outbox (ms)" "-" "p50 $p50, p99 $p99" "-" "p50 < 100, p99 < 1000"
+
+# 3. Outbox: claim + ack by C consumers, batch B, vs the hand-written SKIP LOCKED queue.
+cargo build -q --release -p nudge-bench
+for c in 1 4 16; do
+  for b in 1 10 100; do
+    r=()
+    for sys in queue nudge; do
+      q "SELECT bench.fill('$sys', $((b == 1 ? 60000 : b == 10 ? 200000 : 400000)))" >/dev/null
+      q "VACUUM ANALYZE nudge.outbox; VACUUM ANALYZE bench.queue; CHECKPOINT" >/dev/null
+      r+=("$(target/release/nudge-bench outbox "host=127.0.0.1 port=$PORT user=postgres dbname=bench" "$sys" "$c" "$b" "$OUTBOX_SECONDS")")
+    done
+    row "outbox: claim + ack, $c consumer(s), batch $b (msg/s)" "$(fmt "${r[0]}")" "$(fmt "${r[1]}")" "$(ratio "${r[1]}" "${r[0]}")" ">= 1.0"
+  done
+done
+
+{
+  echo "# pg_nudge benchmark results"
+  echo
+  echo "\`make bench\` on $(date -u +%Y-%m-%d), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
+  echo "Machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr)."
+  echo "Server: $(q 'SELECT version()' | cut -d, -f1), one cluster for baseline and pg_nudge, settings:"
+  echo "\`fsync=off $(printf '%s ' "${SETTINGS[@]}")\` (fsync off: the ratios show CPU cost, not disk flushes)."
+  echo "Data: $(fmt "$EVENTS") events, Zipf (s = 1.07) over $(fmt "$USERS") users, fixed seed (bench/gen_events.py);"
+  echo "the COPY left $(fmt "$enrolled") enrollments. Figures are the best of $ROUNDS rounds where rounds are run."
+  echo
+  echo "| measure | baseline | pg_nudge | ratio | target |"
+  echo "|---|---:|---:|---:|---|"
+  printf '%s\n' "${rows[@]}"
+} > "$RESULTS"
+echo
+echo "written to $RESULTS"
