@@ -10,13 +10,15 @@ KEEP      ?= 0
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
-.PHONY: setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
+.PHONY: bench setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
 
 setup:
 	@scripts/setup.sh
 
 install: setup
 	cargo pgrx install --pg-config $(PG_CONFIG) >/dev/null
+	@# released install scripts, so that upgrades from them can be tested
+	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
 ## the whole suite: unit tests, in-server pgrx tests, SQL regression and integration tests
 test: setup test-unit test-pgrx test-server
@@ -50,6 +52,13 @@ integration:
 demo: install
 	cargo build -p nudge-mailer
 	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) KEEP=$(KEEP) demo/run.sh
+
+## benchmarks against baselines on a cluster of its own (release build); writes bench/RESULTS.md
+bench: setup
+	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
+	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
+	cargo build --release -p nudge-bench
+	@bench/run.sh
 
 demo-stop:
 	@scripts/cluster.sh stop $(DEMO_DIR) && echo "demo server stopped"

@@ -125,7 +125,6 @@ read -r p50 p99 < <(q "SELECT round(1000 * percentile_cont(0.5) WITHIN GROUP (OR
 row "latency: $(fmt "$PINGS") events at $PING_RATE/s, commit to outbox (ms)" "-" "p50 $p50, p99 $p99" "-" "p50 < 100, p99 < 1000"
 
 # 3. Outbox: claim + ack by C consumers, batch B, vs the hand-written SKIP LOCKED queue.
-cargo build -q --release -p nudge-bench
 for c in 1 4 16; do
   for b in 1 10 100; do
     r=()

@@ -166,6 +166,7 @@ GRANT SELECT ON nudge.outbox TO nudge_mailer;
 GRANT EXECUTE ON FUNCTION
     nudge.claim(int, interval, text),
     nudge.ack(bigint, text),
+    nudge.ack(bigint[], text[]),
     nudge.fail(bigint, text, boolean),
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),

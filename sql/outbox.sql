@@ -47,6 +47,33 @@ BEGIN
 END
 $$;
 
+-- Acknowledges a batch in one statement (a consumer that sends a claimed
+-- batch acks it at once). Returns how many this call marked sent; ids already
+-- sent are skipped; an unknown or unclaimed id fails the whole call.
+CREATE FUNCTION nudge.ack(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    bad record;
+    n int;
+BEGIN
+    SELECT a.id, o.status INTO bad
+      FROM unnest(ids) AS a(id) LEFT JOIN nudge.outbox o ON o.id = a.id
+     WHERE o.status IS NULL OR o.status NOT IN ('claimed', 'sent')
+     LIMIT 1;
+    IF FOUND AND bad.status IS NULL THEN
+        RAISE EXCEPTION 'ack: no message with id %', bad.id;
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', bad.id, bad.status;
+    END IF;
+    UPDATE nudge.outbox o
+       SET status = 'sent', sent_at = now(), provider_message_id = a.provider_message_id, last_error = NULL
+      FROM unnest(ids, provider_message_ids) AS a(id, provider_message_id)
+     WHERE o.id = a.id AND o.status = 'claimed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 -- Returns the message's new status: 'pending' (retried at available_at) or 'dead'.
 CREATE FUNCTION nudge.fail(id bigint, error text, permanent boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$

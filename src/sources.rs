@@ -70,10 +70,41 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             ),
             "registering the source",
         );
-        or_raise(
-            c.update(&map.capture_trigger(&table), None, &[]),
-            "creating the capture trigger",
-        );
+        let updated = or_raise(
+            c.select(
+                "SELECT to_regprocedure('nudge._capture_rows()') IS NOT NULL",
+                None,
+                &[],
+            ),
+            "finding the capture trigger function",
+        )
+        .first()
+        .get_one::<bool>()
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if updated {
+            or_raise(
+                c.update(&map.capture_trigger(&table), None, &[]),
+                "creating the capture trigger",
+            );
+        } else {
+            // the database's pg_nudge is still 0.1.0: its own kind of trigger
+            let f = function_name(source);
+            for (sql, doing) in [
+                (map.capture_function(&f), "creating the capture function"),
+                (
+                    format!(
+                        "CREATE TRIGGER nudge_capture AFTER INSERT ON {table}
+                         REFERENCING NEW TABLE AS nudge_new_rows
+                         FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+                    ),
+                    "creating the capture trigger",
+                ),
+            ] {
+                or_raise(c.update(&sql, None, &[]), doing);
+            }
+        }
         rebuild_all_events(c);
     })
 }

@@ -54,6 +54,34 @@ impl SourceMap {
         )
     }
 
+    /// 0.1.0's capture trigger function, plpgsql, for a database whose SQL
+    /// is still 0.1.0 under a newer library (until ALTER EXTENSION UPDATE):
+    /// it reads the
+    /// transition table once, keeps only events some trigger watches, and
+    /// hands them to `nudge._capture` as four arrays in one call. SECURITY
+    /// DEFINER: whoever may insert into the source may capture, without any
+    /// privilege on pg_nudge's own tables.
+    pub fn capture_function(&self, function: &str) -> String {
+        format!(
+            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $nudge$
+DECLARE
+  watched text[] := nudge._watched_events();
+BEGIN
+  IF cardinality(watched) = 0 THEN
+    RETURN NULL;
+  END IF;
+  PERFORM nudge._capture(array_agg(s.user_id), array_agg(s.event), array_agg(s.occurred_at), array_agg(s.props))
+    FROM (SELECT {proj} FROM nudge_new_rows n) s
+   WHERE s.event = ANY (watched) AND s.user_id IS NOT NULL
+  HAVING count(*) > 0;
+  RETURN NULL;
+END
+$nudge$",
+            proj = self.projection("n")
+        )
+    }
+
     /// The statement-level capture trigger: `nudge._capture_rows` (Rust)
     /// reads the transition table; its arguments are this mapping, '' for a
     /// part not given.

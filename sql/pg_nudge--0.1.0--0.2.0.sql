@@ -1,0 +1,82 @@
+-- pg_nudge 0.1.0 -> 0.2.0: the speed of issue 6.
+-- Capture: a Rust trigger reads each source's transition table (no plpgsql
+-- function per source); backends keep compiled triggers until nudge.triggers
+-- or nudge.trigger_versions change; an index for a user's waiting journeys;
+-- journeys' "entered" steps come from the enrollments instead of the journal.
+-- Outbox: nudge.ack(bigint[], text[]) acknowledges a batch in one statement.
+
+CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
+
+CREATE FUNCTION nudge."_capture_rows"() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', '_capture_rows_wrapper';
+ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION nudge."_triggers_changed"() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', '_triggers_changed_wrapper';
+CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.triggers
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
+CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.trigger_versions
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
+
+-- Every source moves to the Rust trigger, with the same column mapping.
+DO $$
+DECLARE
+    s record;
+BEGIN
+    FOR s IN SELECT * FROM nudge.sources LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS nudge_capture ON %s', s.source);
+        EXECUTE format('DROP FUNCTION IF EXISTS nudge.%I()', '_capture_' || s.source::oid);
+        EXECUTE format('CREATE TRIGGER nudge_capture AFTER INSERT ON %s REFERENCING NEW TABLE AS nudge_new_rows '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION nudge._capture_rows(%L, %L, %L, %L, %L)',
+                       s.source, s.user_column, coalesce(s.event_column, ''), coalesce(s.time_column, ''),
+                       coalesce(s.props_column, ''), coalesce(s.event_name, ''));
+    END LOOP;
+END
+$$;
+
+-- explain now reads entries from the enrollments: the old journal lines would repeat them.
+DELETE FROM nudge.journal WHERE step = 'entered';
+CREATE OR REPLACE FUNCTION nudge.explain(trigger text, user_id text)
+RETURNS TABLE (at timestamptz, step text, detail text)
+LANGUAGE sql STABLE AS $$
+    SELECT s.at, s.step, s.detail FROM (
+        SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
+               'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
+               || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+               || coalesce(', arm ' || e.variant, '') AS detail
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+        UNION ALL
+        SELECT j.at, 1, j.id, j.step, j.detail
+          FROM nudge.journal j
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id) s
+     ORDER BY s.at, s.o, s.id
+$$;
+
+CREATE FUNCTION nudge.ack(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    bad record;
+    n int;
+BEGIN
+    SELECT a.id, o.status INTO bad
+      FROM unnest(ids) AS a(id) LEFT JOIN nudge.outbox o ON o.id = a.id
+     WHERE o.status IS NULL OR o.status NOT IN ('claimed', 'sent')
+     LIMIT 1;
+    IF FOUND AND bad.status IS NULL THEN
+        RAISE EXCEPTION 'ack: no message with id %', bad.id;
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', bad.id, bad.status;
+    END IF;
+    UPDATE nudge.outbox o
+       SET status = 'sent', sent_at = now(), provider_message_id = a.provider_message_id, last_error = NULL
+      FROM unnest(ids, provider_message_ids) AS a(id, provider_message_id)
+     WHERE o.id = a.id AND o.status = 'claimed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack(bigint[], text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack(bigint[], text[]) TO nudge_admin;
+GRANT EXECUTE ON FUNCTION nudge.ack(bigint[], text[]) TO nudge_mailer;
