@@ -1,6 +1,7 @@
--- DUE cart adds, all older than their 30-minute wait, for every user twice;
--- every eleventh cart was bought (its journey closes at capture), and one
--- customer in ten has not opted in (the audience rule refuses them at send).
+-- DUE cart adds (and a tenth more), all older than their 30-minute wait,
+-- spread over every user; every eleventh cart was bought 10 minutes after it
+-- was added (its journey exits at capture), and one customer in ten has not
+-- opted in (the audience rule turns them away).
 \set ON_ERROR_STOP on
 SELECT nudge.define_trigger('eval_cart', '{
   "on": {"event": "cart_added", "key": "cart_id"}, "wait": "30 minutes",
@@ -12,7 +13,8 @@ SELECT 'u' || (1 + i % 100000), 'cart_added', now() - interval '2 hours' + i * i
        jsonb_build_object('cart_id', 'e' || i, 'product_id', i % 500, 'price', 19.99)
   FROM generate_series(1, :due + :due / 10) i;
 INSERT INTO bench.events (user_id, event, occurred_at, props)
-SELECT 'u' || (1 + i % 100000), 'purchased', now() - interval '1 hour', jsonb_build_object('cart_id', 'e' || i, 'total', 19.99)
+SELECT 'u' || (1 + i % 100000), 'purchased', now() - interval '110 minutes' + i * interval '10 microseconds',
+       jsonb_build_object('cart_id', 'e' || i, 'total', 19.99)
   FROM generate_series(11, :due + :due / 10, 11) i;
 COMMIT;
 ANALYZE bench.events;

@@ -1,5 +1,6 @@
 -- What a user would schedule with pg_cron instead: the same selection (due,
--- not bought, opted in, not sent before), unrendered subject and body.
+-- not bought within the 30 minutes, opted in, not sent before), unrendered
+-- subject and body.
 \set ON_ERROR_STOP on
 INSERT INTO bench.hand_outbox (user_id, cart_id, recipient, subject, html)
 SELECT c.user_id, c.props->>'cart_id', p.email, 'Still thinking about product ' || (c.props->>'product_id'),
@@ -10,5 +11,6 @@ SELECT c.user_id, c.props->>'cart_id', p.email, 'Still thinking about product ' 
    AND p.opted_in
    AND NOT EXISTS (SELECT 1 FROM bench.events x
                     WHERE x.user_id = c.user_id AND x.occurred_at >= c.occurred_at
+                      AND x.occurred_at < c.occurred_at + interval '30 minutes'
                       AND x.event = 'purchased' AND x.props->>'cart_id' = c.props->>'cart_id')
    AND NOT EXISTS (SELECT 1 FROM bench.hand_outbox o WHERE o.user_id = c.user_id AND o.cart_id = c.props->>'cart_id');

@@ -3,6 +3,8 @@
 # Prints a table of figures and ratios and writes it, with the machine and the
 # server settings, to bench/RESULTS.md. Sizes can be shrunk for a quick look:
 #   BENCH_EVENTS=100000 BENCH_DUE=20000 make bench
+# or limited to some parts (the backtest replays what the capture part loaded):
+#   BENCH_ONLY=evaluation,outbox make bench
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${BENCH_DIR:-/tmp/pg_nudge-bench}
@@ -17,24 +19,37 @@ INSERT_CLIENTS=${BENCH_INSERT_CLIENTS:-4}
 OUTBOX_SECONDS=${BENCH_OUTBOX_SECONDS:-5}
 ROUNDS=${BENCH_ROUNDS:-2}
 RESULTS=${BENCH_RESULTS:-bench/RESULTS.md}
-SETTINGS=(shared_preload_libraries=pg_nudge nudge.database=bench nudge.enabled=off nudge.naptime=100
+# (nudge.enabled is switched with ALTER SYSTEM: a -c option would override it)
+SETTINGS=(shared_preload_libraries=pg_nudge nudge.database=bench nudge.naptime=100
           track_commit_timestamp=on shared_buffers=1GB max_wal_size=8GB checkpoint_timeout=30min
           max_connections=100)
 if [[ $(id -u) == 0 ]]; then as=(runuser -u postgres --); else as=(); fi
 psql=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres -d bench)
 q() { "${psql[@]}" -t -A -c "$1"; }
+# waits until query $1 returns t, at most $2 seconds
+wait_for() {
+  local until=$((SECONDS + $2))
+  until [[ $(q "$1") == t ]]; do
+    ((SECONDS < until)) || { echo "bench: gave up waiting for: $1" >&2; exit 1; }
+    sleep 0.2
+  done
+}
 worker() { "${psql[@]}" -c "ALTER SYSTEM SET nudge.enabled = $1" -c "SELECT pg_reload_conf()" >/dev/null; }
+pause_all() { q "SELECT count(nudge.pause_trigger(name)) FROM nudge.triggers WHERE status = 'active'" >/dev/null; }
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l; }
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
 best() { printf '%s\n' "$@" | sort -g | tail -1; }  # the best of the rounds (least disturbed)
 fmt() { printf "%'.0f" "$1"; }
+enrolled=0
+only() { [[ -z ${BENCH_ONLY:-} || ,$BENCH_ONLY, == *,$1,* ]]; }
 rows=()
 row() { rows+=("| $1 | $2 | $3 | $4 | $5 |"); printf '%-58s %16s %16s %7s  %s\n' "$1" "$2" "$3" "$4" "$5"; }
 
 scripts/cluster.sh start "$DIR" "$PORT" "${SETTINGS[@]}"
 trap 'scripts/cluster.sh stop "$DIR"' EXIT
 psql -X -q -h 127.0.0.1 -p "$PORT" -U postgres -c "CREATE DATABASE bench" >/dev/null
+worker off  # capture is measured alone; the worker drains in part 2
 "${psql[@]}" -v users="$USERS" -f bench/schema.sql >/dev/null
 "${psql[@]}" -f bench/queue.sql >/dev/null
 
@@ -49,6 +64,7 @@ reset_nudge() { q "TRUNCATE nudge.enrollments, nudge.journal, nudge.outbox" >/de
 echo
 printf '%-58s %16s %16s %7s  %s\n' "measure" "baseline" "pg_nudge" "ratio" "target"
 
+if only capture; then
 # 1. Capture cost: the same COPY into a plain table and into a source with 5 triggers.
 copy_rate() {
   q "TRUNCATE bench.$1" >/dev/null; reset_nudge; q "CHECKPOINT" >/dev/null
@@ -74,6 +90,9 @@ for _ in $(seq "$ROUNDS"); do plain+=("$(insert_tps plain)"); nudged+=("$(insert
 p=$(best "${plain[@]}") n=$(best "${nudged[@]}")
 row "capture: single-row INSERT, $INSERT_CLIENTS clients (rows/s)" "$(fmt "$p")" "$(fmt "$n")" "$(ratio "$n" "$p")" ">= 0.8"
 
+fi
+
+if only backtest; then
 # 5. Backtest: the cart trigger replayed over the loaded events.
 t0=$(now)
 q "SELECT count(*) FROM nudge.backtest((SELECT v.definition FROM nudge.trigger_versions v WHERE v.trigger = 'cart_abandonment'),
@@ -83,11 +102,12 @@ replayed=$(q "SELECT count(*) FROM bench.events")
 row "backtest: $(fmt "$replayed") events replayed (events/s; s)" "-" "$(fmt "$(echo "$replayed / $secs" | bc -l)")" "-" \
     "< 10 s: $(printf '%.1f' "$secs") s"
 
+fi
+
+if only evaluation; then
 # 2. Evaluation: DUE enrollments due at once, drained by the worker, vs the
 # INSERT ... SELECT ... WHERE NOT EXISTS a user would schedule with pg_cron.
-for t in cart_abandonment checkout_abandonment post_purchase browse_abandonment high_intent; do
-  q "SELECT nudge.pause_trigger('$t')" >/dev/null
-done
+pause_all
 q "TRUNCATE bench.events" >/dev/null; reset_nudge
 "${psql[@]}" -v due="$DUE" -f bench/evaluation.sql >/dev/null
 waiting=$(q "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting' AND due_at <= now()")
@@ -99,7 +119,7 @@ bcount=$(q "SELECT count(*) FROM bench.hand_outbox")
 q "CHECKPOINT" >/dev/null
 start=$(q "SELECT clock_timestamp()")
 worker on
-until [[ $(q "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting' AND due_at <= now()") == 0 ]]; do sleep 0.2; done
+wait_for "SELECT NOT EXISTS (SELECT 1 FROM nudge.enrollments WHERE state = 'waiting' AND due_at <= now())" 600
 worker off
 read -r ncount nsecs < <(q "SELECT count(*), extract(epoch FROM max(pg_xact_commit_timestamp(xmin)) - '$start'::timestamptz)
                           FROM nudge.outbox" | tr '|' ' ')
@@ -108,34 +128,43 @@ row "evaluation: $(fmt "$waiting") due -> $(fmt "$ncount") messages (msg/s)" "$(
     ">= 20,000/s, >= 0.5"
 [[ $bcount == "$ncount" ]] || echo "  note: the baseline wrote $bcount messages, pg_nudge $ncount"
 
+fi
+
+if only latency; then
 # 4. Latency: a zero-wait trigger, events at a steady rate, event commit to outbox commit.
-q "SELECT nudge.pause_trigger('eval_cart')" >/dev/null
+pause_all
 reset_nudge
 q "SELECT nudge.define_trigger('ping', '{\"on\": {\"event\": \"ping\"}, \"wait\": \"0 seconds\", \"template\": \"ping\"}')" >/dev/null
 worker on
 sleep 1
 pgbench -n -M prepared -h 127.0.0.1 -p "$PORT" -U postgres -c 2 -j 2 -R "$PING_RATE" -t $((PINGS / 2)) \
   -f bench/ping.sql bench >/dev/null 2>&1
-until [[ $(q "SELECT count(*) FROM nudge.outbox") -ge $PINGS ]]; do sleep 0.2; done
+wait_for "SELECT count(*) >= $PINGS FROM nudge.outbox WHERE trigger = 'ping'" 120
 worker off
 read -r p50 p99 < <(q "SELECT round(1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY s)::numeric, 1),
                               round(1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY s)::numeric, 1)
                          FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(o.xmin) - pg_xact_commit_timestamp(e.xmin)) s
-                                 FROM nudge.outbox o JOIN bench.events e ON e.user_id = o.user_id AND e.event = 'ping') l" | tr '|' ' ')
+                                 FROM nudge.outbox o JOIN bench.events e ON e.user_id = o.user_id AND e.event = 'ping'
+                                WHERE o.trigger = 'ping') l" | tr '|' ' ')
 row "latency: $(fmt "$PINGS") events at $PING_RATE/s, commit to outbox (ms)" "-" "p50 $p50, p99 $p99" "-" "p50 < 100, p99 < 1000"
 
+fi
+
+if only outbox; then
 # 3. Outbox: claim + ack by C consumers, batch B, vs the hand-written SKIP LOCKED queue.
 for c in 1 4 16; do
   for b in 1 10 100; do
     r=()
     for sys in queue nudge; do
       q "SELECT bench.fill('$sys', $((b == 1 ? 60000 : b == 10 ? 200000 : 400000)))" >/dev/null
-      q "VACUUM ANALYZE nudge.outbox; VACUUM ANALYZE bench.queue; CHECKPOINT" >/dev/null
+      "${psql[@]}" -c "VACUUM ANALYZE nudge.outbox" -c "VACUUM ANALYZE bench.queue" -c "CHECKPOINT" >/dev/null
       r+=("$(target/release/nudge-bench outbox "host=127.0.0.1 port=$PORT user=postgres dbname=bench" "$sys" "$c" "$b" "$OUTBOX_SECONDS")")
     done
     row "outbox: claim + ack, $c consumer(s), batch $b (msg/s)" "$(fmt "${r[0]}")" "$(fmt "${r[1]}")" "$(ratio "${r[1]}" "${r[0]}")" ">= 1.0"
   done
 done
+
+fi
 
 {
   echo "# pg_nudge benchmark results"
@@ -146,6 +175,7 @@ done
   echo "\`fsync=off $(printf '%s ' "${SETTINGS[@]}")\` (fsync off: the ratios show CPU cost, not disk flushes)."
   echo "Data: $(fmt "$EVENTS") events, Zipf (s = 1.07) over $(fmt "$USERS") users, fixed seed (bench/gen_events.py);"
   echo "the COPY left $(fmt "$enrolled") enrollments. Figures are the best of $ROUNDS rounds where rounds are run."
+  [[ -z ${BENCH_ONLY:-} ]] || echo "Only these parts were run: $BENCH_ONLY."
   echo
   echo "| measure | baseline | pg_nudge | ratio | target |"
   echo "|---|---:|---:|---:|---|"

@@ -22,7 +22,8 @@ $$;
 CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
 LANGUAGE sql AS $$ SELECT nudge._drop_source(source::oid) $$;
 
--- A journey's entry is its enrollment row; every later step is a journal line.
+-- A journey's entry and run_due's decision are its enrollment row (entered_at,
+-- state, reason); the steps in between are journal lines.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text)
 LANGUAGE sql STABLE AS $$
@@ -36,7 +37,14 @@ LANGUAGE sql STABLE AS $$
         UNION ALL
         SELECT j.at, 1, j.id, j.step, j.detail
           FROM nudge.journal j
-         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id) s
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
+        UNION ALL
+        -- what run_due decided: the enrollment's state and reason
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed')
+                OR e.state = 'exited' AND e.reason LIKE '%(found at send time)')) s
      ORDER BY s.at, s.o, s.id
 $$;
 
@@ -166,7 +174,7 @@ GRANT SELECT ON nudge.outbox TO nudge_mailer;
 GRANT EXECUTE ON FUNCTION
     nudge.claim(int, interval, text),
     nudge.ack(bigint, text),
-    nudge.ack(bigint[], text[]),
+    nudge.ack_many(bigint[], text[]),
     nudge.fail(bigint, text, boolean),
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),

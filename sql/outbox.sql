@@ -50,7 +50,7 @@ $$;
 -- Acknowledges a batch in one statement (a consumer that sends a claimed
 -- batch acks it at once). Returns how many this call marked sent; ids already
 -- sent are skipped; an unknown or unclaimed id fails the whole call.
-CREATE FUNCTION nudge.ack(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
+CREATE FUNCTION nudge.ack_many(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     bad record;
@@ -61,9 +61,9 @@ BEGIN
      WHERE o.status IS NULL OR o.status NOT IN ('claimed', 'sent')
      LIMIT 1;
     IF FOUND AND bad.status IS NULL THEN
-        RAISE EXCEPTION 'ack: no message with id %', bad.id;
+        RAISE EXCEPTION 'ack_many: no message with id %', bad.id;
     ELSIF FOUND THEN
-        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', bad.id, bad.status;
+        RAISE EXCEPTION 'ack_many: message % is %, not claimed (claim it first)', bad.id, bad.status;
     END IF;
     UPDATE nudge.outbox o
        SET status = 'sent', sent_at = now(), provider_message_id = a.provider_message_id, last_error = NULL

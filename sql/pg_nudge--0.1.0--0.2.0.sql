@@ -2,8 +2,9 @@
 -- Capture: a Rust trigger reads each source's transition table (no plpgsql
 -- function per source); backends keep compiled triggers until nudge.triggers
 -- or nudge.trigger_versions change; an index for a user's waiting journeys;
--- journeys' "entered" steps come from the enrollments instead of the journal.
--- Outbox: nudge.ack(bigint[], text[]) acknowledges a batch in one statement.
+-- journeys' "entered" steps and run_due's outcomes come from the enrollments
+-- instead of the journal.
+-- Outbox: nudge.ack_many(bigint[], text[]) acknowledges a batch in one statement.
 
 CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
 
@@ -34,8 +35,11 @@ BEGIN
 END
 $$;
 
--- explain now reads entries from the enrollments: the old journal lines would repeat them.
-DELETE FROM nudge.journal WHERE step = 'entered';
+-- explain now reads entries and run_due's outcomes from the enrollments: the
+-- old journal lines would repeat them.
+DELETE FROM nudge.journal
+ WHERE step IN ('entered', 'sent', 'held_out', 'suppressed', 'failed')
+    OR step = 'exited' AND detail LIKE '%(found at send time)';
 CREATE OR REPLACE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text)
 LANGUAGE sql STABLE AS $$
@@ -49,11 +53,18 @@ LANGUAGE sql STABLE AS $$
         UNION ALL
         SELECT j.at, 1, j.id, j.step, j.detail
           FROM nudge.journal j
-         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id) s
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
+        UNION ALL
+        -- what run_due decided: the enrollment's state and reason
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed')
+                OR e.state = 'exited' AND e.reason LIKE '%(found at send time)')) s
      ORDER BY s.at, s.o, s.id
 $$;
 
-CREATE FUNCTION nudge.ack(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
+CREATE FUNCTION nudge.ack_many(ids bigint[], provider_message_ids text[] DEFAULT NULL) RETURNS int
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     bad record;
@@ -64,9 +75,9 @@ BEGIN
      WHERE o.status IS NULL OR o.status NOT IN ('claimed', 'sent')
      LIMIT 1;
     IF FOUND AND bad.status IS NULL THEN
-        RAISE EXCEPTION 'ack: no message with id %', bad.id;
+        RAISE EXCEPTION 'ack_many: no message with id %', bad.id;
     ELSIF FOUND THEN
-        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', bad.id, bad.status;
+        RAISE EXCEPTION 'ack_many: message % is %, not claimed (claim it first)', bad.id, bad.status;
     END IF;
     UPDATE nudge.outbox o
        SET status = 'sent', sent_at = now(), provider_message_id = a.provider_message_id, last_error = NULL
@@ -77,6 +88,6 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack(bigint[], text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack(bigint[], text[]) TO nudge_admin;
-GRANT EXECUTE ON FUNCTION nudge.ack(bigint[], text[]) TO nudge_mailer;
+REVOKE ALL ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack_many(bigint[], text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack_many(bigint[], text[]) TO nudge_admin;
+GRANT EXECUTE ON FUNCTION nudge.ack_many(bigint[], text[]) TO nudge_mailer;

@@ -9,6 +9,7 @@ use chrono::{
 };
 use chrono_tz::Tz;
 use serde::Deserialize;
+use std::collections::HashMap;
 
 pub type Micros = i64;
 
@@ -559,6 +560,15 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
         .iter()
         .map(|c| Verdict::Send { at: c.send_at })
         .collect();
+    // every rule is per user: group once, so a large batch stays linear
+    let mut of_user: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, c) in candidates.iter().enumerate() {
+        of_user.entry(c.user).or_default().push(i);
+    }
+    let mut sent_of_user: HashMap<&str, Vec<&Sent>> = HashMap::new();
+    for s in sent {
+        sent_of_user.entry(s.user.as_str()).or_default().push(s);
+    }
     if settings.arbitration_us > 0 {
         for (i, c) in candidates.iter().enumerate() {
             if c.transactional {
@@ -566,10 +576,10 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
             }
             let mine = rank(c.priority, c.entered_at, c.trigger);
             let near = |at: Micros| (at - c.send_at).abs() <= settings.arbitration_us;
-            let rival = candidates
+            let rival = of_user[c.user]
                 .iter()
-                .enumerate()
-                .filter(|(j, o)| *j != i && !o.transactional && o.user == c.user && near(o.send_at))
+                .map(|j| (*j, &candidates[*j]))
+                .filter(|(j, o)| *j != i && !o.transactional && near(o.send_at))
                 .map(|(_, o)| {
                     (
                         rank(o.priority, o.entered_at, o.trigger),
@@ -580,8 +590,11 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                     )
                 })
                 .chain(
-                    sent.iter()
-                        .filter(|s| s.user == c.user && near(s.at))
+                    sent_of_user
+                        .get(c.user)
+                        .into_iter()
+                        .flatten()
+                        .filter(|s| near(s.at))
                         .map(|s| {
                             (
                                 rank(s.priority, s.entered_at, &s.trigger),
@@ -624,21 +637,21 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
             c.key,
         )
     });
-    let mut taken: Vec<Sent> = sent.to_vec();
+    let mut taken: HashMap<&str, Vec<Sent>> = HashMap::new();
+    for s in sent {
+        taken.entry(s.user.as_str()).or_default().push(s.clone());
+    }
     for i in order {
         let c = &candidates[i];
         if c.transactional || matches!(verdicts[i], Verdict::Suppress(_)) {
             continue;
         }
         let at = when(&verdicts[i], c);
-        let all: Vec<Micros> = taken
+        let mine = taken.entry(c.user).or_default();
+        let all: Vec<Micros> = mine.iter().map(|s| s.at).collect();
+        let own: Vec<Micros> = mine
             .iter()
-            .filter(|s| s.user == c.user)
-            .map(|s| s.at)
-            .collect();
-        let own: Vec<Micros> = taken
-            .iter()
-            .filter(|s| s.user == c.user && s.trigger == c.trigger)
+            .filter(|s| s.trigger == c.trigger)
             .map(|s| s.at)
             .collect();
         let held = settings
@@ -648,7 +661,7 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
             .or_else(|| c.caps.iter().find(|cap| !cap.allows(at, &own)));
         match held {
             Some(cap) => verdicts[i] = Verdict::Suppress(format!("cap: {}", cap.label)),
-            None => taken.push(Sent { at, ..sent_of(c) }),
+            None => mine.push(Sent { at, ..sent_of(c) }),
         }
     }
     verdicts

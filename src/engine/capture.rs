@@ -149,18 +149,19 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
         );
         return;
     }
-    run(
-        c,
-        "SELECT pg_advisory_xact_lock_shared($1, 0)",
-        &[ALL_USERS_LOCK_CLASS.into()],
-        "locking users",
-    );
     let users: Vec<String> = users.into_iter().collect();
+    // one statement; the shared key first: the uncorrelated sub-select is a
+    // one-time filter, evaluated before the first user's lock
     run(
         c,
-        "SELECT count(pg_advisory_xact_lock($1, h))
-               FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
-        &[USER_LOCK_CLASS.into(), users.into()],
+        "SELECT count(pg_advisory_xact_lock($2, h))
+           FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($3::text[]) u ORDER BY 1) s
+          WHERE (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared($1, 0)) g) = 1",
+        &[
+            ALL_USERS_LOCK_CLASS.into(),
+            USER_LOCK_CLASS.into(),
+            users.into(),
+        ],
         "locking users",
     );
 }
@@ -638,72 +639,86 @@ impl Writes {
                 )
             }));
         }
-        if !self.n_trigger.is_empty() {
-            // Ids first, so that journal lines can name the enrollments they describe.
-            let ids: Vec<i64> = run(c, "SELECT nextval(pg_get_serial_sequence('nudge.enrollments', 'id')) FROM generate_series(1, $1)", &[(self.n_trigger.len() as i32).into()], "allocating enrollment ids")
-            .map(|r| r.get::<i64>(1).ok().flatten().expect("nextval is not null"))
-            .collect();
-            for (e, n) in self.j_enrollment.iter_mut().zip(&self.j_new) {
-                if let Some(n) = n {
-                    *e = Some(ids[*n]);
-                }
-            }
-            run(c, "INSERT INTO nudge.enrollments
-                       (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                        coalesced, last_entry_at, exited_at, state, reason, variant)
-                     SELECT id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                            coalesced, last_entry_at, exited_at,
-                            CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason, variant
-                       FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::timestamptz[],
-                                   $7::timestamptz[], $8::jsonb[], $9::text[], $10::int[], $11::timestamptz[],
-                                   $12::timestamptz[], $13::text[], $14::text[])
-                         AS n(id, trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                              coalesced, last_entry_at, exited_at, reason, variant)", &[
-                        ids.into(),
-                        std::mem::take(&mut self.n_trigger).into(),
-                        std::mem::take(&mut self.n_version).into(),
-                        std::mem::take(&mut self.n_user).into(),
-                        std::mem::take(&mut self.n_key).into(),
-                        std::mem::take(&mut self.n_entered).into(),
-                        std::mem::take(&mut self.n_due).into(),
-                        std::mem::take(&mut self.n_anchor).into(),
-                        std::mem::take(&mut self.n_anchor_event).into(),
-                        std::mem::take(&mut self.n_coalesced).into(),
-                        std::mem::take(&mut self.n_last_entry).into(),
-                        std::mem::take(&mut self.n_exited).into(),
-                        std::mem::take(&mut self.n_reason).into(),
-                        std::mem::take(&mut self.n_variant).into(),
-                    ], "opening enrollments");
+        if self.n_trigger.is_empty() && self.u_id.is_empty() && self.j_user.is_empty() {
+            return;
         }
-        if !self.u_id.is_empty() {
-            run(c, "UPDATE nudge.enrollments e
-                        SET coalesced = e.coalesced + u.coalesced,
-                            last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
-                            exited_at = u.exited_at,
-                            state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
-                            reason = coalesce(u.reason, e.reason),
-                            updated_at = now()
-                       FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::timestamptz[], $6::text[])
-                         AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
-                      WHERE e.user_id = u.user_id AND e.id = u.id", &[
-                        std::mem::take(&mut self.u_id).into(),
-                        std::mem::take(&mut self.u_user).into(),
-                        std::mem::take(&mut self.u_coalesced).into(),
-                        std::mem::take(&mut self.u_last_entry).into(),
-                        std::mem::take(&mut self.u_exited).into(),
-                        std::mem::take(&mut self.u_reason).into(),
-                    ], "updating enrollments");
+        // A line about a journey opened by this very statement names it by
+        // its unique (user, trigger, key, entered_at); the INSERT's RETURNING
+        // gives its id.
+        let (mut j_key, mut j_entered) = (vec![], vec![]);
+        for n in &self.j_new {
+            j_key.push(n.map(|i| self.n_key[i].clone()));
+            j_entered.push(n.map(|i| self.n_entered[i]));
         }
-        if !self.j_user.is_empty() {
-            crate::engine::run_due::journal(
-                c,
-                self.j_user,
-                self.j_trigger,
-                self.j_enrollment,
-                self.j_at,
-                self.j_step,
-                self.j_detail,
-            );
-        }
+        // one statement for the three writes: on a single-row insert the
+        // round trips through SPI cost more than the rows
+        run(
+            c,
+            "WITH n AS (
+                 INSERT INTO nudge.enrollments
+                   (trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                    coalesced, last_entry_at, exited_at, state, reason, variant)
+                 SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                        coalesced, last_entry_at, exited_at,
+                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason, variant
+                   FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
+                               $6::timestamptz[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[],
+                               $11::timestamptz[], $12::text[], $13::text[])
+                     AS n(trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                          coalesced, last_entry_at, exited_at, reason, variant)
+                 RETURNING id, user_id, trigger, key, entered_at),
+             u AS (
+                 UPDATE nudge.enrollments e
+                    SET coalesced = e.coalesced + u.coalesced,
+                        last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
+                        exited_at = u.exited_at,
+                        state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
+                        reason = coalesce(u.reason, e.reason),
+                        updated_at = now()
+                   FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[])
+                     AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
+                  WHERE e.user_id = u.user_id AND e.id = u.id
+                 RETURNING 1),
+             j AS (
+                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
+                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail
+                   FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::timestamptz[],
+                               $25::timestamptz[], $26::text[], $27::text[])
+                     AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail)
+                   LEFT JOIN n ON n.user_id = l.user_id AND n.trigger = l.trigger
+                              AND n.key = l.new_key AND n.entered_at = l.new_entered
+                 RETURNING 1)
+             SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM u), (SELECT count(*) FROM j)",
+            &[
+                self.n_trigger.into(),
+                self.n_version.into(),
+                self.n_user.into(),
+                self.n_key.into(),
+                self.n_entered.into(),
+                self.n_due.into(),
+                self.n_anchor.into(),
+                self.n_anchor_event.into(),
+                self.n_coalesced.into(),
+                self.n_last_entry.into(),
+                self.n_exited.into(),
+                self.n_reason.into(),
+                self.n_variant.into(),
+                self.u_id.into(),
+                self.u_user.into(),
+                self.u_coalesced.into(),
+                self.u_last_entry.into(),
+                self.u_exited.into(),
+                self.u_reason.into(),
+                self.j_user.into(),
+                self.j_trigger.into(),
+                self.j_enrollment.into(),
+                j_key.into(),
+                j_entered.into(),
+                self.j_at.into(),
+                self.j_step.into(),
+                self.j_detail.into(),
+            ],
+            "writing journeys",
+        );
     }
 }

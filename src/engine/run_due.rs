@@ -642,7 +642,7 @@ impl OutboxRows {
     }
 }
 
-/// Writes each enrollment's outcome and its journal line.
+/// Writes each enrollment's outcome (nudge.explain reads it from there).
 fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
     let n = due.len();
     let (mut states, mut reasons, mut keys) = (
@@ -650,28 +650,24 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let (mut exited, mut sent, mut j_at) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    let (mut exited, mut sent) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for (d, o) in due.iter().zip(outcomes) {
         let message = Some(d.message_key.clone());
-        // state, reason, message key, exited_at, sent_at, journal time
-        let (state, reason, key, exit, went, at) = match o {
+        // state, reason, message key, exited_at, sent_at
+        let (state, reason, key, exit, went) = match o {
             Outcome::Sent { at, note } => {
                 let why = match note {
                     None => format!("message {}", d.message_key),
                     Some(n) => format!("message {}; {n}", d.message_key),
                 };
-                ("sent", why, message, None, Some(ts(at)), d.due_at)
+                ("sent", why, message, None, Some(ts(at)))
             }
             Outcome::HeldOut { at } => {
                 let why = format!(
                     "held out (control group): would have gone at {}",
                     nudge_core::time::format_pg_utc(at)
                 );
-                ("held_out", why, None, None, Some(ts(at)), d.due_at)
+                ("held_out", why, None, None, Some(ts(at)))
             }
             Outcome::Exited { at, event } => (
                 "exited",
@@ -679,21 +675,18 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
                 None,
                 Some(at),
                 None,
-                at,
             ),
-            Outcome::Suppressed(why) => ("suppressed", why, None, None, None, d.due_at),
-            Outcome::Failed(e) => ("failed", e, None, None, None, d.due_at),
+            Outcome::Suppressed(why) => ("suppressed", why, None, None, None),
+            Outcome::Failed(e) => ("failed", e, None, None, None),
         };
         states.push(state.to_string());
         reasons.push(Some(reason));
         keys.push(key);
         exited.push(exit);
         sent.push(went);
-        j_at.push(at);
     }
     let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
     let users: Vec<String> = due.iter().map(|d| d.user_id.clone()).collect();
-    let triggers: Vec<String> = due.iter().map(|d| d.trigger.clone()).collect();
     run(c, "UPDATE nudge.enrollments e
                 SET state = u.state, reason = u.reason, message_key = u.message_key,
                     exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now()
@@ -709,27 +702,6 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
                 exited.into(),
                 sent.into(),
             ], "recording outcomes");
-    journal(
-        c,
-        users,
-        triggers,
-        ids.into_iter().map(Some).collect(),
-        j_at,
-        states,
-        reasons,
-    );
-}
-
-/// Appends journal lines, one INSERT for all of them.
-pub fn journal(
-    c: &mut SpiClient<'_>,
-    users: Vec<String>,
-    triggers: Vec<String>,
-    enrollments: Vec<Option<i64>>,
-    at: Vec<TimestampWithTimeZone>,
-    steps: Vec<String>,
-    details: Vec<Option<String>>,
-) {
-    run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[])", &[users.into(), triggers.into(), enrollments.into(), at.into(), steps.into(), details.into()], "writing the journal");
+    // No journal line: nudge.explain reads each outcome from its enrollment
+    // (state and reason), which this UPDATE has just written.
 }

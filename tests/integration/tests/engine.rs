@@ -77,7 +77,12 @@ fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
             "SELECT trigger || ' ' || user_id || ' ' || key || ' ' || extract(epoch FROM entered_at)::text || ' ' || state
                     || ' ' || coalesced::text || ' ' || coalesce(reason, '') FROM nudge.enrollments
              UNION ALL
-             SELECT trigger || ' ' || user_id || ' ' || step || ' ' || detail FROM nudge.journal WHERE step = 'not entered'",
+             -- refusals: a statement's refusals of a user for one rule are one
+             -- line with their count, so compare the counts per user and rule
+             SELECT trigger || ' ' || user_id || ' not entered ' || split_part(detail, ':', 1) || ' x'
+                    || sum(coalesce((regexp_match(detail, '\\((\\d+) entry events'))[1]::int, 1))
+               FROM nudge.journal WHERE step = 'not entered'
+              GROUP BY trigger, user_id, split_part(detail, ':', 1)",
             &[],
         )
         .unwrap()

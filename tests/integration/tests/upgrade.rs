@@ -150,7 +150,7 @@ fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
     assert_eq!(
         count(
             &mut c,
-            "SELECT nudge.ack(array_agg(id))::bigint FROM nudge.outbox"
+            "SELECT nudge.ack_many(array_agg(id))::bigint FROM nudge.outbox"
         ),
         1
     );

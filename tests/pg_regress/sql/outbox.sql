@@ -50,3 +50,14 @@ SELECT nudge.release(array_agg(id)) AS released FROM nudge.outbox WHERE status =
 SELECT user_id, status, attempts, available_at <= now() AS available FROM nudge.outbox WHERE user_id IN ('u3', 'u5') ORDER BY user_id;
 
 SELECT status, messages, oldest_age IS NOT NULL AS has_age FROM nudge.outbox_metrics();
+
+-- ack_many: a claimed batch in one statement, with the provider's ids
+SELECT user_id FROM nudge.claim(10, '5 minutes', 'mailer-e') ORDER BY user_id;
+SELECT nudge.ack_many(array_agg(id ORDER BY user_id), array_agg('p-' || user_id ORDER BY user_id)) AS acked
+  FROM nudge.outbox WHERE status = 'claimed';
+SELECT user_id, status, provider_message_id FROM nudge.outbox WHERE user_id IN ('u3', 'u5') ORDER BY user_id;
+-- again: nothing left to mark; an unknown id, or one not claimed, fails the whole call
+SELECT nudge.ack_many(array_agg(id)) AS acked FROM nudge.outbox WHERE user_id IN ('u3', 'u5');
+SELECT nudge.ack_many(ARRAY[-1]::bigint[]);
+SELECT nudge.ack_many(array_agg(id)) FROM nudge.outbox WHERE user_id IN ('u1', 'u3');
+SELECT user_id, status FROM nudge.outbox WHERE user_id IN ('u1', 'u3') ORDER BY user_id;
