@@ -8,22 +8,27 @@
 CREATE FUNCTION nudge._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''), fallback) $$;
 
+-- The rows are picked by the index in priority order and updated by their
+-- ctid (a TID scan): joined on the key instead, a generic plan (which cannot
+-- know the batch size) hash-joined the whole outbox per claim. plpgsql, so
+-- that the plan is kept for the session (a SQL function plans every call).
 CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH c AS (
-        SELECT o.user_id, o.id
-          FROM nudge.outbox o
-         WHERE o.status IN ('pending', 'claimed') AND o.available_at <= now()
-         ORDER BY o.priority DESC, o.available_at, o.id
-         LIMIT greatest(batch, 0)
-           FOR UPDATE SKIP LOCKED)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
     UPDATE nudge.outbox o
        SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
            available_at = now() + greatest(lease, interval '0')
-      FROM c
-     WHERE o.user_id = c.user_id AND o.id = c.id
-    RETURNING o.*
+     WHERE o.ctid = ANY (ARRAY(
+           SELECT c.ctid
+             FROM nudge.outbox c
+            WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+            ORDER BY c.priority DESC, c.available_at, c.id
+            LIMIT greatest(batch, 0)
+              FOR UPDATE SKIP LOCKED))
+    RETURNING o.*;
+END
 $$;
 
 -- true when this call marked the message sent; false when it already was.

@@ -4,7 +4,8 @@
 -- or nudge.trigger_versions change; an index for a user's waiting journeys;
 -- journeys' "entered" steps and run_due's outcomes come from the enrollments
 -- instead of the journal.
--- Outbox: nudge.ack_many(bigint[], text[]) acknowledges a batch in one statement.
+-- Outbox: nudge.ack_many(bigint[], text[]) acknowledges a batch in one
+-- statement; nudge.claim no longer hash-joins the whole outbox per call.
 
 CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
 
@@ -91,3 +92,26 @@ $$;
 REVOKE ALL ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack_many(bigint[], text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nudge._capture_rows(), nudge._triggers_changed(), nudge.ack_many(bigint[], text[]) TO nudge_admin;
 GRANT EXECUTE ON FUNCTION nudge.ack_many(bigint[], text[]) TO nudge_mailer;
+
+-- The rows are picked by the index in priority order and updated by their
+-- ctid (a TID scan): joined on the key instead, a generic plan (which cannot
+-- know the batch size) hash-joined the whole outbox per claim. plpgsql, so
+-- that the plan is kept for the session (a SQL function plans every call).
+CREATE OR REPLACE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
+RETURNS SETOF nudge.outbox
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN QUERY
+    UPDATE nudge.outbox o
+       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+           available_at = now() + greatest(lease, interval '0')
+     WHERE o.ctid = ANY (ARRAY(
+           SELECT c.ctid
+             FROM nudge.outbox c
+            WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+            ORDER BY c.priority DESC, c.available_at, c.id
+            LIMIT greatest(batch, 0)
+              FOR UPDATE SKIP LOCKED))
+    RETURNING o.*;
+END
+$$;

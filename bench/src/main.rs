@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 const NUDGE_CLAIM: &str = "SELECT id, user_id, recipient, subject, html, text_body, headers::text FROM nudge.claim($1, '5 minutes', 'bench')";
 const NUDGE_ACK: &str = "SELECT nudge.ack_many($1::bigint[])";
-const QUEUE_CLAIM: &str = "WITH c AS (SELECT id FROM bench.queue WHERE vt <= now() ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+const QUEUE_CLAIM: &str = "WITH c AS (SELECT id FROM bench.queue WHERE vt <= now() ORDER BY id LIMIT $1::int FOR UPDATE SKIP LOCKED)
     UPDATE bench.queue q SET vt = now() + interval '5 minutes', read_ct = read_ct + 1 FROM c WHERE q.id = c.id
     RETURNING q.id, q.user_id, q.recipient, q.subject, q.html, q.text_body, q.headers::text";
 const QUEUE_ACK: &str = "DELETE FROM bench.queue WHERE id = ANY($1)";
