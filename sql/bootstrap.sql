@@ -87,7 +87,6 @@ CREATE TABLE nudge.enrollments (
     UNIQUE (user_id, trigger, key, entered_at)
 );
 CREATE INDEX enrollments_due ON nudge.enrollments (due_at) WHERE state = 'waiting';
-CREATE INDEX enrollments_trigger_state ON nudge.enrollments (trigger, state);
 -- capture reads a user's waiting journeys on every statement; a heavy user's
 -- ended ones would otherwise be read (and skipped) each time
 CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';

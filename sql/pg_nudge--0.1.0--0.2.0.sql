@@ -8,6 +8,8 @@
 -- statement; nudge.claim no longer hash-joins the whole outbox per call.
 
 CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
+-- every state change wrote an entry in it; nothing hot reads it
+DROP INDEX nudge.enrollments_trigger_state;
 
 CREATE FUNCTION nudge."_capture_rows"() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', '_capture_rows_wrapper';

@@ -463,8 +463,11 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
                                  || extract(epoch FROM e.entered_at)::text),
                     e.variant
                FROM nudge.enrollments e
-               JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
               WHERE e.state = 'waiting' AND e.due_at <= $1
+                -- a filter that no index can take (IS TRUE), so that the plan
+                -- walks enrollments_due in due order even when the statistics
+                -- are stale, as they are right after a bulk load
+                AND (e.trigger = ANY (ARRAY(SELECT name FROM nudge.triggers WHERE status = 'active'))) IS TRUE
               ORDER BY e.due_at
               LIMIT $2
                 FOR UPDATE OF e SKIP LOCKED",
