@@ -4,12 +4,27 @@
 -- or nudge.trigger_versions change; an index for a user's waiting journeys;
 -- journeys' "entered" steps and run_due's outcomes come from the enrollments
 -- instead of the journal.
+-- Deferred capture (nudge.deferred_capture): nudge.capture_queue and
+-- nudge.capture_pending().
 -- Outbox: nudge.ack_many(bigint[], text[]) acknowledges a batch in one
 -- statement; nudge.claim no longer hash-joins the whole outbox per call.
 
 CREATE INDEX enrollments_waiting ON nudge.enrollments (user_id, trigger, due_at) WHERE state = 'waiting';
 -- every state change wrote an entry in it; nothing hot reads it
 DROP INDEX nudge.enrollments_trigger_state;
+
+CREATE TABLE nudge.capture_queue (
+    user_id     text        NOT NULL,
+    event       text        NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    props       jsonb       NOT NULL,
+    queued_at   timestamptz NOT NULL
+);
+GRANT ALL ON nudge.capture_queue TO nudge_admin;
+CREATE FUNCTION nudge."capture_pending"("max_events" bigint DEFAULT 1000000) RETURNS bigint
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'capture_pending_wrapper';
+REVOKE ALL ON FUNCTION nudge.capture_pending(bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.capture_pending(bigint) TO nudge_admin;
 
 CREATE FUNCTION nudge."_capture_rows"() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', '_capture_rows_wrapper';

@@ -236,6 +236,13 @@ fn drop_trigger(name: &str) {
     }
 }
 
+/// Enrolls events queued by deferred capture (`nudge.deferred_capture`),
+/// at most `max_events`; returns how many. The worker does this by itself.
+#[pg_extern]
+fn capture_pending(max_events: default!(i64, 1000000)) -> i64 {
+    crate::engine::deferred::capture_pending(max_events)
+}
+
 #[pg_extern]
 fn run_due(
     as_of: default!(TimestampWithTimeZone, "now()"),
@@ -244,6 +251,8 @@ fn run_due(
     if max_messages < 0 {
         error!("run_due: max_messages must not be negative");
     }
+    // events queued by deferred capture first: they may open or close journeys
+    crate::engine::deferred::capture_pending(i64::MAX);
     due::run_due(as_of, max_messages).written
 }
 

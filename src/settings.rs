@@ -9,6 +9,7 @@ pub static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static USER_SQL_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+pub static DEFERRED_CAPTURE: GucSetting<bool> = GucSetting::<bool>::new(false);
 // Read by nudge.fail (sql/outbox.sql); defined here so that they are real
 // settings with limits, not placeholders.
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
@@ -55,6 +56,15 @@ pub fn define(preloaded: bool) {
         c"Off: the worker idles; nudge.run_due() still works by hand.",
         &ENABLED,
         GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"nudge.deferred_capture",
+        c"Queue captured events for the worker instead of enrolling them in the inserting statement.",
+        c"On: an insert only appends its watched events to nudge.capture_queue (same transaction); \
+the worker, nudge.capture_pending() or nudge.run_due() enrolls them, in event time, moments later.",
+        &DEFERRED_CAPTURE,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

@@ -139,8 +139,25 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Events queued by deferred capture enrolled per transaction.
+const QUEUE_CHUNK: i64 = 100_000;
+
 /// Batches until one comes back short: everything due now is written.
 fn drain(s: &Shared) {
+    // queued events first: they may open or close the journeys due now
+    loop {
+        match guarded(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK)) {
+            Ok(n) if n == QUEUE_CHUNK && !BackgroundWorker::sigterm_received() => continue,
+            Ok(_) => break,
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                warning!(
+                    "pg_nudge worker: capturing queued events failed, retrying after naptime: {e}"
+                );
+                break;
+            }
+        }
+    }
     loop {
         let batch = settings::BATCH_SIZE.get().max(1);
         let claimed = match one_batch(batch) {

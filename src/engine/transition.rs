@@ -132,7 +132,12 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         batch.props.push(Some(JsonB(p)));
     }
     pg_sys::ExecDropSingleTupleTableSlot(slot);
-    if !batch.users.is_empty() {
+    if batch.users.is_empty() {
+        return;
+    }
+    if crate::settings::DEFERRED_CAPTURE.get() {
+        crate::engine::deferred::enqueue(batch);
+    } else {
         capture(batch);
     }
 }
