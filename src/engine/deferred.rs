@@ -11,46 +11,93 @@ use crate::spi_util::run;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-/// Appends the batch to nudge.capture_queue in the current transaction.
-pub unsafe fn enqueue(batch: Batch) {
-    let rv = pg_sys::makeRangeVar(
-        c"nudge".as_ptr() as *mut _,
-        c"capture_queue".as_ptr() as *mut _,
-        -1,
-    );
-    let relid = pg_sys::RangeVarGetRelidExtended(
-        rv,
-        pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
-        0,
-        None,
-        std::ptr::null_mut(),
-    );
-    let rel = pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE);
-    let desc = (*rel).rd_att;
-    let queued_at = pg_sys::GetCurrentTransactionStartTimestamp();
-    for i in 0..batch.users.len() {
-        let (Some(Some(user)), Some(Some(event)), Some(Some(at))) =
-            (batch.users.get(i), batch.events.get(i), batch.times.get(i))
-        else {
-            continue;
+/// nudge.capture_queue, open for appending in the current transaction.
+pub struct Queue {
+    rel: pg_sys::Relation,
+    queued_at: pg_sys::Datum,
+    jsonb_in: pg_sys::Oid,
+    jsonb_ioparam: pg_sys::Oid,
+    empty: Option<pg_sys::Datum>,
+    rows: usize,
+}
+
+impl Queue {
+    pub unsafe fn open() -> Queue {
+        let rv = pg_sys::makeRangeVar(
+            c"nudge".as_ptr() as *mut _,
+            c"capture_queue".as_ptr() as *mut _,
+            -1,
+        );
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            rv,
+            pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
+            0,
+            None,
+            std::ptr::null_mut(),
+        );
+        let (mut jsonb_in, mut jsonb_ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+        pg_sys::getTypeInputInfo(pg_sys::JSONBOID, &mut jsonb_in, &mut jsonb_ioparam);
+        Queue {
+            rel: pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE),
+            queued_at: pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
+            jsonb_in,
+            jsonb_ioparam,
+            empty: None,
+            rows: 0,
+        }
+    }
+
+    /// JSON text as a jsonb datum (an ERROR naming the table when it is not JSON).
+    pub unsafe fn jsonb_of(&mut self, text: &str, table: &str) -> pg_sys::Datum {
+        let Ok(c) = std::ffi::CString::new(text) else {
+            error!("pg_nudge: capture on {table}: props are not JSON (a NUL character)");
         };
-        let props = batch.props[i]
-            .as_ref()
-            .map_or(JsonB(serde_json::json!({})), |p| JsonB(p.0.clone()));
+        crate::spi_util::in_context(&format!("pg_nudge: capture on {table}: props"), || {
+            pg_sys::OidInputFunctionCall(
+                self.jsonb_in,
+                c.as_ptr() as *mut _,
+                self.jsonb_ioparam,
+                -1,
+            )
+        })
+    }
+
+    pub unsafe fn empty_props(&mut self) -> pg_sys::Datum {
+        if self.empty.is_none() {
+            self.empty = Some(self.jsonb_of("{}", ""));
+        }
+        self.empty.expect("set above")
+    }
+
+    pub unsafe fn push(
+        &mut self,
+        user: &str,
+        event: &str,
+        at: TimestampWithTimeZone,
+        props: pg_sys::Datum,
+    ) {
         let mut values = [
-            user.as_str().into_datum().expect("text"),
-            event.as_str().into_datum().expect("text"),
+            user.into_datum().expect("text"),
+            event.into_datum().expect("text"),
             at.into_datum().expect("timestamptz"),
-            props.into_datum().expect("jsonb"),
-            pg_sys::Datum::from(queued_at),
+            props,
+            self.queued_at,
         ];
         let mut nulls = [false; 5];
-        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        pg_sys::simple_heap_insert(rel, tuple);
+        let tuple =
+            pg_sys::heap_form_tuple((*self.rel).rd_att, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(self.rel, tuple);
         pg_sys::heap_freetuple(tuple);
+        self.rows += 1;
     }
-    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    crate::worker::wake_on_commit();
+
+    /// Closes the table; a commit that queued anything wakes the worker.
+    pub unsafe fn close(self) {
+        pg_sys::table_close(self.rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        if self.rows > 0 {
+            crate::worker::wake_on_commit();
+        }
+    }
 }
 
 /// Enrolls up to `max` queued events (any order: capture sorts each user's

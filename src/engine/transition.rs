@@ -90,6 +90,11 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     }
     let natts = (*desc).natts;
     let now = ts(pg_sys::GetCurrentTransactionStartTimestamp());
+    // deferred: rows go straight into the queue, props as jsonb datums (never
+    // parsed here); immediate: into the batch that capture reads
+    let mut queue = crate::settings::DEFERRED_CAPTURE
+        .get()
+        .then(|| crate::engine::deferred::Queue::open());
 
     let mut batch = Batch {
         users: vec![],
@@ -122,6 +127,27 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
             None => Some(now),
             Some(col) => timestamptz(col, values, nulls),
         };
+        if let Some(q) = queue.as_mut() {
+            let Some(at) = at else { continue };
+            let p = match &props {
+                Some(col) if nulls[col.attnum] => q.empty_props(),
+                Some(col) if col.type_oid == pg_sys::JSONBOID => pg_sys::Datum::from(
+                    pg_sys::pg_detoast_datum_packed(values[col.attnum].cast_mut_ptr()),
+                ),
+                Some(col) => q.jsonb_of(&col.text(values, nulls).unwrap_or_default(), &table),
+                None => {
+                    let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
+                    let json = pg_sys::OidFunctionCall1Coll(
+                        pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
+                        pg_sys::InvalidOid,
+                        row,
+                    );
+                    q.jsonb_of(&String::from_datum(json, false).unwrap_or_default(), &table)
+                }
+            };
+            q.push(&user_id, &name, at, p);
+            continue;
+        }
         let p = match &props {
             Some(col) => json_of(col, values, nulls, &table),
             None => row_json(slot),
@@ -132,12 +158,9 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         batch.props.push(Some(JsonB(p)));
     }
     pg_sys::ExecDropSingleTupleTableSlot(slot);
-    if batch.users.is_empty() {
-        return;
-    }
-    if crate::settings::DEFERRED_CAPTURE.get() {
-        crate::engine::deferred::enqueue(batch);
-    } else {
+    if let Some(q) = queue {
+        q.close();
+    } else if !batch.users.is_empty() {
         capture(batch);
     }
 }

@@ -225,3 +225,30 @@ fn a_failing_batch_is_counted_and_the_worker_carries_on() {
     });
     assert!(sent.is_some(), "the worker carried on after the error");
 }
+
+#[test]
+fn the_worker_enrolls_and_sends_what_deferred_capture_queued() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    // naptime long: only the wake-up of the queueing commit can bring the worker in time
+    set_setting("nudge.naptime", Some("600000"));
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute(
+        "SET nudge.deferred_capture = on;
+         INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'ping', now(), '{\"n\": 1}' FROM generate_series(1, 200) i",
+    )
+    .unwrap();
+    let done = wait_for(10, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 200).then_some(())
+    });
+    set_setting("nudge.naptime", None);
+    assert!(
+        done.is_some(),
+        "the worker wrote {} of 200 (queued: {})",
+        count(&mut c, "SELECT count(*) FROM nudge.outbox"),
+        count(&mut c, "SELECT count(*) FROM nudge.capture_queue")
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue"), 0);
+    assert_eq!(outbox_uniqueness(&mut c), (200, 200, 200));
+}
