@@ -91,7 +91,9 @@ row "capture: deferred, $(fmt "$queued") queued events enrolled (events/s)" "-" 
     "$(fmt "$(echo "$queued / $(since "$t0")" | bc -l)")" "-" "-"
 enrolled=$(q "SELECT count(*) FROM nudge.enrollments")
 
-# single-row inserts from concurrent clients (pgbench, prepared statements)
+# single-row inserts from concurrent clients (pgbench, prepared statements),
+# after a VACUUM so that autovacuum does not compete with one side only
+"${psql[@]}" -c "VACUUM ANALYZE" >/dev/null
 insert_tps() {  # table, deferred (on/off)
   sed "s/TABLE/$1/" bench/insert.sql > "/tmp/pg_nudge-bench-insert-$1.sql"
   q "CHECKPOINT" >/dev/null

@@ -127,9 +127,9 @@ $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
 
--- Capture writes our tables whoever inserts the event; the fixed search_path
--- keeps the inserting role's own objects out of the statements it runs.
-ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+-- Capture writes our tables whoever inserts the event; the statements it runs
+-- set search_path themselves, so that the inserting role's own objects stay out.
+ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER;  -- its SQL runs under a fixed search_path (spi_util::with_safe_search_path)
 
 -- Backends keep the compiled triggers until nudge.triggers changes, however it changes.
 CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.triggers

@@ -28,7 +28,7 @@ GRANT EXECUTE ON FUNCTION nudge.capture_pending(bigint) TO nudge_admin;
 
 CREATE FUNCTION nudge."_capture_rows"() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', '_capture_rows_wrapper';
-ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER;  -- its SQL runs under a fixed search_path (spi_util::with_safe_search_path)
 
 CREATE FUNCTION nudge."_triggers_changed"() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', '_triggers_changed_wrapper';

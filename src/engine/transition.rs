@@ -12,7 +12,7 @@
 //! `to_jsonb(row)`), so that capture and the send-time re-check agree.
 
 use crate::engine::capture::{capture, Batch};
-use crate::spi_util::ts;
+use crate::spi_util::{ts, with_safe_search_path};
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgTupleDesc};
 use serde_json::Value;
@@ -68,7 +68,7 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     if store.is_null() {
         error!("pg_nudge: the capture trigger needs REFERENCING NEW TABLE");
     }
-    let catalog = Spi::connect(|c| crate::catalog::live_triggers(c));
+    let catalog = with_safe_search_path(|| Spi::connect(|c| crate::catalog::live_triggers(c)));
     if catalog.watched.is_empty() {
         return;
     }
@@ -161,7 +161,7 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     if let Some(q) = queue {
         q.close();
     } else if !batch.users.is_empty() {
-        capture(batch);
+        with_safe_search_path(|| capture(batch));
     }
 }
 
