@@ -31,18 +31,20 @@ fn schema_of(c: &mut Client) -> Vec<String> {
         .collect()
 }
 
+fn version_of(c: &mut Client) -> String {
+    c.query_one(
+        "SELECT extversion FROM pg_extension WHERE extname = 'pg_nudge'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
 #[test]
 fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
     let fresh = fresh_db("nudge_it_upgrade_fresh");
     let mut f = connect(&fresh);
-    let version: String = f
-        .query_one(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pg_nudge'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version_of(&mut f), "0.2.0");
     f.batch_execute("CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
                      SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
         .unwrap();
@@ -85,14 +87,7 @@ fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
 
     c.batch_execute("ALTER EXTENSION pg_nudge UPDATE TO '0.2.0'")
         .unwrap();
-    let version: String = c
-        .query_one(
-            "SELECT extversion FROM pg_extension WHERE extname = 'pg_nudge'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version_of(&mut c), "0.2.0");
     assert_eq!(
         schema_of(&mut c),
         schema_of(&mut f),
