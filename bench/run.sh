@@ -38,9 +38,9 @@ worker() { "${psql[@]}" -c "ALTER SYSTEM SET nudge.enabled = $1" -c "SELECT pg_r
 pause_all() { q "SELECT count(nudge.pause_trigger(name)) FROM nudge.triggers WHERE status = 'active'" >/dev/null; }
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc -l; }
-ratio() { echo "scale=2; $1 / $2" | bc -l; }
+ratio() { printf '%.2f' "$(echo "$1 / $2" | bc -l)"; }
 best() { printf '%s\n' "$@" | sort -g | tail -1; }  # the best of the rounds (least disturbed)
-fmt() { printf "%'.0f" "$1"; }
+fmt() { printf '%.0f' "$1" | sed -E ':a;s/^([0-9]+)([0-9]{3})/\1,\2/;ta'; }  # 1,234,567 without a locale
 enrolled=0
 only() { [[ -z ${BENCH_ONLY:-} || ,$BENCH_ONLY, == *,$1,* ]]; }
 rows=()
