@@ -21,6 +21,19 @@ SELECT * FROM nudge.claim(1);
 SELECT nudge.define_trigger('mine', '{"on": {"event": "x"}, "template": "t"}');
 RESET ROLE;
 
+-- capture runs with our rights, so it must never resolve a name in the
+-- writer's schemas: a writer's hashtext() ahead of pg_catalog is not called
+CREATE SCHEMA regress_evil AUTHORIZATION regress_writer;
+SET ROLE regress_writer;
+CREATE FUNCTION regress_evil.hashtext(text) RETURNS int LANGUAGE plpgsql
+AS $$ BEGIN RAISE EXCEPTION 'capture ran the writer''s hashtext'; END $$;
+SET search_path = regress_evil, pg_catalog;
+INSERT INTO nudge.events (user_id, event, occurred_at) VALUES ('u1', 'ping', now() - interval '20 seconds');
+RESET search_path;
+RESET ROLE;
+DROP SCHEMA regress_evil CASCADE;
+SELECT count(*) AS journeys FROM nudge.enrollments;
+
 SELECT nudge.run_due() AS written;
 
 SET ROLE regress_mailer;
