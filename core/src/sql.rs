@@ -130,4 +130,22 @@ mod tests {
         };
         assert!(both.check().is_err());
     }
+
+    #[test]
+    fn capture_trigger_passes_the_mapping_as_arguments() {
+        let m = SourceMap {
+            user_column: "customer's id".into(),
+            event_column: None,
+            time_column: Some("created_at".into()),
+            props_column: None,
+            event_name: Some("purchased".into()),
+        };
+        let sql = m.capture_trigger("app.orders");
+        assert!(sql.contains("AFTER INSERT ON app.orders"));
+        assert!(sql.contains("REFERENCING NEW TABLE AS nudge_new_rows"));
+        // user, event column, time, props column, event name: '' for a part not given
+        assert!(sql.ends_with(
+            "nudge._capture_rows('customer''s id', '', 'created_at', '', 'purchased')"
+        ));
+    }
 }
