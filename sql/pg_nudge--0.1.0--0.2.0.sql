@@ -132,3 +132,18 @@ BEGIN
     RETURNING o.*;
 END
 $$;
+
+-- worker_status gains `queued` (events deferred capture has not enrolled yet)
+DROP FUNCTION nudge.worker_status();
+CREATE FUNCTION nudge."worker_status"() RETURNS TABLE (
+    "running" bool,
+    "last_pass" timestamp with time zone,
+    "passes" bigint,
+    "messages" bigint,
+    "errors" bigint,
+    "lag" interval,
+    "queued" bigint
+)
+STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'worker_status_wrapper';
+REVOKE ALL ON FUNCTION nudge.worker_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.worker_status() TO nudge_admin;

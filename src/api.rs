@@ -268,6 +268,7 @@ fn worker_status() -> TableIterator<
         name!(messages, i64),
         name!(errors, i64),
         name!(lag, Option<Interval>),
+        name!(queued, i64),
     ),
 > {
     let s = crate::worker::status();
@@ -278,10 +279,17 @@ fn worker_status() -> TableIterator<
         &[],
         "worker_status",
     );
+    // events deferred capture has queued and the worker has not enrolled yet
+    let queued = one::<i64>(
+        "SELECT count(*) FROM nudge.capture_queue",
+        &[],
+        "worker_status",
+    )
+    .unwrap_or_default();
     let last = s
         .last_pass_us
         .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
-    TableIterator::once((s.running, last, s.passes, s.messages, s.errors, lag))
+    TableIterator::once((s.running, last, s.passes, s.messages, s.errors, lag, queued))
 }
 
 /// Reads profiles from the user's own tables: `sql` uses `$1` for the user id

@@ -144,8 +144,7 @@ mod tests {
         assert!(sql.contains("AFTER INSERT ON app.orders"));
         assert!(sql.contains("REFERENCING NEW TABLE AS nudge_new_rows"));
         // user, event column, time, props column, event name: '' for a part not given
-        assert!(sql.ends_with(
-            "nudge._capture_rows('customer''s id', '', 'created_at', '', 'purchased')"
-        ));
+        assert!(sql
+            .ends_with("nudge._capture_rows('customer''s id', '', 'created_at', '', 'purchased')"));
     }
 }

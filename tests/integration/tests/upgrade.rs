@@ -88,10 +88,18 @@ fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
     c.batch_execute("ALTER EXTENSION pg_nudge UPDATE TO '0.2.0'")
         .unwrap();
     assert_eq!(version_of(&mut c), "0.2.0");
-    assert_eq!(
-        schema_of(&mut c),
-        schema_of(&mut f),
-        "upgraded schema differs from a fresh install"
+    let (upgraded, fresh_schema) = (schema_of(&mut c), schema_of(&mut f));
+    let only_upgraded: Vec<&String> = upgraded
+        .iter()
+        .filter(|x| !fresh_schema.contains(x))
+        .collect();
+    let only_fresh: Vec<&String> = fresh_schema
+        .iter()
+        .filter(|x| !upgraded.contains(x))
+        .collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "upgraded schema differs from a fresh install:\n  only upgraded: {only_upgraded:#?}\n  only fresh: {only_fresh:#?}"
     );
 
     // the journeys of 0.1.0 go on: the user's source (now captured by the new

@@ -249,6 +249,6 @@ fn the_worker_enrolls_and_sends_what_deferred_capture_queued() {
         count(&mut c, "SELECT count(*) FROM nudge.outbox"),
         count(&mut c, "SELECT count(*) FROM nudge.capture_queue")
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue"), 0);
+    assert_eq!(count(&mut c, "SELECT queued FROM nudge.worker_status()"), 0);
     assert_eq!(outbox_uniqueness(&mut c), (200, 200, 200));
 }

@@ -25,6 +25,7 @@ SELECT nudge.track('d4', 'cart_added', '{"cart_id": "k4"}', '2026-02-01 10:00+00
 ROLLBACK;
 SELECT user_id, event, occurred_at, props->>'cart_id' AS cart_id FROM nudge.capture_queue ORDER BY user_id, occurred_at;
 SELECT count(*) AS journeys_before FROM nudge.enrollments;
+SELECT queued FROM nudge.worker_status();
 
 SELECT nudge.capture_pending() AS captured;
 SELECT user_id, key, state, reason FROM nudge.enrollments ORDER BY user_id;
