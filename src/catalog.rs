@@ -66,8 +66,13 @@ fn relid(c: &SpiClient<'_>, table: &str) -> pg_sys::Oid {
 }
 
 /// The current version of every trigger (active or paused).
+/// The compiled triggers when this backend holds them (no SQL needed).
+pub fn cached() -> Option<Rc<Catalog>> {
+    CACHED.with(|k| k.borrow().clone())
+}
+
 pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
-    if let Some(cached) = CACHED.with(|k| k.borrow().clone()) {
+    if let Some(cached) = cached() {
         return cached;
     }
     if !LISTENING.with(Cell::get) {

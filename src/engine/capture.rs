@@ -510,7 +510,8 @@ struct Writes {
     u_last_entry: Vec<Option<TimestampWithTimeZone>>,
     u_exited: Vec<Option<TimestampWithTimeZone>>,
     u_reason: Vec<Option<String>>,
-    // journal lines; enrollment ids of new journeys are filled in at flush
+    // journal lines; a line about a journey this statement opens names it by
+    // j_new (its index above) and gets its id from the INSERT at flush
     j_user: Vec<String>,
     j_trigger: Vec<String>,
     j_enrollment: Vec<Option<i64>>,

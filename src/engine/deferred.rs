@@ -15,8 +15,6 @@ use pgrx::JsonB;
 pub struct Queue {
     rel: pg_sys::Relation,
     queued_at: pg_sys::Datum,
-    jsonb_in: pg_sys::Oid,
-    jsonb_ioparam: pg_sys::Oid,
     empty: Option<pg_sys::Datum>,
     rows: usize,
 }
@@ -35,38 +33,16 @@ impl Queue {
             None,
             std::ptr::null_mut(),
         );
-        let (mut jsonb_in, mut jsonb_ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
-        pg_sys::getTypeInputInfo(pg_sys::JSONBOID, &mut jsonb_in, &mut jsonb_ioparam);
         Queue {
             rel: pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE),
             queued_at: pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
-            jsonb_in,
-            jsonb_ioparam,
             empty: None,
             rows: 0,
         }
     }
 
-    /// JSON text as a jsonb datum (an ERROR naming the table when it is not JSON).
-    pub unsafe fn jsonb_of(&mut self, text: &str, table: &str) -> pg_sys::Datum {
-        let Ok(c) = std::ffi::CString::new(text) else {
-            error!("pg_nudge: capture on {table}: props are not JSON (a NUL character)");
-        };
-        crate::spi_util::in_context(&format!("pg_nudge: capture on {table}: props"), || {
-            pg_sys::OidInputFunctionCall(
-                self.jsonb_in,
-                c.as_ptr() as *mut _,
-                self.jsonb_ioparam,
-                -1,
-            )
-        })
-    }
-
     pub unsafe fn empty_props(&mut self) -> pg_sys::Datum {
-        if self.empty.is_none() {
-            self.empty = Some(self.jsonb_of("{}", ""));
-        }
-        self.empty.expect("set above")
+        *self.empty.get_or_insert_with(|| jsonb_in("{}"))
     }
 
     pub unsafe fn push(
@@ -98,6 +74,20 @@ impl Queue {
             crate::worker::wake_on_commit();
         }
     }
+}
+
+/// JSON text as a jsonb datum, through jsonb's own input function (an ERROR
+/// when it is not JSON).
+pub unsafe fn jsonb_in(text: &str) -> pg_sys::Datum {
+    let Ok(c) = std::ffi::CString::new(text) else {
+        error!("props are not JSON (a NUL character)");
+    };
+    pg_sys::OidInputFunctionCall(
+        pg_sys::Oid::from(pg_sys::F_JSONB_IN),
+        c.as_ptr() as *mut _,
+        pg_sys::JSONBOID,
+        -1,
+    )
 }
 
 /// Enrolls up to `max` queued events (any order: capture sorts each user's

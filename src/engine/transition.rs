@@ -68,7 +68,10 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     if store.is_null() {
         error!("pg_nudge: the capture trigger needs REFERENCING NEW TABLE");
     }
-    let catalog = with_safe_search_path(|| Spi::connect(|c| crate::catalog::live_triggers(c)));
+    // a statement of a warm backend runs no SQL here: no SPI, no search_path
+    let catalog = crate::catalog::cached().unwrap_or_else(|| {
+        with_safe_search_path(|| Spi::connect(|c| crate::catalog::live_triggers(c)))
+    });
     if catalog.watched.is_empty() {
         return;
     }
@@ -134,16 +137,15 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
                 Some(col) if col.type_oid == pg_sys::JSONBOID => pg_sys::Datum::from(
                     pg_sys::pg_detoast_datum_packed(values[col.attnum].cast_mut_ptr()),
                 ),
-                Some(col) => q.jsonb_of(&col.text(values, nulls).unwrap_or_default(), &table),
-                None => {
-                    let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
-                    let json = pg_sys::OidFunctionCall1Coll(
-                        pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
-                        pg_sys::InvalidOid,
-                        row,
-                    );
-                    q.jsonb_of(&String::from_datum(json, false).unwrap_or_default(), &table)
+                Some(col) => {
+                    let text = col.text(values, nulls).unwrap_or_default();
+                    crate::spi_util::in_context(
+                        &format!("pg_nudge: capture on {table}: props_column"),
+                        || crate::engine::deferred::jsonb_in(&text),
+                    )
                 }
+                // row_to_json's output is JSON: no error to name
+                None => crate::engine::deferred::jsonb_in(&row_json_text(slot)),
             };
             q.push(&user_id, &name, at, p);
             continue;
@@ -178,10 +180,13 @@ unsafe fn timestamptz(
     }
     // timestamp, date, text...: through text, as the ::timestamptz cast reads them
     let text = col.text(values, nulls)?;
-    let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
-    pg_sys::getTypeInputInfo(pg_sys::TIMESTAMPTZOID, &mut input, &mut ioparam);
     let c = std::ffi::CString::new(text).ok()?;
-    let d = pg_sys::OidInputFunctionCall(input, c.as_ptr() as *mut _, ioparam, -1);
+    let d = pg_sys::OidInputFunctionCall(
+        pg_sys::Oid::from(pg_sys::F_TIMESTAMPTZ_IN),
+        c.as_ptr() as *mut _,
+        pg_sys::TIMESTAMPTZOID,
+        -1,
+    );
     TimestampWithTimeZone::from_datum(d, false)
 }
 
@@ -200,12 +205,16 @@ unsafe fn json_of(col: &Column, values: &[pg_sys::Datum], nulls: &[bool], table:
 
 /// The whole row as an object, as `to_jsonb(row)` gives it.
 unsafe fn row_json(slot: *mut pg_sys::TupleTableSlot) -> Value {
+    serde_json::from_str(&row_json_text(slot)).unwrap_or(Value::Null)
+}
+
+/// The whole row as JSON text (row_to_json).
+unsafe fn row_json_text(slot: *mut pg_sys::TupleTableSlot) -> String {
     let row = pg_sys::ExecFetchSlotHeapTupleDatum(slot);
     let json = pg_sys::OidFunctionCall1Coll(
         pg_sys::Oid::from(pg_sys::F_ROW_TO_JSON_RECORD),
         pg_sys::InvalidOid,
         row,
     );
-    let text = String::from_datum(json, false).unwrap_or_default();
-    serde_json::from_str(&text).unwrap_or(Value::Null)
+    String::from_datum(json, false).unwrap_or_default()
 }

@@ -37,6 +37,12 @@ INSERT INTO shop.orders (customer, cart_id, total, at) VALUES ('d2', 'k2', 40, '
 SELECT nudge.run_due('2026-02-01 12:00+00') AS written;
 SELECT user_id, key, state, reason FROM nudge.enrollments ORDER BY user_id;
 SELECT at, step, detail FROM nudge.explain('cart', 'd2');
+-- a text props column that is not JSON: the insert fails, naming the table, and queues nothing
+CREATE TABLE shop.raw (who text, what text, at timestamptz, body text);
+SELECT nudge.add_source('shop.raw', 'who', event_column => 'what', time_column => 'at', props_column => 'body');
+INSERT INTO shop.raw VALUES ('d5', 'cart_added', '2026-02-01 10:00+00', '{not json');
+SELECT count(*) AS queued FROM nudge.capture_queue;
+SELECT nudge.drop_source('shop.raw');
 RESET nudge.deferred_capture;
 SELECT nudge.drop_source('shop.orders');
 DROP SCHEMA shop CASCADE;
