@@ -1,3 +1,16 @@
+-- pg_nudge schema. Its objects belong to the role that ran CREATE EXTENSION
+-- (a superuser); a schema nudge made beforehand by anyone else would let that
+-- role change what our privileged code runs, so it is refused.
+DO $$
+BEGIN
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+             WHERE n.nspname = 'nudge') THEN
+        RAISE EXCEPTION 'pg_nudge: schema nudge exists and is not owned by a superuser'
+            USING ERRCODE = '42501', HINT = 'drop it or give it to the installing superuser before CREATE EXTENSION pg_nudge';
+    END IF;
+END
+$$;
+
 -- pg_nudge schema. Every table that holds per-user state has user_id in its
 -- primary key, so that it can be distributed by user id (DESIGN.md, Scale).
 
@@ -170,13 +183,16 @@ CREATE TABLE nudge.suppressions (
 CREATE INDEX suppressions_user ON nudge.suppressions (user_id);
 
 -- The functions that hold SQL written into definitions (audience_sql,
--- context), one per query and trigger version, owned by the defining role.
+-- context) and the profile query, one per query and trigger version, owned by
+-- the defining role. Written by our functions only (docs/security.md): a call
+-- checks that the function still has the owner and settings recorded here.
 CREATE TABLE nudge.user_sql (
-    trigger  text NOT NULL,
+    trigger  text NOT NULL,  -- '' for the profile query
     version  int  NOT NULL,
-    part     text NOT NULL,  -- 'audience_sql' or 'context.<name>'
+    part     text NOT NULL,  -- 'audience_sql', 'context.<name>' or 'profile'
     function text NOT NULL,
     owner    name NOT NULL DEFAULT current_user,
+    config   text[],         -- its proconfig when created (its search_path)
     PRIMARY KEY (trigger, version, part)
 );
 CREATE SEQUENCE nudge.user_sql_id;

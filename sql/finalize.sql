@@ -4,7 +4,7 @@
 -- Event names any trigger reads; the capture trigger drops every other event
 -- before it crosses into Rust, so unwatched events cost almost nothing.
 CREATE FUNCTION nudge._watched_events() RETURNS text[]
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     SELECT coalesce(array_agg(DISTINCT w), '{}') FROM nudge.triggers, unnest(watches) AS w
 $$;
 
@@ -15,18 +15,18 @@ CREATE FUNCTION nudge.add_source(
     time_column text DEFAULT NULL,
     props_column text DEFAULT NULL,
     event_name text DEFAULT NULL
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$
     SELECT nudge._add_source(source::oid, user_column, event_column, time_column, props_column, event_name)
 $$;
 
 CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
-LANGUAGE sql AS $$ SELECT nudge._drop_source(source::oid) $$;
+LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._drop_source(source::oid) $$;
 
 -- A journey's entry and run_due's decision are its enrollment row (entered_at,
 -- state, reason); the steps in between are journal lines.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     SELECT s.at, s.step, s.detail FROM (
         SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
                'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
@@ -62,7 +62,7 @@ RETURNS TABLE (
     held_out bigint, sent bigint, delivered bigint, opened bigint, clicked bigint,
     converted bigint, conversion_rate float8, revenue numeric,
     uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     WITH e AS (
         SELECT en.id, en.trigger, en.user_id, en.state, en.reason, en.message_key, en.sent_at,
                coalesce(en.variant, 'default') AS arm
@@ -127,9 +127,57 @@ $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
 
--- Capture writes our tables whoever inserts the event; the statements it runs
--- set search_path themselves, so that the inserting role's own objects stay out.
-ALTER FUNCTION nudge._capture_rows() SECURITY DEFINER;  -- its SQL runs under a fixed search_path (spi_util::with_safe_search_path)
+-- Capture runs as the inserting role (so that whatever converting its rows
+-- calls runs with that role's rights) and switches to the extension's owner,
+-- with a pinned search path, only for pg_nudge's own statements
+-- (src/privilege.rs). It is not SECURITY DEFINER.
+
+-- Event sources are read by privileged code (run_due, the worker, capture's
+-- history reads). Reading a table runs no code of its owner's except casts of
+-- its column types: these are the columns whose type (or a domain base, array
+-- element, composite field or range subtype of it) has a cast written by a
+-- role to a type sources are read as. add_source refuses such a table and
+-- nudge._guard_sources refuses the DDL that would make a source one.
+CREATE FUNCTION nudge._source_hazards(source regclass)
+RETURNS TABLE (column_name name, type regtype, cast_function regprocedure)
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    WITH RECURSIVE types(attname, typ) AS (
+        SELECT a.attname, a.atttypid FROM pg_attribute a
+         WHERE a.attrelid = source AND a.attnum > 0 AND NOT a.attisdropped
+        UNION
+        SELECT t.attname, x.typ
+          FROM types t JOIN pg_type ty ON ty.oid = t.typ
+         CROSS JOIN LATERAL (
+               SELECT ty.typbasetype AS typ WHERE ty.typtype = 'd'
+               UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0
+               UNION ALL SELECT f.atttypid FROM pg_attribute f
+                WHERE ty.typrelid <> 0 AND f.attrelid = ty.typrelid AND f.attnum > 0 AND NOT f.attisdropped
+               UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE r.rngtypid = ty.oid) x)
+    SELECT t.attname, t.typ::regtype, c.castfunc::regprocedure
+      FROM types t JOIN pg_cast c ON c.castsource = t.typ
+     WHERE c.castmethod = 'f' AND c.castfunc >= 16384
+       AND c.casttarget IN ('text'::regtype, 'varchar'::regtype, 'timestamptz'::regtype, 'json'::regtype, 'jsonb'::regtype)
+$$;
+
+CREATE FUNCTION nudge._guard_sources() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    h record;
+BEGIN
+    SELECT s.source, z.column_name, z.type, z.cast_function INTO h
+      FROM nudge.sources s CROSS JOIN LATERAL nudge._source_hazards(s.source) z
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_nudge: % would make event source % unsafe to read: column % of type % has a user-defined cast %',
+            tg_tag, h.source, h.column_name, h.type, h.cast_function
+            USING ERRCODE = '42501',
+                  HINT = 'pg_nudge reads event sources with its own rights and never runs a function another role wrote there; nudge.drop_source the table first';
+    END IF;
+END
+$$;
+CREATE EVENT TRIGGER nudge_guard_sources ON ddl_command_end
+    WHEN TAG IN ('CREATE CAST', 'ALTER TABLE', 'ALTER TYPE', 'ALTER DOMAIN', 'CREATE DOMAIN')
+    EXECUTE FUNCTION nudge._guard_sources();
 
 -- Backends keep the compiled triggers until nudge.triggers changes, however it changes.
 CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.triggers
@@ -137,7 +185,6 @@ CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.trigger_versions
     FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
 
-SELECT nudge.set_profile_query(NULL);
 SELECT nudge.add_source('nudge.events', 'user_id', 'event', 'occurred_at', 'props');
 
 -- Roles (DESIGN.md, Security model): each gets what it needs and no more.
@@ -158,11 +205,21 @@ $$;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA nudge FROM PUBLIC;
 GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
 
--- nudge_admin: defines triggers, templates, sources and the profile query; reads everything.
-GRANT ALL ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
-GRANT ALL ON ALL SEQUENCES IN SCHEMA nudge TO nudge_admin;
+-- nudge_admin: defines triggers, templates, sources and the profile query; reads
+-- everything. No CREATE on the schema, no TRIGGER, TRUNCATE or REFERENCES
+-- anywhere; the tables that name functions or relations (triggers and their
+-- versions, user_sql, sources) are written only through our functions
+-- (docs/security.md).
+GRANT SELECT ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
+GRANT INSERT, UPDATE, DELETE ON
+    nudge.events, nudge.profiles, nudge.templates, nudge.settings, nudge.suppressions,
+    nudge.enrollments, nudge.journal, nudge.outbox, nudge.allocations, nudge.capture_queue
+TO nudge_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
-GRANT CREATE ON SCHEMA nudge TO nudge_admin;  -- add_source writes capture functions here
+-- the 0.1.0 capture functions' entry point: capture as the caller, for them only
+REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]) FROM nudge_admin;
+-- the upgrade's own step
+REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

@@ -6,6 +6,7 @@ use crate::engine::{capture, compose, run_due as due};
 use crate::sources;
 use crate::spi_util::{in_context, one, or_raise};
 use crate::user_sql;
+use crate::privilege::{as_extension, pinned};
 use nudge_core::definition::{context_part, Definition, AUDIENCE_SQL};
 use nudge_core::render::Template;
 use nudge_core::sql::SourceMap;
@@ -25,11 +26,14 @@ fn track(
     if user_id.is_empty() || event.is_empty() {
         error!("track: user_id and event must not be empty");
     }
-    one::<i64>(
+    // as the caller (nudge_writer may insert events), with our search path
+    pinned(|| {
+        one::<i64>(
             "INSERT INTO nudge.events (user_id, event, props, occurred_at) VALUES ($1, $2, $3, $4) RETURNING id",
             &[user_id.into(), event.into(), props.into(), occurred_at.into()],
             "track",
         )
+    })
     .expect("INSERT RETURNING gives the id")
 }
 
@@ -40,12 +44,24 @@ fn _capture(
     times: Vec<Option<TimestampWithTimeZone>>,
     props: Vec<Option<JsonB>>,
 ) {
-    capture::capture(capture::Batch {
-        users,
-        events,
-        times,
-        props,
+    // only 0.1.0's capture functions (SECURITY DEFINER) call it
+    pinned(|| {
+        capture::capture(capture::Batch {
+            users,
+            events,
+            times,
+            props,
+        })
     });
+}
+
+/// Brings the generated functions of an older version under today's rules
+/// (pg_temp last in their search path, no EXECUTE for PUBLIC, their settings
+/// recorded) and moves 0.2.0's `nudge._profile` into the registry. The
+/// upgrade script runs it; running it again changes nothing.
+#[pg_extern]
+fn _secure_user_sql() -> i64 {
+    as_extension(|| Spi::connect_mut(|c| user_sql::secure_existing(c)))
 }
 
 /// The capture trigger of every source (`sources` creates it; finalize.sql
@@ -107,7 +123,7 @@ fn define_template(
     if let Err(e) = Template::parse(subject, html, text_body) {
         error!("define_template({name}): {e}");
     }
-    or_raise(
+    pinned(|| or_raise(
         Spi::run_with_args(
             "INSERT INTO nudge.templates (name, subject, html, text_body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (name) DO UPDATE
@@ -116,7 +132,7 @@ fn define_template(
             &[name.into(), subject.into(), html.into(), text_body.into()],
         ),
         "define_template",
-    );
+    ));
 }
 
 #[pg_extern]
@@ -143,11 +159,13 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
         )
         .chain(variant_paths.iter().map(|(p, t)| (p.as_str(), *t)))
     {
-        let exists = one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
-            &[template.clone().into()],
-            "define_trigger",
-        )
+        let exists = pinned(|| {
+            one::<bool>(
+                "SELECT EXISTS (SELECT 1 FROM nudge.templates WHERE name = $1)",
+                &[template.clone().into()],
+                "define_trigger",
+            )
+        })
         .unwrap_or(false);
         if !exists {
             error!("define_trigger({name}): {path}: no template named {template:?} (create it first with nudge.define_template)");
@@ -167,38 +185,43 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
     for (part, sql, kind) in &user_sql {
         user_sql::check(&format!("define_trigger({name}): {part}"), sql, *kind);
     }
+    let definer = user_sql::Definer::current();
     let mut watches: Vec<String> = trigger.watched_events().map(str::to_owned).collect();
     watches.sort();
     watches.dedup();
-    let version = one::<i32>(
-        "WITH v AS (
-             INSERT INTO nudge.trigger_versions (trigger, version, definition)
-             SELECT $1, coalesce(max(version), 0) + 1, $2 FROM nudge.trigger_versions WHERE trigger = $1
-             RETURNING version)
-         INSERT INTO nudge.triggers AS t (name, version, watches)
-         SELECT $1, v.version, $3 FROM v
-         ON CONFLICT (name) DO UPDATE
-            SET version = EXCLUDED.version, watches = EXCLUDED.watches, owner = current_user, updated_at = now()
-         RETURNING t.version",
-        &[name.into(), definition.into(), watches.into()],
-        "define_trigger",
-    )
-    .expect("a version is returned");
-    Spi::connect_mut(|c| {
-        for (part, sql, kind) in &user_sql {
-            user_sql::create(c, name, version, part, sql, *kind);
-        }
-    });
-    version
+    // the catalog that names functions is written by the extension's owner only
+    as_extension(|| {
+        let version = one::<i32>(
+            "WITH v AS (
+                 INSERT INTO nudge.trigger_versions (trigger, version, definition, created_by)
+                 SELECT $1, coalesce(max(version), 0) + 1, $2, $4::oid::regrole::name
+                   FROM nudge.trigger_versions WHERE trigger = $1
+                 RETURNING version)
+             INSERT INTO nudge.triggers AS t (name, version, watches, owner)
+             SELECT $1, v.version, $3, $4::oid::regrole::name FROM v
+             ON CONFLICT (name) DO UPDATE
+                SET version = EXCLUDED.version, watches = EXCLUDED.watches, owner = EXCLUDED.owner, updated_at = now()
+             RETURNING t.version",
+            &[name.into(), definition.into(), watches.into(), definer.role.into()],
+            "define_trigger",
+        )
+        .expect("a version is returned");
+        Spi::connect_mut(|c| {
+            for (part, sql, kind) in &user_sql {
+                user_sql::create(c, (name, version, part), sql, *kind, &definer);
+            }
+        });
+        version
+    })
 }
 
 fn set_status(name: &str, status: &str, verb: &str) {
-    let found = one::<bool>(
+    let found = as_extension(|| one::<bool>(
             "WITH u AS (UPDATE nudge.triggers SET status = $2, updated_at = now() WHERE name = $1 RETURNING 1)
              SELECT EXISTS (SELECT 1 FROM u)",
             &[name.into(), status.into()],
             verb,
-        )
+        ))
     .unwrap_or(false);
     if !found {
         error!("{verb}: no trigger named {name:?}");
@@ -219,7 +242,7 @@ fn resume_trigger(name: &str) {
 /// enrollments and journal stay, so that past sends remain explainable.
 #[pg_extern]
 fn drop_trigger(name: &str) {
-    let found = one::<bool>(
+    let found = as_extension(|| one::<bool>(
             "WITH d AS (DELETE FROM nudge.triggers WHERE name = $1 RETURNING 1),
                   c AS (UPDATE nudge.enrollments SET state = 'cancelled', reason = 'trigger dropped', updated_at = now()
                          WHERE trigger = $1 AND state = 'waiting' AND EXISTS (SELECT 1 FROM d)
@@ -229,7 +252,7 @@ fn drop_trigger(name: &str) {
              SELECT EXISTS (SELECT 1 FROM d)",
             &[name.into()],
             "drop_trigger",
-        )
+        ))
     .unwrap_or(false);
     if !found {
         error!("drop_trigger: no trigger named {name:?}");
@@ -240,7 +263,7 @@ fn drop_trigger(name: &str) {
 /// at most `max_events`; returns how many. The worker does this by itself.
 #[pg_extern]
 fn capture_pending(max_events: default!(i64, 1000000)) -> i64 {
-    crate::engine::deferred::capture_pending(max_events)
+    as_extension(|| crate::engine::deferred::capture_pending(max_events))
 }
 
 #[pg_extern]
@@ -251,9 +274,12 @@ fn run_due(
     if max_messages < 0 {
         error!("run_due: max_messages must not be negative");
     }
-    // events queued by deferred capture first: they may open or close journeys
-    crate::engine::deferred::capture_pending(i64::MAX);
-    due::run_due(as_of, max_messages).written
+    // an engine pass: our SQL only, as the extension's owner, whoever calls
+    as_extension(|| {
+        // events queued by deferred capture first: they may open or close journeys
+        crate::engine::deferred::capture_pending(i64::MAX);
+        due::run_due(as_of, max_messages).written
+    })
 }
 
 /// The background worker's counters (since the server started) and the lag:
@@ -272,20 +298,20 @@ fn worker_status() -> TableIterator<
     ),
 > {
     let s = crate::worker::status();
-    let lag = one::<Interval>(
+    let (lag, queued) = pinned(|| (one::<Interval>(
         "SELECT now() - min(e.due_at) FROM nudge.enrollments e
            JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
           WHERE e.state = 'waiting' AND e.due_at <= now()",
         &[],
         "worker_status",
-    );
+    ),
     // events deferred capture has queued and the worker has not enrolled yet
-    let queued = one::<i64>(
+    one::<i64>(
         "SELECT count(*) FROM nudge.capture_queue",
         &[],
         "worker_status",
     )
-    .unwrap_or_default();
+    .unwrap_or_default()));
     let last = s
         .last_pass_us
         .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
@@ -294,44 +320,34 @@ fn worker_status() -> TableIterator<
 
 /// Reads profiles from the user's own tables: `sql` uses `$1` for the user id
 /// and returns `email` (and optionally `timezone`) plus any other columns.
-/// NULL restores the built-in `nudge.profiles` table. The query becomes the
-/// body of `nudge._profile(text)`, a SECURITY DEFINER function owned by the
-/// caller, so that it runs with the privileges of whoever set it.
+/// NULL restores the built-in `nudge.profiles` table. The query becomes a
+/// generated function owned by the caller (`user_sql`), so that it runs with
+/// the privileges of whoever set it and no more.
 #[pg_extern]
 fn set_profile_query(sql: Option<&str>) {
-    let body = match sql {
-        None => "SELECT p.attrs || jsonb_strip_nulls(jsonb_build_object('email', p.email, 'timezone', p.timezone))
-                   FROM nudge.profiles p WHERE p.user_id = $1"
-            .to_string(),
-        Some(q) => {
-            let q = q.trim().trim_end_matches(';').trim();
-            in_context("set_profile_query: the query fails", || Spi::connect(|c| {
-                let cols = or_raise(
-                    c.select(&format!("SELECT * FROM ({q}) AS p LIMIT 0"), None, &[Option::<String>::None.into()]),
-                    "set_profile_query: the query fails",
-                );
-                let names: Vec<String> =
-                    (1..=cols.columns().unwrap_or(0)).filter_map(|i| cols.column_name(i).ok()).collect();
-                if !names.iter().any(|n| n == "email") {
-                    error!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", "));
-                }
-            }));
-            format!("SELECT to_jsonb(p) FROM ({q}) AS p LIMIT 1")
-        }
-    };
-    let mut tag = String::from("nudge_profile");
-    while body.contains(&format!("${tag}$")) {
-        tag.push('_');
+    if let Some(q) = sql {
+        let q = q.trim().trim_end_matches(';').trim();
+        in_context("set_profile_query: the query fails", || Spi::connect(|c| {
+            let cols = or_raise(
+                c.select(&format!("SELECT * FROM ({q}) AS p LIMIT 0"), None, &[Option::<String>::None.into()]),
+                "set_profile_query: the query fails",
+            );
+            let names: Vec<String> =
+                (1..=cols.columns().unwrap_or(0)).filter_map(|i| cols.column_name(i).ok()).collect();
+            if !names.iter().any(|n| n == "email") {
+                error!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", "));
+            }
+        }));
     }
-    or_raise(
-        Spi::run(&format!(
-            "CREATE OR REPLACE FUNCTION nudge._profile(text) RETURNS jsonb
-             LANGUAGE sql STABLE SECURITY DEFINER
-             SET search_path FROM CURRENT SET statement_timeout = '5s'
-             AS ${tag}${body}${tag}$"
-        )),
-        "set_profile_query",
-    );
+    let definer = user_sql::Definer::current();
+    as_extension(|| {
+        Spi::connect_mut(|c| {
+            user_sql::forget_profile(c);
+            if let Some(q) = sql {
+                user_sql::create(c, user_sql::PROFILE, q, user_sql::Kind::Profile, &definer);
+            }
+        })
+    });
 }
 
 /// What `user_id` would get from `trigger` now: its latest enrollment's anchor
@@ -349,7 +365,7 @@ fn preview(
         name!(text_body, Option<String>),
     ),
 > {
-    let msg = Spi::connect(|c| {
+    let msg = pinned(|| Spi::connect(|c| {
         let t = catalog::live_triggers(c)
             .triggers
             .iter()
@@ -399,7 +415,7 @@ fn preview(
                 error!("preview: {why}")
             }
         }
-    });
+    }));
     TableIterator::once((
         msg.recipient,
         msg.rendered.subject,
@@ -417,11 +433,11 @@ fn configure(settings: JsonB) -> JsonB {
     let Some(given) = settings.0.as_object() else {
         error!("configure: expected a JSON object with keys caps, arbitration_window, default_timezone");
     };
-    let current = one::<JsonB>(
+    let current = pinned(|| one::<JsonB>(
         "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
         &[],
         "configure",
-    )
+    ))
     .map_or(serde_json::json!({}), |j| j.0);
     let mut merged = current.as_object().cloned().unwrap_or_default();
     for (k, v) in given {
@@ -435,7 +451,7 @@ fn configure(settings: JsonB) -> JsonB {
     if let Err(e) = nudge_core::policy::Settings::parse(&merged) {
         error!("configure: {e}");
     }
-    Spi::connect_mut(|c| {
+    pinned(|| Spi::connect_mut(|c| {
         or_raise(
             c.update("DELETE FROM nudge.settings", None, &[]),
             "configure",
@@ -448,7 +464,7 @@ fn configure(settings: JsonB) -> JsonB {
             ),
             "configure",
         );
-    });
+    }));
     JsonB(merged)
 }
 
@@ -505,11 +521,9 @@ fn backtest(
         name!(sample_users, Vec<String>),
     ),
 > {
-    TableIterator::new(crate::engine::backtest::backtest(
-        &definition.0,
-        from_ts,
-        to_ts,
-    ))
+    TableIterator::new(pinned(|| {
+        crate::engine::backtest::backtest(&definition.0, from_ts, to_ts)
+    }))
 }
 
 /// Checks the experiments that optimize and records the winners found (the
@@ -517,5 +531,5 @@ fn backtest(
 #[pg_extern]
 fn evaluate_experiments() -> TableIterator<'static, (name!(trigger, String), name!(winner, String))>
 {
-    TableIterator::new(Spi::connect_mut(crate::experiments::evaluate))
+    TableIterator::new(pinned(|| Spi::connect_mut(crate::experiments::evaluate)))
 }

@@ -12,6 +12,7 @@ mod catalog;
 mod engine;
 mod experiments;
 mod isolate;
+mod privilege;
 mod settings;
 mod sources;
 mod spi_util;

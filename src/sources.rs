@@ -3,6 +3,7 @@
 //! mapping, and a branch in the `nudge.all_events` view that run_due reads to
 //! re-check exits. `nudge.events` is registered the same way at install.
 
+use crate::privilege::{as_extension, check_source_rights, pinned};
 use crate::spi_util::or_raise;
 use nudge_core::sql::{ident, literal, SourceMap};
 use pgrx::prelude::*;
@@ -16,8 +17,12 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
     if let Err(e) = map.check() {
         error!("{e}");
     }
-    Spi::connect_mut(|c| {
-        let table = table_name(c, source);
+    // what the caller may do is checked as the caller; the rest is written
+    // by the extension's owner, whom the catalog and the trigger belong to
+    let table = pinned(|| Spi::connect(|c| table_name(c, source)));
+    check_source_rights(source, &table, "add_source");
+    pinned(|| Spi::connect(|c| check_safe_to_read(c, source, &table)));
+    as_extension(|| Spi::connect_mut(|c| {
         for (what, col) in [
             ("user_column", Some(&map.user_column)),
             ("event_column", map.event_column.as_ref()),
@@ -106,12 +111,58 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             }
         }
         rebuild_all_events(c);
-    })
+    }))
+}
+
+/// Refuses a table that privileged code could not read without running a
+/// function some role wrote: a table of another kind than a plain or
+/// partitioned one, or a column (or a field or element of one) whose type has
+/// a user-defined cast to what sources are read as (text, timestamptz, json).
+/// `nudge._guard_sources` refuses the DDL that would introduce one later.
+fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
+    let kind = or_raise(
+        c.select("SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1", None, &[source.into()]),
+        "checking the table",
+    )
+    .first()
+    .get_one::<String>()
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    if kind != "r" && kind != "p" {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("add_source: {table} is not a table (only tables and partitioned tables can be event sources)")
+        );
+    }
+    let hazard = or_raise(
+        c.select(
+            "SELECT format('column %s of type %s has a user-defined cast %s', column_name, type, cast_function)
+               FROM nudge._source_hazards($1) LIMIT 1",
+            None,
+            &[source.into()],
+        ),
+        "checking the table's columns",
+    )
+    .first()
+    .get_one::<String>()
+    .ok()
+    .flatten();
+    if let Some(h) = hazard {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("add_source: {table}: {h}"),
+            "pg_nudge reads event sources with its own rights and never runs a function another role wrote there; drop the cast or map another table"
+        );
+    }
 }
 
 pub fn drop(source: pg_sys::Oid) {
-    Spi::connect_mut(|c| {
-        let table = table_name(c, source);
+    let table = pinned(|| Spi::connect(|c| table_name(c, source)));
+    check_source_rights(source, &table, "drop_source");
+    as_extension(|| Spi::connect_mut(|c| {
         let gone = or_raise(
             c.update(
                 "DELETE FROM nudge.sources WHERE source = $1 RETURNING 1",
@@ -150,7 +201,7 @@ pub fn drop(source: pg_sys::Oid) {
             );
         }
         rebuild_all_events(c);
-    })
+    }))
 }
 
 fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {

@@ -47,31 +47,6 @@ pub fn run<'c>(
     or_raise(c.select(&*plan, None, args), doing)
 }
 
-/// Runs `f` with search_path = pg_catalog, pg_temp, as a function's
-/// `SET search_path` would, for the capture trigger: it runs with our rights
-/// for whoever inserts, so its SQL must not resolve names in the inserting
-/// role's schemas. Set here rather than on the function so that an insert
-/// that runs no SQL (deferred capture, an unwatched event) does not pay for
-/// it. An ERROR inside unwinds the setting with the (sub)transaction.
-pub fn with_safe_search_path<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let level = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        let r = f();
-        pg_sys::AtEOXact_GUC(true, level);
-        r
-    }
-}
-
 /// Raises a Postgres ERROR for a failed SPI call, naming what was being done.
 pub fn or_raise<T, E: std::fmt::Display>(r: Result<T, E>, doing: &str) -> T {
     r.unwrap_or_else(|e| error!("pg_nudge: {doing}: {e}"))

@@ -9,6 +9,7 @@
 
 use crate::isolate;
 use crate::spi_util::{in_context, or_raise};
+use nudge_core::sql::{definer_search_path, ident};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -20,6 +21,8 @@ use std::collections::HashMap;
 pub enum Kind {
     Audience,
     Context,
+    /// the profile query (set_profile_query): one JSON object per user
+    Profile,
 }
 
 /// Checks a query as the calling role: it must parse, the role must be
@@ -46,24 +49,48 @@ pub fn check(part: &str, sql: &str, kind: Kind) {
     }
 }
 
-/// Creates the function for one query of one trigger version and records it.
+/// The role defining a query, as it was when it called us: the function is
+/// given to it, and runs with the search path it had (pg_temp moved last).
+pub struct Definer {
+    pub role: pg_sys::Oid,
+    pub search_path: String,
+}
+
+impl Definer {
+    /// The calling role and its search path, read before anything of ours
+    /// pins the path.
+    pub fn current() -> Definer {
+        let path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path')")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Definer {
+            role: crate::privilege::current_role(),
+            search_path: definer_search_path(&path),
+        }
+    }
+}
+
+/// Creates the function for one query of one trigger version (or of the
+/// profile) and records it. Runs as the extension's owner, who creates the
+/// function in our schema (no role of ours may), takes EXECUTE away from
+/// PUBLIC and gives the function to the definer, so that it runs with the
+/// definer's rights and no more. Its settings are recorded: a function whose
+/// owner, security or settings change afterwards is refused at call time.
 pub fn create(
     c: &mut SpiClient<'_>,
-    trigger: &str,
-    version: i32,
-    part: &str,
+    owner: (&str, i32, &str),
     sql: &str,
     kind: Kind,
+    definer: &Definer,
 ) {
-    let id: i64 = or_raise(
-        c.update("SELECT nextval('nudge.user_sql_id')", None, &[]),
-        part,
-    )
-    .first()
-    .get_one()
-    .ok()
-    .flatten()
-    .expect("nextval");
+    let (trigger, version, part) = owner;
+    let id: i64 = or_raise(c.update("SELECT nextval('nudge.user_sql_id')", None, &[]), part)
+        .first()
+        .get_one()
+        .ok()
+        .flatten()
+        .expect("nextval");
     let function = format!("nudge._user_sql_{id}");
     let sql = trimmed(sql);
     let (returns, body) = match kind {
@@ -76,45 +103,215 @@ pub fn create(
                    FROM ({sql}) AS q"
             ),
         ),
+        Kind::Profile => ("jsonb", format!("SELECT to_jsonb(p) FROM ({sql}) AS p LIMIT 1")),
     };
     let mut tag = String::from("nudge_sql");
     while body.contains(&format!("${tag}$")) {
         tag.push('_');
     }
-    or_raise(
-        c.update(
-            &format!(
+    let role = role_name(c, definer.role);
+    for (statement, doing) in [
+        (
+            format!(
                 "CREATE FUNCTION {function}(text) RETURNS {returns} LANGUAGE sql STABLE SECURITY DEFINER
-                 SET search_path FROM CURRENT AS ${tag}${body}${tag}$"
+                 SET search_path = {} AS ${tag}${body}${tag}$",
+                definer.search_path
             ),
-            None,
-            &[],
+            part,
         ),
-        part,
-    );
+        (
+            format!("REVOKE ALL ON FUNCTION {function}(text) FROM PUBLIC"),
+            "revoking EXECUTE from PUBLIC",
+        ),
+        // dropped with the extension, yet dumped by pg_dump (not a member)
+        (
+            format!("ALTER FUNCTION {function}(text) DEPENDS ON EXTENSION pg_nudge"),
+            "tying the function to the extension",
+        ),
+        (
+            format!("ALTER FUNCTION {function}(text) OWNER TO {}", ident(&role)),
+            "giving the function to its definer",
+        ),
+    ] {
+        or_raise(c.update(&statement, None, &[]), doing);
+    }
     or_raise(
         c.update(
-            "INSERT INTO nudge.user_sql (trigger, version, part, function) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO nudge.user_sql (trigger, version, part, function, owner, config)
+             SELECT $1, $2, $3, $4, $5, p.proconfig FROM pg_catalog.pg_proc p
+              WHERE p.oid = pg_catalog.to_regprocedure($4 || '(text)')",
             None,
-            &[trigger.into(), version.into(), part.into(), function.into()],
+            &[
+                trigger.into(),
+                version.into(),
+                part.into(),
+                function.into(),
+                role.into(),
+            ],
         ),
         part,
     );
 }
 
-/// The functions of these trigger versions: (trigger, part) -> function.
+fn role_name(c: &SpiClient<'_>, role: pg_sys::Oid) -> String {
+    or_raise(
+        c.select(
+            "SELECT rolname::text FROM pg_catalog.pg_roles WHERE oid = $1",
+            None,
+            &[role.into()],
+        ),
+        "naming the role",
+    )
+    .first()
+    .get_one::<String>()
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| error!("pg_nudge: no role with oid {}", role.to_u32()))
+}
+
+/// Where the profile query's function is recorded in nudge.user_sql: no
+/// trigger, version 0.
+pub const PROFILE: (&str, i32, &str) = ("", 0, "profile");
+
+/// The profile query's function, when set_profile_query gave one.
+pub fn profile_function(c: &SpiClient<'_>) -> Option<Registered> {
+    registry(c, vec![(PROFILE.0.to_string(), PROFILE.1)])
+        .remove(&(PROFILE.0.to_string(), PROFILE.2.to_string()))
+}
+
+/// Forgets the profile query: its record and its function.
+pub fn forget_profile(c: &mut SpiClient<'_>) {
+    let gone: Vec<String> = or_raise(
+        c.update(
+            "DELETE FROM nudge.user_sql WHERE trigger = $1 AND version = $2 AND part = $3 RETURNING function",
+            None,
+            &[PROFILE.0.into(), PROFILE.1.into(), PROFILE.2.into()],
+        ),
+        "set_profile_query",
+    )
+    .filter_map(|r| r.get::<String>(1).ok().flatten())
+    .collect();
+    for f in gone {
+        if f.starts_with("nudge._user_sql_") || f == "nudge._profile" {
+            or_raise(
+                c.update(&format!("DROP FUNCTION IF EXISTS {f}(text)"), None, &[]),
+                "dropping the previous profile query",
+            );
+        }
+    }
+}
+
+/// See `nudge._secure_user_sql`. Returns how many functions it looked at.
+pub fn secure_existing(c: &mut SpiClient<'_>) -> i64 {
+    // 0.2.0 kept the profile query in nudge._profile: the built-in one goes
+    // (the table is read directly now), a user's one is registered
+    let profile = or_raise(
+        c.select(
+            "SELECT r.rolname::text, p.prosrc LIKE '%FROM nudge.profiles p WHERE p.user_id = $1%'
+               FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
+              WHERE p.oid = pg_catalog.to_regprocedure('nudge._profile(text)')",
+            None,
+            &[],
+        ),
+        "reading nudge._profile",
+    )
+    .map(|r| (r.get::<String>(1).ok().flatten().unwrap_or_default(), r.get::<bool>(2).ok().flatten().unwrap_or(false)))
+    .next();
+    match profile {
+        Some((_, true)) => {
+            or_raise(c.update("DROP FUNCTION nudge._profile(text)", None, &[]), "dropping nudge._profile");
+        }
+        Some((owner, false)) => {
+            or_raise(
+                c.update(
+                    "INSERT INTO nudge.user_sql (trigger, version, part, function, owner)
+                     VALUES ($1, $2, $3, 'nudge._profile', $4) ON CONFLICT DO NOTHING",
+                    None,
+                    &[PROFILE.0.into(), PROFILE.1.into(), PROFILE.2.into(), owner.into()],
+                ),
+                "registering nudge._profile",
+            );
+        }
+        None => {}
+    }
+    let functions: Vec<(String, String)> = or_raise(
+        c.select(
+            "SELECT p.oid::pg_catalog.regprocedure::text,
+                    coalesce((SELECT substr(s, 13) FROM pg_catalog.unnest(p.proconfig) s
+                               WHERE s LIKE 'search_path=%'), '')
+               FROM nudge.user_sql u
+               JOIN pg_catalog.pg_proc p ON p.oid = pg_catalog.to_regprocedure(u.function || '(text)')
+              WHERE p.pronamespace = 'nudge'::pg_catalog.regnamespace",
+            None,
+            &[],
+        ),
+        "reading user SQL",
+    )
+    .map(|r| {
+        (
+            r.get::<String>(1).ok().flatten().unwrap_or_default(),
+            r.get::<String>(2).ok().flatten().unwrap_or_default(),
+        )
+    })
+    .collect();
+    for (function, path) in &functions {
+        for statement in [
+            format!("REVOKE ALL ON FUNCTION {function} FROM PUBLIC, nudge_admin, nudge_writer, nudge_mailer"),
+            format!("ALTER FUNCTION {function} DEPENDS ON EXTENSION pg_nudge"),
+            format!(
+                "ALTER FUNCTION {function} SET search_path = {}",
+                definer_search_path(path)
+            ),
+        ] {
+            or_raise(c.update(&statement, None, &[]), "securing user SQL");
+        }
+    }
+    or_raise(
+        c.update(
+            "UPDATE nudge.user_sql u SET config = p.proconfig
+               FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure(u.function || '(text)')",
+            None,
+            &[],
+        ),
+        "recording user SQL settings",
+    );
+    functions.len() as i64
+}
+
+/// One generated function as the registry found it.
+#[derive(Clone)]
+pub struct Registered {
+    pub function: String,
+    /// its owner now, when it is still the role recorded as its definer
+    pub owner: pg_sys::Oid,
+    /// why it must not run: changed or dropped since pg_nudge created it
+    pub refused: Option<String>,
+}
+
+/// The functions of these trigger versions: (trigger, part) -> function,
+/// each checked against what was recorded when it was created.
 pub fn registry(
     c: &SpiClient<'_>,
     versions: Vec<(String, i32)>,
-) -> HashMap<(String, String), String> {
+) -> HashMap<(String, String), Registered> {
     let (t, v): (Vec<String>, Vec<i32>) = versions.into_iter().unzip();
     if t.is_empty() {
         return HashMap::new();
     }
     or_raise(
         c.select(
-            "SELECT u.trigger, u.part, u.function FROM nudge.user_sql u
-               JOIN unnest($1::text[], $2::int[]) AS x(trigger, version) USING (trigger, version)",
+            "SELECT u.trigger, u.part, u.function, p.proowner,
+                    CASE WHEN p.oid IS NULL THEN 'it no longer exists'
+                         WHEN u.function !~ '^nudge\\._(user_sql_[0-9]+|profile)$' OR p.pronamespace <> 'nudge'::pg_catalog.regnamespace
+                              THEN 'it is not one pg_nudge created'
+                         WHEN r.oid IS DISTINCT FROM p.proowner THEN 'its owner changed'
+                         WHEN NOT p.prosecdef THEN 'it is no longer SECURITY DEFINER'
+                         WHEN p.proconfig IS DISTINCT FROM u.config THEN 'its settings changed'
+                    END
+               FROM nudge.user_sql u
+               JOIN unnest($1::text[], $2::int[]) AS x(trigger, version) USING (trigger, version)
+               LEFT JOIN pg_catalog.pg_proc p ON p.oid = pg_catalog.to_regprocedure(u.function || '(text)')
+               LEFT JOIN pg_catalog.pg_roles r ON r.rolname = u.owner",
             None,
             &[t.into(), v.into()],
         ),
@@ -122,36 +319,50 @@ pub fn registry(
     )
     .map(|r| {
         let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
-        ((s(1), s(2)), s(3))
+        let function = s(3);
+        let refused = r.get::<String>(5).ok().flatten().map(|why| {
+            format!("user SQL function {function} is refused: {why} since pg_nudge created it (define the trigger again)")
+        });
+        let owner = r.get::<pg_sys::Oid>(4).ok().flatten().unwrap_or(pg_sys::InvalidOid);
+        ((s(1), s(2)), Registered { function, owner, refused })
     })
     .collect()
 }
 
-/// Calls `function` for each user: one statement for all of them, under the
-/// timeout; users whose call fails get `Err`, and only they.
+/// Calls the function for each user: one statement for all of them, as its
+/// definer, under the timeout; users whose call fails get `Err`, and only
+/// they. A refused function fails every user, without running.
 pub fn call(
     c: &SpiClient<'_>,
-    function: &str,
+    f: &Registered,
     users: &[String],
 ) -> HashMap<String, Result<Value, String>> {
-    let query = format!("SELECT u, to_jsonb({function}(u)) FROM unnest($1::text[]) u");
+    if let Some(why) = &f.refused {
+        return users.iter().map(|u| (u.clone(), Err(why.clone()))).collect();
+    }
+    let query = format!(
+        "SELECT u, pg_catalog.to_jsonb({}(u)) FROM pg_catalog.unnest($1::text[]) u",
+        f.function
+    );
     // every attempt (the batch, then each user if it failed) gets the full timeout
     isolate::per_user(users, |some| {
-        with_timeout(|| {
-            or_raise(
-                c.select(&query, None, &[some.to_vec().into()]),
-                "running user SQL",
-            )
-            .filter_map(|r| {
-                let u: String = r.get(1).ok().flatten()?;
-                let v = r
-                    .get::<JsonB>(2)
-                    .ok()
-                    .flatten()
-                    .map_or(Value::Null, |j| j.0);
-                Some((u, v))
+        crate::privilege::as_definer(f.owner, || {
+            with_timeout(|| {
+                or_raise(
+                    c.select(&query, None, &[some.to_vec().into()]),
+                    "running user SQL",
+                )
+                .filter_map(|r| {
+                    let u: String = r.get(1).ok().flatten()?;
+                    let v = r
+                        .get::<JsonB>(2)
+                        .ok()
+                        .flatten()
+                        .map_or(Value::Null, |j| j.0);
+                    Some((u, v))
+                })
+                .collect()
             })
-            .collect()
         })
     })
 }

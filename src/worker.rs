@@ -2,6 +2,7 @@
 //! transaction per batch, until nothing is due, then sleeps on its latch.
 //! A commit that opened an enrollment due at once sets that latch.
 
+use crate::privilege::as_extension;
 use crate::settings;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -146,7 +147,7 @@ const QUEUE_CHUNK: i64 = 100_000;
 fn drain(s: &Shared) {
     // queued events first: they may open or close the journeys due now
     loop {
-        match guarded(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK)) {
+        match guarded(|| as_extension(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK))) {
             Ok(n) if n == QUEUE_CHUNK && !BackgroundWorker::sigterm_received() => continue,
             Ok(_) => break,
             Err(e) => {
@@ -185,7 +186,7 @@ fn one_batch(batch: i32) -> Result<crate::engine::run_due::Pass, String> {
     guarded(|| {
         let now = TimestampWithTimeZone::try_from(unsafe { pg_sys::GetCurrentTimestamp() })
             .expect("the clock is in range");
-        crate::engine::run_due::run_due(now, batch)
+        as_extension(|| crate::engine::run_due::run_due(now, batch))
     })
 }
 
@@ -214,7 +215,7 @@ fn check_experiments(last: &mut i64) {
         return;
     }
     *last = now;
-    match guarded(|| Spi::connect_mut(crate::experiments::evaluate)) {
+    match guarded(|| as_extension(|| Spi::connect_mut(crate::experiments::evaluate))) {
         Ok(changes) => {
             for (trigger, winner) in changes {
                 log!("pg_nudge worker: trigger {trigger}: new entries now go to variant {winner}");
@@ -228,7 +229,7 @@ fn check_experiments(last: &mut i64) {
 fn extension_present() -> bool {
     BackgroundWorker::transaction(|| {
         Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_nudge')",
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_nudge')",
         )
         .ok()
         .flatten()

@@ -100,9 +100,71 @@ $nudge$",
     }
 }
 
+/// The search path a definer's generated function runs with: the path the
+/// definer had when defining it, without any temporary schema, and then
+/// `pg_temp` last, so that a temporary relation of whichever session calls it
+/// can never shadow a name the definer meant (temporary objects are searched
+/// first unless `pg_temp` is named). Every entry comes back quoted, ready for
+/// `SET search_path = ...`: the text it came from is the caller's own.
+pub fn definer_search_path(current: &str) -> String {
+    let mut kept: Vec<String> = split_path(current)
+        .into_iter()
+        .filter(|n| !n.is_empty() && n != "pg_temp" && !n.starts_with("pg_temp_"))
+        .map(|n| ident(&n))
+        .collect();
+    kept.push(ident("pg_temp"));
+    kept.join(", ")
+}
+
+/// The schema names of a search_path value, as PostgreSQL reads them:
+/// entries split on commas outside double quotes, unquoted names folded to
+/// lower case, `""` inside quotes a literal quote.
+fn split_path(path: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (vec![], String::new(), false);
+    let mut chars = path.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                chars.next();
+                cur.push('"');
+            }
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c if c.is_whitespace() && !quoted => {}
+            c if quoted => cur.push(c),
+            c => cur.extend(c.to_lowercase()),
+        }
+    }
+    out.push(cur);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn definer_path_puts_pg_temp_last() {
+        assert_eq!(
+            definer_search_path("\"$user\", public"),
+            "\"$user\", \"public\", \"pg_temp\""
+        );
+        assert_eq!(definer_search_path("pg_temp, App"), "\"app\", \"pg_temp\"");
+        assert_eq!(
+            definer_search_path("PG_TEMP_3,app,\"pg_temp\""),
+            "\"app\", \"pg_temp\""
+        );
+        assert_eq!(
+            definer_search_path("\"a,b\", \"we\"\"ird\""),
+            "\"a,b\", \"we\"\"ird\", \"pg_temp\""
+        );
+        // what the caller wrote cannot end the SET clause
+        assert_eq!(
+            definer_search_path("x$$;drop"),
+            "\"x$$;drop\", \"pg_temp\""
+        );
+        assert_eq!(definer_search_path(""), "\"pg_temp\"");
+    }
 
     #[test]
     fn quoting() {

@@ -555,17 +555,25 @@ fn exits_at_send_time(
     found
 }
 
-/// Profiles of these users through nudge._profile (the built-in table, or the
-/// query given to set_profile_query): one statement for the batch; a user
-/// whose lookup raises an error gets `Err`, the others their profile.
+/// Profiles of these users: the query given to set_profile_query, run as
+/// the role that set it, or else the built-in table. One statement for the
+/// batch; a user whose lookup raises an error gets `Err`, the others their
+/// profile; a user without one is absent.
 pub fn profiles_of(
     c: &SpiClient<'_>,
     users: Vec<String>,
 ) -> HashMap<String, Result<Value, String>> {
+    if let Some(f) = crate::user_sql::profile_function(c) {
+        return crate::user_sql::call(c, &f, &users)
+            .into_iter()
+            .filter(|(_, p)| !matches!(p, Ok(Value::Null)))
+            .collect();
+    }
     isolate::per_user(&users, |some| {
         run(
             c,
-            "SELECT u, nudge._profile(u) FROM unnest($1::text[]) u",
+            "SELECT p.user_id, p.attrs || jsonb_strip_nulls(jsonb_build_object('email', p.email, 'timezone', p.timezone))
+               FROM nudge.profiles p WHERE p.user_id = ANY ($1)",
             &[some.to_vec().into()],
             "reading profiles",
         )

@@ -12,7 +12,8 @@
 //! `to_jsonb(row)`), so that capture and the send-time re-check agree.
 
 use crate::engine::capture::{capture, Batch};
-use crate::spi_util::{ts, with_safe_search_path};
+use crate::privilege::as_extension;
+use crate::spi_util::ts;
 use pgrx::prelude::*;
 use pgrx::{JsonB, PgTupleDesc};
 use serde_json::Value;
@@ -70,7 +71,7 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     }
     // a statement of a warm backend runs no SQL here: no SPI, no search_path
     let catalog = crate::catalog::cached().unwrap_or_else(|| {
-        with_safe_search_path(|| Spi::connect(|c| crate::catalog::live_triggers(c)))
+        as_extension(|| Spi::connect(|c| crate::catalog::live_triggers(c)))
     });
     if catalog.watched.is_empty() {
         return;
@@ -163,7 +164,7 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     if let Some(q) = queue {
         q.close();
     } else if !batch.users.is_empty() {
-        with_safe_search_path(|| capture(batch));
+        as_extension(|| capture(batch));
     }
 }
 
