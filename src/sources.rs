@@ -136,6 +136,20 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
             format!("add_source: {table} is not a table (only tables and partitioned tables can be event sources)")
         );
     }
+    // a database whose SQL is still older (until ALTER EXTENSION UPDATE) has
+    // no check of its own: the upgrade adds it and its event trigger
+    let checkable = or_raise(
+        c.select("SELECT to_regprocedure('nudge._source_hazards(regclass)') IS NOT NULL", None, &[]),
+        "checking the table's columns",
+    )
+    .first()
+    .get_one::<bool>()
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !checkable {
+        return;
+    }
     let hazard = or_raise(
         c.select(
             "SELECT format('column %s of type %s has a user-defined cast %s', column_name, type, cast_function)

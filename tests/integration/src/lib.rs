@@ -148,3 +148,57 @@ pub fn mailer_bin() -> std::path::PathBuf {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/nudge-mailer")
         })
 }
+
+/// A database of its own, with pg_nudge, and login roles named `{tag}_admin`,
+/// `{tag}_admin2` (members of nudge_admin), `{tag}_writer`, `{tag}_mailer`,
+/// `{tag}_plain` (USAGE on schema nudge, nothing else) and `{tag}_owner` (owns
+/// the database, and so, on PostgreSQL 15, schema public). Each admin has a
+/// schema of its own named after it. Returns the superuser DSN of the database.
+pub fn with_roles(tag: &str) -> String {
+    let name = format!("nudge_it_{tag}");
+    let mut admin = Client::connect(&dsn(), NoTls).expect("connect to the test server");
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .unwrap();
+    for r in ["admin", "admin2", "writer", "mailer", "plain", "owner"] {
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {tag}_{r}"))
+            .unwrap();
+    }
+    // the extension creates nudge_admin, nudge_writer and nudge_mailer
+    let db = fresh_db(&name);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {tag}_admin LOGIN IN ROLE nudge_admin;
+             CREATE ROLE {tag}_admin2 LOGIN IN ROLE nudge_admin;
+             CREATE ROLE {tag}_writer LOGIN IN ROLE nudge_writer;
+             CREATE ROLE {tag}_mailer LOGIN IN ROLE nudge_mailer;
+             CREATE ROLE {tag}_plain LOGIN;
+             CREATE ROLE {tag}_owner LOGIN;"
+        ))
+        .unwrap();
+    let mut c = connect(&db);
+    c.batch_execute(&format!(
+        "ALTER DATABASE {name} OWNER TO {tag}_owner;
+         GRANT USAGE ON SCHEMA nudge TO {tag}_plain;
+         CREATE SCHEMA {tag}_admin AUTHORIZATION {tag}_admin;
+         CREATE SCHEMA {tag}_admin2 AUTHORIZATION {tag}_admin2;"
+    ))
+    .unwrap();
+    db
+}
+
+/// A login of `role` (a real connection, not SET ROLE) to the database of `db`.
+pub fn connect_as(db: &str, role: &str) -> Client {
+    Client::connect(&format!("{db} user={role}"), NoTls).expect("connect as a role")
+}
+
+/// The SQLSTATE of a failed statement, or "ok".
+pub fn sqlstate(r: Result<impl Sized, postgres::Error>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e
+            .code()
+            .map_or_else(|| format!("no code: {e}"), |c| c.code().to_string()),
+    }
+}

@@ -1,6 +1,8 @@
-//! Upgrade: a database created at 0.1.0, with a source, triggers and journeys,
-//! updated to 0.2.0 with ALTER EXTENSION, ends with the same schema as a fresh
-//! 0.2.0 install, and its data keeps working.
+//! Upgrade: a database created by a released install script (0.1.0, 0.2.0),
+//! with sources, triggers, user SQL and journeys, updated with ALTER
+//! EXTENSION, ends with the same schema as a fresh install (functions with
+//! their bodies, settings and grants, columns, constraints, views, grants),
+//! and its data keeps working.
 use nudge_integration::{connect, count, dsn, fresh_db};
 use postgres::Client;
 
@@ -11,8 +13,11 @@ fn schema_of(c: &mut Client) -> Vec<String> {
         SELECT 'function ' || p.oid::regprocedure || ' definer=' || p.prosecdef
                || ' config=' || coalesce(array_to_string(p.proconfig, ','), '')
                || ' returns ' || pg_get_function_result(p.oid)
+               || ' acl=' || (SELECT coalesce(string_agg(a.grantee::regrole || '=' || a.privilege_type, ',' ORDER BY a.grantee::regrole::text, a.privilege_type), '')
+                                FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a)
+               || ' body=' || md5(regexp_replace(p.prosrc, '\\s+', ' ', 'g'))
           FROM pg_proc p WHERE p.pronamespace = 'nudge'::regnamespace
-           AND p.proname NOT LIKE '\\_profile%' AND p.proname NOT LIKE 'user\\_sql\\_%'
+           AND p.proname NOT LIKE '\\_profile%' AND p.proname NOT LIKE '\\_user\\_sql\\_%'
         UNION ALL
         SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'nudge'
         UNION ALL
@@ -21,8 +26,28 @@ fn schema_of(c: &mut Client) -> Vec<String> {
          WHERE r.relnamespace = 'nudge'::regnamespace AND NOT t.tgisinternal
         UNION ALL
         SELECT 'column ' || a.attrelid::regclass || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+               || ' default ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
           FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+          LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
          WHERE r.relnamespace = 'nudge'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL
+        SELECT 'constraint ' || c.conrelid::regclass || ' ' || c.conname || ' ' || pg_get_constraintdef(c.oid)
+          FROM pg_constraint c WHERE c.connamespace = 'nudge'::regnamespace
+        UNION ALL
+        SELECT 'grants ' || r.oid::regclass || ' ' || (
+                   SELECT coalesce(string_agg(a.grantee::regrole || '=' || a.privilege_type, ',' ORDER BY a.grantee::regrole::text, a.privilege_type), '')
+                     FROM aclexplode(coalesce(r.relacl, acldefault(CASE r.relkind WHEN 'S' THEN 's'::\"char\" ELSE 'r'::\"char\" END, r.relowner))) a)
+          FROM pg_class r WHERE r.relnamespace = 'nudge'::regnamespace AND r.relkind IN ('r', 'v', 'S')
+        UNION ALL
+        SELECT 'view ' || r.oid::regclass || ' ' || pg_get_viewdef(r.oid)
+          FROM pg_class r WHERE r.relnamespace = 'nudge'::regnamespace AND r.relkind = 'v'
+        UNION ALL
+        SELECT 'schema nudge ' || (SELECT coalesce(string_agg(a.grantee::regrole || '=' || a.privilege_type, ',' ORDER BY a.grantee::regrole::text, a.privilege_type), '')
+                                     FROM aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a)
+          FROM pg_namespace n WHERE n.nspname = 'nudge'
+        UNION ALL
+        SELECT 'event trigger ' || e.evtname || ' ' || e.evtevent || ' ' || e.evtfoid::regproc || ' ' || coalesce(e.evttags::text, '')
+          FROM pg_event_trigger e
         ORDER BY 1";
     c.query(q, &[])
         .unwrap()
@@ -40,11 +65,30 @@ fn version_of(c: &mut Client) -> String {
     .get(0)
 }
 
+const CURRENT: &str = "0.3.0";
+
+/// Prints only the differences.
+fn assert_same_schema(upgraded: &mut Client, fresh: &mut Client) {
+    let (upgraded, fresh_schema) = (schema_of(upgraded), schema_of(fresh));
+    let only_upgraded: Vec<&String> = upgraded
+        .iter()
+        .filter(|x| !fresh_schema.contains(x))
+        .collect();
+    let only_fresh: Vec<&String> = fresh_schema
+        .iter()
+        .filter(|x| !upgraded.contains(x))
+        .collect();
+    assert!(
+        only_upgraded.is_empty() && only_fresh.is_empty(),
+        "upgraded schema differs from a fresh install:\n  only upgraded: {only_upgraded:#?}\n  only fresh: {only_fresh:#?}"
+    );
+}
+
 #[test]
 fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
     let fresh = fresh_db("nudge_it_upgrade_fresh");
     let mut f = connect(&fresh);
-    assert_eq!(version_of(&mut f), "0.2.0");
+    assert_eq!(version_of(&mut f), CURRENT);
     f.batch_execute("CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
                      SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
         .unwrap();
@@ -85,22 +129,9 @@ fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
         2
     );
 
-    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE TO '0.2.0'")
-        .unwrap();
-    assert_eq!(version_of(&mut c), "0.2.0");
-    let (upgraded, fresh_schema) = (schema_of(&mut c), schema_of(&mut f));
-    let only_upgraded: Vec<&String> = upgraded
-        .iter()
-        .filter(|x| !fresh_schema.contains(x))
-        .collect();
-    let only_fresh: Vec<&String> = fresh_schema
-        .iter()
-        .filter(|x| !upgraded.contains(x))
-        .collect();
-    assert!(
-        only_upgraded.is_empty() && only_fresh.is_empty(),
-        "upgraded schema differs from a fresh install:\n  only upgraded: {only_upgraded:#?}\n  only fresh: {only_fresh:#?}"
-    );
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
 
     // the journeys of 0.1.0 go on: the user's source (now captured by the new
     // trigger) closes one, run_due sends the other
@@ -157,4 +188,90 @@ fn upgrade_from_0_1_0_matches_a_fresh_install_and_keeps_working() {
         ),
         1
     );
+}
+
+/// From the released 0.2.0 install script, with SQL that a role defined
+/// (audience, context, profile query) under 0.2.0's rules: its functions are
+/// brought under today's (no EXECUTE for PUBLIC, pg_temp last, settings
+/// recorded) and still run, as their definer.
+#[test]
+fn upgrade_from_0_2_0_secures_user_sql_and_keeps_working() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh2");
+    let mut f = connect(&fresh);
+    f.batch_execute("CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
+                     SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
+        .unwrap();
+
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade2 WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE nudge_it_upgrade2").unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade2", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "SET timezone = 'UTC';
+         CREATE EXTENSION pg_nudge VERSION '0.2.0';
+         CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
+         SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         CREATE TABLE public.customers (id text, mail text, points int);
+         INSERT INTO public.customers VALUES ('u1', 'u1@example.com', 7);
+         SELECT nudge.define_template('t', 'Hi', '{{ context.p.points }} points');
+         SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"template\": \"t\"}');",
+    )
+    .unwrap();
+    // what 0.2.0's library made of an audience, a context query and a profile
+    // query (this library writes today's shape, so the old one is laid by hand)
+    c.batch_execute(
+        "UPDATE nudge.trigger_versions SET definition = definition
+             || '{\"audience_sql\": \"SELECT count(*) > 0 FROM customers WHERE id = $1\",
+                  \"context\": {\"p\": \"SELECT points FROM customers WHERE id = $1\"}}';
+         CREATE FUNCTION nudge._user_sql_1(text) RETURNS boolean LANGUAGE sql STABLE SECURITY DEFINER
+             SET search_path FROM CURRENT AS
+             $q$SELECT coalesce((SELECT q.* FROM (SELECT count(*) > 0 FROM customers WHERE id = $1) AS q LIMIT 1), false)$q$;
+         CREATE FUNCTION nudge._user_sql_2(text) RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER
+             SET search_path FROM CURRENT AS
+             $q$SELECT CASE count(*) WHEN 0 THEN NULL WHEN 1 THEN (array_agg(to_jsonb(q)))[1] ELSE jsonb_agg(to_jsonb(q)) END
+                  FROM (SELECT points FROM customers WHERE id = $1) AS q$q$;
+         INSERT INTO nudge.user_sql (trigger, version, part, function)
+         VALUES ('x', 1, 'audience_sql', 'nudge._user_sql_1'), ('x', 1, 'context.p', 'nudge._user_sql_2');
+         SELECT setval('nudge.user_sql_id', 2);
+         CREATE OR REPLACE FUNCTION nudge._profile(text) RETURNS jsonb LANGUAGE sql STABLE SECURITY DEFINER
+             SET search_path FROM CURRENT SET statement_timeout = '5s' AS
+             $q$SELECT to_jsonb(p) FROM (SELECT mail AS email FROM customers WHERE id = $1) AS p LIMIT 1$q$;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_proc WHERE proname LIKE '\\_user\\_sql\\_%' AND has_function_privilege('public', oid, 'EXECUTE')"),
+        2,
+        "0.2.0 left its generated functions executable by PUBLIC"
+    );
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+
+    let open = count(
+        &mut c,
+        "SELECT count(*) FROM pg_proc p, nudge.user_sql u
+          WHERE p.oid = to_regprocedure(u.function || '(text)')
+            AND (has_function_privilege('public', p.oid, 'EXECUTE')
+                 OR has_function_privilege('nudge_mailer', p.oid, 'EXECUTE')
+                 OR p.proconfig[1] NOT LIKE '%pg_temp' OR u.config IS DISTINCT FROM p.proconfig)",
+    );
+    assert_eq!(open, 0, "a generated function was left as 0.2.0 made it");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.user_sql"),
+        3,
+        "the audience, the context and the profile query are registered"
+    );
+    c.batch_execute(
+        "SELECT nudge.track('u1', 'e', '{}', now() - interval '1 minute');
+         SELECT nudge.run_due();",
+    )
+    .unwrap();
+    let r = c
+        .query_one("SELECT recipient, html FROM nudge.outbox", &[])
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "u1@example.com");
+    assert_eq!(r.get::<_, String>(1), "7 points");
 }

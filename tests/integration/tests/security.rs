@@ -1,0 +1,372 @@
+//! docs/security.md, claim by claim: each test attacks pg_nudge as the role
+//! that would, over a real login, and checks that the attack gets nowhere.
+//! Every attack here worked against 0.2.0.
+
+use nudge_integration::{connect, connect_as, count, sqlstate, with_roles};
+use postgres::Client;
+
+/// A function in `schema` that records who ran it (in `schema.seen`, open to
+/// everyone) and tries to make `role` a superuser: what an attacker would
+/// plant where privileged code might call it.
+fn plant_probe(c: &mut Client, schema: &str, role: &str) {
+    c.batch_execute(&format!(
+        "CREATE TABLE {schema}.seen (who text, what text);
+         GRANT INSERT, SELECT ON {schema}.seen TO PUBLIC;
+         GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
+         CREATE FUNCTION {schema}.probe(what text) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $f$
+         BEGIN
+             INSERT INTO {schema}.seen VALUES (current_user, what);
+             BEGIN
+                 EXECUTE 'ALTER ROLE {role} SUPERUSER';
+             EXCEPTION WHEN OTHERS THEN NULL;
+             END;
+             RETURN true;
+         END $f$;
+         GRANT EXECUTE ON FUNCTION {schema}.probe(text) TO PUBLIC;"
+    ))
+    .unwrap();
+}
+
+fn is_superuser(c: &mut Client, role: &str) -> bool {
+    c.query_one("SELECT rolsuper FROM pg_roles WHERE rolname = $1", &[&role])
+        .unwrap()
+        .get(0)
+}
+
+fn seen(c: &mut Client, schema: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT who || ':' || what FROM {schema}.seen ORDER BY 1"),
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+const TEMPLATE: &str = "SELECT nudge.define_template('t', 'Hi', '<p>hi</p>')";
+
+#[test]
+fn admin_cannot_create_in_our_schema_hook_our_tables_or_forge_the_catalog() {
+    let db = with_roles("sec_a");
+    let mut a = connect_as(&db, "sec_a_admin");
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"template\": \"t\",
+            \"audience_sql\": \"SELECT true\"}')",
+    )
+    .unwrap();
+    let attacks = [
+        // a function our privileged code would find first
+        "CREATE FUNCTION nudge.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT pg_catalog.now()'",
+        "CREATE TABLE nudge.evil (x int)",
+        // a trigger that the worker (a superuser) would fire
+        "CREATE TRIGGER evil BEFORE INSERT ON nudge.outbox FOR EACH ROW EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+        "TRUNCATE nudge.journal",
+        // rows that name functions or relations that privileged code uses
+        "UPDATE nudge.user_sql SET function = 'pg_catalog.pg_read_file'",
+        "INSERT INTO nudge.sources (source, user_column, event_name) VALUES ('pg_authid', 'rolname', 'x')",
+        "UPDATE nudge.trigger_versions SET definition = definition",
+        "UPDATE nudge.triggers SET owner = 'postgres'",
+    ];
+    for sql in attacks {
+        assert_eq!(sqlstate(a.batch_execute(sql)), "42501", "as nudge_admin: {sql}");
+    }
+    // what it is there for still works
+    a.batch_execute(
+        "CREATE TABLE sec_a_admin.orders (customer text, at timestamptz);
+         SELECT nudge.add_source('sec_a_admin.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+         SELECT nudge.pause_trigger('x'); SELECT nudge.resume_trigger('x');
+         SELECT nudge.set_profile_query('SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1');
+         SELECT nudge.drop_source('sec_a_admin.orders');",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    let privileges = count(
+        &mut su,
+        "SELECT count(*) FROM pg_class c
+          WHERE c.relnamespace = 'nudge'::regnamespace AND c.relkind IN ('r', 'v', 'S')
+            AND (has_table_privilege('nudge_admin', c.oid, 'TRIGGER')
+                 OR has_table_privilege('nudge_admin', c.oid, 'TRUNCATE')
+                 OR has_table_privilege('nudge_admin', c.oid, 'REFERENCES'))",
+    );
+    assert_eq!(privileges, 0, "TRIGGER, TRUNCATE or REFERENCES granted to nudge_admin");
+    let create: bool = su
+        .query_one("SELECT has_schema_privilege('nudge_admin', 'nudge', 'CREATE')", &[])
+        .unwrap()
+        .get(0);
+    assert!(!create, "nudge_admin may create in schema nudge");
+}
+
+#[test]
+fn a_generated_function_made_security_invoker_is_refused_not_run_by_the_worker() {
+    let db = with_roles("sec_b");
+    let mut a = connect_as(&db, "sec_b_admin");
+    plant_probe(&mut a, "sec_b_admin", "sec_b_admin");
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"template\": \"t\",
+            \"audience_sql\": \"SELECT sec_b_admin.probe($1)\"}')",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    let function: String = su
+        .query_one("SELECT function FROM nudge.user_sql WHERE trigger = 'x'", &[])
+        .unwrap()
+        .get(0);
+    // the definer owns its function, so it can change its security
+    a.batch_execute(&format!("ALTER FUNCTION {function}(text) SECURITY INVOKER"))
+        .unwrap();
+    su.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+         SELECT nudge.track('u1', 'e', '{}', now() - interval '1 minute');
+         SELECT nudge.run_due();",
+    )
+    .unwrap();
+    assert!(!is_superuser(&mut su, "sec_b_admin"), "the admin made itself superuser");
+    assert!(
+        !seen(&mut su, "sec_b_admin").iter().any(|s| s.starts_with("postgres")),
+        "the admin's code ran as the superuser: {:?}",
+        seen(&mut su, "sec_b_admin")
+    );
+    let reason: String = su
+        .query_one("SELECT state || ': ' || reason FROM nudge.enrollments WHERE trigger = 'x'", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        reason.starts_with("failed") && reason.contains("no longer SECURITY DEFINER"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn user_sql_runs_as_its_definer_and_what_it_sets_does_not_outlive_it() {
+    let db = with_roles("sec_c");
+    let mut a = connect_as(&db, "sec_c_admin");
+    plant_probe(&mut a, "sec_c_admin", "sec_c_admin");
+    // functions that privileged code would call if the path it runs with were
+    // the admin's: now() (every pass), jsonb_build_object, unnest
+    a.batch_execute(
+        "CREATE FUNCTION sec_c_admin.now() RETURNS timestamptz LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_c_admin.probe('now'); SELECT pg_catalog.now() $f$;
+         CREATE FUNCTION sec_c_admin.jsonb_build_object(text, text, text, text) RETURNS jsonb LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_c_admin.probe('jsonb_build_object'); SELECT pg_catalog.jsonb_build_object($1, $2, $3, $4) $f$;
+         CREATE FUNCTION sec_c_admin.unnest(text[]) RETURNS SETOF text LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_c_admin.probe('unnest'); SELECT pg_catalog.unnest($1) $f$;
+         CREATE FUNCTION sec_c_admin.switch(u text) RETURNS text LANGUAGE plpgsql VOLATILE AS $f$
+         BEGIN
+             PERFORM sec_c_admin.probe('context');
+             PERFORM pg_catalog.set_config('search_path', 'sec_c_admin, pg_catalog', false);
+             RETURN 'switched';
+         END $f$;",
+    )
+    .unwrap();
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"template\": \"t\",
+            \"context\": {\"s\": \"SELECT sec_c_admin.switch($1) AS s\"}}')",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    su.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+         SELECT nudge.track('u1', 'e', '{}', now() - interval '2 minutes');
+         SELECT nudge.run_due();
+         SELECT nudge.track('u2', 'e', '{}', now() - interval '1 minute');
+         SELECT nudge.run_due();",
+    )
+    .unwrap();
+    assert!(!is_superuser(&mut su, "sec_c_admin"), "the admin made itself superuser");
+    // the context query ran, as its definer, and nothing else of the admin's did
+    assert_eq!(
+        seen(&mut su, "sec_c_admin"),
+        vec!["sec_c_admin:context", "sec_c_admin:context"]
+    );
+    assert_eq!(count(&mut su, "SELECT count(*) FROM nudge.outbox"), 2);
+    // the superuser's own session path is what it was
+    let path: String = su.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(path, "\"$user\", public");
+}
+
+#[test]
+fn a_writers_temporary_table_never_shadows_what_a_definer_named() {
+    let db = with_roles("sec_d");
+    let mut a = connect_as(&db, "sec_d_admin");
+    // the definer means its own table vip (empty: nobody is in the audience)
+    a.batch_execute(
+        "CREATE TABLE sec_d_admin.vip (id text);
+         SET search_path = sec_d_admin;",
+    )
+    .unwrap();
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"wait\": \"1 hour\", \"template\": \"t\",
+            \"audience_sql\": \"SELECT count(*) > 0 FROM vip WHERE id = $1\"}')",
+    )
+    .unwrap();
+    // capture runs the audience query in the writer's session, at entry
+    let mut w = connect_as(&db, "sec_d_writer");
+    w.batch_execute(
+        "CREATE TEMP TABLE vip (id text);
+         INSERT INTO vip VALUES ('w1');
+         SELECT nudge.track('w1', 'e');",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM nudge.enrollments WHERE user_id = 'w1'"),
+        0,
+        "the writer's temporary table answered the definer's audience query"
+    );
+    let config: Vec<String> = su
+        .query_one("SELECT config FROM nudge.user_sql WHERE trigger = 'x'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(config, vec!["search_path=sec_d_admin, pg_temp"]);
+}
+
+#[test]
+fn overloads_planted_in_public_are_never_called_by_privileged_code() {
+    let db = with_roles("sec_e");
+    // the database owner owns schema public (PostgreSQL 15) and plants better
+    // matches than pg_catalog's for calls our code makes (CVE-2018-1058)
+    let mut o = connect_as(&db, "sec_e_owner");
+    o.batch_execute("CREATE SCHEMA sec_e_owner").unwrap();
+    plant_probe(&mut o, "sec_e_owner", "sec_e_owner");
+    o.batch_execute(
+        "CREATE FUNCTION public.jsonb_build_object(text, text, text, text) RETURNS jsonb LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_e_owner.probe('jsonb_build_object'); SELECT pg_catalog.jsonb_build_object($1, $2, $3, $4) $f$;
+         CREATE FUNCTION public.unnest(text[]) RETURNS SETOF text LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_e_owner.probe('unnest'); SELECT pg_catalog.unnest($1) $f$;
+         CREATE FUNCTION public.md5(varchar) RETURNS text LANGUAGE sql VOLATILE AS
+             $f$ SELECT sec_e_owner.probe('md5'); SELECT pg_catalog.md5($1::text) $f$;
+         GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO PUBLIC;",
+    )
+    .unwrap();
+    // a superuser session with the default search path ("$user", public)
+    let mut su = connect(&db);
+    su.batch_execute(TEMPLATE).unwrap();
+    su.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\", \"key\": \"k\"}, \"template\": \"t\"}');
+         INSERT INTO nudge.profiles (user_id, email, timezone) VALUES ('u1', 'u1@example.com', 'UTC');
+         SELECT nudge.track('u1', 'e', '{\"k\": \"a\"}', now() - interval '1 minute');
+         INSERT INTO nudge.events (user_id, event, props, occurred_at) VALUES ('u1', 'e', '{\"k\": \"b\"}', now());
+         SELECT nudge.run_due();
+         SELECT nudge.preview('x', 'u1');
+         SELECT * FROM nudge.explain('x', 'u1');
+         SELECT * FROM nudge.trigger_stats;",
+    )
+    .unwrap();
+    assert!(!is_superuser(&mut su, "sec_e_owner"), "the database owner made itself superuser");
+    assert_eq!(seen(&mut su, "sec_e_owner"), Vec::<String>::new());
+    assert_eq!(count(&mut su, "SELECT count(*) FROM nudge.outbox"), 2);
+}
+
+#[test]
+fn mailer_and_plain_roles_cannot_call_generated_functions_or_read_the_catalog() {
+    let db = with_roles("sec_f");
+    let mut a = connect_as(&db, "sec_f_admin");
+    a.batch_execute(
+        "CREATE TABLE sec_f_admin.cards (customer text, number text);
+         INSERT INTO sec_f_admin.cards VALUES ('u1', '4111-1111-1111-1111');",
+    )
+    .unwrap();
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\"}, \"template\": \"t\",
+            \"context\": {\"card\": \"SELECT number FROM sec_f_admin.cards WHERE customer = $1\"}}');
+         SELECT nudge.set_profile_query('SELECT customer AS email FROM sec_f_admin.cards WHERE customer = $1')",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    let functions: Vec<String> = su
+        .query("SELECT function FROM nudge.user_sql", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(functions.len(), 2);
+    for role in ["sec_f_mailer", "sec_f_plain", "sec_f_writer", "sec_f_admin2"] {
+        let mut c = connect_as(&db, role);
+        for f in &functions {
+            let sql = format!("SELECT {f}('u1')");
+            assert_eq!(sqlstate(c.batch_execute(&sql)), "42501", "as {role}: {sql}");
+        }
+    }
+    let mut p = connect_as(&db, "sec_f_plain");
+    for sql in [
+        "SELECT * FROM nudge.user_sql",
+        "SELECT * FROM nudge.outbox",
+        "SELECT nudge.run_due()",
+        "SELECT nudge.track('u1', 'e')",
+    ] {
+        assert_eq!(sqlstate(p.batch_execute(sql)), "42501", "as a plain role: {sql}");
+    }
+    // each generated function has no grant but its owner's
+    let acl = count(
+        &mut su,
+        "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+          WHERE p.proname LIKE '\\_user\\_sql\\_%' AND a.grantee <> p.proowner",
+    );
+    assert_eq!(acl, 0, "a generated function is executable by someone else than its definer");
+}
+
+#[test]
+fn sources_need_rights_on_the_table_and_no_user_written_casts() {
+    let db = with_roles("sec_g");
+    let mut a2 = connect_as(&db, "sec_g_admin2");
+    a2.batch_execute("CREATE TABLE sec_g_admin2.theirs (customer text)")
+        .unwrap();
+    let mut a = connect_as(&db, "sec_g_admin");
+    // not its table
+    assert_eq!(
+        sqlstate(a.batch_execute(
+            "SELECT nudge.add_source('sec_g_admin2.theirs', 'customer', event_name => 'x')"
+        )),
+        "42501"
+    );
+    // a column whose type has a cast the admin wrote: reading the table in
+    // privileged code would run it
+    a.batch_execute(
+        "CREATE TYPE sec_g_admin.mood AS ENUM ('ok', 'bad');
+         CREATE FUNCTION sec_g_admin.mood_json(sec_g_admin.mood) RETURNS jsonb LANGUAGE sql AS $f$ SELECT '1'::jsonb $f$;
+         CREATE CAST (sec_g_admin.mood AS jsonb) WITH FUNCTION sec_g_admin.mood_json(sec_g_admin.mood);
+         CREATE TABLE sec_g_admin.moods (customer text, mood sec_g_admin.mood);
+         CREATE TABLE sec_g_admin.orders (customer text, note text);",
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(a.batch_execute(
+            "SELECT nudge.add_source('sec_g_admin.moods', 'customer', event_name => 'felt')"
+        )),
+        "42501"
+    );
+    // a clean table is fine; giving it such a column later is refused
+    a.batch_execute("SELECT nudge.add_source('sec_g_admin.orders', 'customer', event_name => 'purchased')")
+        .unwrap();
+    assert_eq!(
+        sqlstate(a.batch_execute("ALTER TABLE sec_g_admin.orders ADD COLUMN mood sec_g_admin.mood")),
+        "42501"
+    );
+    a.batch_execute(
+        "CREATE TYPE sec_g_admin.size AS ENUM ('s', 'm');
+         ALTER TABLE sec_g_admin.orders ADD COLUMN size sec_g_admin.size;
+         CREATE FUNCTION sec_g_admin.size_text(sec_g_admin.size) RETURNS text LANGUAGE sql AS $f$ SELECT 'x' $f$;",
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(a.batch_execute(
+            "CREATE CAST (sec_g_admin.size AS text) WITH FUNCTION sec_g_admin.size_text(sec_g_admin.size)"
+        )),
+        "42501"
+    );
+    // and the source works
+    a.batch_execute("INSERT INTO sec_g_admin.orders VALUES ('u1', 'n', 's')")
+        .unwrap();
+    let mut su = connect(&db);
+    assert_eq!(
+        count(&mut su, "SELECT count(*) FROM nudge.all_events WHERE user_id = 'u1' AND props->>'size' = 's'"),
+        1
+    );
+}
