@@ -12,7 +12,7 @@ DROP ROLE IF EXISTS regress_writer;
 CREATE ROLE regress_mailer LOGIN IN ROLE nudge_mailer;
 CREATE ROLE regress_writer LOGIN IN ROLE nudge_writer;
 
--- the writer tracks; the capture runs with the source's owner's rights
+-- the writer tracks; capture switches to the extension owner only for its own statements
 SET ROLE regress_writer;
 SELECT nudge.track('u1', 'ping', '{}', now() - interval '1 minute') > 0 AS tracked;
 INSERT INTO nudge.events (user_id, event, occurred_at) VALUES ('u1', 'ping', now() - interval '30 seconds');
