@@ -21,10 +21,26 @@ fn track(
     occurred_at: default!(TimestampWithTimeZone, "now()"),
 ) -> i64 {
     if !props.0.is_object() {
-        error!("track: props must be a JSON object, got {}", props.0);
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("track: props must be a JSON object, got {}", props.0)
+        );
     }
     if user_id.is_empty() || event.is_empty() {
-        error!("track: user_id and event must not be empty");
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "track: user_id and event must not be empty"
+        );
+    }
+    if !nudge_core::time::is_event_time(occurred_at.into_inner()) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_DATETIME_FIELD_OVERFLOW,
+            format!("track: occurred_at {occurred_at} is outside the times pg_nudge captures"),
+            "an event time is between 1900-01-01 and 9999-12-31"
+        );
     }
     // as the caller (nudge_writer may insert events), with our search path
     pinned(|| {

@@ -125,7 +125,7 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
             check_experiments(&mut experiments_checked);
         }
         let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
-        if !BackgroundWorker::wait_latch(Some(nap)) {
+        if stopping() || !BackgroundWorker::wait_latch(Some(nap)) || stopping() {
             break;
         }
         if BackgroundWorker::sighup_received() {
@@ -140,6 +140,14 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Whether a SIGTERM has come (pg_ctl stop, pg_terminate_backend). Not
+/// pgrx's `sigterm_received`, which clears its flag when read: a SIGTERM
+/// read between batches would be lost and the worker would never stop.
+/// PostgreSQL's own flag, which pgrx's handler sets too, stays set.
+fn stopping() -> bool {
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
 /// Events queued by deferred capture enrolled per transaction.
 const QUEUE_CHUNK: i64 = 100_000;
 
@@ -148,7 +156,7 @@ fn drain(s: &Shared) {
     // queued events first: they may open or close the journeys due now
     loop {
         match guarded(|| as_extension(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK))) {
-            Ok(n) if n == QUEUE_CHUNK && !BackgroundWorker::sigterm_received() => continue,
+            Ok(n) if n == QUEUE_CHUNK && !stopping() => continue,
             Ok(_) => break,
             Err(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +183,7 @@ fn drain(s: &Shared) {
         s.passes.fetch_add(1, Ordering::Relaxed);
         s.last_pass_us
             .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
-        if claimed < batch as usize || BackgroundWorker::sigterm_received() {
+        if claimed < batch as usize || stopping() {
             return;
         }
     }

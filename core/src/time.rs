@@ -16,6 +16,18 @@ pub fn format_pg_utc(pg_us: i64) -> String {
 }
 
 /// A duration in words, rounded down to its largest unit: "9 hours", "3 days".
+/// The span of event times pg_nudge captures: 1900-01-01 to the end of
+/// 9999, in microseconds since 2000-01-01 UTC. Outside it (infinity, a year
+/// 200000) adding a wait or a window leaves PostgreSQL's timestamp range and
+/// a journey could never be scheduled: such an event is refused by
+/// `nudge.track` and left out by capture, instead of failing later passes.
+pub const FIRST_EVENT_TIME: i64 = -3_155_673_600_000_000;
+pub const LAST_EVENT_TIME: i64 = 252_455_615_999_999_999;
+
+pub fn is_event_time(pg_us: i64) -> bool {
+    (FIRST_EVENT_TIME..=LAST_EVENT_TIME).contains(&pg_us)
+}
+
 pub fn format_duration(us: i64) -> String {
     let s = us.max(0) / SECOND;
     let (n, unit) = if s >= 86_400 {
@@ -111,6 +123,14 @@ fn clock(w: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_times_stay_where_waits_can_be_added() {
+        assert!(is_event_time(0));
+        assert!(is_event_time(FIRST_EVENT_TIME) && is_event_time(LAST_EVENT_TIME));
+        assert!(!is_event_time(i64::MIN) && !is_event_time(i64::MAX)); // -infinity, infinity
+        assert!(!is_event_time(FIRST_EVENT_TIME - 1) && !is_event_time(LAST_EVENT_TIME + 1));
+    }
 
     #[test]
     fn formats_postgres_timestamps() {

@@ -20,6 +20,12 @@ const ALL_USERS_LOCK_CLASS: i32 = 0x6e75_6468;
 /// Above this many users a statement locks all users at once: the lock table
 /// holds only max_locks_per_transaction (64 by default) per connection.
 const MAX_USER_LOCKS: usize = 32;
+/// Users are locked by slot (a hash of the user id), so that however many
+/// statements a transaction runs, with however many users (a backfill that
+/// calls nudge.track once per row), it holds at most this many user locks:
+/// one lock per user would fill the server's shared lock table. Two users of
+/// one slot only wait for each other's capture.
+const USER_LOCK_SLOTS: i32 = 256;
 
 pub struct Batch {
     pub users: Vec<Option<String>>,
@@ -155,12 +161,13 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
     run(
         c,
         "SELECT count(pg_advisory_xact_lock($2, h))
-           FROM (SELECT DISTINCT hashtext(u) AS h FROM unnest($3::text[]) u ORDER BY 1) s
+           FROM (SELECT DISTINCT hashtext(u) & ($4 - 1) AS h FROM unnest($3::text[]) u ORDER BY 1) s
           WHERE (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared($1, 0)) g) = 1",
         &[
             ALL_USERS_LOCK_CLASS.into(),
             USER_LOCK_CLASS.into(),
             users.into(),
+            USER_LOCK_SLOTS.into(),
         ],
         "locking users",
     );
@@ -463,6 +470,10 @@ fn steps_of(b: &Batch, triggers: &[LiveTrigger]) -> BTreeMap<(usize, String), Ve
             .and_then(|p| p.as_ref())
             .map_or(&empty, |p| &p.0);
         let at = micros(*at);
+        // infinity, year 200000: no journey can be scheduled from it
+        if !nudge_core::time::is_event_time(at) {
+            continue;
+        }
         for (ti, lt) in triggers.iter().enumerate() {
             let t = &lt.trigger;
             if lt.active && t.enters(event, props) {
@@ -667,6 +678,10 @@ impl Writes {
                                $11::timestamptz[], $12::text[], $13::text[])
                      AS n(trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
                           coalesced, last_entry_at, exited_at, reason, variant)
+                 -- a journey of this trigger, user and key already began at
+                 -- this very instant (two orders on one day of a date column):
+                 -- it is that journey, and the application's INSERT goes on
+                 ON CONFLICT (user_id, trigger, key, entered_at) DO NOTHING
                  RETURNING id, user_id, trigger, key, entered_at),
              u AS (
                  UPDATE nudge.enrollments e

@@ -252,3 +252,43 @@ fn the_worker_enrolls_and_sends_what_deferred_capture_queued() {
     assert_eq!(count(&mut c, "SELECT queued FROM nudge.worker_status()"), 0);
     assert_eq!(outbox_uniqueness(&mut c), (200, 200, 200));
 }
+
+/// pg_terminate_backend (and so `pg_ctl stop -m fast`) ends the worker in the
+/// middle of a long drain: 0.2.0 read pgrx's SIGTERM flag between batches,
+/// which cleared it, and never stopped. The postmaster starts a new one,
+/// which finishes the work: nothing lost, nothing twice.
+#[test]
+fn sigterm_during_a_drain_stops_the_worker() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    set_setting("nudge.batch_size", Some("20"));
+    c.batch_execute(
+        "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'pong', now() - interval '10 minutes', jsonb_build_object('n', i) FROM generate_series(1, 20000) i",
+    )
+    .unwrap();
+    let worker = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_nudge worker'";
+    let pid: i32 = wait_for(20, || {
+        let started = count(&mut c, "SELECT count(*) FROM nudge.outbox") > 0;
+        let pid = c.query_opt(worker, &[]).unwrap().map(|r| r.get::<_, i32>(0));
+        pid.filter(|_| started)
+    })
+    .expect("the worker started writing");
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    let at = count(&mut c, "SELECT count(*) FROM nudge.outbox");
+    let replaced = wait_for(10, || {
+        let now = c.query_opt(worker, &[]).unwrap().map(|r| r.get::<_, i32>(0));
+        (now != Some(pid)).then_some(())
+    });
+    assert!(
+        replaced.is_some(),
+        "the worker (pid {pid}) was still running 10 s after SIGTERM"
+    );
+    assert!(at < 20000, "the SIGTERM came before the end of the drain ({at} written)");
+    let finished = wait_for(120, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'") == 0).then_some(())
+    });
+    set_setting("nudge.batch_size", None);
+    assert!(finished.is_some(), "the new worker did not finish the drain");
+    assert_eq!(outbox_uniqueness(&mut c), (20000, 20000, 20000));
+}
