@@ -4,7 +4,7 @@
 use crate::catalog;
 use crate::engine::{capture, compose, run_due as due};
 use crate::sources;
-use crate::spi_util::{in_context, one, or_raise};
+use crate::spi_util::{in_context, invalid, one, or_raise};
 use crate::user_sql;
 use crate::privilege::{as_extension, pinned};
 use nudge_core::definition::{context_part, Definition, AUDIENCE_SQL};
@@ -134,10 +134,10 @@ fn define_template(
     text_body: default!(Option<&str>, "NULL"),
 ) {
     if name.trim().is_empty() {
-        error!("define_template: name must not be empty");
+        invalid(format!("define_template: name must not be empty"));
     }
     if let Err(e) = Template::parse(subject, html, text_body) {
-        error!("define_template({name}): {e}");
+        invalid(format!("define_template({name}): {e}"));
     }
     pinned(|| or_raise(
         Spi::run_with_args(
@@ -154,13 +154,13 @@ fn define_template(
 #[pg_extern]
 fn define_trigger(name: &str, definition: JsonB) -> i32 {
     if name.trim().is_empty() {
-        error!("define_trigger: name must not be empty");
+        invalid(format!("define_trigger: name must not be empty"));
     }
     let def =
-        Definition::parse(&definition.0).unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
+        Definition::parse(&definition.0).unwrap_or_else(|e| invalid(format!("define_trigger({name}): {e}")));
     let trigger = def
         .compile(name, 0)
-        .unwrap_or_else(|e| error!("define_trigger({name}): {e}"));
+        .unwrap_or_else(|e| invalid(format!("define_trigger({name}): {e}")));
     let variant_paths: Vec<(String, &String)> = def
         .variants
         .iter()
@@ -184,7 +184,7 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
         })
         .unwrap_or(false);
         if !exists {
-            error!("define_trigger({name}): {path}: no template named {template:?} (create it first with nudge.define_template)");
+            invalid(format!("define_trigger({name}): {path}: no template named {template:?} (create it first with nudge.define_template)"));
         }
     }
     // SQL in the definition is checked as the defining role, before anything is written.
@@ -240,7 +240,7 @@ fn set_status(name: &str, status: &str, verb: &str) {
         ))
     .unwrap_or(false);
     if !found {
-        error!("{verb}: no trigger named {name:?}");
+        invalid(format!("{verb}: no trigger named {name:?}"));
     }
 }
 
@@ -271,7 +271,7 @@ fn drop_trigger(name: &str) {
         ))
     .unwrap_or(false);
     if !found {
-        error!("drop_trigger: no trigger named {name:?}");
+        invalid(format!("drop_trigger: no trigger named {name:?}"));
     }
 }
 
@@ -288,7 +288,7 @@ fn run_due(
     max_messages: default!(i32, 1000),
 ) -> i32 {
     if max_messages < 0 {
-        error!("run_due: max_messages must not be negative");
+        invalid(format!("run_due: max_messages must not be negative"));
     }
     // an engine pass: our SQL only, as the extension's owner, whoever calls
     as_extension(|| {
@@ -351,7 +351,7 @@ fn set_profile_query(sql: Option<&str>) {
             let names: Vec<String> =
                 (1..=cols.columns().unwrap_or(0)).filter_map(|i| cols.column_name(i).ok()).collect();
             if !names.iter().any(|n| n == "email") {
-                error!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", "));
+                invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
             }
         }));
     }
@@ -386,7 +386,7 @@ fn preview(
             .triggers
             .iter()
             .find(|l| l.trigger.name == trigger)
-            .unwrap_or_else(|| error!("preview: no trigger named {trigger:?}"))
+            .unwrap_or_else(|| invalid(format!("preview: no trigger named {trigger:?}")))
             .trigger
             .clone();
         let anchor = or_raise(
@@ -447,7 +447,7 @@ fn preview(
 #[pg_extern]
 fn configure(settings: JsonB) -> JsonB {
     let Some(given) = settings.0.as_object() else {
-        error!("configure: expected a JSON object with keys caps, arbitration_window, default_timezone");
+        invalid(format!("configure: expected a JSON object with keys caps, arbitration_window, default_timezone"));
     };
     let current = pinned(|| one::<JsonB>(
         "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
@@ -465,7 +465,7 @@ fn configure(settings: JsonB) -> JsonB {
     }
     let merged = serde_json::Value::Object(merged);
     if let Err(e) = nudge_core::policy::Settings::parse(&merged) {
-        error!("configure: {e}");
+        invalid(format!("configure: {e}"));
     }
     pinned(|| Spi::connect_mut(|c| {
         or_raise(

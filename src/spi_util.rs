@@ -47,6 +47,16 @@ pub fn run<'c>(
     or_raise(c.select(&*plan, None, args), doing)
 }
 
+/// Raises an ERROR with SQLSTATE 22023 (invalid_parameter_value): what the
+/// caller passed is wrong, and the message says where.
+pub fn invalid(message: impl Into<String>) -> ! {
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        message.into()
+    );
+}
+
 /// Raises a Postgres ERROR for a failed SPI call, naming what was being done.
 pub fn or_raise<T, E: std::fmt::Display>(r: Result<T, E>, doing: &str) -> T {
     r.unwrap_or_else(|e| error!("pg_nudge: {doing}: {e}"))
@@ -79,7 +89,11 @@ pub fn in_context<R>(doing: &str, f: impl FnOnce() -> R) -> R {
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| match e {
             pg_sys::panic::CaughtError::RustPanic { .. } => e.rethrow(),
-            other => error!("{doing}: {}", caught_message(other)),
+            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                // the SQLSTATE stays the one PostgreSQL gave (42501 for a
+                // table the definer may not read, 42601 for a syntax error)
+                ereport!(ERROR, r.sql_error_code(), format!("{doing}: {}", r.message()));
+            }
         })
         .execute()
 }

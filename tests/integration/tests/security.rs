@@ -370,3 +370,51 @@ fn sources_need_rights_on_the_table_and_no_user_written_casts() {
         1
     );
 }
+
+#[test]
+fn templates_escape_html_and_a_runaway_template_fails_alone() {
+    let db = with_roles("sec_h");
+    let mut a = connect_as(&db, "sec_h_admin");
+    a.batch_execute(
+        r#"SELECT nudge.define_template('note', 'Hi {{ event.name }}',
+               '<p>{{ event.name }}</p>{{ event.trusted | raw }}', 'Hi {{ event.name }}');
+           SELECT nudge.define_template('huge', 'Big',
+               '{% for i in (1..10000) %}{% for j in event.items %}{{ event.pad }}{% endfor %}{% endfor %}');
+           SELECT nudge.define_trigger('note', '{"on": {"event": "note"}, "template": "note"}');
+           SELECT nudge.define_trigger('huge', '{"on": {"event": "huge"}, "template": "huge"}');"#,
+    )
+    .unwrap();
+    // a range no budget could walk is refused when defined, with the line
+    let err = a
+        .batch_execute(
+            "SELECT nudge.define_template('endless', 'x', '<p>\n{% for i in (1..1000000000000) %}x{% endfor %}')",
+        )
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    assert!(message.contains("html: line 2"), "{message}");
+    let mut su = connect(&db);
+    su.batch_execute(
+        r#"INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+           SELECT nudge.track('u1', 'note', '{"name": "<img src=x onerror=alert(1)>", "trusted": "<b>ok</b>"}',
+                              now() - interval '1 minute');
+           SELECT nudge.track('u2', 'huge', jsonb_build_object('pad', repeat('x', 1024),
+                              'items', (SELECT jsonb_agg(g) FROM generate_series(1, 100) g)), now() - interval '1 minute');
+           SELECT nudge.run_due();"#,
+    )
+    .unwrap();
+    let r = su
+        .query_one("SELECT subject, html, text_body FROM nudge.outbox WHERE user_id = 'u1'", &[])
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "Hi <img src=x onerror=alert(1)>");
+    assert_eq!(
+        r.get::<_, String>(1),
+        "<p>&lt;img src=x onerror=alert(1)&gt;</p><b>ok</b>"
+    );
+    assert_eq!(r.get::<_, String>(2), "Hi <img src=x onerror=alert(1)>");
+    let huge: String = su
+        .query_one("SELECT state || ': ' || reason FROM nudge.enrollments WHERE user_id = 'u2'", &[])
+        .unwrap()
+        .get(0);
+    assert!(huge.starts_with("failed") && huge.contains("output over"), "{huge}");
+}
