@@ -3,6 +3,22 @@
 
 -- Event names any trigger reads; the capture trigger drops every other event
 -- before it crosses into Rust, so unwatched events cost almost nothing.
+-- The events of every source, as (user_id, event, occurred_at, props). Not a
+-- view over the sources themselves: an object of ours that depended on a
+-- user's table would be dropped with it (DROP ... CASCADE of a source, its
+-- schema or a mapped column dropped the extension with all its data). The
+-- text of the union comes from nudge._events_sql() (src/all_events.rs), the
+-- same text the engine's own statements read; SECURITY DEFINER, as the view
+-- it replaces read the sources with its owner's rights.
+CREATE FUNCTION nudge._all_events()
+RETURNS TABLE (user_id text, event text, occurred_at timestamptz, props jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE 'SELECT e.user_id, e.event, e.occurred_at, e.props FROM ' || nudge._events_sql() || ' AS e';
+END
+$$;
+CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events();
+
 CREATE FUNCTION nudge._watched_events() RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     SELECT coalesce(array_agg(DISTINCT w), '{}') FROM nudge.triggers, unnest(watches) AS w
@@ -173,8 +189,45 @@ BEGIN
             USING ERRCODE = '42501',
                   HINT = 'pg_nudge reads event sources with its own rights and never runs a function another role wrote there; nudge.drop_source the table first';
     END IF;
+    -- a mapped column renamed or dropped would break every later INSERT
+    -- into the source; the ALTER is refused instead
+    SELECT s.source, m.part, m.col INTO h
+      FROM nudge.sources s
+     CROSS JOIN LATERAL (VALUES ('user_column', s.user_column), ('event_column', s.event_column),
+                                ('time_column', s.time_column), ('props_column', s.props_column)) AS m(part, col)
+     WHERE m.col IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source::oid)
+       AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = s.source AND a.attname = m.col AND a.attnum > 0 AND NOT a.attisdropped)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_nudge: % would leave event source % without its % %', tg_tag, h.source, h.part, quote_ident(h.col)
+            USING ERRCODE = '55000',
+                  HINT = 'keep the column, or map the table anew: nudge.drop_source, then nudge.add_source';
+    END IF;
 END
 $$;
+-- A source dropped (DROP TABLE, DROP SCHEMA ... CASCADE, DROP OWNED) is no
+-- longer registered; nothing of ours goes with it.
+CREATE FUNCTION nudge._forget_dropped_sources() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN
+        SELECT s.source::oid AS relid, o.object_identity
+          FROM pg_event_trigger_dropped_objects() o
+          JOIN nudge.sources s ON s.source::oid = o.objid
+         WHERE o.classid = 'pg_class'::regclass AND o.objsubid = 0
+    LOOP
+        DELETE FROM nudge.sources s WHERE s.source::oid = d.relid;
+        RAISE NOTICE 'pg_nudge: % was an event source; it is no longer registered (its events already captured stay)', d.object_identity;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER nudge_forget_dropped_sources ON sql_drop
+    EXECUTE FUNCTION nudge._forget_dropped_sources();
+
 CREATE EVENT TRIGGER nudge_guard_sources ON ddl_command_end
     WHEN TAG IN ('CREATE CAST', 'ALTER TABLE', 'ALTER TYPE', 'ALTER DOMAIN', 'CREATE DOMAIN')
     EXECUTE FUNCTION nudge._guard_sources();
@@ -185,7 +238,32 @@ CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 CREATE TRIGGER triggers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.trigger_versions
     FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
 
+CREATE TRIGGER sources_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.sources
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
+
 SELECT nudge.add_source('nudge.events', 'user_id', 'event', 'occurred_at', 'props');
+
+-- pg_dump keeps what pg_nudge holds: definitions, sources, events, journeys,
+-- messages, suppressions (the rows CREATE EXTENSION makes itself excepted).
+SELECT pg_catalog.pg_extension_config_dump('nudge.events', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.profiles', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.templates', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.triggers', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.trigger_versions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.capture_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.journal', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.suppressions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.allocations', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql_id', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.journal_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.sources', 'WHERE source <> ''nudge.events''::regclass');
 
 -- Roles (DESIGN.md, Security model): each gets what it needs and no more.
 DO $$

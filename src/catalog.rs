@@ -30,6 +30,7 @@ thread_local! {
     static CACHED: RefCell<Option<Rc<Catalog>>> = const { RefCell::new(None) };
     static TRIGGERS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static VERSIONS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static SOURCES_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static LISTENING: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -42,13 +43,18 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     {
         CACHED.with(|c| c.borrow_mut().take());
     }
+    if relid == pg_sys::InvalidOid || relid == SOURCES_RELID.with(Cell::get) {
+        crate::all_events::invalidate();
+    }
 }
 
-/// Tells every backend to re-read the triggers (called by the statement
-/// triggers on nudge.triggers and trigger_versions, so hand edits count too).
+/// Tells every backend to re-read the triggers or the sources (called by the
+/// statement triggers on nudge.triggers, trigger_versions and sources, so
+/// hand edits count too).
 pub fn invalidate(relid: pg_sys::Oid) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
     CACHED.with(|c| c.borrow_mut().take());
+    crate::all_events::invalidate();
 }
 
 fn relid(c: &SpiClient<'_>, table: &str) -> pg_sys::Oid {
@@ -65,16 +71,10 @@ fn relid(c: &SpiClient<'_>, table: &str) -> pg_sys::Oid {
     .unwrap_or(pg_sys::InvalidOid)
 }
 
-/// The current version of every trigger (active or paused).
-/// The compiled triggers when this backend holds them (no SQL needed).
-pub fn cached() -> Option<Rc<Catalog>> {
-    CACHED.with(|k| k.borrow().clone())
-}
-
-pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
-    if let Some(cached) = cached() {
-        return cached;
-    }
+/// Registers this backend for the invalidations of our catalog tables (once)
+/// and learns their oids (again after a rebuild: the extension may have been
+/// created anew since).
+pub fn listen(c: &SpiClient<'_>) {
     if !LISTENING.with(Cell::get) {
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(
@@ -86,6 +86,20 @@ pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
     }
     TRIGGERS_RELID.with(|r| r.set(relid(c, "nudge.triggers")));
     VERSIONS_RELID.with(|r| r.set(relid(c, "nudge.trigger_versions")));
+    SOURCES_RELID.with(|r| r.set(relid(c, "nudge.sources")));
+}
+
+/// The current version of every trigger (active or paused).
+/// The compiled triggers when this backend holds them (no SQL needed).
+pub fn cached() -> Option<Rc<Catalog>> {
+    CACHED.with(|k| k.borrow().clone())
+}
+
+pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
+    if let Some(cached) = cached() {
+        return cached;
+    }
+    listen(c);
     let rows = run(
         c,
         "SELECT t.name, t.version, t.status = 'active', v.definition

@@ -7,6 +7,7 @@
 
 use pgrx::prelude::*;
 
+mod all_events;
 mod api;
 mod catalog;
 mod engine;

@@ -1,7 +1,7 @@
 //! Event sources: tables whose inserts are events. Each gets a statement-level
 //! AFTER INSERT trigger with a transition table, generated from its column
-//! mapping, and a branch in the `nudge.all_events` view that run_due reads to
-//! re-check exits. `nudge.events` is registered the same way at install.
+//! mapping, and a branch in the events that history reads see (`all_events`).
+//! `nudge.events` is registered the same way at install.
 
 use crate::privilege::{as_extension, check_source_rights, pinned};
 use crate::spi_util::or_raise;
@@ -110,7 +110,6 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                 or_raise(c.update(&sql, None, &[]), doing);
             }
         }
-        rebuild_all_events(c);
     }))
 }
 
@@ -214,7 +213,6 @@ pub fn drop(source: pg_sys::Oid) {
                 "dropping the function",
             );
         }
-        rebuild_all_events(c);
     }))
 }
 
@@ -228,44 +226,4 @@ fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {
     .ok()
     .flatten()
     .unwrap_or_else(|| error!("no table with oid {}", oid.to_u32()))
-}
-
-/// `nudge.all_events`: every source's rows as (user_id, event, occurred_at, props).
-fn rebuild_all_events(c: &mut SpiClient<'_>) {
-    let rows = or_raise(
-        c.select(
-            "SELECT source::text, user_column, event_column, time_column, props_column, event_name
-               FROM nudge.sources ORDER BY source::oid",
-            None,
-            &[],
-        ),
-        "reading sources",
-    );
-    let mut branches = vec![];
-    for r in rows {
-        let s = |i| r.get::<String>(i).ok().flatten();
-        let table = s(1).unwrap_or_default();
-        let map = SourceMap {
-            user_column: s(2).unwrap_or_default(),
-            event_column: s(3),
-            time_column: s(4),
-            props_column: s(5),
-            event_name: s(6),
-        };
-        branches.push(format!("SELECT {} FROM {table} r", map.projection("r")));
-    }
-    let body = if branches.is_empty() {
-        "SELECT NULL::text AS user_id, NULL::text AS event, NULL::timestamptz AS occurred_at, NULL::jsonb AS props WHERE false".to_string()
-    } else {
-        branches.join("\nUNION ALL\n")
-    };
-    // Every branch casts to the same four types, so the view can be replaced in place.
-    or_raise(
-        c.update(
-            &format!("CREATE OR REPLACE VIEW nudge.all_events AS\n{body}"),
-            None,
-            &[],
-        ),
-        "creating all_events",
-    );
 }

@@ -23,24 +23,31 @@ thread_local! {
     /// and planning cost more than running most of them (capture runs a few
     /// per inserting statement). PostgreSQL's plan cache revalidates them when
     /// a table they use changes.
-    static PLANS: RefCell<HashMap<&'static str, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
 /// Runs one of pg_nudge's own statements to completion through its kept plan.
-/// Each call site passes the same argument types every time.
+/// Each call site passes the same argument types every time. A statement
+/// that reads `nudge.all_events` reads the sources registered now (a new
+/// set of sources is a new statement, with a plan of its own).
 pub fn run<'c>(
     c: &SpiClient<'c>,
     sql: &'static str,
     args: &[DatumWithOid<'_>],
     doing: &str,
 ) -> SpiTupleTable<'c> {
-    let plan = match PLANS.with(|p| p.borrow().get(sql).cloned()) {
+    let text: std::borrow::Cow<str> = if sql.contains(crate::all_events::TOKEN) {
+        crate::all_events::expand(c, sql).into()
+    } else {
+        sql.into()
+    };
+    let plan = match PLANS.with(|p| p.borrow().get(text.as_ref()).cloned()) {
         Some(plan) => plan,
         None => {
             let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
             // prepare_mut: run as a read-write statement (DML, nextval, locks)
-            let plan = Rc::new(or_raise(c.prepare_mut(sql, &types), doing).keep());
-            PLANS.with(|p| p.borrow_mut().insert(sql, plan.clone()));
+            let plan = Rc::new(or_raise(c.prepare_mut(text.as_ref(), &types), doing).keep());
+            PLANS.with(|p| p.borrow_mut().insert(text.into_owned(), plan.clone()));
             plan
         }
     };
@@ -159,7 +166,7 @@ pub fn history(
     let rows = match keys {
         None => run(
             c,
-            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
               WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4",
             &[users.into(), events.into(), ts(from).into(), ts(to).into()],
             doing,
@@ -169,7 +176,7 @@ pub fn history(
         // a heavy user's other keys stay in the table.
         Some(k) => run(
             c,
-            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
               WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4
                 AND (props #> $5 = ANY ($6) OR props #>> $5 = ANY ($7)
                      OR ($8 AND coalesce(props #> $5, 'null') = 'null'))",

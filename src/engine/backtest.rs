@@ -59,10 +59,14 @@ pub fn backtest(
     };
 
     Spi::connect(|c| {
-        let mut cursor = c.open_cursor(
-            "SELECT user_id, event, occurred_at, props FROM nudge.all_events
+        let query = crate::all_events::expand(
+            &c,
+            "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
               WHERE event = ANY ($1) AND occurred_at >= $2 AND occurred_at < $3
               ORDER BY user_id, occurred_at",
+        );
+        let mut cursor = c.open_cursor(
+            &query,
             &[names.into(), ts(from_us - lookback).into(), to.into()],
         );
         let mut user = String::new();

@@ -43,5 +43,22 @@ SELECT count(*) AS journeys_of_c3 FROM nudge.enrollments WHERE user_id = 'c3';
 SELECT nudge.run_due('2026-03-05', 100000) > 0 AS wrote;
 SELECT count(*) AS c4_messages FROM nudge.outbox WHERE user_id = 'c4';
 
-SELECT nudge.drop_source('public.day_orders');
+-- a mapped column is neither renamed nor dropped from under capture; its
+-- type may change (nothing of ours depends on it)
+ALTER TABLE public.day_orders RENAME COLUMN customer TO buyer;
+ALTER TABLE public.day_orders DROP COLUMN day;
+ALTER TABLE public.day_orders ALTER COLUMN day TYPE timestamptz;
+ALTER TABLE public.day_orders RENAME COLUMN total TO amount;
+INSERT INTO public.day_orders VALUES ('c5', '2026-03-02 09:30', 5);
+SELECT user_id, entered_at FROM nudge.enrollments WHERE user_id = 'c5';
+
+-- dropping a source, its schema or its owner's objects drops nothing of ours
+DROP SCHEMA IF EXISTS app CASCADE;
+CREATE SCHEMA app;
+CREATE TABLE app.signups (account text, at timestamptz);
+SELECT nudge.add_source('app.signups', 'account', time_column => 'at', event_name => 'signed_up');
 DROP TABLE public.day_orders;
+DROP SCHEMA app CASCADE;
+SELECT count(*) AS sources FROM nudge.sources;
+SELECT count(*) AS journeys_kept FROM nudge.enrollments;
+SELECT count(*) AS events_readable FROM nudge.all_events;
