@@ -8,6 +8,15 @@ BEGIN
         RAISE EXCEPTION 'pg_nudge: schema nudge exists and is not owned by a superuser'
             USING ERRCODE = '42501', HINT = 'drop it or give it to the installing superuser before CREATE EXTENSION pg_nudge';
     END IF;
+    -- objects left by an earlier install (0.2.0 let nudge_admin create here)
+    -- would be found by our privileged code
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = 'nudge'::regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE pronamespace = 'nudge'::regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_type WHERE typnamespace = 'nudge'::regnamespace)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_operator WHERE oprnamespace = 'nudge'::regnamespace) THEN
+        RAISE EXCEPTION 'pg_nudge: schema nudge is not empty'
+            USING ERRCODE = '42501', HINT = 'what is left there from an earlier install could stand in for our objects: review it, then DROP SCHEMA nudge CASCADE';
+    END IF;
 END
 $$;
 

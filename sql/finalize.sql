@@ -280,6 +280,20 @@ BEGIN
 END
 $$;
 
+-- The schema's grants are ours alone to give: a schema nudge that outlived an
+-- earlier install (DROP EXTENSION keeps it) may still carry 0.2.0's CREATE
+-- for nudge_admin, or anyone's.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+              WHERE n.nspname = 'nudge' AND a.grantee <> n.nspowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON SCHEMA nudge FROM %s',
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+END
+$$;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA nudge FROM PUBLIC;
 GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
 

@@ -11,6 +11,50 @@
 --   their definer; the profile query becomes one of them (nudge._profile goes).
 -- - Event sources whose columns have user-defined casts are refused, and so is
 --   DDL that would give a source one (event trigger nudge_guard_sources).
+-- - Nothing of ours depends on a source any more (nudge.all_events reads the
+--   union through nudge._all_events()); a dropped source is unregistered; a
+--   mapped column cannot be renamed or dropped; pg_dump keeps our data.
+-- - Objects in schema nudge that pg_nudge did not create stop the update.
+
+-- 0.2.0 let nudge_admin create in schema nudge and put triggers on our
+-- tables: privileged code would find such objects. The update refuses to go
+-- on while any is there, and names them.
+DO $$
+DECLARE
+    foreign_objects text;
+BEGIN
+    SELECT string_agg(d, ', ' ORDER BY d) INTO foreign_objects FROM (
+        SELECT 'function ' || p.oid::regprocedure AS d FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace = 'nudge'::regnamespace
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                            WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+           AND NOT EXISTS (SELECT 1 FROM nudge.user_sql u WHERE pg_catalog.to_regprocedure(u.function || '(text)') = p.oid)
+           AND p.oid <> coalesce(pg_catalog.to_regprocedure('nudge._profile(text)'), 0)
+        UNION ALL
+        SELECT 'relation ' || c.oid::regclass FROM pg_catalog.pg_class c
+         WHERE c.relnamespace = 'nudge'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'f', 'p', 'S')
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                            WHERE e.classid = 'pg_class'::regclass AND e.objid = c.oid AND e.deptype IN ('e', 'i', 'a'))
+        UNION ALL
+        SELECT 'type ' || t.oid::regtype FROM pg_catalog.pg_type t
+         WHERE t.typnamespace = 'nudge'::regnamespace AND t.typrelid = 0 AND t.typcategory <> 'A'
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e
+                            WHERE e.classid = 'pg_type'::regclass AND e.objid = t.oid AND e.deptype = 'e')
+        UNION ALL
+        SELECT 'operator ' || o.oid::regoperator FROM pg_catalog.pg_operator o
+         WHERE o.oprnamespace = 'nudge'::regnamespace
+        UNION ALL
+        SELECT 'trigger ' || t.tgname || ' on ' || t.tgrelid::regclass FROM pg_catalog.pg_trigger t
+          JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'nudge'::regnamespace AND NOT t.tgisinternal
+           AND t.tgfoid NOT IN ('nudge._triggers_changed()'::regprocedure, 'nudge._capture_rows()'::regprocedure)) x;
+    IF foreign_objects IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_nudge 0.3.0: schema nudge holds objects pg_nudge did not create: %', foreign_objects
+            USING ERRCODE = '42501',
+                  HINT = 'under 0.2.0 nudge_admin could create them, and privileged code would find them: review and drop them, then update again';
+    END IF;
+END
+$$;
 
 ALTER TABLE nudge.user_sql ADD COLUMN config text[];
 
@@ -25,6 +69,21 @@ ALTER FUNCTION nudge.trigger_stats(timestamptz, timestamptz) SET search_path = p
 
 CREATE FUNCTION nudge."_secure_user_sql"() RETURNS bigint
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', '_secure_user_sql_wrapper';
+
+CREATE FUNCTION nudge."_events_sql"() RETURNS TEXT
+STRICT STABLE
+LANGUAGE c AS 'MODULE_PATHNAME', '_events_sql_wrapper';
+
+-- nudge.all_events no longer depends on the sources (see finalize.sql)
+DROP VIEW IF EXISTS nudge.all_events;
+CREATE FUNCTION nudge._all_events()
+RETURNS TABLE (user_id text, event text, occurred_at timestamptz, props jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE 'SELECT e.user_id, e.event, e.occurred_at, e.props FROM ' || nudge._events_sql() || ' AS e';
+END
+$$;
+CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events();
 
 CREATE FUNCTION nudge._source_hazards(source regclass)
 RETURNS TABLE (column_name name, type regtype, cast_function regprocedure)
@@ -61,18 +120,94 @@ BEGIN
             USING ERRCODE = '42501',
                   HINT = 'pg_nudge reads event sources with its own rights and never runs a function another role wrote there; nudge.drop_source the table first';
     END IF;
+    -- a mapped column renamed or dropped would break every later INSERT
+    -- into the source; the ALTER is refused instead
+    SELECT s.source, m.part, m.col INTO h
+      FROM nudge.sources s
+     CROSS JOIN LATERAL (VALUES ('user_column', s.user_column), ('event_column', s.event_column),
+                                ('time_column', s.time_column), ('props_column', s.props_column)) AS m(part, col)
+     WHERE m.col IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source::oid)
+       AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = s.source AND a.attname = m.col AND a.attnum > 0 AND NOT a.attisdropped)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_nudge: % would leave event source % without its % %', tg_tag, h.source, h.part, quote_ident(h.col)
+            USING ERRCODE = '55000',
+                  HINT = 'keep the column, or map the table anew: nudge.drop_source, then nudge.add_source';
+    END IF;
 END
 $$;
+
+CREATE FUNCTION nudge._forget_dropped_sources() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN
+        SELECT s.source::oid AS relid, o.object_identity
+          FROM pg_event_trigger_dropped_objects() o
+          JOIN nudge.sources s ON s.source::oid = o.objid
+         WHERE o.classid = 'pg_class'::regclass AND o.objsubid = 0
+    LOOP
+        DELETE FROM nudge.sources s WHERE s.source::oid = d.relid;
+        RAISE NOTICE 'pg_nudge: % was an event source; it is no longer registered (its events already captured stay)', d.object_identity;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER nudge_forget_dropped_sources ON sql_drop
+    EXECUTE FUNCTION nudge._forget_dropped_sources();
+
 CREATE EVENT TRIGGER nudge_guard_sources ON ddl_command_end
     WHEN TAG IN ('CREATE CAST', 'ALTER TABLE', 'ALTER TYPE', 'ALTER DOMAIN', 'CREATE DOMAIN')
     EXECUTE FUNCTION nudge._guard_sources();
 
+CREATE TRIGGER sources_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON nudge.sources
+    FOR EACH STATEMENT EXECUTE FUNCTION nudge._triggers_changed();
+
+-- pg_dump keeps what pg_nudge holds
+SELECT pg_catalog.pg_extension_config_dump('nudge.events', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.profiles', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.templates', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.triggers', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.trigger_versions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.capture_queue', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.journal', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.suppressions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.allocations', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql_id', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.journal_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.sources', 'WHERE source <> ''nudge.events''::regclass');
+
+-- The schema's grants are ours alone to give: a schema nudge that outlived an
+-- earlier install (DROP EXTENSION keeps it) may still carry 0.2.0's CREATE
+-- for nudge_admin, or anyone's.
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT DISTINCT a.grantee FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+              WHERE n.nspname = 'nudge' AND a.grantee <> n.nspowner LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON SCHEMA nudge FROM %s',
+                                  CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END);
+    END LOOP;
+END
+$$;
+
 -- Grants: see finalize.sql.
 REVOKE ALL ON FUNCTION nudge._secure_user_sql() FROM PUBLIC;
-REVOKE CREATE ON SCHEMA nudge FROM nudge_admin;
+GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
 REVOKE ALL ON ALL TABLES IN SCHEMA nudge FROM nudge_admin;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA nudge FROM nudge_admin;
-REVOKE ALL ON FUNCTION nudge._source_hazards(regclass), nudge._guard_sources() FROM PUBLIC;
+REVOKE ALL ON FUNCTION nudge._source_hazards(regclass), nudge._guard_sources(), nudge._forget_dropped_sources(),
+    nudge._all_events(), nudge._events_sql() FROM PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
 GRANT INSERT, UPDATE, DELETE ON
     nudge.events, nudge.profiles, nudge.templates, nudge.settings, nudge.suppressions,

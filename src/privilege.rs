@@ -39,11 +39,11 @@ pub fn current_role() -> pg_sys::Oid {
     unsafe { pg_sys::GetUserId() }
 }
 
-fn set_path(path: &std::ffi::CStr) {
+fn set(name: &std::ffi::CStr, value: &std::ffi::CStr) {
     unsafe {
         pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr(),
             pg_sys::GucContext::PGC_USERSET,
             pg_sys::GucSource::PGC_S_SESSION,
             pg_sys::GucAction::GUC_ACTION_SAVE,
@@ -54,12 +54,15 @@ fn set_path(path: &std::ffi::CStr) {
     }
 }
 
-/// Runs `f` with the search path pinned to `pg_catalog, nudge, pg_temp`, as a function's `SET search_path`
-/// would. An ERROR inside unwinds the setting with the (sub)transaction.
+/// Runs `f` with the search path pinned to `pg_catalog, nudge, pg_temp` and
+/// standard_conforming_strings on, as a function's `SET` clauses would. An
+/// ERROR inside unwinds the settings with the (sub)transaction.
 pub fn pinned<R>(f: impl FnOnce() -> R) -> R {
     unsafe {
         let level = pg_sys::NewGUCNestLevel();
-        set_path(c"pg_catalog, nudge, pg_temp");
+        set(c"search_path", c"pg_catalog, nudge, pg_temp");
+        // how our SQL text reads its literals must not be the caller's choice
+        set(c"standard_conforming_strings", c"on");
         let r = f();
         pg_sys::AtEOXact_GUC(true, level);
         r

@@ -94,16 +94,21 @@ pub fn create(
     let function = format!("nudge._user_sql_{id}");
     let sql = trimmed(sql);
     let (returns, body) = match kind {
+        // every name of ours qualified: the definer's path may hold a schema
+        // where someone else can plant a better-matching overload
         Kind::Audience => ("boolean", format!("SELECT coalesce((SELECT q.* FROM ({sql}) AS q LIMIT 1), false)")),
         // one row: an object; several: a list; none: null
         Kind::Context => (
             "jsonb",
             format!(
-                "SELECT CASE count(*) WHEN 0 THEN NULL WHEN 1 THEN (array_agg(to_jsonb(q)))[1] ELSE jsonb_agg(to_jsonb(q)) END
+                "SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=) 0 THEN NULL
+                            WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=) 1
+                            THEN (pg_catalog.array_agg(pg_catalog.to_jsonb(q)))[1]
+                            ELSE pg_catalog.jsonb_agg(pg_catalog.to_jsonb(q)) END
                    FROM ({sql}) AS q"
             ),
         ),
-        Kind::Profile => ("jsonb", format!("SELECT to_jsonb(p) FROM ({sql}) AS p LIMIT 1")),
+        Kind::Profile => ("jsonb", format!("SELECT pg_catalog.to_jsonb(p) FROM ({sql}) AS p LIMIT 1")),
     };
     let mut tag = String::from("nudge_sql");
     while body.contains(&format!("${tag}$")) {

@@ -6,9 +6,17 @@ pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// Quotes a string literal (standard_conforming_strings is on since 9.1).
+/// Quotes a string literal so that it reads the same whatever
+/// standard_conforming_strings is: with a backslash in it, as an escape
+/// string (E'...'), whose meaning that setting does not change. A plain
+/// '...' with a backslash would read differently with the setting off, and
+/// the quote after it could end the literal early (SQL injection).
 pub fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
 }
 
 /// How a source table's rows become events.
@@ -100,18 +108,23 @@ $nudge$",
     }
 }
 
-/// The search path a definer's generated function runs with: the path the
-/// definer had when defining it, without any temporary schema, and then
-/// `pg_temp` last, so that a temporary relation of whichever session calls it
-/// can never shadow a name the definer meant (temporary objects are searched
-/// first unless `pg_temp` is named). Every entry comes back quoted, ready for
-/// `SET search_path = ...`: the text it came from is the caller's own.
+/// The search path a definer's generated function runs with: `pg_catalog`
+/// first (so that a same-named function or operator in another schema never
+/// stands in for a built-in one), then the path the definer had when defining
+/// it, then `pg_temp` last, so that a temporary relation of whichever session
+/// calls it can never shadow a name the definer meant (temporary objects are
+/// searched first unless `pg_temp` is named). Every entry comes back quoted,
+/// ready for `SET search_path = ...`: the text it came from is the caller's.
 pub fn definer_search_path(current: &str) -> String {
-    let mut kept: Vec<String> = split_path(current)
-        .into_iter()
-        .filter(|n| !n.is_empty() && n != "pg_temp" && !n.starts_with("pg_temp_"))
-        .map(|n| ident(&n))
-        .collect();
+    let mut kept: Vec<String> = vec![ident("pg_catalog")];
+    kept.extend(
+        split_path(current)
+            .into_iter()
+            .filter(|n| {
+                !n.is_empty() && n != "pg_temp" && !n.starts_with("pg_temp_") && n != "pg_catalog"
+            })
+            .map(|n| ident(&n)),
+    );
     kept.push(ident("pg_temp"));
     kept.join(", ")
 }
@@ -144,32 +157,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn definer_path_puts_pg_temp_last() {
+    fn definer_path_puts_pg_catalog_first_and_pg_temp_last() {
         assert_eq!(
             definer_search_path("\"$user\", public"),
-            "\"$user\", \"public\", \"pg_temp\""
+            "\"pg_catalog\", \"$user\", \"public\", \"pg_temp\""
         );
-        assert_eq!(definer_search_path("pg_temp, App"), "\"app\", \"pg_temp\"");
+        assert_eq!(
+            definer_search_path("pg_temp, App, pg_catalog"),
+            "\"pg_catalog\", \"app\", \"pg_temp\""
+        );
         assert_eq!(
             definer_search_path("PG_TEMP_3,app,\"pg_temp\""),
-            "\"app\", \"pg_temp\""
+            "\"pg_catalog\", \"app\", \"pg_temp\""
         );
         assert_eq!(
             definer_search_path("\"a,b\", \"we\"\"ird\""),
-            "\"a,b\", \"we\"\"ird\", \"pg_temp\""
+            "\"pg_catalog\", \"a,b\", \"we\"\"ird\", \"pg_temp\""
         );
         // what the caller wrote cannot end the SET clause
         assert_eq!(
             definer_search_path("x$$;drop"),
-            "\"x$$;drop\", \"pg_temp\""
+            "\"pg_catalog\", \"x$$;drop\", \"pg_temp\""
         );
-        assert_eq!(definer_search_path(""), "\"pg_temp\"");
+        assert_eq!(definer_search_path(""), "\"pg_catalog\", \"pg_temp\"");
     }
 
     #[test]
     fn quoting() {
         assert_eq!(ident("we\"ird"), "\"we\"\"ird\"");
         assert_eq!(literal("it's"), "'it''s'");
+        // with standard_conforming_strings off, '\'' would be a quote inside
+        // the literal and the next one would end it
+        assert_eq!(literal("p\\')--"), "E'p\\\\'')--'");
     }
 
     #[test]

@@ -223,7 +223,7 @@ fn a_writers_temporary_table_never_shadows_what_a_definer_named() {
         .query_one("SELECT config FROM nudge.user_sql WHERE trigger = 'x'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(config, vec!["search_path=sec_d_admin, pg_temp"]);
+    assert_eq!(config, vec!["search_path=pg_catalog, sec_d_admin, pg_temp"]);
 }
 
 #[test]
@@ -241,6 +241,8 @@ fn overloads_planted_in_public_are_never_called_by_privileged_code() {
              $f$ SELECT sec_e_owner.probe('unnest'); SELECT pg_catalog.unnest($1) $f$;
          CREATE FUNCTION public.md5(varchar) RETURNS text LANGUAGE sql VOLATILE AS
              $f$ SELECT sec_e_owner.probe('md5'); SELECT pg_catalog.md5($1::text) $f$;
+         CREATE FUNCTION public.to_jsonb(record) RETURNS jsonb LANGUAGE plpgsql VOLATILE AS
+             $f$ BEGIN PERFORM sec_e_owner.probe('to_jsonb'); RETURN pg_catalog.to_jsonb($1); END $f$;
          GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA public TO PUBLIC;",
     )
     .unwrap();
@@ -248,7 +250,9 @@ fn overloads_planted_in_public_are_never_called_by_privileged_code() {
     let mut su = connect(&db);
     su.batch_execute(TEMPLATE).unwrap();
     su.batch_execute(
-        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\", \"key\": \"k\"}, \"template\": \"t\"}');
+        "SELECT nudge.define_trigger('x', '{\"on\": {\"event\": \"e\", \"key\": \"k\"}, \"template\": \"t\",
+             \"context\": {\"c\": \"SELECT 1 AS one\"}}');
+         SELECT nudge.set_profile_query('SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1');
          INSERT INTO nudge.profiles (user_id, email, timezone) VALUES ('u1', 'u1@example.com', 'UTC');
          SELECT nudge.track('u1', 'e', '{\"k\": \"a\"}', now() - interval '1 minute');
          INSERT INTO nudge.events (user_id, event, props, occurred_at) VALUES ('u1', 'e', '{\"k\": \"b\"}', now());
@@ -417,4 +421,61 @@ fn templates_escape_html_and_a_runaway_template_fails_alone() {
         .unwrap()
         .get(0);
     assert!(huge.starts_with("failed") && huge.contains("output over"), "{huge}");
+}
+
+#[test]
+fn source_mappings_cannot_inject_sql_whatever_the_quoting_settings() {
+    let db = with_roles("sec_i");
+    let mut a = connect_as(&db, "sec_i_admin");
+    // with standard_conforming_strings off, a backslash before a quote made a
+    // doubled quote end the literal in the SQL that add_source runs as the
+    // extension's owner
+    a.batch_execute(
+        r#"SET standard_conforming_strings = off;
+           CREATE TABLE sec_i_admin.t (u text, "p\')--" text);
+           SELECT nudge.add_source('sec_i_admin.t', 'u', props_column => $q$p\')--$q$,
+               event_name => $q$x\' AS event, now() AS occurred_at, NULL::jsonb AS props FROM (SELECT NULL::text AS u) r WHERE false; ALTER ROLE sec_i_admin SUPERUSER;--$q$);"#,
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    assert!(!is_superuser(&mut su, "sec_i_admin"), "the admin made itself superuser");
+    // the odd names are names, and the source works
+    a.batch_execute(r#"INSERT INTO sec_i_admin.t VALUES ('u1', '{"a": 1}')"#)
+        .unwrap();
+    let event: String = su
+        .query_one("SELECT event FROM nudge.all_events WHERE user_id = 'u1'", &[])
+        .unwrap()
+        .get(0);
+    assert!(event.starts_with("x\\' AS event"), "{event}");
+    assert!(!is_superuser(&mut su, "sec_i_admin"), "the admin made itself superuser");
+}
+
+#[test]
+fn a_reinstall_keeps_no_grant_or_object_left_in_our_schema() {
+    let db = with_roles("sec_j");
+    let mut su = connect(&db);
+    // what a 0.2.0 install left: CREATE for nudge_admin on the schema, which
+    // DROP EXTENSION keeps
+    su.batch_execute(
+        "GRANT CREATE ON SCHEMA nudge TO nudge_admin, PUBLIC;
+         DROP EXTENSION pg_nudge;
+         CREATE EXTENSION pg_nudge;",
+    )
+    .unwrap();
+    let r = su
+        .query_one(
+            "SELECT has_schema_privilege('nudge_admin', 'nudge', 'CREATE'),
+                    has_schema_privilege('sec_j_plain', 'nudge', 'CREATE')",
+            &[],
+        )
+        .unwrap();
+    let (admin, public): (bool, bool) = (r.get(0), r.get(1));
+    assert!(!admin && !public, "a CREATE grant on schema nudge survived the reinstall");
+    // an object planted there before is found, and the install refused
+    su.batch_execute(
+        "DROP EXTENSION pg_nudge;
+         CREATE FUNCTION nudge.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT pg_catalog.now()';",
+    )
+    .unwrap();
+    assert_eq!(sqlstate(su.batch_execute("CREATE EXTENSION pg_nudge")), "42501");
 }

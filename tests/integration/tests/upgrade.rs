@@ -246,6 +246,21 @@ fn upgrade_from_0_2_0_secures_user_sql_and_keeps_working() {
         2,
         "0.2.0 left its generated functions executable by PUBLIC"
     );
+    // what 0.2.0 let nudge_admin plant in our schema stops the update, named
+    c.batch_execute(
+        "CREATE FUNCTION nudge.jsonb_build_object(a text, b text) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'",
+    )
+    .unwrap();
+    let err = c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap_err();
+    let db_err = err.as_db_error().expect("a database error");
+    assert_eq!(db_err.code().code(), "42501");
+    assert!(
+        db_err.message().contains("function jsonb_build_object(text,text)"),
+        "{}",
+        db_err.message()
+    );
+    c.batch_execute("DROP FUNCTION nudge.jsonb_build_object(text, text)")
+        .unwrap();
     c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
     assert_eq!(version_of(&mut c), CURRENT);
     assert_same_schema(&mut c, &mut f);
