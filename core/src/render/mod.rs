@@ -236,7 +236,7 @@ impl Template {
             Ok(out.into_string())
         };
         Ok(Rendered {
-            subject: run("subject", &self.subject)?.trim().to_owned(),
+            subject: one_header_line(&run("subject", &self.subject)?),
             html: run("html", &self.html)?,
             text: self
                 .text
@@ -245,4 +245,15 @@ impl Template {
                 .transpose()?,
         })
     }
+}
+
+/// A subject is one header line: line breaks (from a template or from a
+/// value an end user wrote) become spaces, so that nothing rendered can add
+/// a header of its own to the mail.
+fn one_header_line(s: &str) -> String {
+    s.split(|c: char| c == '\r' || c == '\n')
+        .filter(|part| !part.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -121,3 +121,13 @@ fn standard_tags_behave_as_before() {
          <tr class=\"row2\"><td class=\"col1\">3</td></tr>;5[5]"
     );
 }
+
+#[test]
+fn a_subject_stays_one_header_line() {
+    let t = Template::parse("Hi {{ event.name }}", "<p>x</p>", None).unwrap();
+    let r = t
+        .render(&json!({"event": {"name": "Ann\r\nBcc: all@example.com"}}))
+        .unwrap();
+    assert_eq!(r.subject, "Hi Ann Bcc: all@example.com");
+}
+
