@@ -6,18 +6,10 @@
 -- The events of every source, as (user_id, event, occurred_at, props). Not a
 -- view over the sources themselves: an object of ours that depended on a
 -- user's table would be dropped with it (DROP ... CASCADE of a source, its
--- schema or a mapped column dropped the extension with all its data). The
--- text of the union comes from nudge._events_sql() (src/all_events.rs), the
--- same text the engine's own statements read; SECURITY DEFINER, as the view
--- it replaces read the sources with its owner's rights.
-CREATE FUNCTION nudge._all_events()
-RETURNS TABLE (user_id text, event text, occurred_at timestamptz, props jsonb)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
-BEGIN
-    RETURN QUERY EXECUTE 'SELECT e.user_id, e.event, e.occurred_at, e.props FROM ' || nudge._events_sql() || ' AS e';
-END
-$$;
-CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events();
+-- schema or a mapped column dropped the extension with all its data).
+-- nudge._all_events (src/all_events.rs) reads the sources registered now,
+-- each as its owner.
+CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events(NULL);
 
 CREATE FUNCTION nudge._watched_events() RETURNS text[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
@@ -96,7 +88,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
                    CASE WHEN jsonb_typeof(ev.props->g.value_field) = 'number'
                         THEN (ev.props->>g.value_field)::numeric END, 0)) AS revenue
           FROM goal g
-          JOIN nudge.all_events ev ON ev.event = g.event
+          JOIN nudge._all_events(ARRAY(SELECT g2.event FROM goal g2)) ev ON ev.event = g.event
          CROSS JOIN LATERAL (
                SELECT x.id, x.sent_at FROM e x
                 WHERE x.trigger = g.trigger AND x.user_id = ev.user_id

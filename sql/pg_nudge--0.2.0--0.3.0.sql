@@ -65,7 +65,6 @@ ALTER FUNCTION nudge._watched_events() SET search_path = pg_catalog, nudge, pg_t
 ALTER FUNCTION nudge.add_source(regclass, text, text, text, text, text) SET search_path = pg_catalog, nudge, pg_temp;
 ALTER FUNCTION nudge.drop_source(regclass) SET search_path = pg_catalog, nudge, pg_temp;
 ALTER FUNCTION nudge.explain(text, text) SET search_path = pg_catalog, nudge, pg_temp;
-ALTER FUNCTION nudge.trigger_stats(timestamptz, timestamptz) SET search_path = pg_catalog, nudge, pg_temp;
 
 CREATE FUNCTION nudge."_secure_user_sql"() RETURNS bigint
 STRICT LANGUAGE c AS 'MODULE_PATHNAME', '_secure_user_sql_wrapper';
@@ -76,14 +75,86 @@ LANGUAGE c AS 'MODULE_PATHNAME', '_events_sql_wrapper';
 
 -- nudge.all_events no longer depends on the sources (see finalize.sql)
 DROP VIEW IF EXISTS nudge.all_events;
-CREATE FUNCTION nudge._all_events()
-RETURNS TABLE (user_id text, event text, occurred_at timestamptz, props jsonb)
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
-BEGIN
-    RETURN QUERY EXECUTE 'SELECT e.user_id, e.event, e.occurred_at, e.props FROM ' || nudge._events_sql() || ' AS e';
-END
+CREATE FUNCTION nudge."_all_events"("events" TEXT[] DEFAULT NULL) RETURNS TABLE (
+    "user_id" TEXT,
+    "event" TEXT,
+    "occurred_at" timestamp with time zone,
+    "props" jsonb
+)
+STABLE
+LANGUAGE c AS 'MODULE_PATHNAME', '_all_events_wrapper';
+CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events(NULL);
+
+-- goal events read through nudge._all_events, each source as its owner
+CREATE OR REPLACE FUNCTION nudge.trigger_stats(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (
+    trigger text, arm text,
+    entered bigint, exited bigint, suppressed bigint, suppressed_by jsonb, failed bigint,
+    held_out bigint, sent bigint, delivered bigint, opened bigint, clicked bigint,
+    converted bigint, conversion_rate float8, revenue numeric,
+    uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    WITH e AS (
+        SELECT en.id, en.trigger, en.user_id, en.state, en.reason, en.message_key, en.sent_at,
+               coalesce(en.variant, 'default') AS arm
+          FROM nudge.enrollments en
+         WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
+    goal AS (
+        SELECT DISTINCT ON (v.trigger) v.trigger, v.definition->'goal'->>'event' AS event,
+               nudge._duration(v.definition->'goal'->>'within') AS within,
+               v.definition->'goal'->>'value' AS value_field
+          FROM nudge.trigger_versions v
+         WHERE v.definition ? 'goal'
+         ORDER BY v.trigger, v.version DESC),
+    attributed AS (
+        SELECT x.id, sum(coalesce(
+                   CASE WHEN jsonb_typeof(ev.props->g.value_field) = 'number'
+                        THEN (ev.props->>g.value_field)::numeric END, 0)) AS revenue
+          FROM goal g
+          JOIN nudge._all_events(ARRAY(SELECT g2.event FROM goal g2)) ev ON ev.event = g.event
+         CROSS JOIN LATERAL (
+               SELECT x.id, x.sent_at FROM e x
+                WHERE x.trigger = g.trigger AND x.user_id = ev.user_id
+                  AND x.state IN ('sent', 'held_out') AND x.sent_at <= ev.occurred_at
+                ORDER BY x.sent_at DESC
+                LIMIT 1) x
+         WHERE ev.occurred_at <= x.sent_at + g.within
+         GROUP BY x.id),
+    arms AS (
+        SELECT e.trigger, e.arm,
+               count(*) AS entered,
+               count(*) FILTER (WHERE e.state = 'exited') AS exited,
+               count(*) FILTER (WHERE e.state = 'suppressed') AS suppressed,
+               count(*) FILTER (WHERE e.state = 'failed') AS failed,
+               count(*) FILTER (WHERE e.state = 'held_out') AS held_out,
+               count(*) FILTER (WHERE e.state = 'sent') AS sent,
+               count(o.delivered_at) AS delivered,
+               count(o.opened_at) AS opened,
+               count(o.clicked_at) AS clicked,
+               count(a.id) AS converted,
+               coalesce(sum(a.revenue), 0) AS revenue
+          FROM e
+          LEFT JOIN nudge.outbox o ON o.message_key = e.message_key AND o.user_id = e.user_id
+          LEFT JOIN attributed a ON a.id = e.id
+         GROUP BY e.trigger, e.arm),
+    reasons AS (
+        SELECT r.trigger, r.arm, jsonb_object_agg(r.rule, r.n) AS suppressed_by
+          FROM (SELECT e.trigger, e.arm,
+                       CASE WHEN e.reason LIKE 'address % suppressed%' THEN 'suppression list'
+                            ELSE split_part(e.reason, ':', 1) END AS rule,
+                       count(*) AS n
+                  FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3) r
+         GROUP BY r.trigger, r.arm)
+    SELECT a.trigger, a.arm, a.entered, a.exited, a.suppressed, coalesce(r.suppressed_by, '{}'), a.failed,
+           a.held_out, a.sent, a.delivered, a.opened, a.clicked,
+           a.converted, a.converted::float8 / nullif(a.sent + a.held_out, 0), a.revenue,
+           u.uplift, u.ci_low, u.ci_high, u.p_value
+      FROM arms a
+      LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm
+      LEFT JOIN arms h ON h.trigger = a.trigger AND h.arm = 'holdout' AND a.arm <> 'holdout'
+      LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
+     ORDER BY a.trigger, a.arm
 $$;
-CREATE VIEW nudge.all_events AS SELECT * FROM nudge._all_events();
 
 CREATE FUNCTION nudge._source_hazards(source regclass)
 RETURNS TABLE (column_name name, type regtype, cast_function regprocedure)
@@ -207,7 +278,7 @@ GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
 REVOKE ALL ON ALL TABLES IN SCHEMA nudge FROM nudge_admin;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA nudge FROM nudge_admin;
 REVOKE ALL ON FUNCTION nudge._source_hazards(regclass), nudge._guard_sources(), nudge._forget_dropped_sources(),
-    nudge._all_events(), nudge._events_sql() FROM PUBLIC;
+    nudge._all_events(text[]), nudge._events_sql() FROM PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
 GRANT INSERT, UPDATE, DELETE ON
     nudge.events, nudge.profiles, nudge.templates, nudge.settings, nudge.suppressions,

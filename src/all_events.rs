@@ -5,8 +5,8 @@
 //! depends on a user's table, so dropping a source, its schema or a column
 //! never reaches into the extension (docs/security.md, "Event sources"), and
 //! the planner still pushes each statement's conditions into every branch.
-//! `nudge.all_events`, the view users query, reads the same text through
-//! `nudge._events_sql()`.
+//! `nudge.all_events`, the view users query, reads them through
+//! `nudge._all_events()`.
 
 use crate::spi_util::or_raise;
 use nudge_core::sql::SourceMap;
@@ -19,66 +19,141 @@ use std::rc::Rc;
 pub const TOKEN: &str = "nudge.all_events";
 
 thread_local! {
-    /// The union for the sources as this backend last read them; dropped by
-    /// the relcache callback of `catalog` when nudge.sources changes.
-    static UNION: RefCell<Option<Rc<String>>> = const { RefCell::new(None) };
+    /// The sources as this backend last read them, grouped by owner; dropped
+    /// by the relcache callback of `catalog` when nudge.sources changes.
+    static GROUPS: RefCell<Option<Rc<Vec<Group>>>> = const { RefCell::new(None) };
+}
+
+/// The sources one role owns, as one parenthesized subquery:
+/// `(SELECT … FROM source1 r UNION ALL …)`.
+pub struct Group {
+    pub owner: pg_sys::Oid,
+    pub union: String,
 }
 
 pub fn invalidate() {
-    UNION.with(|u| u.borrow_mut().take());
+    GROUPS.with(|u| u.borrow_mut().take());
 }
 
-/// `(SELECT … FROM source1 r UNION ALL …)`, a parenthesized subquery.
-pub fn union(c: &SpiClient<'_>) -> Rc<String> {
-    if let Some(u) = UNION.with(|u| u.borrow().clone()) {
-        return u;
+/// The registered sources, one group per owner. Privileged code reads each
+/// group as its owner (`spi_util::run_per_owner`): planning a read of a table
+/// runs code its owner attached to it (index expressions, CHECK constraints,
+/// statistics), which must never run with more rights than that owner's.
+pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
+    if let Some(g) = GROUPS.with(|g| g.borrow().clone()) {
+        return g;
     }
     crate::catalog::listen(c);
     let rows = or_raise(
         c.select(
-            "SELECT source::regclass::text, user_column, event_column, time_column, props_column, event_name
-               FROM nudge.sources WHERE to_regclass(source::oid::regclass::text) IS NOT NULL
-              ORDER BY source::oid",
+            "SELECT k.relowner, s.source::regclass::text, s.user_column, s.event_column, s.time_column,
+                    s.props_column, s.event_name
+               FROM nudge.sources s JOIN pg_catalog.pg_class k ON k.oid = s.source::oid
+              ORDER BY k.relowner, s.source::oid",
             None,
             &[],
         ),
         "reading sources",
     );
-    let mut branches = vec![];
+    let mut groups: Vec<(pg_sys::Oid, Vec<String>)> = vec![];
     for r in rows {
+        let owner = r.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or(pg_sys::InvalidOid);
         let s = |i| r.get::<String>(i).ok().flatten();
         let map = SourceMap {
-            user_column: s(2).unwrap_or_default(),
-            event_column: s(3),
-            time_column: s(4),
-            props_column: s(5),
-            event_name: s(6),
+            user_column: s(3).unwrap_or_default(),
+            event_column: s(4),
+            time_column: s(5),
+            props_column: s(6),
+            event_name: s(7),
         };
-        branches.push(format!(
+        let branch = format!(
             "SELECT {} FROM {} r",
             map.projection("r"),
-            s(1).unwrap_or_default()
-        ));
-    }
-    if branches.is_empty() {
-        branches.push(
-            "SELECT NULL::text AS user_id, NULL::text AS event, NULL::timestamptz AS occurred_at, NULL::jsonb AS props WHERE false"
-                .into(),
+            s(2).unwrap_or_default()
         );
+        match groups.last_mut() {
+            Some((o, branches)) if *o == owner => branches.push(branch),
+            _ => groups.push((owner, vec![branch])),
+        }
     }
-    let u = Rc::new(format!("({})", branches.join("\nUNION ALL\n")));
-    UNION.with(|c| *c.borrow_mut() = Some(u.clone()));
-    u
+    let g = Rc::new(
+        groups
+            .into_iter()
+            .map(|(owner, branches)| Group {
+                owner,
+                union: format!("({})", branches.join("\nUNION ALL\n")),
+            })
+            .collect::<Vec<_>>(),
+    );
+    GROUPS.with(|c| *c.borrow_mut() = Some(g.clone()));
+    g
 }
 
-/// `sql` with the union in place of `nudge.all_events` (each use names an alias).
+/// Every source in one subquery, read with the caller's rights (backtest,
+/// which its caller runs as itself).
+pub fn union(c: &SpiClient<'_>) -> String {
+    let groups = groups(c);
+    if groups.is_empty() {
+        return "(SELECT NULL::text AS user_id, NULL::text AS event, NULL::timestamptz AS occurred_at, \
+                 NULL::jsonb AS props WHERE false)"
+            .into();
+    }
+    let all: Vec<&str> = groups
+        .iter()
+        .map(|g| &g.union[1..g.union.len() - 1])
+        .collect();
+    format!("({})", all.join("\nUNION ALL\n"))
+}
+
+/// `sql` with every source in place of `nudge.all_events` (each use names an
+/// alias), read with the caller's rights.
 pub fn expand(c: &SpiClient<'_>, sql: &str) -> String {
     sql.replace(TOKEN, &union(c))
 }
 
-/// The union's text, for `nudge.all_events` (the view) and for people who
-/// want to see what pg_nudge reads.
+/// The query `nudge.all_events` stands for, for people who want to see what
+/// pg_nudge reads.
 #[pg_extern(stable)]
 fn _events_sql() -> String {
-    crate::privilege::pinned(|| Spi::connect(|c| union(c).to_string()))
+    crate::privilege::pinned(|| Spi::connect(|c| union(c)))
+}
+
+/// The rows of `nudge.all_events`: every source's events (of these names;
+/// NULL: all), each source read as its owner. Collected in memory: the view
+/// is for looking, and trigger_stats asks only for goal events.
+#[pg_extern(stable)]
+fn _all_events(
+    events: default!(Option<Vec<String>>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(user_id, Option<String>),
+        name!(event, Option<String>),
+        name!(occurred_at, Option<TimestampWithTimeZone>),
+        name!(props, Option<pgrx::JsonB>),
+    ),
+> {
+    let mut out = vec![];
+    crate::privilege::as_extension(|| {
+        Spi::connect(|c| {
+            crate::spi_util::run_per_owner(
+                &c,
+                "SELECT e.user_id, e.event, e.occurred_at, e.props FROM nudge.all_events e
+                  WHERE $1::text[] IS NULL OR e.event = ANY ($1)",
+                &[events.clone().into()],
+                "reading all_events",
+                |rows| {
+                    for r in rows {
+                        out.push((
+                            r.get::<String>(1).ok().flatten(),
+                            r.get::<String>(2).ok().flatten(),
+                            r.get::<TimestampWithTimeZone>(3).ok().flatten(),
+                            r.get::<pgrx::JsonB>(4).ok().flatten(),
+                        ));
+                    }
+                },
+            )
+        })
+    });
+    TableIterator::new(out)
 }

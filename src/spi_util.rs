@@ -27,20 +27,42 @@ thread_local! {
 }
 
 /// Runs one of pg_nudge's own statements to completion through its kept plan.
-/// Each call site passes the same argument types every time. A statement
-/// that reads `nudge.all_events` reads the sources registered now (a new
-/// set of sources is a new statement, with a plan of its own).
+/// Each call site passes the same argument types every time.
 pub fn run<'c>(
     c: &SpiClient<'c>,
     sql: &'static str,
     args: &[DatumWithOid<'_>],
     doing: &str,
 ) -> SpiTupleTable<'c> {
-    let text: std::borrow::Cow<str> = if sql.contains(crate::all_events::TOKEN) {
-        crate::all_events::expand(c, sql).into()
-    } else {
-        sql.into()
-    };
+    debug_assert!(!sql.contains(crate::all_events::TOKEN), "use run_per_owner");
+    run_text(c, sql.into(), args, doing)
+}
+
+/// Runs a statement that reads `nudge.all_events` once for each owner of
+/// registered sources, over that owner's sources only, planned and run as
+/// that owner (`privilege::as_definer`): whatever code a table's owner
+/// attached to it runs with no more than its owner's rights. `each` gets
+/// each owner's rows; a new set of sources is a new statement with a plan of
+/// its own.
+pub fn run_per_owner(
+    c: &SpiClient<'_>,
+    sql: &'static str,
+    args: &[DatumWithOid<'_>],
+    doing: &str,
+    mut each: impl FnMut(SpiTupleTable<'_>),
+) {
+    for g in crate::all_events::groups(c).iter() {
+        let text = sql.replace(crate::all_events::TOKEN, &g.union);
+        crate::privilege::as_definer(g.owner, || each(run_text(c, text.into(), args, doing)));
+    }
+}
+
+fn run_text<'c>(
+    c: &SpiClient<'c>,
+    text: std::borrow::Cow<'_, str>,
+    args: &[DatumWithOid<'_>],
+    doing: &str,
+) -> SpiTupleTable<'c> {
     let plan = match PLANS.with(|p| p.borrow().get(text.as_ref()).cloned()) {
         Some(plan) => plan,
         None => {
@@ -163,18 +185,34 @@ pub fn history(
     keys: Option<KeyFilter>,
     doing: &str,
 ) -> Vec<(String, String, i64, serde_json::Value)> {
-    let rows = match keys {
-        None => run(
+    let mut out = vec![];
+    let mut collect = |rows: SpiTupleTable<'_>| {
+        out.extend(rows.filter_map(|r| {
+            let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
+            Some((
+                r.get::<String>(1).ok().flatten()?,
+                r.get::<String>(2).ok().flatten()?,
+                micros(at),
+                r.get::<pgrx::JsonB>(4)
+                    .ok()
+                    .flatten()
+                    .map_or(serde_json::Value::Null, |j| j.0),
+            ))
+        }))
+    };
+    match keys {
+        None => run_per_owner(
             c,
             "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
               WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4",
             &[users.into(), events.into(), ts(from).into(), ts(to).into()],
             doing,
+            &mut collect,
         ),
         // Only events whose key is one of these (compared as JSON and as
         // text, so that every row Trigger::key_of would match is kept):
         // a heavy user's other keys stay in the table.
-        Some(k) => run(
+        Some(k) => run_per_owner(
             c,
             "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
               WHERE user_id = ANY ($1) AND event = ANY ($2) AND occurred_at BETWEEN $3 AND $4
@@ -191,21 +229,10 @@ pub fn history(
                 k.missing.into(),
             ],
             doing,
+            &mut collect,
         ),
     };
-    rows.filter_map(|r| {
-        let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
-        Some((
-            r.get::<String>(1).ok().flatten()?,
-            r.get::<String>(2).ok().flatten()?,
-            micros(at),
-            r.get::<pgrx::JsonB>(4)
-                .ok()
-                .flatten()
-                .map_or(serde_json::Value::Null, |j| j.0),
-        ))
-    })
-    .collect()
+    out
 }
 
 /// Each value once (order unspecified): the users or names a batch reads for.

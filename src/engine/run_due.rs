@@ -524,34 +524,52 @@ fn exits_at_send_time(
     if idx.is_empty() {
         return found;
     }
-    let rows = run(c, "SELECT b.i, a.event, a.props, a.occurred_at
-               FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(i, user_id, f, t)
-               JOIN nudge.all_events a
-                 ON a.user_id = b.user_id AND a.occurred_at >= b.f AND a.occurred_at < b.t
-              WHERE a.event = ANY ($5)
-              ORDER BY b.i, a.occurred_at", &[idx.into(), users.into(), from.into(), to.into(), names.into_iter().collect::<Vec<_>>().into()], "re-checking exit events");
-    for r in rows {
-        let i = r.get::<i32>(1).ok().flatten().unwrap_or_default() as usize;
-        if found.contains_key(&i) {
-            continue;
-        }
-        let event: String = r.get(2).ok().flatten().unwrap_or_default();
-        let props = r
-            .get::<JsonB>(3)
-            .ok()
-            .flatten()
-            .map_or(Value::Null, |j| j.0);
-        let at: TimestampWithTimeZone = r.get(4).ok().flatten().expect("occurred_at");
-        let d = &due[i];
-        let hit = match triggers[&d.trigger].exit_scope(&event, &props) {
-            Some(None) => true,
-            Some(Some(k)) => k == d.key,
-            None => false,
-        };
-        if hit {
-            found.insert(i, (at, event));
-        }
-    }
+    // each owner's sources apart: the earliest hit of every group wins
+    let args = [
+        idx.into(),
+        users.into(),
+        from.into(),
+        to.into(),
+        names.into_iter().collect::<Vec<_>>().into(),
+    ];
+    crate::spi_util::run_per_owner(
+        c,
+        "SELECT b.i, a.event, a.props, a.occurred_at
+           FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(i, user_id, f, t)
+           JOIN nudge.all_events a
+             ON a.user_id = b.user_id AND a.occurred_at >= b.f AND a.occurred_at < b.t
+          WHERE a.event = ANY ($5)
+          ORDER BY b.i, a.occurred_at",
+        &args,
+        "re-checking exit events",
+        |rows| {
+            for r in rows {
+                let i = r.get::<i32>(1).ok().flatten().unwrap_or_default() as usize;
+                let at: TimestampWithTimeZone = r.get(4).ok().flatten().expect("occurred_at");
+                if found
+                    .get(&i)
+                    .is_some_and(|(t, _): &(TimestampWithTimeZone, String)| micros(*t) <= micros(at))
+                {
+                    continue;
+                }
+                let event: String = r.get(2).ok().flatten().unwrap_or_default();
+                let props = r
+                    .get::<JsonB>(3)
+                    .ok()
+                    .flatten()
+                    .map_or(Value::Null, |j| j.0);
+                let d = &due[i];
+                let hit = match triggers[&d.trigger].exit_scope(&event, &props) {
+                    Some(None) => true,
+                    Some(Some(k)) => k == d.key,
+                    None => false,
+                };
+                if hit {
+                    found.insert(i, (at, event));
+                }
+            }
+        },
+    );
     found
 }
 

@@ -479,3 +479,63 @@ fn a_reinstall_keeps_no_grant_or_object_left_in_our_schema() {
     .unwrap();
     assert_eq!(sqlstate(su.batch_execute("CREATE EXTENSION pg_nudge")), "42501");
 }
+
+#[test]
+fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
+    let db = with_roles("sec_k");
+    // an application role (none of ours) owns a table that an admin may
+    // register; planning a read of it evaluates the immutable function of an
+    // index expression, which would run as whoever plans the read
+    let mut o = connect_as(&db, "sec_k_owner");
+    o.batch_execute("CREATE SCHEMA sec_k_owner").unwrap();
+    plant_probe(&mut o, "sec_k_owner", "sec_k_owner");
+    o.batch_execute(
+        "CREATE TABLE sec_k_owner.orders (customer text, cart text, at timestamptz);
+         CREATE FUNCTION sec_k_owner.imm() RETURNS text LANGUAGE plpgsql IMMUTABLE AS
+             $f$ BEGIN PERFORM sec_k_owner.probe('planned'); RETURN ''; END $f$;
+         CREATE INDEX ON sec_k_owner.orders ((customer || sec_k_owner.imm()));
+         GRANT TRIGGER, SELECT ON sec_k_owner.orders TO sec_k_admin;",
+    )
+    .unwrap();
+    let mut a = connect_as(&db, "sec_k_admin");
+    a.batch_execute(TEMPLATE).unwrap();
+    a.batch_execute(
+        "SELECT nudge.add_source('sec_k_owner.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         SELECT nudge.define_trigger('cart', '{\"on\": {\"event\": \"cart_added\", \"key\": \"cart\"}, \"wait\": \"1 hour\",
+             \"unless\": [{\"event\": \"purchased\", \"same_key\": true}], \"template\": \"t\",
+             \"goal\": {\"event\": \"purchased\", \"within\": \"7 days\"}}');",
+    )
+    .unwrap();
+    o.batch_execute("TRUNCATE sec_k_owner.seen").unwrap();
+    let mut su = connect(&db);
+    su.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+         SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '3 hours');
+         SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now() - interval '3 hours');",
+    )
+    .unwrap();
+    o.batch_execute("INSERT INTO sec_k_owner.orders VALUES ('u2', 'k2', now() - interval '2 hours 30 minutes')")
+        .unwrap();
+    // the exit re-check at send time, capture's reads and trigger_stats
+    // (which the worker reads for experiments) all read the table
+    su.batch_execute(
+        "SELECT nudge.run_due();
+         SELECT * FROM nudge.trigger_stats;
+         SELECT count(*) FROM nudge.all_events;",
+    )
+    .unwrap();
+    assert!(!is_superuser(&mut su, "sec_k_owner"), "the table's owner made itself superuser");
+    let runs = seen(&mut su, "sec_k_owner");
+    assert!(
+        runs.iter().all(|s| s.starts_with("sec_k_owner:")),
+        "the table owner's code ran as someone else: {runs:?}"
+    );
+    assert!(!runs.is_empty(), "the reads were never planned");
+    let states: Vec<String> = su
+        .query("SELECT user_id || ':' || state FROM nudge.enrollments ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(states, vec!["u1:sent", "u2:exited"]);
+}
