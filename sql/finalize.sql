@@ -272,6 +272,18 @@ BEGIN
 END
 $$;
 
+-- Messages carry what definers' queries returned: a member of nudge_admin
+-- reads only the messages of trigger versions whose queries it could have
+-- run itself (it has the privileges of each one's definer). The mailer reads
+-- every message; our own code (the extension's owner) is not subject to it.
+ALTER TABLE nudge.outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY mailer_reads_all ON nudge.outbox FOR SELECT TO nudge_mailer USING (true);
+CREATE POLICY definers_data ON nudge.outbox FOR ALL TO nudge_admin
+    USING (NOT EXISTS (
+        SELECT 1 FROM nudge.user_sql u JOIN pg_catalog.pg_roles r ON r.rolname = u.owner
+         WHERE u.trigger = outbox.trigger AND u.version = outbox.trigger_version
+           AND NOT pg_catalog.pg_has_role(r.oid, 'USAGE')));
+
 -- The schema's grants are ours alone to give: a schema nudge that outlived an
 -- earlier install (DROP EXTENSION keeps it) may still carry 0.2.0's CREATE
 -- for nudge_admin, or anyone's.

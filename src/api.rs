@@ -389,6 +389,29 @@ fn preview(
             .unwrap_or_else(|| invalid(format!("preview: no trigger named {trigger:?}")))
             .trigger
             .clone();
+        // what a definer's queries return is theirs: preview shows it only to
+        // a role that could run them itself (as the outbox's policy does)
+        let foreign = or_raise(
+            c.select(
+                "SELECT string_agg(DISTINCT u.owner::text, ', ') FROM nudge.user_sql u
+                   JOIN pg_catalog.pg_roles r ON r.rolname = u.owner
+                  WHERE u.trigger = $1 AND u.version = $2 AND NOT pg_catalog.pg_has_role($3, r.oid, 'USAGE')",
+                None,
+                &[trigger.into(), t.version.into(), crate::privilege::current_role().into()],
+            ),
+            "preview",
+        )
+        .first()
+        .get_one::<String>()
+        .ok()
+        .flatten();
+        if let Some(owners) = foreign {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("preview: permission denied: trigger {trigger:?} reads data of {owners}")
+            );
+        }
         let anchor = or_raise(
             c.select(
                 "SELECT anchor FROM nudge.enrollments WHERE trigger = $1 AND user_id = $2 ORDER BY entered_at DESC LIMIT 1",

@@ -539,3 +539,32 @@ fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
         .collect();
     assert_eq!(states, vec!["u1:sent", "u2:exited"]);
 }
+
+#[test]
+fn an_admin_sees_another_definers_query_results_neither_in_messages_nor_in_previews() {
+    let db = with_roles("sec_l");
+    let mut b = connect_as(&db, "sec_l_admin2");
+    b.batch_execute(
+        "CREATE TABLE sec_l_admin2.cards (customer text, number text);
+         INSERT INTO sec_l_admin2.cards VALUES ('u1', '4111-1111-1111-1111');
+         SELECT nudge.define_template('card', 'Card', '<p>{{ context.c.number }}</p>');
+         SELECT nudge.define_trigger('b', '{\"on\": {\"event\": \"e\"}, \"template\": \"card\",
+             \"context\": {\"c\": \"SELECT number FROM sec_l_admin2.cards WHERE customer = $1\"}}');",
+    )
+    .unwrap();
+    let mut su = connect(&db);
+    su.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+         SELECT nudge.track('u1', 'e', '{}', now() - interval '1 minute');
+         SELECT nudge.run_due();",
+    )
+    .unwrap();
+    let mut a = connect_as(&db, "sec_l_admin");
+    assert_eq!(count(&mut a, "SELECT count(*) FROM nudge.outbox"), 0);
+    assert_eq!(sqlstate(a.batch_execute("SELECT nudge.preview('b', 'u1')")), "42501");
+    // its definer, and the mailer, see the message
+    assert_eq!(count(&mut b, "SELECT count(*) FROM nudge.outbox WHERE html LIKE '%4111%'"), 1);
+    b.batch_execute("SELECT nudge.preview('b', 'u1')").unwrap();
+    let mut m = connect_as(&db, "sec_l_mailer");
+    assert_eq!(count(&mut m, "SELECT count(*) FROM nudge.outbox"), 1);
+}
