@@ -144,6 +144,22 @@ fn loop_items<'v>(
     Ok(items)
 }
 
+/// `x in xs` (or `x in (1..3)`), the head `for` and `tablerow` share.
+fn parse_loop_head<'a>(
+    tag: &str,
+    arguments: &mut TagTokenIter<'a>,
+) -> liquid_core::Result<(&'a str, LoopSource)> {
+    let var_name = arguments
+        .expect_next("Identifier expected.")?
+        .expect_identifier()
+        .into_result()?;
+    arguments
+        .expect_next("\"in\" expected.")?
+        .expect_str("in")
+        .into_result_custom_msg("\"in\" expected.")?;
+    Ok((var_name, parse_loop_source(tag, arguments)?))
+}
+
 /// The standard `{% for x in xs limit: n offset: n reversed %}...{% else %}
 /// ...{% endfor %}`, spending the render's iteration budget per item and
 /// checking the deadline at every iteration.
@@ -169,15 +185,7 @@ impl ParseBlock for ForBlock {
         mut tokens: TagBlock<'_, '_>,
         options: &Language,
     ) -> liquid_core::Result<Box<dyn Renderable>> {
-        let var_name = arguments
-            .expect_next("Identifier expected.")?
-            .expect_identifier()
-            .into_result()?;
-        arguments
-            .expect_next("\"in\" expected.")?
-            .expect_str("in")
-            .into_result_custom_msg("\"in\" expected.")?;
-        let source = parse_loop_source("for", &mut arguments)?;
+        let (var_name, source) = parse_loop_head("for", &mut arguments)?;
 
         let mut limit = None;
         let mut offset = None;
@@ -345,15 +353,7 @@ impl ParseBlock for TableRowBlock {
         mut tokens: TagBlock<'_, '_>,
         options: &Language,
     ) -> liquid_core::Result<Box<dyn Renderable>> {
-        let var_name = arguments
-            .expect_next("Identifier expected.")?
-            .expect_identifier()
-            .into_result()?;
-        arguments
-            .expect_next("\"in\" expected.")?
-            .expect_str("in")
-            .into_result_custom_msg("\"in\" expected.")?;
-        let source = parse_loop_source("tablerow", &mut arguments)?;
+        let (var_name, source) = parse_loop_head("tablerow", &mut arguments)?;
 
         let mut cols = None;
         let mut limit = None;
