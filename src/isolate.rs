@@ -9,16 +9,21 @@ use pgrx::prelude::*;
 use std::collections::HashMap;
 
 /// Runs `f` in a subtransaction, the way a plpgsql EXCEPTION block does: an
-/// ERROR rolls back what `f` did and comes back as `Err(message)`.
+/// ERROR rolls back what `f` did and comes back as `Err(message)`. A cancel
+/// of the caller's statement (pg_cancel_backend, a client's ^C) is not one
+/// user's failure: it is raised again, and the caller's statement ends.
 pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    unsafe {
+    let result: Result<R, (String, bool)> = unsafe {
         let context = pg_sys::CurrentMemoryContext;
         let owner = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         // allocate in the caller's context, so that results outlive the subtransaction
         pg_sys::MemoryContextSwitchTo(context);
         let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
-            .catch_others(|e| Err(crate::spi_util::caught_message(e)))
+            .catch_others(|e| {
+                let cancelled = is_cancel(&e);
+                Err((crate::spi_util::caught_message(e), cancelled))
+            })
             .execute();
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
@@ -27,6 +32,25 @@ pub fn subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;
         result
+    };
+    match result {
+        Err((message, true)) => {
+            ereport!(ERROR, PgSqlErrorCode::ERRCODE_QUERY_CANCELED, message);
+        }
+        other => other.map_err(|(message, _)| message),
+    }
+}
+
+/// A query cancel that came from outside (57014, but not the statement
+/// timeout that `user_sql` arms around a definer's query, which fails only
+/// the users it was for).
+fn is_cancel(e: &pg_sys::panic::CaughtError) -> bool {
+    match e {
+        pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+            r.sql_error_code() == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
+                && !r.message().contains("statement timeout")
+        }
+        pg_sys::panic::CaughtError::RustPanic { .. } => false,
     }
 }
 

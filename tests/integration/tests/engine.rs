@@ -310,3 +310,38 @@ fn concurrent_captures_of_one_cart_coalesce_into_one_journey() {
         ("waiting".to_string(), 1)
     );
 }
+
+/// A cancel of the statement that runs run_due (pg_cancel_backend, a
+/// client's ^C) while a definer's query runs ends that statement: 0.2.0 took
+/// it for that user's failure and failed the message for good.
+#[test]
+fn a_cancelled_run_due_cancels_and_fails_no_message() {
+    let db = fresh_db("nudge_it_cancel");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"SELECT nudge.define_template('t', 'Hi', '<p>{{ context.nap.slept }}</p>');
+           SELECT nudge.define_trigger('slow', '{"on": {"event": "e"}, "template": "t",
+               "context": {"nap": "SELECT pg_sleep(3)::text AS slept"}}');
+           INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+           SELECT nudge.track('u1', 'e', '{}', now() - interval '1 minute');"#,
+    )
+    .unwrap();
+    let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let canceller = std::thread::spawn({
+        let db = db.clone();
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            connect(&db)
+                .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                .unwrap();
+        }
+    });
+    let err = c.batch_execute("SELECT nudge.run_due()").unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(err.code().map(|s| s.code()), Some("57014"), "{err:?}");
+    let state: String = c
+        .query_one("SELECT state FROM nudge.enrollments WHERE user_id = 'u1'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "waiting", "the cancel failed the message");
+}
