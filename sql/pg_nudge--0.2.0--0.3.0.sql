@@ -272,20 +272,30 @@ BEGIN
 END
 $$;
 
--- Messages carry what definers' queries returned: a member of nudge_admin
--- reads only the messages of trigger versions whose queries it could have
--- run itself (it has the privileges of each one's definer). The mailer reads
--- every message; our own code (the extension's owner) is not subject to it.
+-- Messages, and the journeys' reasons (a failed render quotes values), carry
+-- what definers' queries returned: a member of nudge_admin reads only the
+-- rows of trigger versions whose queries it could have run itself (it has
+-- the privileges of each one's definer; a definer whose role is gone counts
+-- as someone else). The mailer reads every message; our own code (the
+-- extension's owner) is not subject to these policies.
+CREATE FUNCTION nudge._may_read(trigger text, version int) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    SELECT NOT EXISTS (
+        SELECT 1 FROM nudge.user_sql u LEFT JOIN pg_roles r ON r.rolname = u.owner
+         WHERE u.trigger = _may_read.trigger AND u.version = _may_read.version
+           AND (r.oid IS NULL OR NOT pg_has_role(r.oid, 'USAGE')))
+$$;
 ALTER TABLE nudge.outbox ENABLE ROW LEVEL SECURITY;
 CREATE POLICY mailer_reads_all ON nudge.outbox FOR SELECT TO nudge_mailer USING (true);
 CREATE POLICY definers_data ON nudge.outbox FOR ALL TO nudge_admin
-    USING (NOT EXISTS (
-        SELECT 1 FROM nudge.user_sql u JOIN pg_catalog.pg_roles r ON r.rolname = u.owner
-         WHERE u.trigger = outbox.trigger AND u.version = outbox.trigger_version
-           AND NOT pg_catalog.pg_has_role(r.oid, 'USAGE')));
+    USING (nudge._may_read(trigger, trigger_version));
+ALTER TABLE nudge.enrollments ENABLE ROW LEVEL SECURITY;
+CREATE POLICY definers_data ON nudge.enrollments FOR ALL TO nudge_admin
+    USING (nudge._may_read(trigger, trigger_version));
 
 -- Grants: see finalize.sql.
 REVOKE ALL ON FUNCTION nudge._secure_user_sql() FROM PUBLIC;
+REVOKE ALL ON FUNCTION nudge._may_read(text, int) FROM PUBLIC;
 GRANT USAGE ON SCHEMA nudge TO nudge_admin, nudge_writer, nudge_mailer;
 REVOKE ALL ON ALL TABLES IN SCHEMA nudge FROM nudge_admin;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA nudge FROM nudge_admin;
@@ -293,12 +303,17 @@ REVOKE ALL ON FUNCTION nudge._source_hazards(regclass), nudge._guard_sources(), 
     nudge._all_events(text[]), nudge._events_sql() FROM PUBLIC;
 GRANT SELECT ON ALL TABLES IN SCHEMA nudge TO nudge_admin;
 GRANT INSERT, UPDATE, DELETE ON
-    nudge.events, nudge.profiles, nudge.templates, nudge.settings, nudge.suppressions,
-    nudge.enrollments, nudge.journal, nudge.outbox, nudge.allocations, nudge.capture_queue
+    nudge.events, nudge.profiles, nudge.templates, nudge.settings, nudge.suppressions, nudge.capture_queue
 TO nudge_admin;
+-- journeys, journal and messages are the engine's: an admin may cancel a message
+GRANT DELETE ON nudge.outbox TO nudge_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
 -- the 0.1.0 capture functions' entry point: capture as the caller, for them only
 REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]) FROM nudge_admin;
+-- the outbox protocol is the mailer's: run as the owner, it would read every message
+REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, text),
+    nudge.ack_many(bigint[], text[]), nudge.fail(bigint, text, boolean), nudge.release(bigint[]),
+    nudge.record_engagement(text, text, timestamptz, jsonb) FROM nudge_admin;
 REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
 
 -- last: the grant above reached the generated functions too

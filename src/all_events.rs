@@ -22,6 +22,14 @@ thread_local! {
     /// The sources as this backend last read them, grouped by owner; dropped
     /// by the relcache callback of `catalog` when nudge.sources changes.
     static GROUPS: RefCell<Option<Rc<Vec<Group>>>> = const { RefCell::new(None) };
+    /// The source tables the groups were built from: a change to any of them
+    /// (new owner, new name, a rule) drops the groups too.
+    static TABLES: RefCell<Vec<pg_sys::Oid>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether `relid` is one of the source tables the groups were built from.
+pub fn is_source(relid: pg_sys::Oid) -> bool {
+    TABLES.with(|t| t.borrow().contains(&relid))
 }
 
 /// The sources one role owns, as one parenthesized subquery:
@@ -47,8 +55,9 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
     let rows = or_raise(
         c.select(
             "SELECT k.relowner, s.source::regclass::text, s.user_column, s.event_column, s.time_column,
-                    s.props_column, s.event_name
+                    s.props_column, s.event_name, k.oid
                FROM nudge.sources s JOIN pg_catalog.pg_class k ON k.oid = s.source::oid
+              WHERE k.relkind IN ('r', 'p') AND k.relpersistence <> 't'
               ORDER BY k.relowner, s.source::oid",
             None,
             &[],
@@ -56,7 +65,9 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
         "reading sources",
     );
     let mut groups: Vec<(pg_sys::Oid, Vec<String>)> = vec![];
+    let mut tables = vec![];
     for r in rows {
+        tables.extend(r.get::<pg_sys::Oid>(8).ok().flatten());
         let owner = r.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or(pg_sys::InvalidOid);
         let s = |i| r.get::<String>(i).ok().flatten();
         let map = SourceMap {
@@ -86,6 +97,7 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
             .collect::<Vec<_>>(),
     );
     GROUPS.with(|c| *c.borrow_mut() = Some(g.clone()));
+    TABLES.with(|t| *t.borrow_mut() = tables);
     g
 }
 

@@ -356,6 +356,25 @@ fn set_profile_query(sql: Option<&str>) {
         }));
     }
     let definer = user_sql::Definer::current();
+    // the profile query is its definer's: another admin replacing it could
+    // send every trigger's messages (and what definers' queries put in them)
+    // wherever it liked
+    let owner = pinned(|| {
+        one::<bool>(
+            "SELECT bool_and(r.oid IS NOT NULL AND pg_catalog.pg_has_role(r.oid, 'USAGE'))
+               FROM nudge.user_sql u LEFT JOIN pg_catalog.pg_roles r ON r.rolname = u.owner
+              WHERE u.trigger = '' AND u.version = 0 AND u.part = 'profile'",
+            &[],
+            "set_profile_query",
+        )
+    });
+    if owner == Some(false) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "set_profile_query: permission denied: the profile query belongs to another role"
+        );
+    }
     as_extension(|| {
         Spi::connect_mut(|c| {
             user_sql::forget_profile(c);

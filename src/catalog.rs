@@ -43,7 +43,10 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     {
         CACHED.with(|c| c.borrow_mut().take());
     }
-    if relid == pg_sys::InvalidOid || relid == SOURCES_RELID.with(Cell::get) {
+    if relid == pg_sys::InvalidOid
+        || relid == SOURCES_RELID.with(Cell::get)
+        || crate::all_events::is_source(relid)
+    {
         crate::all_events::invalidate();
     }
 }

@@ -119,15 +119,32 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
 /// a user-defined cast to what sources are read as (text, timestamptz, json).
 /// `nudge._guard_sources` refuses the DDL that would introduce one later.
 fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
-    let kind = or_raise(
-        c.select("SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = $1", None, &[source.into()]),
+    let row = or_raise(
+        c.select(
+            "SELECT relkind::text, relpersistence = 't', relrowsecurity AND NOT pg_catalog.pg_has_role(relowner, 'USAGE')
+               FROM pg_catalog.pg_class WHERE oid = $1",
+            None,
+            &[source.into()],
+        ),
         "checking the table",
-    )
-    .first()
-    .get_one::<String>()
-    .ok()
-    .flatten()
-    .unwrap_or_default();
+    );
+    let row = row.first();
+    let kind = row.get::<String>(1).ok().flatten().unwrap_or_default();
+    if row.get::<bool>(2).ok().flatten().unwrap_or(false) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+            format!("add_source: {table} is a temporary table (other sessions cannot read it)")
+        );
+    }
+    if row.get::<bool>(3).ok().flatten().unwrap_or(false) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("add_source: {table} has row-level security, and pg_nudge reads sources as their owner"),
+            "only the table's owner may register it: its rows would be shared with every member of nudge_admin"
+        );
+    }
     if kind != "r" && kind != "p" {
         ereport!(
             ERROR,

@@ -323,6 +323,13 @@ fn sources_need_rights_on_the_table_and_no_user_written_casts() {
     a2.batch_execute("CREATE TABLE sec_g_admin2.theirs (customer text)")
         .unwrap();
     let mut a = connect_as(&db, "sec_g_admin");
+    // not a temporary table, which only its session can read
+    assert_eq!(
+        sqlstate(a.batch_execute(
+            "CREATE TEMP TABLE mine (customer text); SELECT nudge.add_source('mine', 'customer', event_name => 'x')"
+        )),
+        "42809"
+    );
     // not its table
     assert_eq!(
         sqlstate(a.batch_execute(
@@ -562,6 +569,21 @@ fn an_admin_sees_another_definers_query_results_neither_in_messages_nor_in_previ
     let mut a = connect_as(&db, "sec_l_admin");
     assert_eq!(count(&mut a, "SELECT count(*) FROM nudge.outbox"), 0);
     assert_eq!(sqlstate(a.batch_execute("SELECT nudge.preview('b', 'u1')")), "42501");
+    // nor through the mailer's functions, which run as the owner
+    assert_eq!(sqlstate(a.batch_execute("SELECT * FROM nudge.claim(100, '0 seconds')")), "42501");
+    // nor through a journey's reason (a failed render quotes values)
+    assert_eq!(count(&mut a, "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'b'"), 0);
+    // nor by forging engine state, or taking over the profile query
+    assert_eq!(
+        sqlstate(a.batch_execute("UPDATE nudge.enrollments SET state = 'waiting'")),
+        "42501"
+    );
+    b.batch_execute("SELECT nudge.set_profile_query('SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1')")
+        .unwrap();
+    assert_eq!(
+        sqlstate(a.batch_execute("SELECT nudge.set_profile_query('SELECT ''me@evil.example'' AS email')")),
+        "42501"
+    );
     // its definer, and the mailer, see the message
     assert_eq!(count(&mut b, "SELECT count(*) FROM nudge.outbox WHERE html LIKE '%4111%'"), 1);
     b.batch_execute("SELECT nudge.preview('b', 'u1')").unwrap();
