@@ -101,8 +101,7 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
     g
 }
 
-/// Every source in one subquery, read with the caller's rights (backtest,
-/// which its caller runs as itself).
+/// Every source in one subquery: what `nudge._events_sql()` shows.
 pub fn union(c: &SpiClient<'_>) -> String {
     let groups = groups(c);
     if groups.is_empty() {
@@ -115,12 +114,6 @@ pub fn union(c: &SpiClient<'_>) -> String {
         .map(|g| &g.union[1..g.union.len() - 1])
         .collect();
     format!("({})", all.join("\nUNION ALL\n"))
-}
-
-/// `sql` with every source in place of `nudge.all_events` (each use names an
-/// alias), read with the caller's rights.
-pub fn expand(c: &SpiClient<'_>, sql: &str) -> String {
-    sql.replace(TOKEN, &union(c))
 }
 
 /// The query `nudge.all_events` stands for, for people who want to see what

@@ -5,6 +5,8 @@
 //! and the due ones go through the same send-time policies as run_due.
 
 use crate::engine::run_due::{profiles_of, settings, suppressions};
+use crate::privilege::as_definer;
+use std::collections::VecDeque;
 use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
 use nudge_core::definition::{Definition, Trigger};
@@ -59,42 +61,45 @@ pub fn backtest(
     };
 
     Spi::connect(|c| {
-        let query = crate::all_events::expand(
-            &c,
-            "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
-              WHERE event = ANY ($1) AND occurred_at >= $2 AND occurred_at < $3
-              ORDER BY user_id, occurred_at",
-        );
-        let mut cursor = c.open_cursor(
-            &query,
-            &[names.into(), ts(from_us - lookback).into(), to.into()],
-        );
+        // one cursor per owner of sources, each opened and read as that
+        // owner (see spi_util::run_per_owner), merged in (user, time) order;
+        // COLLATE "C" so that the cursors sort as Rust compares
+        let args = [names.into(), ts(from_us - lookback).into(), to.into()];
+        let mut streams: Vec<Stream<'_>> = crate::all_events::groups(&c)
+            .iter()
+            .map(|g| {
+                let text = "SELECT user_id, event, occurred_at, props FROM nudge.all_events e
+                              WHERE event = ANY ($1) AND occurred_at >= $2 AND occurred_at < $3
+                              ORDER BY user_id COLLATE \"C\", occurred_at"
+                    .replace(crate::all_events::TOKEN, &g.union);
+                let cursor = as_definer(g.owner, || c.open_cursor(&text, &args));
+                Stream {
+                    owner: g.owner,
+                    cursor,
+                    rows: VecDeque::new(),
+                    done: false,
+                }
+            })
+            .collect();
         let mut user = String::new();
         let mut events: Vec<Event> = vec![];
         loop {
-            let rows = or_raise(cursor.fetch(10_000), "backtest: reading events");
-            let last_page = rows.is_empty();
-            for r in rows {
-                let u: String = r.get(1).ok().flatten().unwrap_or_default();
-                if u != user && !events.is_empty() {
-                    run.user_done(c, std::mem::take(&mut user), std::mem::take(&mut events));
-                }
-                user = u;
-                let at: TimestampWithTimeZone = r.get(3).ok().flatten().expect("occurred_at");
-                let props = r
-                    .get::<JsonB>(4)
-                    .ok()
-                    .flatten()
-                    .map_or(Value::Null, |j| j.0);
-                events.push((
-                    r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                    micros(at),
-                    props,
-                ));
+            for s in streams.iter_mut() {
+                s.refill();
             }
-            if last_page {
-                break;
+            let next = streams
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.rows.front().map(|r| (i, (&r.0, r.2))))
+                .min_by(|a, b| a.1.cmp(&b.1))
+                .map(|(i, _)| i);
+            let Some(i) = next else { break };
+            let (u, event, at, props) = streams[i].rows.pop_front().expect("a head");
+            if u != user && !events.is_empty() {
+                run.user_done(c, std::mem::take(&mut user), std::mem::take(&mut events));
             }
+            user = u;
+            events.push((event, at, props));
         }
         if !events.is_empty() {
             run.user_done(c, user, events);
@@ -107,6 +112,38 @@ pub fn backtest(
         .into_iter()
         .map(|(k, (n, users))| (k, n, users))
         .collect()
+}
+
+/// One owner's sources, read a page at a time.
+struct Stream<'c> {
+    owner: pgrx::pg_sys::Oid,
+    cursor: pgrx::spi::SpiCursor<'c>,
+    rows: VecDeque<(String, String, i64, Value)>,
+    done: bool,
+}
+
+impl Stream<'_> {
+    fn refill(&mut self) {
+        if !self.rows.is_empty() || self.done {
+            return;
+        }
+        let cursor = &mut self.cursor;
+        let page = as_definer(self.owner, || {
+            or_raise(cursor.fetch(10_000), "backtest: reading events")
+                .filter_map(|r| {
+                    let at: TimestampWithTimeZone = r.get(3).ok().flatten()?;
+                    Some((
+                        r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        micros(at),
+                        r.get::<JsonB>(4).ok().flatten().map_or(Value::Null, |j| j.0),
+                    ))
+                })
+                .collect::<Vec<_>>()
+        });
+        self.done = page.is_empty();
+        self.rows.extend(page);
+    }
 }
 
 /// Users are replayed in groups, so that the audience's profiles are read

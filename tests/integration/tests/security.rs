@@ -523,6 +523,14 @@ fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
     .unwrap();
     o.batch_execute("INSERT INTO sec_k_owner.orders VALUES ('u2', 'k2', now() - interval '2 hours 30 minutes')")
         .unwrap();
+    // a superuser's backtest, first to plan a read of the table in its
+    // backend (a backend evaluates an index expression's constants once)
+    connect(&db)
+        .batch_execute(
+            "SELECT * FROM nudge.backtest('{\"on\": {\"event\": \"purchased\"}, \"template\": \"t\"}',
+                                         now() - interval '1 day', now())",
+        )
+        .unwrap();
     // the exit re-check at send time, capture's reads and trigger_stats
     // (which the worker reads for experiments) all read the table
     su.batch_execute(
