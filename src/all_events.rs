@@ -68,7 +68,11 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
     let mut tables = vec![];
     for r in rows {
         tables.extend(r.get::<pg_sys::Oid>(8).ok().flatten());
-        let owner = r.get::<pg_sys::Oid>(1).ok().flatten().unwrap_or(pg_sys::InvalidOid);
+        let owner = r
+            .get::<pg_sys::Oid>(1)
+            .ok()
+            .flatten()
+            .unwrap_or(pg_sys::InvalidOid);
         let s = |i| r.get::<String>(i).ok().flatten();
         let map = SourceMap {
             user_column: s(3).unwrap_or_default(),

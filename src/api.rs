@@ -3,10 +3,10 @@
 
 use crate::catalog;
 use crate::engine::{capture, compose, run_due as due};
+use crate::privilege::{as_extension, pinned};
 use crate::sources;
 use crate::spi_util::{in_context, invalid, one, or_raise};
 use crate::user_sql;
-use crate::privilege::{as_extension, pinned};
 use nudge_core::definition::{context_part, Definition, AUDIENCE_SQL};
 use nudge_core::render::Template;
 use nudge_core::sql::SourceMap;
@@ -139,7 +139,8 @@ fn define_template(
     if let Err(e) = Template::parse(subject, html, text_body) {
         invalid(format!("define_template({name}): {e}"));
     }
-    pinned(|| or_raise(
+    pinned(|| {
+        or_raise(
         Spi::run_with_args(
             "INSERT INTO nudge.templates (name, subject, html, text_body) VALUES ($1, $2, $3, $4)
              ON CONFLICT (name) DO UPDATE
@@ -148,7 +149,8 @@ fn define_template(
             &[name.into(), subject.into(), html.into(), text_body.into()],
         ),
         "define_template",
-    ));
+    )
+    });
 }
 
 #[pg_extern]
@@ -156,8 +158,8 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
     if name.trim().is_empty() {
         invalid(format!("define_trigger: name must not be empty"));
     }
-    let def =
-        Definition::parse(&definition.0).unwrap_or_else(|e| invalid(format!("define_trigger({name}): {e}")));
+    let def = Definition::parse(&definition.0)
+        .unwrap_or_else(|e| invalid(format!("define_trigger({name}): {e}")));
     let trigger = def
         .compile(name, 0)
         .unwrap_or_else(|e| invalid(format!("define_trigger({name}): {e}")));
@@ -314,20 +316,24 @@ fn worker_status() -> TableIterator<
     ),
 > {
     let s = crate::worker::status();
-    let (lag, queued) = pinned(|| (one::<Interval>(
-        "SELECT now() - min(e.due_at) FROM nudge.enrollments e
+    let (lag, queued) = pinned(|| {
+        (
+            one::<Interval>(
+                "SELECT now() - min(e.due_at) FROM nudge.enrollments e
            JOIN nudge.triggers t ON t.name = e.trigger AND t.status = 'active'
           WHERE e.state = 'waiting' AND e.due_at <= now()",
-        &[],
-        "worker_status",
-    ),
-    // events deferred capture has queued and the worker has not enrolled yet
-    one::<i64>(
-        "SELECT count(*) FROM nudge.capture_queue",
-        &[],
-        "worker_status",
-    )
-    .unwrap_or_default()));
+                &[],
+                "worker_status",
+            ),
+            // events deferred capture has queued and the worker has not enrolled yet
+            one::<i64>(
+                "SELECT count(*) FROM nudge.capture_queue",
+                &[],
+                "worker_status",
+            )
+            .unwrap_or_default(),
+        )
+    });
     let last = s
         .last_pass_us
         .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
@@ -343,17 +349,24 @@ fn worker_status() -> TableIterator<
 fn set_profile_query(sql: Option<&str>) {
     if let Some(q) = sql {
         let q = q.trim().trim_end_matches(';').trim();
-        in_context("set_profile_query: the query fails", || Spi::connect(|c| {
-            let cols = or_raise(
-                c.select(&format!("SELECT * FROM ({q}) AS p LIMIT 0"), None, &[Option::<String>::None.into()]),
-                "set_profile_query: the query fails",
-            );
-            let names: Vec<String> =
-                (1..=cols.columns().unwrap_or(0)).filter_map(|i| cols.column_name(i).ok()).collect();
-            if !names.iter().any(|n| n == "email") {
-                invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
-            }
-        }));
+        in_context("set_profile_query: the query fails", || {
+            Spi::connect(|c| {
+                let cols = or_raise(
+                    c.select(
+                        &format!("SELECT * FROM ({q}) AS p LIMIT 0"),
+                        None,
+                        &[Option::<String>::None.into()],
+                    ),
+                    "set_profile_query: the query fails",
+                );
+                let names: Vec<String> = (1..=cols.columns().unwrap_or(0))
+                    .filter_map(|i| cols.column_name(i).ok())
+                    .collect();
+                if !names.iter().any(|n| n == "email") {
+                    invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
+                }
+            })
+        });
     }
     let definer = user_sql::Definer::current();
     // the profile query is its definer's: another admin replacing it could
@@ -400,17 +413,18 @@ fn preview(
         name!(text_body, Option<String>),
     ),
 > {
-    let msg = pinned(|| Spi::connect(|c| {
-        let t = catalog::live_triggers(c)
-            .triggers
-            .iter()
-            .find(|l| l.trigger.name == trigger)
-            .unwrap_or_else(|| invalid(format!("preview: no trigger named {trigger:?}")))
-            .trigger
-            .clone();
-        // what a definer's queries return is theirs: preview shows it only to
-        // a role that could run them itself (as the outbox's policy does)
-        let foreign = or_raise(
+    let msg = pinned(|| {
+        Spi::connect(|c| {
+            let t = catalog::live_triggers(c)
+                .triggers
+                .iter()
+                .find(|l| l.trigger.name == trigger)
+                .unwrap_or_else(|| invalid(format!("preview: no trigger named {trigger:?}")))
+                .trigger
+                .clone();
+            // what a definer's queries return is theirs: preview shows it only to
+            // a role that could run them itself (as the outbox's policy does)
+            let foreign = or_raise(
             c.select(
                 "SELECT string_agg(DISTINCT u.owner::text, ', ') FROM nudge.user_sql u
                    JOIN pg_catalog.pg_roles r ON r.rolname = u.owner
@@ -424,14 +438,16 @@ fn preview(
         .get_one::<String>()
         .ok()
         .flatten();
-        if let Some(owners) = foreign {
-            ereport!(
-                ERROR,
-                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("preview: permission denied: trigger {trigger:?} reads data of {owners}")
-            );
-        }
-        let anchor = or_raise(
+            if let Some(owners) = foreign {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "preview: permission denied: trigger {trigger:?} reads data of {owners}"
+                    )
+                );
+            }
+            let anchor = or_raise(
             c.select(
                 "SELECT anchor FROM nudge.enrollments WHERE trigger = $1 AND user_id = $2 ORDER BY entered_at DESC LIMIT 1",
                 None,
@@ -444,36 +460,37 @@ fn preview(
         .ok()
         .flatten()
         .map_or(serde_json::json!({}), |j| j.0);
-        let profiles = due::profiles_of(c, vec![user_id.to_owned()]);
-        let tpls = catalog::templates(
-            c,
-            std::iter::once(t.template.clone())
-                .chain(t.fallback_template.clone())
-                .collect(),
-        );
-        let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
-        let (context, context_error) = due::context_of(&t, user_id, &answers);
-        match compose::compose(
-            due::loaded(&tpls, &t.template),
-            t.fallback_template
-                .as_deref()
-                .map(|f| due::loaded(&tpls, f)),
-            compose::Inputs {
-                trigger,
-                user_id,
-                message_key: "preview",
-                anchor: &anchor,
-                profile: profiles.get(user_id),
-                context,
-                context_error,
-            },
-        ) {
-            compose::Composed::Message { message, .. } => message,
-            compose::Composed::Suppressed(why) | compose::Composed::Failed(why) => {
-                error!("preview: {why}")
+            let profiles = due::profiles_of(c, vec![user_id.to_owned()]);
+            let tpls = catalog::templates(
+                c,
+                std::iter::once(t.template.clone())
+                    .chain(t.fallback_template.clone())
+                    .collect(),
+            );
+            let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
+            let (context, context_error) = due::context_of(&t, user_id, &answers);
+            match compose::compose(
+                due::loaded(&tpls, &t.template),
+                t.fallback_template
+                    .as_deref()
+                    .map(|f| due::loaded(&tpls, f)),
+                compose::Inputs {
+                    trigger,
+                    user_id,
+                    message_key: "preview",
+                    anchor: &anchor,
+                    profile: profiles.get(user_id),
+                    context,
+                    context_error,
+                },
+            ) {
+                compose::Composed::Message { message, .. } => message,
+                compose::Composed::Suppressed(why) | compose::Composed::Failed(why) => {
+                    error!("preview: {why}")
+                }
             }
-        }
-    }));
+        })
+    });
     TableIterator::once((
         msg.recipient,
         msg.rendered.subject,
@@ -491,11 +508,13 @@ fn configure(settings: JsonB) -> JsonB {
     let Some(given) = settings.0.as_object() else {
         invalid(format!("configure: expected a JSON object with keys caps, arbitration_window, default_timezone"));
     };
-    let current = pinned(|| one::<JsonB>(
-        "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
-        &[],
-        "configure",
-    ))
+    let current = pinned(|| {
+        one::<JsonB>(
+            "SELECT coalesce(jsonb_object_agg(name, value), '{}') FROM nudge.settings",
+            &[],
+            "configure",
+        )
+    })
     .map_or(serde_json::json!({}), |j| j.0);
     let mut merged = current.as_object().cloned().unwrap_or_default();
     for (k, v) in given {
@@ -509,12 +528,13 @@ fn configure(settings: JsonB) -> JsonB {
     if let Err(e) = nudge_core::policy::Settings::parse(&merged) {
         invalid(format!("configure: {e}"));
     }
-    pinned(|| Spi::connect_mut(|c| {
-        or_raise(
-            c.update("DELETE FROM nudge.settings", None, &[]),
-            "configure",
-        );
-        or_raise(
+    pinned(|| {
+        Spi::connect_mut(|c| {
+            or_raise(
+                c.update("DELETE FROM nudge.settings", None, &[]),
+                "configure",
+            );
+            or_raise(
             c.update(
                 "INSERT INTO nudge.settings (name, value) SELECT key, value FROM jsonb_each($1)",
                 None,
@@ -522,7 +542,8 @@ fn configure(settings: JsonB) -> JsonB {
             ),
             "configure",
         );
-    }));
+        })
+    });
     JsonB(merged)
 }
 

@@ -25,7 +25,10 @@ pub fn extension_owner() -> pg_sys::Oid {
         if tuple.is_null() {
             error!("pg_nudge: schema nudge is gone");
         }
-        let form = (*tuple).t_data.cast::<u8>().add((*(*tuple).t_data).t_hoff as usize)
+        let form = (*tuple)
+            .t_data
+            .cast::<u8>()
+            .add((*(*tuple).t_data).t_hoff as usize)
             as *const pg_sys::FormData_pg_namespace;
         let owner = (*form).nspowner;
         pg_sys::ReleaseSysCache(tuple);

@@ -22,15 +22,16 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "add_source");
     pinned(|| Spi::connect(|c| check_safe_to_read(c, source, &table)));
-    as_extension(|| Spi::connect_mut(|c| {
-        for (what, col) in [
-            ("user_column", Some(&map.user_column)),
-            ("event_column", map.event_column.as_ref()),
-            ("time_column", map.time_column.as_ref()),
-            ("props_column", map.props_column.as_ref()),
-        ] {
-            if let Some(col) = col {
-                let exists = or_raise(
+    as_extension(|| {
+        Spi::connect_mut(|c| {
+            for (what, col) in [
+                ("user_column", Some(&map.user_column)),
+                ("event_column", map.event_column.as_ref()),
+                ("time_column", map.time_column.as_ref()),
+                ("props_column", map.props_column.as_ref()),
+            ] {
+                if let Some(col) = col {
+                    let exists = or_raise(
                     c.select(
                         "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
                         None,
@@ -39,27 +40,27 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                     "checking columns",
                 )
                 .len();
-                if exists == 0 {
-                    error!(
-                        "add_source: {what}: table {table} has no column {}",
-                        literal(col)
-                    );
+                    if exists == 0 {
+                        error!(
+                            "add_source: {what}: table {table} has no column {}",
+                            literal(col)
+                        );
+                    }
                 }
             }
-        }
-        let already = or_raise(
-            c.select(
-                "SELECT 1 FROM nudge.sources WHERE source = $1",
-                None,
-                &[source.into()],
-            ),
-            "reading sources",
-        )
-        .len();
-        if already > 0 {
-            error!("add_source: {table} is already an event source (nudge.drop_source it first to change its mapping)");
-        }
-        or_raise(
+            let already = or_raise(
+                c.select(
+                    "SELECT 1 FROM nudge.sources WHERE source = $1",
+                    None,
+                    &[source.into()],
+                ),
+                "reading sources",
+            )
+            .len();
+            if already > 0 {
+                error!("add_source: {table} is already an event source (nudge.drop_source it first to change its mapping)");
+            }
+            or_raise(
             c.update(
                 "INSERT INTO nudge.sources (source, user_column, event_column, time_column, props_column, event_name)
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -75,42 +76,43 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             ),
             "registering the source",
         );
-        let updated = or_raise(
-            c.select(
-                "SELECT to_regprocedure('nudge._capture_rows()') IS NOT NULL",
-                None,
-                &[],
-            ),
-            "finding the capture trigger function",
-        )
-        .first()
-        .get_one::<bool>()
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if updated {
-            or_raise(
-                c.update(&map.capture_trigger(&table), None, &[]),
-                "creating the capture trigger",
-            );
-        } else {
-            // the database's pg_nudge is still 0.1.0: its own kind of trigger
-            let f = function_name(source);
-            for (sql, doing) in [
-                (map.capture_function(&f), "creating the capture function"),
-                (
-                    format!(
-                        "CREATE TRIGGER nudge_capture AFTER INSERT ON {table}
+            let updated = or_raise(
+                c.select(
+                    "SELECT to_regprocedure('nudge._capture_rows()') IS NOT NULL",
+                    None,
+                    &[],
+                ),
+                "finding the capture trigger function",
+            )
+            .first()
+            .get_one::<bool>()
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+            if updated {
+                or_raise(
+                    c.update(&map.capture_trigger(&table), None, &[]),
+                    "creating the capture trigger",
+                );
+            } else {
+                // the database's pg_nudge is still 0.1.0: its own kind of trigger
+                let f = function_name(source);
+                for (sql, doing) in [
+                    (map.capture_function(&f), "creating the capture function"),
+                    (
+                        format!(
+                            "CREATE TRIGGER nudge_capture AFTER INSERT ON {table}
                          REFERENCING NEW TABLE AS nudge_new_rows
                          FOR EACH STATEMENT EXECUTE FUNCTION {f}()"
+                        ),
+                        "creating the capture trigger",
                     ),
-                    "creating the capture trigger",
-                ),
-            ] {
-                or_raise(c.update(&sql, None, &[]), doing);
+                ] {
+                    or_raise(c.update(&sql, None, &[]), doing);
+                }
             }
-        }
-    }))
+        })
+    })
 }
 
 /// Refuses a table that privileged code could not read without running a
@@ -155,7 +157,11 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     // a database whose SQL is still older (until ALTER EXTENSION UPDATE) has
     // no check of its own: the upgrade adds it and its event trigger
     let checkable = or_raise(
-        c.select("SELECT to_regprocedure('nudge._source_hazards(regclass)') IS NOT NULL", None, &[]),
+        c.select(
+            "SELECT to_regprocedure('nudge._source_hazards(regclass)') IS NOT NULL",
+            None,
+            &[],
+        ),
         "checking the table's columns",
     )
     .first()
@@ -192,45 +198,47 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
 pub fn drop(source: pg_sys::Oid) {
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "drop_source");
-    as_extension(|| Spi::connect_mut(|c| {
-        let gone = or_raise(
-            c.update(
-                "DELETE FROM nudge.sources WHERE source = $1 RETURNING 1",
-                None,
-                &[source.into()],
-            ),
-            "unregistering the source",
-        )
-        .len();
-        if gone == 0 {
-            error!("drop_source: {table} is not an event source");
-        }
-        or_raise(
-            c.update(
-                &format!("DROP TRIGGER IF EXISTS nudge_capture ON {table}"),
-                None,
-                &[],
-            ),
-            "dropping the trigger",
-        );
-        // the per-source plpgsql function of a source added by 0.1.0
-        let old = function_name(source) + "()";
-        let exists = or_raise(
-            c.select(
-                "SELECT 1 WHERE to_regprocedure($1) IS NOT NULL",
-                None,
-                &[old.clone().into()],
-            ),
-            "finding the 0.1.0 capture function",
-        )
-        .len();
-        if exists > 0 {
+    as_extension(|| {
+        Spi::connect_mut(|c| {
+            let gone = or_raise(
+                c.update(
+                    "DELETE FROM nudge.sources WHERE source = $1 RETURNING 1",
+                    None,
+                    &[source.into()],
+                ),
+                "unregistering the source",
+            )
+            .len();
+            if gone == 0 {
+                error!("drop_source: {table} is not an event source");
+            }
             or_raise(
-                c.update(&format!("DROP FUNCTION {old}"), None, &[]),
-                "dropping the function",
+                c.update(
+                    &format!("DROP TRIGGER IF EXISTS nudge_capture ON {table}"),
+                    None,
+                    &[],
+                ),
+                "dropping the trigger",
             );
-        }
-    }))
+            // the per-source plpgsql function of a source added by 0.1.0
+            let old = function_name(source) + "()";
+            let exists = or_raise(
+                c.select(
+                    "SELECT 1 WHERE to_regprocedure($1) IS NOT NULL",
+                    None,
+                    &[old.clone().into()],
+                ),
+                "finding the 0.1.0 capture function",
+            )
+            .len();
+            if exists > 0 {
+                or_raise(
+                    c.update(&format!("DROP FUNCTION {old}"), None, &[]),
+                    "dropping the function",
+                );
+            }
+        })
+    })
 }
 
 fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {

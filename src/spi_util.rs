@@ -118,10 +118,15 @@ pub fn in_context<R>(doing: &str, f: impl FnOnce() -> R) -> R {
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| match e {
             pg_sys::panic::CaughtError::RustPanic { .. } => e.rethrow(),
-            pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r) => {
                 // the SQLSTATE stays the one PostgreSQL gave (42501 for a
                 // table the definer may not read, 42601 for a syntax error)
-                ereport!(ERROR, r.sql_error_code(), format!("{doing}: {}", r.message()));
+                ereport!(
+                    ERROR,
+                    r.sql_error_code(),
+                    format!("{doing}: {}", r.message())
+                );
             }
         })
         .execute()

@@ -6,7 +6,6 @@
 
 use crate::engine::run_due::{profiles_of, settings, suppressions};
 use crate::privilege::as_definer;
-use std::collections::VecDeque;
 use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
 use nudge_core::definition::{Definition, Trigger};
@@ -15,6 +14,7 @@ use nudge_core::policy::{self, Candidate, Verdict};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
+use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
 
 const SAMPLES: usize = 5;
@@ -136,7 +136,10 @@ impl Stream<'_> {
                         r.get::<String>(1).ok().flatten().unwrap_or_default(),
                         r.get::<String>(2).ok().flatten().unwrap_or_default(),
                         micros(at),
-                        r.get::<JsonB>(4).ok().flatten().map_or(Value::Null, |j| j.0),
+                        r.get::<JsonB>(4)
+                            .ok()
+                            .flatten()
+                            .map_or(Value::Null, |j| j.0),
                     ))
                 })
                 .collect::<Vec<_>>()

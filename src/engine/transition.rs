@@ -70,9 +70,8 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         error!("pg_nudge: the capture trigger needs REFERENCING NEW TABLE");
     }
     // a statement of a warm backend runs no SQL here: no SPI, no search_path
-    let catalog = crate::catalog::cached().unwrap_or_else(|| {
-        as_extension(|| Spi::connect(|c| crate::catalog::live_triggers(c)))
-    });
+    let catalog = crate::catalog::cached()
+        .unwrap_or_else(|| as_extension(|| Spi::connect(|c| crate::catalog::live_triggers(c))));
     if catalog.watched.is_empty() {
         return;
     }

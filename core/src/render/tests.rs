@@ -130,4 +130,3 @@ fn a_subject_stays_one_header_line() {
         .unwrap();
     assert_eq!(r.subject, "Hi Ann Bcc: all@example.com");
 }
-

@@ -65,7 +65,9 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
     admin
         .batch_execute("DROP DATABASE IF EXISTS nudge_it_restored WITH (FORCE)")
         .unwrap();
-    admin.batch_execute("CREATE DATABASE nudge_it_restored").unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_restored")
+        .unwrap();
     let out = Command::new(pg_bin("pg_restore"))
         .args(conn_flags())
         .args(["--dbname=nudge_it_restored", "--exit-on-error"])
@@ -100,7 +102,10 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
     r.batch_execute("SELECT nudge.run_due(now() + interval '1 hour')")
         .unwrap();
     let u2: String = r
-        .query_one("SELECT state FROM nudge.enrollments WHERE user_id = 'u2'", &[])
+        .query_one(
+            "SELECT state FROM nudge.enrollments WHERE user_id = 'u2'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(u2, "suppressed");
@@ -116,15 +121,24 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
         .query_one("SELECT state FROM nudge.enrollments WHERE key = 'k9'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(k9, "exited", "the restored source's insert was not captured");
+    assert_eq!(
+        k9, "exited",
+        "the restored source's insert was not captured"
+    );
     let html: String = r
         .query_one("SELECT o.html FROM nudge.outbox o JOIN nudge.enrollments e ON e.message_key = o.message_key AND e.key = 'k8'", &[])
         .unwrap()
         .get(0);
-    assert_eq!(html, "<p>7 points</p>", "the restored generated function did not run");
+    assert_eq!(
+        html, "<p>7 points</p>",
+        "the restored generated function did not run"
+    );
     // new rows do not collide with restored ids
     assert_eq!(
-        count(&mut r, "SELECT count(*) - count(DISTINCT id) FROM nudge.events"),
+        count(
+            &mut r,
+            "SELECT count(*) - count(DISTINCT id) FROM nudge.events"
+        ),
         0
     );
     let _ = std::fs::remove_file(&file);

@@ -340,7 +340,10 @@ fn a_cancelled_run_due_cancels_and_fails_no_message() {
     canceller.join().unwrap();
     assert_eq!(err.code().map(|s| s.code()), Some("57014"), "{err:?}");
     let state: String = c
-        .query_one("SELECT state FROM nudge.enrollments WHERE user_id = 'u1'", &[])
+        .query_one(
+            "SELECT state FROM nudge.enrollments WHERE user_id = 'u1'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert_eq!(state, "waiting", "the cancel failed the message");

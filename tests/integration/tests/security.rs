@@ -70,7 +70,11 @@ fn admin_cannot_create_in_our_schema_hook_our_tables_or_forge_the_catalog() {
         "UPDATE nudge.triggers SET owner = 'postgres'",
     ];
     for sql in attacks {
-        assert_eq!(sqlstate(a.batch_execute(sql)), "42501", "as nudge_admin: {sql}");
+        assert_eq!(
+            sqlstate(a.batch_execute(sql)),
+            "42501",
+            "as nudge_admin: {sql}"
+        );
     }
     // what it is there for still works
     a.batch_execute(
@@ -91,9 +95,15 @@ fn admin_cannot_create_in_our_schema_hook_our_tables_or_forge_the_catalog() {
                  OR has_table_privilege('nudge_admin', c.oid, 'TRUNCATE')
                  OR has_table_privilege('nudge_admin', c.oid, 'REFERENCES'))",
     );
-    assert_eq!(privileges, 0, "TRIGGER, TRUNCATE or REFERENCES granted to nudge_admin");
+    assert_eq!(
+        privileges, 0,
+        "TRIGGER, TRUNCATE or REFERENCES granted to nudge_admin"
+    );
     let create: bool = su
-        .query_one("SELECT has_schema_privilege('nudge_admin', 'nudge', 'CREATE')", &[])
+        .query_one(
+            "SELECT has_schema_privilege('nudge_admin', 'nudge', 'CREATE')",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(!create, "nudge_admin may create in schema nudge");
@@ -112,7 +122,10 @@ fn a_generated_function_made_security_invoker_is_refused_not_run_by_the_worker()
     .unwrap();
     let mut su = connect(&db);
     let function: String = su
-        .query_one("SELECT function FROM nudge.user_sql WHERE trigger = 'x'", &[])
+        .query_one(
+            "SELECT function FROM nudge.user_sql WHERE trigger = 'x'",
+            &[],
+        )
         .unwrap()
         .get(0);
     // the definer owns its function, so it can change its security
@@ -124,14 +137,22 @@ fn a_generated_function_made_security_invoker_is_refused_not_run_by_the_worker()
          SELECT nudge.run_due();",
     )
     .unwrap();
-    assert!(!is_superuser(&mut su, "sec_b_admin"), "the admin made itself superuser");
     assert!(
-        !seen(&mut su, "sec_b_admin").iter().any(|s| s.starts_with("postgres")),
+        !is_superuser(&mut su, "sec_b_admin"),
+        "the admin made itself superuser"
+    );
+    assert!(
+        !seen(&mut su, "sec_b_admin")
+            .iter()
+            .any(|s| s.starts_with("postgres")),
         "the admin's code ran as the superuser: {:?}",
         seen(&mut su, "sec_b_admin")
     );
     let reason: String = su
-        .query_one("SELECT state || ': ' || reason FROM nudge.enrollments WHERE trigger = 'x'", &[])
+        .query_one(
+            "SELECT state || ': ' || reason FROM nudge.enrollments WHERE trigger = 'x'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(
@@ -177,7 +198,10 @@ fn user_sql_runs_as_its_definer_and_what_it_sets_does_not_outlive_it() {
          SELECT nudge.run_due();",
     )
     .unwrap();
-    assert!(!is_superuser(&mut su, "sec_c_admin"), "the admin made itself superuser");
+    assert!(
+        !is_superuser(&mut su, "sec_c_admin"),
+        "the admin made itself superuser"
+    );
     // the context query ran, as its definer, and nothing else of the admin's did
     assert_eq!(
         seen(&mut su, "sec_c_admin"),
@@ -215,7 +239,10 @@ fn a_writers_temporary_table_never_shadows_what_a_definer_named() {
     .unwrap();
     let mut su = connect(&db);
     assert_eq!(
-        count(&mut su, "SELECT count(*) FROM nudge.enrollments WHERE user_id = 'w1'"),
+        count(
+            &mut su,
+            "SELECT count(*) FROM nudge.enrollments WHERE user_id = 'w1'"
+        ),
         0,
         "the writer's temporary table answered the definer's audience query"
     );
@@ -262,7 +289,10 @@ fn overloads_planted_in_public_are_never_called_by_privileged_code() {
          SELECT * FROM nudge.trigger_stats;",
     )
     .unwrap();
-    assert!(!is_superuser(&mut su, "sec_e_owner"), "the database owner made itself superuser");
+    assert!(
+        !is_superuser(&mut su, "sec_e_owner"),
+        "the database owner made itself superuser"
+    );
     assert_eq!(seen(&mut su, "sec_e_owner"), Vec::<String>::new());
     assert_eq!(count(&mut su, "SELECT count(*) FROM nudge.outbox"), 2);
 }
@@ -291,7 +321,12 @@ fn mailer_and_plain_roles_cannot_call_generated_functions_or_read_the_catalog() 
         .map(|r| r.get(0))
         .collect();
     assert_eq!(functions.len(), 2);
-    for role in ["sec_f_mailer", "sec_f_plain", "sec_f_writer", "sec_f_admin2"] {
+    for role in [
+        "sec_f_mailer",
+        "sec_f_plain",
+        "sec_f_writer",
+        "sec_f_admin2",
+    ] {
         let mut c = connect_as(&db, role);
         for f in &functions {
             let sql = format!("SELECT {f}('u1')");
@@ -305,7 +340,11 @@ fn mailer_and_plain_roles_cannot_call_generated_functions_or_read_the_catalog() 
         "SELECT nudge.run_due()",
         "SELECT nudge.track('u1', 'e')",
     ] {
-        assert_eq!(sqlstate(p.batch_execute(sql)), "42501", "as a plain role: {sql}");
+        assert_eq!(
+            sqlstate(p.batch_execute(sql)),
+            "42501",
+            "as a plain role: {sql}"
+        );
     }
     // each generated function has no grant but its owner's
     let acl = count(
@@ -313,7 +352,10 @@ fn mailer_and_plain_roles_cannot_call_generated_functions_or_read_the_catalog() 
         "SELECT count(*) FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
           WHERE p.proname LIKE '\\_user\\_sql\\_%' AND a.grantee <> p.proowner",
     );
-    assert_eq!(acl, 0, "a generated function is executable by someone else than its definer");
+    assert_eq!(
+        acl, 0,
+        "a generated function is executable by someone else than its definer"
+    );
 }
 
 #[test]
@@ -354,10 +396,14 @@ fn sources_need_rights_on_the_table_and_no_user_written_casts() {
         "42501"
     );
     // a clean table is fine; giving it such a column later is refused
-    a.batch_execute("SELECT nudge.add_source('sec_g_admin.orders', 'customer', event_name => 'purchased')")
-        .unwrap();
+    a.batch_execute(
+        "SELECT nudge.add_source('sec_g_admin.orders', 'customer', event_name => 'purchased')",
+    )
+    .unwrap();
     assert_eq!(
-        sqlstate(a.batch_execute("ALTER TABLE sec_g_admin.orders ADD COLUMN mood sec_g_admin.mood")),
+        sqlstate(
+            a.batch_execute("ALTER TABLE sec_g_admin.orders ADD COLUMN mood sec_g_admin.mood")
+        ),
         "42501"
     );
     a.batch_execute(
@@ -377,7 +423,10 @@ fn sources_need_rights_on_the_table_and_no_user_written_casts() {
         .unwrap();
     let mut su = connect(&db);
     assert_eq!(
-        count(&mut su, "SELECT count(*) FROM nudge.all_events WHERE user_id = 'u1' AND props->>'size' = 's'"),
+        count(
+            &mut su,
+            "SELECT count(*) FROM nudge.all_events WHERE user_id = 'u1' AND props->>'size' = 's'"
+        ),
         1
     );
 }
@@ -402,7 +451,10 @@ fn templates_escape_html_and_a_runaway_template_fails_alone() {
         )
         .unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("22023"));
-    let message = err.as_db_error().map(|e| e.message().to_string()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
     assert!(message.contains("html: line 2"), "{message}");
     let mut su = connect(&db);
     su.batch_execute(
@@ -415,7 +467,10 @@ fn templates_escape_html_and_a_runaway_template_fails_alone() {
     )
     .unwrap();
     let r = su
-        .query_one("SELECT subject, html, text_body FROM nudge.outbox WHERE user_id = 'u1'", &[])
+        .query_one(
+            "SELECT subject, html, text_body FROM nudge.outbox WHERE user_id = 'u1'",
+            &[],
+        )
         .unwrap();
     assert_eq!(r.get::<_, String>(0), "Hi <img src=x onerror=alert(1)>");
     assert_eq!(
@@ -424,10 +479,16 @@ fn templates_escape_html_and_a_runaway_template_fails_alone() {
     );
     assert_eq!(r.get::<_, String>(2), "Hi <img src=x onerror=alert(1)>");
     let huge: String = su
-        .query_one("SELECT state || ': ' || reason FROM nudge.enrollments WHERE user_id = 'u2'", &[])
+        .query_one(
+            "SELECT state || ': ' || reason FROM nudge.enrollments WHERE user_id = 'u2'",
+            &[],
+        )
         .unwrap()
         .get(0);
-    assert!(huge.starts_with("failed") && huge.contains("output over"), "{huge}");
+    assert!(
+        huge.starts_with("failed") && huge.contains("output over"),
+        "{huge}"
+    );
 }
 
 #[test]
@@ -445,16 +506,25 @@ fn source_mappings_cannot_inject_sql_whatever_the_quoting_settings() {
     )
     .unwrap();
     let mut su = connect(&db);
-    assert!(!is_superuser(&mut su, "sec_i_admin"), "the admin made itself superuser");
+    assert!(
+        !is_superuser(&mut su, "sec_i_admin"),
+        "the admin made itself superuser"
+    );
     // the odd names are names, and the source works
     a.batch_execute(r#"INSERT INTO sec_i_admin.t VALUES ('u1', '{"a": 1}')"#)
         .unwrap();
     let event: String = su
-        .query_one("SELECT event FROM nudge.all_events WHERE user_id = 'u1'", &[])
+        .query_one(
+            "SELECT event FROM nudge.all_events WHERE user_id = 'u1'",
+            &[],
+        )
         .unwrap()
         .get(0);
     assert!(event.starts_with("x\\' AS event"), "{event}");
-    assert!(!is_superuser(&mut su, "sec_i_admin"), "the admin made itself superuser");
+    assert!(
+        !is_superuser(&mut su, "sec_i_admin"),
+        "the admin made itself superuser"
+    );
 }
 
 #[test]
@@ -477,14 +547,20 @@ fn a_reinstall_keeps_no_grant_or_object_left_in_our_schema() {
         )
         .unwrap();
     let (admin, public): (bool, bool) = (r.get(0), r.get(1));
-    assert!(!admin && !public, "a CREATE grant on schema nudge survived the reinstall");
+    assert!(
+        !admin && !public,
+        "a CREATE grant on schema nudge survived the reinstall"
+    );
     // an object planted there before is found, and the install refused
     su.batch_execute(
         "DROP EXTENSION pg_nudge;
          CREATE FUNCTION nudge.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT pg_catalog.now()';",
     )
     .unwrap();
-    assert_eq!(sqlstate(su.batch_execute("CREATE EXTENSION pg_nudge")), "42501");
+    assert_eq!(
+        sqlstate(su.batch_execute("CREATE EXTENSION pg_nudge")),
+        "42501"
+    );
 }
 
 #[test]
@@ -521,8 +597,10 @@ fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
          SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now() - interval '3 hours');",
     )
     .unwrap();
-    o.batch_execute("INSERT INTO sec_k_owner.orders VALUES ('u2', 'k2', now() - interval '2 hours 30 minutes')")
-        .unwrap();
+    o.batch_execute(
+        "INSERT INTO sec_k_owner.orders VALUES ('u2', 'k2', now() - interval '2 hours 30 minutes')",
+    )
+    .unwrap();
     // a superuser's backtest, first to plan a read of the table in its
     // backend (a backend evaluates an index expression's constants once)
     connect(&db)
@@ -539,7 +617,10 @@ fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
          SELECT count(*) FROM nudge.all_events;",
     )
     .unwrap();
-    assert!(!is_superuser(&mut su, "sec_k_owner"), "the table's owner made itself superuser");
+    assert!(
+        !is_superuser(&mut su, "sec_k_owner"),
+        "the table's owner made itself superuser"
+    );
     let runs = seen(&mut su, "sec_k_owner");
     assert!(
         runs.iter().all(|s| s.starts_with("sec_k_owner:")),
@@ -547,7 +628,10 @@ fn the_owner_of_a_source_runs_nothing_as_anyone_but_itself() {
     );
     assert!(!runs.is_empty(), "the reads were never planned");
     let states: Vec<String> = su
-        .query("SELECT user_id || ':' || state FROM nudge.enrollments ORDER BY 1", &[])
+        .query(
+            "SELECT user_id || ':' || state FROM nudge.enrollments ORDER BY 1",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -576,11 +660,23 @@ fn an_admin_sees_another_definers_query_results_neither_in_messages_nor_in_previ
     .unwrap();
     let mut a = connect_as(&db, "sec_l_admin");
     assert_eq!(count(&mut a, "SELECT count(*) FROM nudge.outbox"), 0);
-    assert_eq!(sqlstate(a.batch_execute("SELECT nudge.preview('b', 'u1')")), "42501");
+    assert_eq!(
+        sqlstate(a.batch_execute("SELECT nudge.preview('b', 'u1')")),
+        "42501"
+    );
     // nor through the mailer's functions, which run as the owner
-    assert_eq!(sqlstate(a.batch_execute("SELECT * FROM nudge.claim(100, '0 seconds')")), "42501");
+    assert_eq!(
+        sqlstate(a.batch_execute("SELECT * FROM nudge.claim(100, '0 seconds')")),
+        "42501"
+    );
     // nor through a journey's reason (a failed render quotes values)
-    assert_eq!(count(&mut a, "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'b'"), 0);
+    assert_eq!(
+        count(
+            &mut a,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'b'"
+        ),
+        0
+    );
     // nor by forging engine state, or taking over the profile query
     assert_eq!(
         sqlstate(a.batch_execute("UPDATE nudge.enrollments SET state = 'waiting'")),
@@ -589,11 +685,19 @@ fn an_admin_sees_another_definers_query_results_neither_in_messages_nor_in_previ
     b.batch_execute("SELECT nudge.set_profile_query('SELECT p.email FROM nudge.profiles p WHERE p.user_id = $1')")
         .unwrap();
     assert_eq!(
-        sqlstate(a.batch_execute("SELECT nudge.set_profile_query('SELECT ''me@evil.example'' AS email')")),
+        sqlstate(a.batch_execute(
+            "SELECT nudge.set_profile_query('SELECT ''me@evil.example'' AS email')"
+        )),
         "42501"
     );
     // its definer, and the mailer, see the message
-    assert_eq!(count(&mut b, "SELECT count(*) FROM nudge.outbox WHERE html LIKE '%4111%'"), 1);
+    assert_eq!(
+        count(
+            &mut b,
+            "SELECT count(*) FROM nudge.outbox WHERE html LIKE '%4111%'"
+        ),
+        1
+    );
     b.batch_execute("SELECT nudge.preview('b', 'u1')").unwrap();
     let mut m = connect_as(&db, "sec_l_mailer");
     assert_eq!(count(&mut m, "SELECT count(*) FROM nudge.outbox"), 1);

@@ -206,7 +206,9 @@ fn upgrade_from_0_2_0_secures_user_sql_and_keeps_working() {
     admin
         .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade2 WITH (FORCE)")
         .unwrap();
-    admin.batch_execute("CREATE DATABASE nudge_it_upgrade2").unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade2")
+        .unwrap();
     let db = format!("{} dbname=nudge_it_upgrade2", dsn());
     let mut c = connect(&db);
     c.batch_execute(
@@ -251,11 +253,15 @@ fn upgrade_from_0_2_0_secures_user_sql_and_keeps_working() {
         "CREATE FUNCTION nudge.jsonb_build_object(a text, b text) RETURNS jsonb LANGUAGE sql AS 'SELECT NULL::jsonb'",
     )
     .unwrap();
-    let err = c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap_err();
+    let err = c
+        .batch_execute("ALTER EXTENSION pg_nudge UPDATE")
+        .unwrap_err();
     let db_err = err.as_db_error().expect("a database error");
     assert_eq!(db_err.code().code(), "42501");
     assert!(
-        db_err.message().contains("function jsonb_build_object(text,text)"),
+        db_err
+            .message()
+            .contains("function jsonb_build_object(text,text)"),
         "{}",
         db_err.message()
     );

@@ -270,25 +270,42 @@ fn sigterm_during_a_drain_stops_the_worker() {
     let worker = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_nudge worker'";
     let pid: i32 = wait_for(20, || {
         let started = count(&mut c, "SELECT count(*) FROM nudge.outbox") > 0;
-        let pid = c.query_opt(worker, &[]).unwrap().map(|r| r.get::<_, i32>(0));
+        let pid = c
+            .query_opt(worker, &[])
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0));
         pid.filter(|_| started)
     })
     .expect("the worker started writing");
-    c.execute("SELECT pg_terminate_backend($1)", &[&pid]).unwrap();
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .unwrap();
     let at = count(&mut c, "SELECT count(*) FROM nudge.outbox");
     let replaced = wait_for(10, || {
-        let now = c.query_opt(worker, &[]).unwrap().map(|r| r.get::<_, i32>(0));
+        let now = c
+            .query_opt(worker, &[])
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0));
         (now != Some(pid)).then_some(())
     });
     assert!(
         replaced.is_some(),
         "the worker (pid {pid}) was still running 10 s after SIGTERM"
     );
-    assert!(at < 20000, "the SIGTERM came before the end of the drain ({at} written)");
+    assert!(
+        at < 20000,
+        "the SIGTERM came before the end of the drain ({at} written)"
+    );
     let finished = wait_for(120, || {
-        (count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'") == 0).then_some(())
+        (count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'",
+        ) == 0)
+            .then_some(())
     });
     set_setting("nudge.batch_size", None);
-    assert!(finished.is_some(), "the new worker did not finish the drain");
+    assert!(
+        finished.is_some(),
+        "the new worker did not finish the drain"
+    );
     assert_eq!(outbox_uniqueness(&mut c), (20000, 20000, 20000));
 }
