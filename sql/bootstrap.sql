@@ -104,6 +104,9 @@ CREATE TABLE nudge.enrollments (
     -- when the message went (its available_at) or, held out, would have gone
     sent_at         timestamptz,
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    -- passes whose lookups (profile, audience_sql, context) failed in a way
+    -- that may pass, a timeout: the enrollment waits and is tried again
+    attempts        int         NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, id),
     -- one journey per trigger, user, key and anchor instant
     UNIQUE (user_id, trigger, key, entered_at)

@@ -293,6 +293,77 @@ ALTER TABLE nudge.enrollments ENABLE ROW LEVEL SECURITY;
 CREATE POLICY definers_data ON nudge.enrollments FOR ALL TO nudge_admin
     USING (nudge._may_read(trigger, trigger_version));
 
+-- Retention (nudge.retention, default 180 days; 'off' keeps everything):
+-- deletes, at most `batch` rows per table per call, what is older than that
+-- and finished: journal lines, ended journeys (but never a user's latest
+-- journey of a trigger, which reentry "once" and cooldowns read), sent and
+-- dead messages, and queued events the worker never took. Suppressions and
+-- events are kept. The worker calls it hourly, one batch per transaction,
+-- until a call comes back short.
+CREATE FUNCTION nudge.apply_retention(batch int DEFAULT 10000)
+RETURNS TABLE (relation text, deleted bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    setting text := nudge._setting('nudge.retention', '180 days');
+    keep interval;
+    cutoff timestamptz;
+BEGIN
+    IF lower(btrim(setting)) = 'off' THEN
+        RETURN;
+    END IF;
+    BEGIN
+        keep := setting::interval;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow
+                   OR syntax_error OR invalid_text_representation THEN
+        RAISE EXCEPTION 'nudge.retention: % is not an interval (''180 days'') or ''off''', pg_catalog.quote_literal(setting)
+            USING ERRCODE = '22023';
+    END;
+    IF keep < interval '1 day' THEN
+        RAISE EXCEPTION 'nudge.retention: % is less than a day', pg_catalog.quote_literal(setting)
+            USING ERRCODE = '22023',
+                  HINT = 'journeys that wait longer than the retention would lose their history';
+    END IF;
+    IF batch IS NULL OR batch < 1 THEN
+        RAISE EXCEPTION 'apply_retention: batch must be at least 1, got %', batch USING ERRCODE = '22023';
+    END IF;
+    cutoff := now() - keep;
+
+    relation := 'journal';
+    DELETE FROM nudge.journal j WHERE j.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.journal x
+         WHERE x.recorded_at < cutoff
+           AND NOT EXISTS (SELECT 1 FROM nudge.enrollments e
+                            WHERE e.user_id = x.user_id AND e.id = x.enrollment_id AND e.state = 'waiting')
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'enrollments';
+    DELETE FROM nudge.enrollments e WHERE e.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.enrollments x
+         WHERE x.state <> 'waiting' AND x.updated_at < cutoff
+           AND EXISTS (SELECT 1 FROM nudge.enrollments n
+                        WHERE n.user_id = x.user_id AND n.trigger = x.trigger AND n.entered_at > x.entered_at)
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'outbox';
+    DELETE FROM nudge.outbox o WHERE o.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.outbox x
+         WHERE x.status IN ('sent', 'dead') AND x.created_at < cutoff
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'capture_queue';
+    DELETE FROM nudge.capture_queue q WHERE q.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.capture_queue x WHERE x.queued_at < cutoff LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+END
+$$;
+
 -- The schema's grants are ours alone to give: a schema nudge that outlived an
 -- earlier install (DROP EXTENSION keeps it) may still carry 0.2.0's CREATE
 -- for nudge_admin, or anyone's.
@@ -330,6 +401,8 @@ REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, t
     nudge.record_engagement(text, text, timestamptz, jsonb) FROM nudge_admin;
 -- the upgrade's own step
 REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
+-- the worker's (or a superuser's): it deletes the engine's history
+REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

@@ -313,6 +313,8 @@ fn worker_status() -> TableIterator<
         name!(errors, i64),
         name!(lag, Option<Interval>),
         name!(queued, i64),
+        name!(failed, i64),
+        name!(retried, i64),
     ),
 > {
     let s = crate::worker::status();
@@ -337,7 +339,9 @@ fn worker_status() -> TableIterator<
     let last = s
         .last_pass_us
         .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
-    TableIterator::once((s.running, last, s.passes, s.messages, s.errors, lag, queued))
+    TableIterator::once((
+        s.running, last, s.passes, s.messages, s.errors, lag, queued, s.failed, s.retried,
+    ))
 }
 
 /// Reads profiles from the user's own tables: `sql` uses `$1` for the user id

@@ -15,6 +15,9 @@ pub static DEFERRED_CAPTURE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static MAX_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(5);
 static RETRY_BASE_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(30);
 static RETRY_MAX_SECONDS: GucSetting<i32> = GucSetting::<i32>::new(3600);
+// Read by nudge.apply_retention (an interval, or 'off').
+static RETENTION: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"180 days"));
 
 /// `preloaded`: called from shared_preload_libraries. Only then may a
 /// postmaster-level setting be defined (later it is a FATAL error), and only
@@ -70,7 +73,7 @@ the worker, nudge.capture_pending() or nudge.run_due() enrolls them, in event ti
     GucRegistry::define_int_guc(
         c"nudge.user_sql_timeout",
         c"Longest a batch's audience or context query may run.",
-        c"0: no limit. A query cancelled by it fails the messages of the users it was for.",
+        c"0: no limit. A query cancelled by it leaves the messages of the users it was for waiting, tried again with backoff (nudge.retry_base_seconds, nudge.max_attempts).",
         &USER_SQL_TIMEOUT_MS,
         0,
         3_600_000,
@@ -107,6 +110,31 @@ the worker, nudge.capture_pending() or nudge.run_due() enrolls them, in event ti
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_string_guc(
+        c"nudge.retention",
+        c"How long finished journeys, journal lines and sent messages are kept ('off': forever).",
+        c"An interval such as '180 days'; suppressions and events are always kept.",
+        &RETENTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+}
+
+/// The retry rule of failed deliveries (`nudge.fail`), also applied to
+/// enrollments whose lookups failed in a way that may pass.
+pub fn backoff() -> nudge_core::retry::Backoff {
+    nudge_core::retry::Backoff {
+        base_seconds: RETRY_BASE_SECONDS.get() as f64,
+        max_seconds: RETRY_MAX_SECONDS.get() as f64,
+        max_attempts: MAX_ATTEMPTS.get(),
+    }
+}
+
+/// How long a pass may spend finding whose lookup failed in a batch.
+pub fn user_sql_budget() -> std::time::Duration {
+    let ms = USER_SQL_TIMEOUT_MS.get();
+    let ms = if ms > 0 { 2 * ms as u64 } else { 10_000 };
+    std::time::Duration::from_millis(ms)
 }
 
 pub fn database() -> String {

@@ -85,18 +85,24 @@ pub fn create(
     definer: &Definer,
 ) {
     let (trigger, version, part) = owner;
-    let id: i64 = or_raise(c.update("SELECT nextval('nudge.user_sql_id')", None, &[]), part)
-        .first()
-        .get_one()
-        .ok()
-        .flatten()
-        .expect("nextval");
+    let id: i64 = or_raise(
+        c.update("SELECT nextval('nudge.user_sql_id')", None, &[]),
+        part,
+    )
+    .first()
+    .get_one()
+    .ok()
+    .flatten()
+    .expect("nextval");
     let function = format!("nudge._user_sql_{id}");
     let sql = trimmed(sql);
     let (returns, body) = match kind {
         // every name of ours qualified: the definer's path may hold a schema
         // where someone else can plant a better-matching overload
-        Kind::Audience => ("boolean", format!("SELECT coalesce((SELECT q.* FROM ({sql}) AS q LIMIT 1), false)")),
+        Kind::Audience => (
+            "boolean",
+            format!("SELECT coalesce((SELECT q.* FROM ({sql}) AS q LIMIT 1), false)"),
+        ),
         // one row: an object; several: a list; none: null
         Kind::Context => (
             "jsonb",
@@ -108,7 +114,10 @@ pub fn create(
                    FROM ({sql}) AS q"
             ),
         ),
-        Kind::Profile => ("jsonb", format!("SELECT pg_catalog.to_jsonb(p) FROM ({sql}) AS p LIMIT 1")),
+        Kind::Profile => (
+            "jsonb",
+            format!("SELECT pg_catalog.to_jsonb(p) FROM ({sql}) AS p LIMIT 1"),
+        ),
     };
     let mut tag = String::from("nudge_sql");
     while body.contains(&format!("${tag}$")) {
@@ -220,11 +229,19 @@ pub fn secure_existing(c: &mut SpiClient<'_>) -> i64 {
         ),
         "reading nudge._profile",
     )
-    .map(|r| (r.get::<String>(1).ok().flatten().unwrap_or_default(), r.get::<bool>(2).ok().flatten().unwrap_or(false)))
+    .map(|r| {
+        (
+            r.get::<String>(1).ok().flatten().unwrap_or_default(),
+            r.get::<bool>(2).ok().flatten().unwrap_or(false),
+        )
+    })
     .next();
     match profile {
         Some((_, true)) => {
-            or_raise(c.update("DROP FUNCTION nudge._profile(text)", None, &[]), "dropping nudge._profile");
+            or_raise(
+                c.update("DROP FUNCTION nudge._profile(text)", None, &[]),
+                "dropping nudge._profile",
+            );
         }
         Some((owner, false)) => {
             or_raise(
@@ -232,7 +249,12 @@ pub fn secure_existing(c: &mut SpiClient<'_>) -> i64 {
                     "INSERT INTO nudge.user_sql (trigger, version, part, function, owner)
                      VALUES ($1, $2, $3, 'nudge._profile', $4) ON CONFLICT DO NOTHING",
                     None,
-                    &[PROFILE.0.into(), PROFILE.1.into(), PROFILE.2.into(), owner.into()],
+                    &[
+                        PROFILE.0.into(),
+                        PROFILE.1.into(),
+                        PROFILE.2.into(),
+                        owner.into(),
+                    ],
                 ),
                 "registering nudge._profile",
             );
@@ -341,16 +363,25 @@ pub fn call(
     c: &SpiClient<'_>,
     f: &Registered,
     users: &[String],
-) -> HashMap<String, Result<Value, String>> {
+) -> HashMap<String, Result<Value, crate::isolate::Failure>> {
     if let Some(why) = &f.refused {
-        return users.iter().map(|u| (u.clone(), Err(why.clone()))).collect();
+        return users
+            .iter()
+            .map(|u| {
+                (
+                    u.clone(),
+                    Err(crate::isolate::Failure::permanent(why.clone())),
+                )
+            })
+            .collect();
     }
     let query = format!(
         "SELECT u, pg_catalog.to_jsonb({}(u)) FROM pg_catalog.unnest($1::text[]) u",
         f.function
     );
-    // every attempt (the batch, then each user if it failed) gets the full timeout
-    isolate::per_user(users, |some| {
+    // every attempt (the batch, then each user if it failed) gets the full
+    // timeout; finding the slow users gets twice that, the rest try later
+    isolate::per_user(users, crate::settings::user_sql_budget(), |some| {
         crate::privilege::as_definer(f.owner, || {
             with_timeout(|| {
                 or_raise(

@@ -19,6 +19,10 @@ pub struct Shared {
     passes: AtomicI64,
     messages: AtomicI64,
     errors: AtomicI64,
+    /// enrollments that failed (with their reason in the enrollment)
+    failed: AtomicI64,
+    /// enrollments left waiting after a transient failure, to be tried again
+    retried: AtomicI64,
 }
 
 unsafe impl PGRXSharedMemory for Shared {}
@@ -83,6 +87,8 @@ pub struct Status {
     pub passes: i64,
     pub messages: i64,
     pub errors: i64,
+    pub failed: i64,
+    pub retried: i64,
 }
 
 pub fn status() -> Status {
@@ -93,6 +99,8 @@ pub fn status() -> Status {
             passes: 0,
             messages: 0,
             errors: 0,
+            failed: 0,
+            retried: 0,
         },
         Some(s) => {
             let last = s.last_pass_us.load(Ordering::Relaxed);
@@ -102,6 +110,8 @@ pub fn status() -> Status {
                 passes: s.passes.load(Ordering::Relaxed),
                 messages: s.messages.load(Ordering::Relaxed),
                 errors: s.errors.load(Ordering::Relaxed),
+                failed: s.failed.load(Ordering::Relaxed),
+                retried: s.retried.load(Ordering::Relaxed),
             }
         }
     }
@@ -118,11 +128,12 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
         .store(unsafe { (*pg_sys::MyProc).pgprocno }, Ordering::Release);
     log!("pg_nudge worker started for database {db}");
 
-    let mut experiments_checked = 0;
+    let (mut experiments_checked, mut retention_applied) = (0, 0);
     loop {
         if settings::ENABLED.get() && extension_present() {
             drain(s);
             check_experiments(&mut experiments_checked);
+            apply_retention(&mut retention_applied);
         }
         let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
         if stopping() || !BackgroundWorker::wait_latch(Some(nap)) || stopping() {
@@ -172,6 +183,8 @@ fn drain(s: &Shared) {
         let claimed = match one_batch(batch) {
             Ok(pass) => {
                 s.messages.fetch_add(pass.written as i64, Ordering::Relaxed);
+                s.failed.fetch_add(pass.failed as i64, Ordering::Relaxed);
+                s.retried.fetch_add(pass.retried as i64, Ordering::Relaxed);
                 pass.claimed
             }
             Err(e) => {
@@ -230,6 +243,59 @@ fn check_experiments(last: &mut i64) {
             }
         }
         Err(e) => warning!("pg_nudge worker: experiment check failed: {e}"),
+    }
+}
+
+/// How often the worker deletes what is past nudge.retention.
+const RETENTION_US: i64 = 3_600_000_000;
+/// Rows per table per transaction: short transactions, short locks.
+const RETENTION_BATCH: i32 = 5_000;
+
+fn apply_retention(last: &mut i64) {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now - *last < RETENTION_US {
+        return;
+    }
+    *last = now;
+    let mut total = 0i64;
+    loop {
+        let deleted = guarded(|| {
+            as_extension(|| {
+                Spi::connect(|c| {
+                    c.select(
+                        "SELECT max(deleted), sum(deleted)::bigint FROM nudge.apply_retention($1)",
+                        None,
+                        &[RETENTION_BATCH.into()],
+                    )
+                    .map(|rows| {
+                        let r = rows.first();
+                        (
+                            r.get::<i64>(1).ok().flatten().unwrap_or(0),
+                            r.get::<i64>(2).ok().flatten().unwrap_or(0),
+                        )
+                    })
+                })
+            })
+        });
+        match deleted {
+            Ok(Ok((most, sum))) => {
+                total += sum;
+                if most < RETENTION_BATCH as i64 || stopping() {
+                    break;
+                }
+            }
+            Ok(Err(e)) => {
+                warning!("pg_nudge worker: retention failed: {e}");
+                break;
+            }
+            Err(e) => {
+                warning!("pg_nudge worker: retention failed: {e}");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        log!("pg_nudge worker: retention deleted {total} rows past nudge.retention");
     }
 }
 

@@ -8,6 +8,7 @@ pub mod experiment;
 pub mod policy;
 pub mod predicate;
 pub mod render;
+pub mod retry;
 pub mod sequence;
 pub mod sql;
 pub mod time;

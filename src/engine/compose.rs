@@ -27,7 +27,7 @@ pub struct Inputs<'a> {
     pub message_key: &'a str,
     pub anchor: &'a Value,
     /// The profile lookup's answer: None = no such user, Err = the lookup failed.
-    pub profile: Option<&'a Result<Value, String>>,
+    pub profile: Option<&'a Result<Value, crate::isolate::Failure>>,
     /// `context.<name>` values, and the first context query that failed.
     pub context: Map<String, Value>,
     pub context_error: Option<String>,

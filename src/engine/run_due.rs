@@ -16,6 +16,7 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
+#[derive(Clone)]
 struct Due {
     id: i64,
     trigger: String,
@@ -27,6 +28,8 @@ struct Due {
     message_key: String,
     /// The experiment arm drawn at entry.
     variant: Option<String>,
+    /// Earlier passes that met a transient failure for it.
+    attempts: i32,
 }
 
 enum Outcome {
@@ -46,23 +49,90 @@ enum Outcome {
     },
     Suppressed(String),
     Failed(String),
+    /// A lookup failed in a way that may pass (a timeout): still waiting, due again at `at`.
+    Retry {
+        at: Micros,
+        why: String,
+    },
 }
 
-/// What one pass did: enrollments taken, messages written.
+/// What one pass did: enrollments taken, messages written, enrollments
+/// failed and left waiting for a retry.
+#[derive(Clone, Copy, Default)]
 pub struct Pass {
     pub claimed: usize,
     pub written: i32,
+    pub failed: i32,
+    pub retried: i32,
+}
+
+impl std::ops::Add for Pass {
+    type Output = Pass;
+    fn add(self, o: Pass) -> Pass {
+        Pass {
+            claimed: self.claimed + o.claimed,
+            written: self.written + o.written,
+            failed: self.failed + o.failed,
+            retried: self.retried + o.retried,
+        }
+    }
 }
 
 pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
     Spi::connect_mut(|c| {
         let due = claim_due(c, as_of, max_messages);
+        let claimed = due.len();
         if due.is_empty() {
-            return Pass {
-                claimed: 0,
-                written: 0,
-            };
+            return Pass::default();
         }
+        // One statement per step for the whole batch; only when that fails
+        // is each enrollment decided alone, so that the one whose data the
+        // database refuses is set aside with the error and the rest go on.
+        let pass = match isolate::subtransaction(|| decide(c, due.clone(), as_of)) {
+            Ok(pass) => pass,
+            Err(_) => due
+                .into_iter()
+                .fold(Pass::default(), |p, d| p + decide_alone(c, d, as_of)),
+        };
+        let written = pass.written;
+        if written > 0 {
+            // One wake-up per batch, never one per message.
+            run(
+                c,
+                "SELECT pg_notify('nudge_outbox', $1::text)",
+                &[written.into()],
+                "notifying",
+            );
+        }
+        Pass { claimed, ..pass }
+    })
+}
+
+/// Decides one enrollment in a subtransaction of its own; if that fails
+/// too, it is recorded as failed with the error (and never retried: the
+/// same data would fail the same way).
+fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> Pass {
+    match isolate::subtransaction(|| decide(c, vec![d.clone()], as_of)) {
+        Ok(pass) => pass,
+        Err(f) => {
+            let why = format!("set aside: deciding this message failed: {f}");
+            if let Err(e) =
+                isolate::subtransaction(|| record(c, &[d.clone()], vec![Outcome::Failed(why)]))
+            {
+                warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
+            }
+            Pass {
+                failed: 1,
+                ..Pass::default()
+            }
+        }
+    }
+}
+
+/// Decides a batch of claimed enrollments: writes their messages and
+/// outcomes (`claimed` is left to the caller).
+fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) -> Pass {
+    {
         let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
             .triggers
             .iter()
@@ -74,20 +144,17 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let (due, orphans): (Vec<Due>, Vec<Due>) = due
             .into_iter()
             .partition(|d| triggers.contains_key(&d.trigger));
+        let mut pass = Pass::default();
         if !orphans.is_empty() {
             let why = || {
                 Outcome::Failed(
                     "the trigger's definition does not compile (see the server log)".into(),
                 )
             };
-            record(c, &orphans, orphans.iter().map(|_| why()).collect());
+            pass = record(c, &orphans, orphans.iter().map(|_| why()).collect());
         }
-        let claimed = due.len() + orphans.len();
         if due.is_empty() {
-            return Pass {
-                claimed,
-                written: 0,
-            };
+            return pass;
         }
         let exits = exits_at_send_time(c, &due, &triggers);
         let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
@@ -104,6 +171,7 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         let answers = user_sql_answers(c, &due, &exits, &triggers);
 
         let settings = settings(c);
+        let backoff = crate::settings::backoff();
 
         // First the per-message checks; what survives them is a candidate.
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
@@ -123,6 +191,15 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
                 continue;
             }
             let profile = profiles.get(&d.user_id);
+            if let Some(why) = transient_failure(t, &d.user_id, profile, &answers) {
+                if let Some(delay) = backoff.delay_us(d.attempts + 1, jitter(d.id)) {
+                    outcomes.push(Some(Outcome::Retry {
+                        at: micros(as_of) + delay,
+                        why,
+                    }));
+                    continue;
+                }
+            }
             if let (Some(audience), Some(Ok(p))) = (&t.audience, profile) {
                 if !audience.matches(p) {
                     outcomes.push(Some(Outcome::Suppressed(
@@ -256,18 +333,12 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
             .map(|o| o.expect("every enrollment has an outcome"))
             .collect();
         let written = out.insert(c);
-        record(c, &due, outcomes);
-        if written > 0 {
-            // One wake-up per batch, never one per message.
-            run(
-                c,
-                "SELECT pg_notify('nudge_outbox', $1::text)",
-                &[written.into()],
-                "notifying",
-            );
-        }
-        Pass { claimed, written }
-    })
+        pass + record(c, &due, outcomes)
+            + Pass {
+                written,
+                ..Pass::default()
+            }
+    }
 }
 
 pub fn loaded<'a>(
@@ -284,7 +355,8 @@ pub fn loaded<'a>(
 /// Answers of the batch's audience and context queries: one call per query
 /// for all the users due for its trigger, as the role that defined it.
 /// (trigger, part) -> user -> answer.
-pub type Answers = HashMap<(String, String), HashMap<String, Result<Value, String>>>;
+pub type Answers =
+    HashMap<(String, String), HashMap<String, Result<Value, crate::isolate::Failure>>>;
 
 fn user_sql_answers(
     c: &SpiClient<'_>,
@@ -330,6 +402,39 @@ pub fn answers_for(c: &SpiClient<'_>, wanted: Vec<(&Trigger, Vec<String>)>) -> A
         }
     }
     out
+}
+
+/// The first lookup for this message (profile, audience_sql, context) that
+/// failed in a way that may pass if tried again later.
+fn transient_failure(
+    t: &Trigger,
+    user: &str,
+    profile: Option<&Result<Value, crate::isolate::Failure>>,
+    answers: &Answers,
+) -> Option<String> {
+    if let Some(Err(f)) = profile.filter(|p| matches!(p, Err(f) if f.transient)) {
+        return Some(format!("profile query: {f}"));
+    }
+    let parts = std::iter::once(AUDIENCE_SQL.to_string())
+        .filter(|_| t.has_audience_sql)
+        .chain(t.context.iter().map(|n| context_part(n)));
+    for part in parts {
+        if let Some(Err(f)) = answers
+            .get(&(t.name.clone(), part.clone()))
+            .and_then(|a| a.get(user))
+        {
+            if f.transient {
+                return Some(format!("{part}: {f}"));
+            }
+        }
+    }
+    None
+}
+
+/// A fixed point in [0, 1) per enrollment, so that retries of a batch that
+/// failed together spread out, and the same enrollment always gets the same.
+fn jitter(id: i64) -> f64 {
+    ((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The `context` of one message, and the first of its queries that failed.
@@ -431,7 +536,7 @@ fn recent_messages(
 pub fn suppressions(
     c: &SpiClient<'_>,
     users: Vec<String>,
-    profiles: &HashMap<String, Result<Value, String>>,
+    profiles: &HashMap<String, Result<Value, crate::isolate::Failure>>,
 ) -> HashMap<String, String> {
     let emails: Vec<String> = profiles
         .values()
@@ -461,7 +566,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
         "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
                                  || extract(epoch FROM e.entered_at)::text),
-                    e.variant
+                    e.variant, e.attempts
                FROM nudge.enrollments e
               WHERE e.state = 'waiting' AND e.due_at <= $1
                 -- a filter that no index can take (IS TRUE), so that the plan
@@ -490,6 +595,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
                 .map_or(Value::Null, |j| j.0),
             message_key: s(8),
             variant: r.get::<String>(9).ok().flatten(),
+            attempts: r.get::<i32>(10).ok().flatten().unwrap_or_default(),
         }
     })
     .collect()
@@ -580,14 +686,14 @@ fn exits_at_send_time(
 pub fn profiles_of(
     c: &SpiClient<'_>,
     users: Vec<String>,
-) -> HashMap<String, Result<Value, String>> {
+) -> HashMap<String, Result<Value, crate::isolate::Failure>> {
     if let Some(f) = crate::user_sql::profile_function(c) {
         return crate::user_sql::call(c, &f, &users)
             .into_iter()
             .filter(|(_, p)| !matches!(p, Ok(Value::Null)))
             .collect();
     }
-    isolate::per_user(&users, |some| {
+    isolate::per_user(&users, crate::settings::user_sql_budget(), |some| {
         run(
             c,
             "SELECT p.user_id, p.attrs || jsonb_strip_nulls(jsonb_build_object('email', p.email, 'timezone', p.timezone))
@@ -672,7 +778,8 @@ impl OutboxRows {
 }
 
 /// Writes each enrollment's outcome (nudge.explain reads it from there).
-fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
+/// Writes the outcomes; counts the failed and the retried.
+fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
     let n = due.len();
     let (mut states, mut reasons, mut keys) = (
         Vec::with_capacity(n),
@@ -680,10 +787,27 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
         Vec::with_capacity(n),
     );
     let (mut exited, mut sent) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for (d, o) in due.iter().zip(outcomes) {
+    let mut retries: Vec<(usize, Micros)> = vec![];
+    for (i, (d, o)) in due.iter().zip(outcomes).enumerate() {
         let message = Some(d.message_key.clone());
         // state, reason, message key, exited_at, sent_at
         let (state, reason, key, exit, went) = match o {
+            Outcome::Retry { at, why } => {
+                retries.push((i, at));
+                let why = format!(
+                    "retrying at {} (attempt {} failed): {why}",
+                    nudge_core::time::format_pg_utc(at),
+                    d.attempts + 1
+                );
+                ("waiting", why, None, None, None)
+            }
+            Outcome::Failed(e) if d.attempts > 0 => (
+                "failed",
+                format!("{e} (after {} attempts)", d.attempts + 1),
+                None,
+                None,
+                None,
+            ),
             Outcome::Sent { at, note } => {
                 let why = match note {
                     None => format!("message {}", d.message_key),
@@ -716,12 +840,18 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
     }
     let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
     let users: Vec<String> = due.iter().map(|d| d.user_id.clone()).collect();
+    let mut retry_at: Vec<Option<TimestampWithTimeZone>> = vec![None; n];
+    for (i, at) in &retries {
+        retry_at[*i] = Some(ts(*at));
+    }
     run(c, "UPDATE nudge.enrollments e
                 SET state = u.state, reason = u.reason, message_key = u.message_key,
-                    exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now()
+                    exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now(),
+                    due_at = coalesce(u.retry_at, e.due_at),
+                    attempts = e.attempts + (u.retry_at IS NOT NULL)::int
                FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                           $7::timestamptz[])
-                 AS u(id, user_id, state, reason, message_key, exited_at, sent_at)
+                           $7::timestamptz[], $8::timestamptz[])
+                 AS u(id, user_id, state, reason, message_key, exited_at, sent_at, retry_at)
               WHERE e.user_id = u.user_id AND e.id = u.id", &[
                 ids.clone().into(),
                 users.clone().into(),
@@ -730,7 +860,34 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) {
                 keys.into(),
                 exited.into(),
                 sent.into(),
+                retry_at.into(),
             ], "recording outcomes");
-    // No journal line: nudge.explain reads each outcome from its enrollment
-    // (state and reason), which this UPDATE has just written.
+    if !retries.is_empty() {
+        // a retry leaves the enrollment waiting, where explain does not read
+        // its reason: the journal keeps each attempt's failure
+        let pick = |v: &[String]| {
+            retries
+                .iter()
+                .map(|(i, _)| v[*i].clone())
+                .collect::<Vec<_>>()
+        };
+        let trig: Vec<String> = due.iter().map(|d| d.trigger.clone()).collect();
+        let why: Vec<String> = reasons
+            .iter()
+            .map(|r| r.clone().unwrap_or_default())
+            .collect();
+        let rid: Vec<i64> = retries.iter().map(|(i, _)| due[*i].id).collect();
+        run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
+                SELECT u.user_id, u.trigger, u.id, now(), 'retry', u.detail
+                  FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(user_id, trigger, id, detail)",
+            &[pick(&users).into(), pick(&trig).into(), rid.into(), pick(&why).into()],
+            "journaling retries");
+    }
+    // The other outcomes need no journal line: nudge.explain reads them from
+    // the enrollment (state and reason), which the UPDATE has just written.
+    Pass {
+        failed: states.iter().filter(|s| *s == "failed").count() as i32,
+        retried: retries.len() as i32,
+        ..Pass::default()
+    }
 }

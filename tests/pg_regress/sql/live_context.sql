@@ -100,7 +100,8 @@ SELECT nudge.run_due('2026-02-04 12:00+00') AS written;
 SELECT user_id, state, regexp_replace(reason, 'nm_[0-9a-f]+', 'nm_…') AS reason
   FROM nudge.enrollments WHERE trigger = 'fragile' ORDER BY user_id;
 
--- user SQL runs under nudge.user_sql_timeout: a slow query fails its message, not the pass
+-- user SQL runs under nudge.user_sql_timeout: a slow query leaves its message
+-- waiting to be tried again later (poison.sql), it never fails the pass
 SET ROLE regress_marketer;
 SELECT nudge.define_trigger('slow', '{"on": {"event": "slow"}, "context": {"nap": "SELECT pg_sleep(1) AS slept"},
   "template": "cart_generic"}');
