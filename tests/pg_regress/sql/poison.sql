@@ -27,7 +27,7 @@ DELETE FROM nudge.outbox;
 -- a slow user's timeout does not hold the others back
 DROP TABLE IF EXISTS public.slow_users;
 CREATE TABLE public.slow_users (user_id text);
-INSERT INTO public.slow_users VALUES ('u3'), ('u4');
+INSERT INTO public.slow_users VALUES ('u3');
 SELECT nudge.define_trigger('slow', '{"on": {"event": "slow"}, "template": "t",
   "context": {"flag": "SELECT true AS slow, pg_sleep(CASE WHEN EXISTS (SELECT FROM public.slow_users s WHERE s.user_id = $1) THEN 0.5 ELSE 0 END)"}}');
 SET nudge.user_sql_timeout = 100;
@@ -41,9 +41,11 @@ SELECT user_id, state, attempts, due_at > '2026-03-01 10:01:29' AND due_at <= '2
 SELECT step, detail LIKE '%statement timeout' AS timeout FROM nudge.explain('slow', 'u3') WHERE step = 'retry';
 -- not due again before its time
 SELECT nudge.run_due('2026-03-01 10:01:20') AS written;
--- u4 is fast again and goes; u3, still slow at its last attempt, fails with the count
-DELETE FROM public.slow_users WHERE user_id = 'u4';
+-- u3 is fast again: it goes at its retry; u5, slow at both its attempts, fails with the count
+UPDATE public.slow_users SET user_id = 'u5';
+SELECT nudge.track('u5', 'slow', '{}', '2026-03-01 10:02');
 SELECT nudge.run_due('2026-03-01 10:03') AS written;
+SELECT nudge.run_due('2026-03-01 10:05') AS written;
 SELECT user_id, state, attempts, reason LIKE 'message %' AS sent_reason,
        CASE WHEN state = 'failed' THEN reason END AS failure
   FROM nudge.enrollments ORDER BY user_id;
