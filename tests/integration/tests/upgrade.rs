@@ -296,3 +296,69 @@ fn upgrade_from_0_2_0_secures_user_sql_and_keeps_working() {
     assert_eq!(r.get::<_, String>(0), "u1@example.com");
     assert_eq!(r.get::<_, String>(1), "7 points");
 }
+
+/// From the released 0.3.0 install script: a journey waiting across the
+/// update still goes, enrollments gain their retry count, and the new
+/// functions (retention, worker_status's counters) are there as on a fresh install.
+#[test]
+fn upgrade_from_0_3_0_keeps_waiting_journeys_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh3");
+    let mut f = connect(&fresh);
+    f.batch_execute("CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+                     SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
+        .unwrap();
+
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade3 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade3")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade3", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.3.0';
+         CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+         SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         SELECT nudge.define_template('t', 'Thanks', '<p>thanks</p>');
+         SELECT nudge.define_trigger('thanks', '{\"on\": {\"event\": \"purchased\"}, \"wait\": \"1 hour\", \"template\": \"t\"}');
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+         INSERT INTO public.orders (customer, at) VALUES ('u1', now() - interval '2 hours');",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'"
+        ),
+        1
+    );
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+
+    assert_eq!(count(&mut c, "SELECT nudge.run_due()::bigint"), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'sent' AND attempts = 0"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.worker_status() WHERE failed >= 0 AND retried >= 0"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT sum(deleted)::bigint FROM nudge.apply_retention()"
+        ),
+        0,
+        "nothing is older than the retention"
+    );
+}
