@@ -7,10 +7,11 @@ TEST_PORT ?= 28815
 DEMO_DIR  ?= $(CURDIR)/.demo/data
 DEMO_PORT ?= 28816
 KEEP      ?= 0
+SOAK_MINUTES ?= 10
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
-.PHONY: bench setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
+.PHONY: bench soak setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -59,6 +60,14 @@ bench: setup
 	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 	cargo build --release -p nudge-bench
 	@bench/run.sh
+
+## fault injection under steady load on a cluster of its own (port 28830), SOAK_MINUTES long;
+## not part of `make test`. Exits non-zero when a message was lost, sent twice or is stuck.
+soak: install
+	cargo build -p nudge-mailer -p nudge-integration --bins
+	@# the soak stops its cluster itself; this covers an interrupted run
+	@trap 'scripts/cluster.sh stop /tmp/pg_nudge-soak' EXIT; \
+	  SOAK_MINUTES=$(SOAK_MINUTES) target/debug/soak
 
 demo-stop:
 	@scripts/cluster.sh stop $(DEMO_DIR) && echo "demo server stopped"

@@ -63,17 +63,53 @@ fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
     Ok(b.build())
 }
 
-/// One worker thread: its own database connection and SMTP transport.
+/// One worker thread: its own SMTP transport, and a database session that
+/// is opened again (with backoff) whenever the server goes away: a restart
+/// or a crash of the server must not need a supervisor to bring mail back.
+/// What was claimed when the session died comes back when its lease ends.
 fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
+    let smtp = transport(cfg)?;
+    let consumer = format!("{}/{thread}", cfg.consumer);
+    let mut sent = 0u64;
+    let mut backoff = RECONNECT_MIN;
+    while !stop.load(Ordering::Relaxed) {
+        let before = sent;
+        match session(cfg, &smtp, &consumer, stop, &mut sent) {
+            Ok(()) => break,
+            Err(e) if cfg.once => return Err(e),
+            Err(e) => {
+                if sent > before {
+                    backoff = RECONNECT_MIN;
+                }
+                eprintln!(
+                    "nudge-mailer {consumer}: {e}; connecting again in {:.1}s",
+                    backoff.as_secs_f64()
+                );
+                sleep_unless_stopped(backoff, stop);
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+    Ok(sent)
+}
+
+const RECONNECT_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
+/// Claims and sends until stopped (Ok) or the database fails (Err).
+fn session(
+    cfg: &Config,
+    smtp: &SmtpTransport,
+    consumer: &str,
+    stop: &AtomicBool,
+    sent: &mut u64,
+) -> Result<(), String> {
     let mut db = Client::connect(&cfg.database_url, NoTls).map_err(|e| format!("database: {e}"))?;
     db.batch_execute("LISTEN nudge_outbox")
         .map_err(|e| format!("LISTEN: {e}"))?;
-    let smtp = transport(cfg)?;
-    let consumer = format!("{}/{thread}", cfg.consumer);
     let pause = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate));
-    let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let batch = claim(&mut db, cfg, &consumer)?;
+        let batch = claim(&mut db, cfg, consumer)?;
         if batch.is_empty() {
             if cfg.once {
                 break;
@@ -87,8 +123,8 @@ fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
                 break;
             }
             let started = Instant::now();
-            deliver(&mut db, &smtp, cfg, row)?;
-            sent += 1;
+            deliver(&mut db, smtp, cfg, row)?;
+            *sent += 1;
             left.retain(|id| *id != row.id);
             if let Some(p) = pause {
                 std::thread::sleep(p.saturating_sub(started.elapsed()));
@@ -99,7 +135,16 @@ fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
                 .map_err(|e| format!("release: {e}"))?;
         }
     }
-    Ok(sent)
+    Ok(())
+}
+
+fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(
+            Duration::from_millis(50).min(until.saturating_duration_since(Instant::now())),
+        );
+    }
 }
 
 fn claim(db: &mut Client, cfg: &Config, consumer: &str) -> Result<Vec<Row>, String> {
@@ -124,8 +169,8 @@ fn claim(db: &mut Client, cfg: &Config, consumer: &str) -> Result<Vec<Row>, Stri
         .collect())
 }
 
-/// Sends one message and records the outcome. Only database errors stop the
-/// thread; an SMTP error is the message's (`nudge.fail`, retried or dead).
+/// Sends one message and records the outcome. A database error ends the
+/// session (`run` connects again); an SMTP error is the message's (`nudge.fail`, retried or dead).
 fn deliver(db: &mut Client, smtp: &SmtpTransport, cfg: &Config, row: &Row) -> Result<(), String> {
     let outcome = envelope::build(row, &cfg.from)
         .map_err(|e| (e, true))

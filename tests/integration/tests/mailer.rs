@@ -171,3 +171,48 @@ fn sigterm_hands_the_unsent_rest_of_the_batch_back() {
         "everything delivered was acked"
     );
 }
+
+/// A server restart or crash cuts every connection: the mailer connects
+/// again and goes on sending, with no supervisor to restart it.
+#[test]
+fn a_mailer_whose_connection_is_cut_connects_again() {
+    let db = fresh_db("nudge_it_mail_cut");
+    let mut c = outbox_with(&db, 0);
+    let smtp = SmtpServer::start("cut");
+    let mut m = mailer(&db, &smtp, &["--consumer", "cut"]);
+    let listening = wait_for(20, || {
+        (count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()") > 0).then_some(())
+    });
+    assert!(listening.is_some(), "the mailer did not connect");
+    c.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) SELECT 'v' || i, 'v' || i || '@example.com' FROM generate_series(1, 20) i;
+         INSERT INTO nudge.events (user_id, event, occurred_at) SELECT 'v' || i, 'ping', now() - interval '1 minute' FROM generate_series(1, 20) i;
+         SELECT nudge.run_due(now(), 1000);",
+    )
+    .unwrap();
+    // every message is taken up by the connection the mailer opened again
+    let claimed = wait_for(30, || {
+        (count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE claimed_by = 'cut/0'",
+        ) == 20)
+            .then_some(())
+    });
+    let alive = m.try_wait().unwrap().is_none();
+    signal(&m, "-TERM");
+    let _ = m.wait();
+    assert!(alive, "the mailer exited when its connection was cut");
+    assert!(
+        claimed.is_some(),
+        "the mailer did not take up every message after the cut"
+    );
+    assert!(
+        !smtp.message_ids().is_empty(),
+        "nothing delivered after the cut"
+    );
+}
