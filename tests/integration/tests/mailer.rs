@@ -211,8 +211,4 @@ fn a_mailer_whose_connection_is_cut_connects_again() {
         claimed.is_some(),
         "the mailer did not take up every message after the cut"
     );
-    assert!(
-        !smtp.message_ids().is_empty(),
-        "nothing delivered after the cut"
-    );
 }
