@@ -276,17 +276,14 @@ fn apply_retention(last: &mut i64) {
                     })
                 })
             })
-        });
+        })
+        .and_then(|r| r.map_err(|e| e.to_string()));
         match deleted {
-            Ok(Ok((most, sum))) => {
+            Ok((most, sum)) => {
                 total += sum;
                 if most < RETENTION_BATCH as i64 || stopping() {
                     break;
                 }
-            }
-            Ok(Err(e)) => {
-                warning!("pg_nudge worker: retention failed: {e}");
-                break;
             }
             Err(e) => {
                 warning!("pg_nudge worker: retention failed: {e}");

@@ -132,213 +132,207 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
 /// Decides a batch of claimed enrollments: writes their messages and
 /// outcomes (`claimed` is left to the caller).
 fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) -> Pass {
-    {
-        let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
-            .triggers
-            .iter()
-            .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
-            .collect();
-        // A trigger whose stored definition no longer compiles was skipped by
-        // live_triggers (with a warning): its due enrollments fail, with the
-        // reason, instead of failing the pass for everyone, again and again.
-        let (due, orphans): (Vec<Due>, Vec<Due>) = due
-            .into_iter()
-            .partition(|d| triggers.contains_key(&d.trigger));
-        let mut pass = Pass::default();
-        if !orphans.is_empty() {
-            let why = || {
-                Outcome::Failed(
-                    "the trigger's definition does not compile (see the server log)".into(),
-                )
-            };
-            pass = record(c, &orphans, orphans.iter().map(|_| why()).collect());
-        }
-        if due.is_empty() {
-            return pass;
-        }
-        let exits = exits_at_send_time(c, &due, &triggers);
-        let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
-        let profiles = profiles_of(c, users.clone());
-        let tpls = templates(
-            c,
-            distinct(triggers.values().flat_map(|t| {
-                std::iter::once(t.template.clone())
-                    .chain(t.fallback_template.clone())
-                    .chain(t.arms.iter().map(|a| a.template.clone()))
-            })),
-        );
-        let suppressed = suppressions(c, users, &profiles);
-        let answers = user_sql_answers(c, &due, &exits, &triggers);
+    let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
+        .triggers
+        .iter()
+        .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
+        .collect();
+    // A trigger whose stored definition no longer compiles was skipped by
+    // live_triggers (with a warning): its due enrollments fail, with the
+    // reason, instead of failing the pass for everyone, again and again.
+    let (due, orphans): (Vec<Due>, Vec<Due>) = due
+        .into_iter()
+        .partition(|d| triggers.contains_key(&d.trigger));
+    let mut pass = Pass::default();
+    if !orphans.is_empty() {
+        let why = || {
+            Outcome::Failed("the trigger's definition does not compile (see the server log)".into())
+        };
+        pass = record(c, &orphans, orphans.iter().map(|_| why()).collect());
+    }
+    if due.is_empty() {
+        return pass;
+    }
+    let exits = exits_at_send_time(c, &due, &triggers);
+    let users: Vec<String> = distinct(due.iter().map(|d| d.user_id.clone()));
+    let profiles = profiles_of(c, users.clone());
+    let tpls = templates(
+        c,
+        distinct(triggers.values().flat_map(|t| {
+            std::iter::once(t.template.clone())
+                .chain(t.fallback_template.clone())
+                .chain(t.arms.iter().map(|a| a.template.clone()))
+        })),
+    );
+    let suppressed = suppressions(c, users, &profiles);
+    let answers = user_sql_answers(c, &due, &exits, &triggers);
 
-        let settings = settings(c);
-        let backoff = crate::settings::backoff();
+    let settings = settings(c);
+    let backoff = crate::settings::backoff();
 
-        // First the per-message checks; what survives them is a candidate.
-        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
-        let mut ready: Vec<(
-            usize,
-            crate::engine::compose::Message,
-            Micros,
-            Option<String>,
-        )> = vec![];
-        for (i, d) in due.iter().enumerate() {
-            let t = &triggers[&d.trigger];
-            if let Some((at, event)) = exits.get(&i) {
-                outcomes.push(Some(Outcome::Exited {
-                    at: *at,
-                    event: event.clone(),
+    // First the per-message checks; what survives them is a candidate.
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
+    let mut ready: Vec<(
+        usize,
+        crate::engine::compose::Message,
+        Micros,
+        Option<String>,
+    )> = vec![];
+    for (i, d) in due.iter().enumerate() {
+        let t = &triggers[&d.trigger];
+        if let Some((at, event)) = exits.get(&i) {
+            outcomes.push(Some(Outcome::Exited {
+                at: *at,
+                event: event.clone(),
+            }));
+            continue;
+        }
+        let profile = profiles.get(&d.user_id);
+        if let Some(why) = transient_failure(t, &d.user_id, profile, &answers) {
+            if let Some(delay) = backoff.delay_us(d.attempts + 1, jitter(d.id)) {
+                outcomes.push(Some(Outcome::Retry {
+                    at: micros(as_of) + delay,
+                    why,
                 }));
                 continue;
             }
-            let profile = profiles.get(&d.user_id);
-            if let Some(why) = transient_failure(t, &d.user_id, profile, &answers) {
-                if let Some(delay) = backoff.delay_us(d.attempts + 1, jitter(d.id)) {
-                    outcomes.push(Some(Outcome::Retry {
-                        at: micros(as_of) + delay,
-                        why,
-                    }));
+        }
+        if let (Some(audience), Some(Ok(p))) = (&t.audience, profile) {
+            if !audience.matches(p) {
+                outcomes.push(Some(Outcome::Suppressed(
+                    "audience: the profile no longer matches".into(),
+                )));
+                continue;
+            }
+        }
+        let answer = |part: &str| {
+            answers
+                .get(&(t.name.clone(), part.to_string()))
+                .and_then(|a| a.get(&d.user_id))
+        };
+        if t.has_audience_sql {
+            match answer(AUDIENCE_SQL) {
+                Some(Ok(Value::Bool(true))) => {}
+                Some(Err(e)) => {
+                    outcomes.push(Some(Outcome::Failed(format!("audience_sql failed: {e}"))));
                     continue;
                 }
-            }
-            if let (Some(audience), Some(Ok(p))) = (&t.audience, profile) {
-                if !audience.matches(p) {
+                _ => {
                     outcomes.push(Some(Outcome::Suppressed(
-                        "audience: the profile no longer matches".into(),
+                        "audience_sql: false for this user".into(),
                     )));
                     continue;
                 }
             }
-            let answer = |part: &str| {
-                answers
-                    .get(&(t.name.clone(), part.to_string()))
-                    .and_then(|a| a.get(&d.user_id))
-            };
-            if t.has_audience_sql {
-                match answer(AUDIENCE_SQL) {
-                    Some(Ok(Value::Bool(true))) => {}
-                    Some(Err(e)) => {
-                        outcomes.push(Some(Outcome::Failed(format!("audience_sql failed: {e}"))));
-                        continue;
-                    }
-                    _ => {
-                        outcomes.push(Some(Outcome::Suppressed(
-                            "audience_sql: false for this user".into(),
-                        )));
-                        continue;
-                    }
-                }
-            }
-            let (context, context_error) = context_of(t, &d.user_id, &answers);
-            let composed = compose(
-                loaded(&tpls, t.template_of(d.variant.as_deref())),
-                t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
-                Inputs {
-                    trigger: &t.name,
-                    user_id: &d.user_id,
-                    message_key: &d.message_key,
-                    anchor: &d.anchor,
-                    profile,
-                    context,
-                    context_error,
-                },
-            );
-            let (m, fallback_note) = match composed {
-                Composed::Message { message, note } => (message, note),
-                Composed::Suppressed(why) => {
-                    outcomes.push(Some(Outcome::Suppressed(why)));
-                    continue;
-                }
-                Composed::Failed(e) => {
-                    outcomes.push(Some(Outcome::Failed(e)));
-                    continue;
-                }
-            };
-            if let Some(why) = suppressed
-                .get(&m.recipient.to_lowercase())
-                .or_else(|| suppressed.get(&d.user_id))
-            {
-                outcomes.push(Some(Outcome::Suppressed(why.clone())));
+        }
+        let (context, context_error) = context_of(t, &d.user_id, &answers);
+        let composed = compose(
+            loaded(&tpls, t.template_of(d.variant.as_deref())),
+            t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
+            Inputs {
+                trigger: &t.name,
+                user_id: &d.user_id,
+                message_key: &d.message_key,
+                anchor: &d.anchor,
+                profile,
+                context,
+                context_error,
+            },
+        );
+        let (m, fallback_note) = match composed {
+            Composed::Message { message, note } => (message, note),
+            Composed::Suppressed(why) => {
+                outcomes.push(Some(Outcome::Suppressed(why)));
                 continue;
             }
-            // Quiet hours and send windows move the message, never drop it.
-            let due_us = micros(d.due_at);
-            let tz = policy::zone(
-                profile
-                    .and_then(|p| p.as_ref().ok())
-                    .and_then(|p| p.get("timezone"))
-                    .and_then(Value::as_str),
-                settings.default_timezone.as_deref(),
-            );
-            let send_at = t.schedule.next_allowed(due_us, tz);
-            let moved = (send_at > due_us).then(|| {
-                format!(
-                    "deferred to {} by the send schedule",
-                    policy::local_text(send_at, tz)
-                )
-            });
-            let moved = match (fallback_note, moved) {
-                (Some(f), Some(m)) => Some(format!("{f}; {m}")),
-                (f, m) => f.or(m),
-            };
-            ready.push((i, m, send_at, moved));
-            outcomes.push(None);
-        }
-
-        // Then caps and priority, over the batch and what the outbox already holds.
-        let candidates: Vec<Candidate<'_>> = ready
-            .iter()
-            .map(|(i, _, send_at, _)| {
-                let (d, t) = (&due[*i], &triggers[&due[*i].trigger]);
-                Candidate {
-                    user: &d.user_id,
-                    key: &d.key,
-                    trigger: &t.name,
-                    priority: t.priority,
-                    entered_at: micros(d.entered_at),
-                    due_at: micros(d.due_at),
-                    send_at: *send_at,
-                    transactional: t.transactional,
-                    defer_on_conflict: t.defer_on_conflict,
-                    caps: &t.caps,
-                }
-            })
-            .collect();
-        let sent = recent_messages(c, &candidates, &settings);
-        let verdicts = policy::decide(&candidates, &sent, &settings);
-        drop(candidates);
-        let mut out = OutboxRows::default();
-        for ((i, m, _, moved), verdict) in ready.into_iter().zip(verdicts) {
-            let (d, t) = (&due[i], &triggers[&due[i].trigger]);
-            let held_out = d.variant.as_deref() == Some(HOLDOUT);
-            outcomes[i] = Some(match verdict {
-                Verdict::Send { at } | Verdict::Defer { at, .. } if held_out => {
-                    Outcome::HeldOut { at }
-                }
-                Verdict::Send { at } => {
-                    out.push(d, t, m, at);
-                    Outcome::Sent { at, note: moved }
-                }
-                Verdict::Defer { at, reason } => {
-                    out.push(d, t, m, at);
-                    Outcome::Sent {
-                        at,
-                        note: Some(format!("deferred: {reason}")),
-                    }
-                }
-                Verdict::Suppress(reason) => Outcome::Suppressed(reason),
-            });
-        }
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|o| o.expect("every enrollment has an outcome"))
-            .collect();
-        let written = out.insert(c);
-        pass + record(c, &due, outcomes)
-            + Pass {
-                written,
-                ..Pass::default()
+            Composed::Failed(e) => {
+                outcomes.push(Some(Outcome::Failed(e)));
+                continue;
             }
+        };
+        if let Some(why) = suppressed
+            .get(&m.recipient.to_lowercase())
+            .or_else(|| suppressed.get(&d.user_id))
+        {
+            outcomes.push(Some(Outcome::Suppressed(why.clone())));
+            continue;
+        }
+        // Quiet hours and send windows move the message, never drop it.
+        let due_us = micros(d.due_at);
+        let tz = policy::zone(
+            profile
+                .and_then(|p| p.as_ref().ok())
+                .and_then(|p| p.get("timezone"))
+                .and_then(Value::as_str),
+            settings.default_timezone.as_deref(),
+        );
+        let send_at = t.schedule.next_allowed(due_us, tz);
+        let moved = (send_at > due_us).then(|| {
+            format!(
+                "deferred to {} by the send schedule",
+                policy::local_text(send_at, tz)
+            )
+        });
+        let moved = match (fallback_note, moved) {
+            (Some(f), Some(m)) => Some(format!("{f}; {m}")),
+            (f, m) => f.or(m),
+        };
+        ready.push((i, m, send_at, moved));
+        outcomes.push(None);
     }
+
+    // Then caps and priority, over the batch and what the outbox already holds.
+    let candidates: Vec<Candidate<'_>> = ready
+        .iter()
+        .map(|(i, _, send_at, _)| {
+            let (d, t) = (&due[*i], &triggers[&due[*i].trigger]);
+            Candidate {
+                user: &d.user_id,
+                key: &d.key,
+                trigger: &t.name,
+                priority: t.priority,
+                entered_at: micros(d.entered_at),
+                due_at: micros(d.due_at),
+                send_at: *send_at,
+                transactional: t.transactional,
+                defer_on_conflict: t.defer_on_conflict,
+                caps: &t.caps,
+            }
+        })
+        .collect();
+    let sent = recent_messages(c, &candidates, &settings);
+    let verdicts = policy::decide(&candidates, &sent, &settings);
+    drop(candidates);
+    let mut out = OutboxRows::default();
+    for ((i, m, _, moved), verdict) in ready.into_iter().zip(verdicts) {
+        let (d, t) = (&due[i], &triggers[&due[i].trigger]);
+        let held_out = d.variant.as_deref() == Some(HOLDOUT);
+        outcomes[i] = Some(match verdict {
+            Verdict::Send { at } | Verdict::Defer { at, .. } if held_out => Outcome::HeldOut { at },
+            Verdict::Send { at } => {
+                out.push(d, t, m, at);
+                Outcome::Sent { at, note: moved }
+            }
+            Verdict::Defer { at, reason } => {
+                out.push(d, t, m, at);
+                Outcome::Sent {
+                    at,
+                    note: Some(format!("deferred: {reason}")),
+                }
+            }
+            Verdict::Suppress(reason) => Outcome::Suppressed(reason),
+        });
+    }
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|o| o.expect("every enrollment has an outcome"))
+        .collect();
+    let written = out.insert(c);
+    pass + record(c, &due, outcomes)
+        + Pass {
+            written,
+            ..Pass::default()
+        }
 }
 
 pub fn loaded<'a>(
@@ -412,8 +406,10 @@ fn transient_failure(
     profile: Option<&Result<Value, crate::isolate::Failure>>,
     answers: &Answers,
 ) -> Option<String> {
-    if let Some(Err(f)) = profile.filter(|p| matches!(p, Err(f) if f.transient)) {
-        return Some(format!("profile query: {f}"));
+    if let Some(Err(f)) = profile {
+        if f.transient {
+            return Some(format!("profile query: {f}"));
+        }
     }
     let parts = std::iter::once(AUDIENCE_SQL.to_string())
         .filter(|_| t.has_audience_sql)
