@@ -30,8 +30,27 @@ impl Lax {
                     .map(|(k, v)| (k.clone(), Lax::from_json(v)))
                     .collect(),
             ),
-            scalar => Lax::Scalar(liquid::model::to_value(scalar).unwrap_or(Value::Nil)),
+            Json::Bool(b) => Lax::Scalar(Value::scalar(*b)),
+            Json::String(s) => Lax::Scalar(Value::scalar(s.clone())),
+            Json::Number(n) => Lax::Scalar(number(n)),
         }
+    }
+}
+
+/// Numbers keep their JSON text (serde_json's `arbitrary_precision`), so one
+/// beyond f64 still renders; Liquid gets an integer, a float, or that text
+/// (an integer wider than i64 keeps every digit).
+fn number(n: &serde_json::Number) -> Value {
+    if let Some(i) = n.as_i64() {
+        return Value::scalar(i);
+    }
+    let text = n.to_string();
+    if !text.contains(['.', 'e', 'E']) {
+        return Value::scalar(text);
+    }
+    match n.as_f64() {
+        Some(f) if f.is_finite() => Value::scalar(f),
+        _ => Value::scalar(n.to_string()),
     }
 }
 

@@ -62,3 +62,17 @@ DROP SCHEMA app CASCADE;
 SELECT count(*) AS sources FROM nudge.sources;
 SELECT count(*) AS journeys_kept FROM nudge.enrollments;
 SELECT count(*) AS events_readable FROM nudge.all_events;
+
+-- numbers beyond a double in props are kept as written, by track and by
+-- capture, read back by every reader, and shown by a template
+SELECT nudge.define_template('big', 'Total {{ event.total }} of {{ event.n }}', '<p>{{ event.total }}</p>');
+SELECT nudge.define_trigger('big', '{"on": {"event": "counted"}, "template": "big"}');
+INSERT INTO nudge.profiles (user_id, email) VALUES ('n1', 'n1@example.com'), ('n2', 'n2@example.com');
+SELECT nudge.track('n1', 'counted', '{"total": 1e400, "n": 12345678901234567890123}', '2026-03-01 10:00') IS NOT NULL AS tracked;
+CREATE TABLE public.tallies (who text, at timestamptz, body jsonb);
+SELECT nudge.add_source('public.tallies', 'who', time_column => 'at', props_column => 'body', event_name => 'counted');
+INSERT INTO public.tallies VALUES ('n2', '2026-03-01 10:00', '{"total": -2e400, "n": 1}');
+SELECT user_id, regexp_replace(props::text, '0{20,}', '0…0') AS props FROM nudge.all_events WHERE event = 'counted' ORDER BY user_id;
+SELECT nudge.run_due('2026-03-01 10:01') AS written;
+SELECT user_id, regexp_replace(subject, '0{20,}', '0…0') AS subject FROM nudge.outbox WHERE trigger = 'big' ORDER BY user_id;
+DROP TABLE public.tallies;
