@@ -66,15 +66,18 @@ fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
 /// One worker thread: its own SMTP transport, and a database session that
 /// is opened again (with backoff) whenever the server goes away: a restart
 /// or a crash of the server must not need a supervisor to bring mail back.
-/// What was claimed when the session died comes back when its lease ends.
+/// What was claimed but not sent when the session died comes back when its
+/// lease ends; what was sent but not acked is acked by the next session, so a
+/// server restart between the two does not send it twice.
 fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
     let smtp = transport(cfg)?;
     let consumer = format!("{}/{thread}", cfg.consumer);
     let mut sent = 0u64;
+    let mut owed = Owed::default();
     let mut backoff = RECONNECT_MIN;
     while !stop.load(Ordering::Relaxed) {
         let before = sent;
-        match session(cfg, &smtp, &consumer, stop, &mut sent) {
+        match session(cfg, &smtp, &consumer, stop, &mut sent, &mut owed) {
             Ok(()) => break,
             Err(e) if cfg.once => return Err(e),
             Err(e) => {
@@ -96,6 +99,24 @@ fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
 const RECONNECT_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
 
+/// Acks for messages the SMTP server accepted, not yet recorded.
+#[derive(Default)]
+struct Owed(Vec<(i64, String)>);
+
+impl Owed {
+    /// Records what is owed, oldest first; stops at the first database error
+    /// and keeps the rest for the next session. An ack that did commit before
+    /// the connection died is harmless to repeat (`ack` returns false).
+    fn settle(&mut self, db: &mut Client) -> Result<(), String> {
+        while let Some((id, provider_id)) = self.0.first() {
+            db.execute("SELECT nudge.ack($1, $2)", &[id, provider_id])
+                .map_err(|e| format!("ack: {e}"))?;
+            self.0.remove(0);
+        }
+        Ok(())
+    }
+}
+
 /// Claims and sends until stopped (Ok) or the database fails (Err).
 fn session(
     cfg: &Config,
@@ -103,8 +124,10 @@ fn session(
     consumer: &str,
     stop: &AtomicBool,
     sent: &mut u64,
+    owed: &mut Owed,
 ) -> Result<(), String> {
     let mut db = Client::connect(&cfg.database_url, NoTls).map_err(|e| format!("database: {e}"))?;
+    owed.settle(&mut db)?;
     db.batch_execute("LISTEN nudge_outbox")
         .map_err(|e| format!("LISTEN: {e}"))?;
     let pause = (cfg.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.rate));
@@ -123,7 +146,7 @@ fn session(
                 break;
             }
             let started = Instant::now();
-            deliver(&mut db, smtp, cfg, row)?;
+            deliver(&mut db, smtp, cfg, row, owed)?;
             *sent += 1;
             left.retain(|id| *id != row.id);
             if let Some(p) = pause {
@@ -171,15 +194,21 @@ fn claim(db: &mut Client, cfg: &Config, consumer: &str) -> Result<Vec<Row>, Stri
 
 /// Sends one message and records the outcome. A database error ends the
 /// session (`run` connects again); an SMTP error is the message's (`nudge.fail`, retried or dead).
-fn deliver(db: &mut Client, smtp: &SmtpTransport, cfg: &Config, row: &Row) -> Result<(), String> {
+fn deliver(
+    db: &mut Client,
+    smtp: &SmtpTransport,
+    cfg: &Config,
+    row: &Row,
+    owed: &mut Owed,
+) -> Result<(), String> {
     let outcome = envelope::build(row, &cfg.from)
         .map_err(|e| (e, true))
         .and_then(|m| smtp.send(&m).map_err(|e| (e.to_string(), e.is_permanent())));
     match outcome {
         Ok(resp) => {
             let provider_id = resp.message().collect::<Vec<_>>().join(" ");
-            db.execute("SELECT nudge.ack($1, $2)", &[&row.id, &provider_id])
-                .map_err(|e| format!("ack: {e}"))?;
+            owed.0.push((row.id, provider_id));
+            owed.settle(db)?;
         }
         Err((error, permanent)) => {
             eprintln!(

@@ -133,11 +133,16 @@ fn a_subject_stays_one_header_line() {
 
 #[test]
 fn numbers_beyond_a_double_render_as_written() {
-    let ctx: Json =
-        serde_json::from_str(r#"{"big": 1e400, "wide": 12345678901234567890123, "n": 7, "x": 2.5}"#)
-            .unwrap();
+    let ctx: Json = serde_json::from_str(
+        r#"{"big": 1e400, "wide": 12345678901234567890123, "n": 7, "x": 2.5}"#,
+    )
+    .unwrap();
     assert_eq!(
-        html("{{ big }}|{{ wide }}|{{ n | plus: 1 }}|{{ x | times: 2 }}", ctx).unwrap(),
+        html(
+            "{{ big }}|{{ wide }}|{{ n | plus: 1 }}|{{ x | times: 2 }}",
+            ctx
+        )
+        .unwrap(),
         "1e+400|12345678901234567890123|8|5"
     );
 }

@@ -212,3 +212,52 @@ fn a_mailer_whose_connection_is_cut_connects_again() {
         "the mailer did not take up every message after the cut"
     );
 }
+
+/// The database goes away after the SMTP server took a message and before
+/// its ack committed: the next session acks it, so it is not sent again
+/// when its lease ends.
+#[test]
+fn a_message_sent_before_the_cut_is_acked_by_the_next_session() {
+    let db = fresh_db("nudge_it_mail_owed");
+    let mut c = outbox_with(&db, 1);
+    let smtp = SmtpServer::start("owed");
+    // the mailer's ack hangs while public.hold has a row
+    c.batch_execute(
+        "CREATE TABLE public.hold (x int); INSERT INTO public.hold VALUES (1);
+         CREATE FUNCTION public.slow_ack() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.status = 'sent' AND EXISTS (SELECT FROM public.hold) THEN PERFORM pg_sleep(60); END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow_ack BEFORE UPDATE ON nudge.outbox FOR EACH ROW EXECUTE FUNCTION public.slow_ack();",
+    )
+    .unwrap();
+    let mut m = mailer(&db, &smtp, &["--lease", "2", "--consumer", "owed"]);
+    let acking = wait_for(30, || {
+        (count(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT nudge.ack(%' AND wait_event = 'PgSleep'",
+        ) == 1)
+            .then_some(())
+    });
+    assert!(acking.is_some(), "the mailer did not reach its ack");
+    assert_eq!(smtp.message_ids().len(), 1, "sent before the ack");
+    c.batch_execute(
+        "DELETE FROM public.hold;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'SELECT nudge.ack(%';",
+    )
+    .unwrap();
+    let sent = wait_for(20, || {
+        (count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'",
+        ) == 1)
+            .then_some(())
+    });
+    // well past the lease: a message left claimed would have gone again
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    signal(&m, "-TERM");
+    let _ = m.wait();
+    assert!(sent.is_some(), "the owed ack was not recorded");
+    assert_eq!(smtp.message_ids().len(), 1, "delivered twice");
+}
