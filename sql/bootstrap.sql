@@ -161,7 +161,7 @@ CREATE TABLE nudge.outbox (
     -- transactional messages bypass caps and do not count against them
     transactional       boolean     NOT NULL DEFAULT false,
     status              text        NOT NULL DEFAULT 'pending'
-                        CHECK (status IN ('pending', 'claimed', 'sent', 'dead')),
+                        CHECK (status IN ('pending', 'claimed', 'sent', 'dead', 'cancelled')),
     attempts            int         NOT NULL DEFAULT 0,
     created_at          timestamptz NOT NULL DEFAULT now(),
     available_at        timestamptz NOT NULL DEFAULT now(),
@@ -176,6 +176,15 @@ CREATE TABLE nudge.outbox (
     bounced_at          timestamptz,
     complained_at       timestamptz,
     unsubscribed_at     timestamptz,
+    -- why a message was cancelled before it went (a rule name: 'suppressed',
+    -- 'exited', 'trigger_dropped'; docs/reference.md lists them)
+    rule                text,
+    -- the last time the send-time checks passed: a message held for later
+    -- (quiet hours, a retry) is checked again before it can be claimed
+    checked_at          timestamptz NOT NULL DEFAULT now(),
+    -- when it was meant to go; claiming moves available_at to the lease's
+    -- end, caps count this
+    scheduled_at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (user_id, id),
     -- the idempotency guarantee: one message per key, whoever writes it
     UNIQUE (message_key, user_id)

@@ -351,7 +351,7 @@ BEGIN
     relation := 'outbox';
     DELETE FROM nudge.outbox o WHERE o.ctid = ANY (ARRAY(
         SELECT x.ctid FROM nudge.outbox x
-         WHERE x.status IN ('sent', 'dead') AND x.created_at < cutoff
+         WHERE x.status IN ('sent', 'dead', 'cancelled') AND x.created_at < cutoff
          LIMIT batch));
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;

@@ -12,22 +12,56 @@ LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''
 -- ctid (a TID scan): joined on the key instead, a generic plan (which cannot
 -- know the batch size) hash-joined the whole outbox per claim. plpgsql, so
 -- that the plan is kept for the session (a SQL function plans every call).
+--
+-- Right before a message is handed out, what can have changed since it was
+-- written is looked at again (docs/reference.md, "Claim"): a suppressed
+-- address or user cancels it (rule 'suppressed'), a dropped trigger cancels
+-- it ('trigger_dropped'), a paused trigger holds it. A message held for later
+-- (quiet hours, a retry) is claimable only once run_due has re-checked its
+-- exit events near its time (checked_at within 5 minutes of available_at);
+-- one whose lease ran out was checked when first claimed.
 CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    candidates tid[];
+    cancelled int;
 BEGIN
-    RETURN QUERY
-    UPDATE nudge.outbox o
-       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
-           available_at = now() + greatest(lease, interval '0')
-     WHERE o.ctid = ANY (ARRAY(
-           SELECT c.ctid
-             FROM nudge.outbox c
-            WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
-            ORDER BY c.priority DESC, c.available_at, c.id
-            LIMIT greatest(batch, 0)
-              FOR UPDATE SKIP LOCKED))
-    RETURNING o.*;
+    LOOP
+        candidates := ARRAY(
+            SELECT c.ctid
+              FROM nudge.outbox c
+             WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+               AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+               AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
+             ORDER BY c.priority DESC, c.available_at, c.id
+             LIMIT greatest(batch, 0)
+               FOR UPDATE SKIP LOCKED);
+        -- a cancelled row's old version is gone for the claim below
+        UPDATE nudge.outbox o
+           SET status = 'cancelled', rule = x.rule, last_error = x.why
+          FROM (SELECT c.ctid AS row_id,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppressed' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
+                            ELSE 'address suppressed: ' || s.reason END AS why
+                  FROM nudge.outbox c
+                  LEFT JOIN nudge.triggers t ON t.name = c.trigger
+                  LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
+                                      WHERE s.email = lower(btrim(c.recipient)) OR s.user_id = c.user_id
+                                      LIMIT 1) s ON true
+                 WHERE c.ctid = ANY (candidates)
+                   AND (t.name IS NULL OR s.reason IS NOT NULL)) x
+         WHERE o.ctid = x.row_id;
+        GET DIAGNOSTICS cancelled = ROW_COUNT;
+        RETURN QUERY
+        UPDATE nudge.outbox o
+           SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+               available_at = now() + greatest(lease, interval '0')
+         WHERE o.ctid = ANY (candidates)
+        RETURNING o.*;
+        -- only a batch that was all cancelled is taken again
+        EXIT WHEN cancelled = 0 OR cancelled < cardinality(candidates);
+    END LOOP;
 END
 $$;
 
@@ -115,10 +149,10 @@ RETURNS TABLE (status text, messages bigint, oldest_age interval)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     -- oldest_age: how long the oldest message in that status has existed
     SELECT s.status, count(o.id), now() - min(o.created_at)
-      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead']) AS s(status)
+      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled']) AS s(status)
       LEFT JOIN nudge.outbox o ON o.status = s.status
      GROUP BY s.status
-     ORDER BY array_position(ARRAY['pending', 'claimed', 'sent', 'dead'], s.status)
+     ORDER BY array_position(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled'], s.status)
 $$;
 
 -- What happened to a message after it left: an event of its user

@@ -25,7 +25,7 @@ const MAX_USER_LOCKS: usize = 32;
 /// calls nudge.track once per row), it holds at most this many user locks:
 /// one lock per user would fill the server's shared lock table. Two users of
 /// one slot only wait for each other's capture.
-const USER_LOCK_SLOTS: i32 = 256;
+pub(super) const USER_LOCK_SLOTS: i32 = 256;
 
 pub struct Batch {
     pub users: Vec<Option<String>>,

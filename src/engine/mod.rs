@@ -6,5 +6,6 @@ pub mod backtest;
 pub mod capture;
 pub mod compose;
 pub mod deferred;
+pub mod recheck;
 pub mod run_due;
 pub mod transition;

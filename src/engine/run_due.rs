@@ -17,19 +17,19 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
 #[derive(Clone)]
-struct Due {
-    id: i64,
-    trigger: String,
-    user_id: String,
-    key: String,
-    entered_at: TimestampWithTimeZone,
-    due_at: TimestampWithTimeZone,
-    anchor: Value,
-    message_key: String,
+pub(super) struct Due {
+    pub id: i64,
+    pub trigger: String,
+    pub user_id: String,
+    pub key: String,
+    pub entered_at: TimestampWithTimeZone,
+    pub due_at: TimestampWithTimeZone,
+    pub anchor: Value,
+    pub message_key: String,
     /// The experiment arm drawn at entry.
-    variant: Option<String>,
+    pub variant: Option<String>,
     /// Earlier passes that met a transient failure for it.
-    attempts: i32,
+    pub attempts: i32,
 }
 
 enum Outcome {
@@ -80,6 +80,10 @@ impl std::ops::Add for Pass {
 
 pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
     Spi::connect_mut(|c| {
+        // held messages first: a failure there must not stop the deciding
+        if let Err(e) = isolate::subtransaction(|| super::recheck::held_messages(c)) {
+            warning!("pg_nudge: re-checking held messages failed: {e}");
+        }
         let due = claim_due(c, as_of, max_messages);
         let claimed = due.len();
         if due.is_empty() {
@@ -300,6 +304,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             }
         })
         .collect();
+    lock_for_deciding(c, distinct(candidates.iter().map(|c| c.user.to_owned())));
     let sent = recent_messages(c, &candidates, &settings);
     let verdicts = policy::decide(&candidates, &sent, &settings);
     drop(candidates);
@@ -479,6 +484,28 @@ pub fn settings(c: &SpiClient<'_>) -> Settings {
     })
 }
 
+/// Caps and priority weigh what the outbox already holds for a user: two
+/// passes deciding for one user at once would each miss the other's new
+/// message (a 1-per-day cap sent 2). Each pass takes its users' slots (a
+/// fixed number of hashed keys, so a batch of any size holds a bounded number
+/// of locks) in one order, until it commits; a class apart from capture's,
+/// so an application's open transaction never waits on a pass or the reverse.
+fn lock_for_deciding(c: &mut SpiClient<'_>, users: Vec<String>) {
+    run(
+        c,
+        "SELECT count(pg_advisory_xact_lock($1, h))
+           FROM (SELECT DISTINCT hashtext(u) & ($3 - 1) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
+        &[
+            DECIDE_LOCK_CLASS.into(),
+            users.into(),
+            super::capture::USER_LOCK_SLOTS.into(),
+        ],
+        "locking users for caps and priority",
+    );
+}
+
+const DECIDE_LOCK_CLASS: i32 = 0x6e75_6469;
+
 /// The candidates' users' non-transactional messages in the outbox that a
 /// cap or the arbitration window can still see, in one query.
 fn recent_messages(
@@ -501,11 +528,12 @@ fn recent_messages(
         return vec![];
     }
     let users = distinct(candidates.iter().map(|c| c.user.to_owned()));
-    let rows = run(c, "SELECT o.user_id, o.trigger, o.priority, o.available_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
+    // a message counts at its scheduled time, which claiming leaves alone
+    let rows = run(c, "SELECT o.user_id, o.trigger, o.priority, o.scheduled_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
                FROM nudge.outbox o
                LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
-              WHERE o.user_id = ANY ($1) AND NOT o.transactional AND o.status <> 'dead'
-                AND o.available_at > $2", &[users.into(), ts(earliest - reach).into()], "reading recent messages");
+              WHERE o.user_id = ANY ($1) AND NOT o.transactional AND o.status NOT IN ('dead', 'cancelled')
+                AND o.scheduled_at > $2", &[users.into(), ts(earliest - reach).into()], "reading recent messages");
     rows.map(|r| {
         let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
         let t = |i| {
@@ -601,7 +629,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
 /// read from every registered source in one query: this catches exits that
 /// were loaded without the capture trigger (COPY with triggers disabled,
 /// rows that predate add_source).
-fn exits_at_send_time(
+pub(super) fn exits_at_send_time(
     c: &SpiClient<'_>,
     due: &[Due],
     triggers: &HashMap<String, nudge_core::definition::Trigger>,
@@ -746,9 +774,9 @@ impl OutboxRows {
             return 0;
         }
         let rows = run(c, "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
-                                           recipient, subject, html, text_body, available_at, priority,
-                                           transactional, variant, headers)
-                 SELECT k, t, v, e, u, r, s, h, x, a, p, tx, va, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
+                                           recipient, subject, html, text_body, available_at, scheduled_at,
+                                           priority, transactional, variant, headers)
+                 SELECT k, t, v, e, u, r, s, h, x, a, a, p, tx, va, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
                    FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
                                $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[],
                                $13::text[])

@@ -65,7 +65,7 @@ fn version_of(c: &mut Client) -> String {
     .get(0)
 }
 
-const CURRENT: &str = "0.4.0";
+const CURRENT: &str = "0.5.0";
 
 /// Prints only the differences.
 fn assert_same_schema(upgraded: &mut Client, fresh: &mut Client) {
@@ -361,4 +361,59 @@ fn upgrade_from_0_3_0_keeps_waiting_journeys_and_matches_a_fresh_install() {
         0,
         "nothing is older than the retention"
     );
+}
+
+/// From the released 0.4.0 install script: a message written before the
+/// update and held for later keeps its times, is re-checked before it can be
+/// claimed, and the outbox has the new columns and status as on a fresh install.
+#[test]
+fn upgrade_from_0_4_0_rechecks_held_messages_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh4");
+    let mut f = connect(&fresh);
+    f.batch_execute("CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+                     SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
+        .unwrap();
+
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade4 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade4")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade4", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.4.0';
+         CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+         SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         SELECT nudge.define_template('t', 'Thanks', '<p>thanks</p>');
+         SELECT nudge.define_trigger('thanks', '{\"on\": {\"event\": \"purchased\"}, \"template\": \"t\"}');
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+         INSERT INTO public.orders (customer, at) VALUES ('u1', now() - interval '2 hours'), ('u2', now() - interval '2 hours');
+         SELECT nudge.run_due();
+         -- u2's message waits for a retry
+         UPDATE nudge.outbox SET available_at = now() + interval '1 hour', created_at = now() - interval '2 hours'
+          WHERE user_id = 'u2';",
+    )
+    .unwrap();
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE scheduled_at = available_at AND checked_at = created_at"
+        ),
+        2
+    );
+    // u1's message was checked when written; u2's, once its hour has passed,
+    // only after run_due has looked at it again
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(10)"), 1);
+    c.batch_execute("UPDATE nudge.outbox SET available_at = now() WHERE user_id = 'u2'")
+        .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(10)"), 0);
+    c.batch_execute("SELECT nudge.run_due()").unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(10)"), 1);
 }

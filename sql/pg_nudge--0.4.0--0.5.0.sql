@@ -1,0 +1,143 @@
+-- pg_nudge 0.4.0 -> 0.5.0: what goes out is what the rules say when it
+-- goes out (issue 12).
+-- - outbox.status may be 'cancelled', with the rule that cancelled it in
+--   outbox.rule ('suppressed', 'exited', 'trigger_dropped').
+-- - outbox.checked_at: a message held for later is claimable only once its
+--   exit events were re-checked near its time (run_due does it).
+-- - outbox.scheduled_at: when a message was meant to go; caps count it
+--   (claiming moves available_at to the lease's end).
+-- - claim cancels messages to suppressed addresses or of dropped triggers,
+--   and holds those of paused triggers.
+
+ALTER TABLE nudge.outbox DROP CONSTRAINT outbox_status_check;
+ALTER TABLE nudge.outbox ADD CONSTRAINT outbox_status_check
+    CHECK (status IN ('pending', 'claimed', 'sent', 'dead', 'cancelled'));
+ALTER TABLE nudge.outbox
+    ADD COLUMN rule text,
+    ADD COLUMN checked_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN scheduled_at timestamptz NOT NULL DEFAULT now();
+-- what is already there was checked when written, and was meant to go when
+-- it went (or, not yet sent, at its available time)
+UPDATE nudge.outbox
+   SET checked_at = created_at,
+       scheduled_at = CASE WHEN status = 'sent' THEN coalesce(sent_at, available_at) ELSE available_at END;
+
+CREATE OR REPLACE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
+RETURNS SETOF nudge.outbox
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    candidates tid[];
+    cancelled int;
+BEGIN
+    LOOP
+        candidates := ARRAY(
+            SELECT c.ctid
+              FROM nudge.outbox c
+             WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+               AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+               AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
+             ORDER BY c.priority DESC, c.available_at, c.id
+             LIMIT greatest(batch, 0)
+               FOR UPDATE SKIP LOCKED);
+        -- a cancelled row's old version is gone for the claim below
+        UPDATE nudge.outbox o
+           SET status = 'cancelled', rule = x.rule, last_error = x.why
+          FROM (SELECT c.ctid AS row_id,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppressed' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
+                            ELSE 'address suppressed: ' || s.reason END AS why
+                  FROM nudge.outbox c
+                  LEFT JOIN nudge.triggers t ON t.name = c.trigger
+                  LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
+                                      WHERE s.email = lower(btrim(c.recipient)) OR s.user_id = c.user_id
+                                      LIMIT 1) s ON true
+                 WHERE c.ctid = ANY (candidates)
+                   AND (t.name IS NULL OR s.reason IS NOT NULL)) x
+         WHERE o.ctid = x.row_id;
+        GET DIAGNOSTICS cancelled = ROW_COUNT;
+        RETURN QUERY
+        UPDATE nudge.outbox o
+           SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+               available_at = now() + greatest(lease, interval '0')
+         WHERE o.ctid = ANY (candidates)
+        RETURNING o.*;
+        -- only a batch that was all cancelled is taken again
+        EXIT WHEN cancelled = 0 OR cancelled < cardinality(candidates);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION nudge.outbox_metrics()
+RETURNS TABLE (status text, messages bigint, oldest_age interval)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    -- oldest_age: how long the oldest message in that status has existed
+    SELECT s.status, count(o.id), now() - min(o.created_at)
+      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled']) AS s(status)
+      LEFT JOIN nudge.outbox o ON o.status = s.status
+     GROUP BY s.status
+     ORDER BY array_position(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled'], s.status)
+$$;
+
+CREATE OR REPLACE FUNCTION nudge.apply_retention(batch int DEFAULT 10000)
+RETURNS TABLE (relation text, deleted bigint)
+LANGUAGE plpgsql SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    setting text := nudge._setting('nudge.retention', '180 days');
+    keep interval;
+    cutoff timestamptz;
+BEGIN
+    IF lower(btrim(setting)) = 'off' THEN
+        RETURN;
+    END IF;
+    BEGIN
+        keep := setting::interval;
+    EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow OR interval_field_overflow
+                   OR syntax_error OR invalid_text_representation THEN
+        RAISE EXCEPTION 'nudge.retention: % is not an interval (''180 days'') or ''off''', pg_catalog.quote_literal(setting)
+            USING ERRCODE = '22023';
+    END;
+    IF keep < interval '1 day' THEN
+        RAISE EXCEPTION 'nudge.retention: % is less than a day', pg_catalog.quote_literal(setting)
+            USING ERRCODE = '22023',
+                  HINT = 'journeys that wait longer than the retention would lose their history';
+    END IF;
+    IF batch IS NULL OR batch < 1 THEN
+        RAISE EXCEPTION 'apply_retention: batch must be at least 1, got %', batch USING ERRCODE = '22023';
+    END IF;
+    cutoff := now() - keep;
+
+    relation := 'journal';
+    DELETE FROM nudge.journal j WHERE j.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.journal x
+         WHERE x.recorded_at < cutoff
+           AND NOT EXISTS (SELECT 1 FROM nudge.enrollments e
+                            WHERE e.user_id = x.user_id AND e.id = x.enrollment_id AND e.state = 'waiting')
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'enrollments';
+    DELETE FROM nudge.enrollments e WHERE e.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.enrollments x
+         WHERE x.state <> 'waiting' AND x.updated_at < cutoff
+           AND EXISTS (SELECT 1 FROM nudge.enrollments n
+                        WHERE n.user_id = x.user_id AND n.trigger = x.trigger AND n.entered_at > x.entered_at)
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'outbox';
+    DELETE FROM nudge.outbox o WHERE o.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.outbox x
+         WHERE x.status IN ('sent', 'dead', 'cancelled') AND x.created_at < cutoff
+         LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+
+    relation := 'capture_queue';
+    DELETE FROM nudge.capture_queue q WHERE q.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.capture_queue x WHERE x.queued_at < cutoff LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
+END
+$$;
