@@ -79,6 +79,7 @@ impl std::ops::Add for Pass {
 }
 
 pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
+    require_current_schema();
     Spi::connect_mut(|c| {
         // held messages first: a failure there must not stop the deciding
         if let Err(e) = isolate::subtransaction(|| super::recheck::held_messages(c)) {
@@ -110,6 +111,30 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         }
         Pass { claimed, ..pass }
     })
+}
+
+/// The library is the server's, the schema each database's: between
+/// installing a new version and `ALTER EXTENSION pg_nudge UPDATE`, deciding
+/// against the old schema would fail every message (and set it aside).
+/// Nothing is decided until the update; capture goes on.
+fn require_current_schema() {
+    let installed: Option<String> = crate::spi_util::one(
+        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_nudge'",
+        &[],
+        "reading the installed version",
+    );
+    let library = env!("CARGO_PKG_VERSION");
+    if installed.as_deref() != Some(library) {
+        ereport!(
+            PgLogLevel::ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!(
+                "pg_nudge: this database has pg_nudge {}, the server's library is {library}",
+                installed.as_deref().unwrap_or("(none)")
+            ),
+            "Run ALTER EXTENSION pg_nudge UPDATE; until then no message is decided here."
+        );
+    }
 }
 
 /// Decides one enrollment in a subtransaction of its own; if that fails

@@ -391,12 +391,22 @@ fn upgrade_from_0_4_0_rechecks_held_messages_and_matches_a_fresh_install() {
          SELECT nudge.define_trigger('thanks', '{\"on\": {\"event\": \"purchased\"}, \"template\": \"t\"}');
          INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
          INSERT INTO public.orders (customer, at) VALUES ('u1', now() - interval '2 hours'), ('u2', now() - interval '2 hours');
-         SELECT nudge.run_due();
-         -- u2's message waits for a retry
-         UPDATE nudge.outbox SET available_at = now() + interval '1 hour', created_at = now() - interval '2 hours'
-          WHERE user_id = 'u2';",
+         -- messages written by 0.4.0 (its library is gone): u2's waits for a retry
+         INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id, recipient,
+                                   subject, html, created_at, available_at)
+         SELECT 'k' || e.user_id, e.trigger, e.trigger_version, e.id, e.user_id, e.user_id || '@example.com', 'Thanks', 'x',
+                CASE WHEN e.user_id = 'u2' THEN now() - interval '2 hours' ELSE now() END,
+                CASE WHEN e.user_id = 'u2' THEN now() + interval '1 hour' ELSE now() END
+           FROM nudge.enrollments e;
+         UPDATE nudge.enrollments SET state = 'sent';",
     )
     .unwrap();
+    // this server's library does not decide against the old schema (it would
+    // set every message aside): it says what to do
+    let refused = c.query("SELECT nudge.run_due()", &[]).unwrap_err();
+    assert_eq!(refused.code().map(|s| s.code()), Some("55000"), "{refused}");
+    let message = refused.as_db_error().unwrap().message().to_owned();
+    assert!(message.contains("has pg_nudge 0.4.0"), "{message}");
     c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
     assert_eq!(version_of(&mut c), CURRENT);
     assert_same_schema(&mut c, &mut f);
