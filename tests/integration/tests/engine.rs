@@ -348,3 +348,58 @@ fn a_cancelled_run_due_cancels_and_fails_no_message() {
         .get(0);
     assert_eq!(state, "waiting", "the cancel failed the message");
 }
+
+/// Caps weigh what the outbox holds for a user; passes running at once
+/// (several connections, one enrollment each) give the verdicts of one pass:
+/// with a cap of one a day, each user gets one of their two messages.
+#[test]
+fn concurrent_passes_hold_a_cap_as_one_pass_does() {
+    let db = fresh_db("nudge_it_cap_race");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"SELECT nudge.configure('{"caps": [{"max": 1, "per": "1 day"}]}');
+           SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+           SELECT nudge.define_trigger('a', '{"on": {"event": "a"}, "template": "t"}');
+           SELECT nudge.define_trigger('b', '{"on": {"event": "b"}, "template": "t"}');
+           INSERT INTO nudge.profiles (user_id, email) SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(1, 400) i;
+           -- each user's two journeys side by side, at one instant
+           DO $$ BEGIN
+               FOR i IN 1..400 LOOP
+                   INSERT INTO nudge.events (user_id, event, occurred_at)
+                   VALUES ('u' || i, 'a', '2026-01-01 00:00+00'), ('u' || i, 'b', '2026-01-01 00:00+00');
+               END LOOP;
+           END $$;"#,
+    )
+    .unwrap();
+    let passes: Vec<_> = (0..4)
+        .map(|_| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(&db);
+                loop {
+                    c.query_one("SELECT nudge.run_due('2026-01-01 00:01+00', 1)", &[])
+                        .unwrap();
+                    let left: i64 = c
+                        .query_one(
+                            "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'",
+                            &[],
+                        )
+                        .unwrap()
+                        .get(0);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in passes {
+        p.join().unwrap();
+    }
+    let over = count(
+        &mut c,
+        "SELECT count(*) FROM (SELECT user_id FROM nudge.outbox GROUP BY user_id HAVING count(*) > 1) o",
+    );
+    assert_eq!(over, 0, "users sent two messages despite a cap of one a day");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 400);
+}
