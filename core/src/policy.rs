@@ -468,6 +468,10 @@ pub struct SettingsSpec {
 pub struct Settings {
     pub caps: Vec<Cap>,
     pub arbitration_us: Micros,
+    /// No arbitration_window configured: messages of one user due at the same
+    /// instant still compete, by priority alone (equal priorities both go),
+    /// so that `priority` in a definition works without another setting.
+    pub same_instant_only: bool,
     pub default_timezone: Option<String>,
 }
 
@@ -505,6 +509,7 @@ impl Settings {
         Ok(Settings {
             caps,
             arbitration_us,
+            same_instant_only: spec.arbitration_window.is_none(),
             default_timezone: spec.default_timezone.clone(),
         })
     }
@@ -569,7 +574,14 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
     for s in sent {
         sent_of_user.entry(s.user.as_str()).or_default().push(s);
     }
-    if settings.arbitration_us > 0 {
+    if settings.arbitration_us > 0 || settings.same_instant_only {
+        let rank = |priority: i32, entered_at: Micros, trigger: &str| {
+            if settings.same_instant_only {
+                (priority, 0, String::new())
+            } else {
+                rank(priority, entered_at, trigger)
+            }
+        };
         for (i, c) in candidates.iter().enumerate() {
             if c.transactional {
                 continue;
@@ -608,7 +620,12 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                 .filter(|r| r.0 > mine)
                 .max_by(|a, b| a.0.cmp(&b.0));
             if let Some((_, trigger, priority, key, at)) = rival {
-                let why = format!("priority: lost to trigger {trigger} (priority {priority}, key {key:?}) within the arbitration window");
+                let within = if settings.same_instant_only {
+                    "due at the same instant"
+                } else {
+                    "within the arbitration window"
+                };
+                let why = format!("priority: lost to trigger {trigger} (priority {priority}, key {key:?}) {within}");
                 verdicts[i] = if c.defer_on_conflict {
                     Verdict::Defer {
                         at: at + settings.arbitration_us,
@@ -742,13 +759,28 @@ mod decide_tests {
     }
 
     #[test]
-    fn without_a_window_there_is_no_arbitration() {
+    fn without_a_window_only_a_higher_priority_due_at_the_same_instant_wins() {
+        let s = settings(json!({}));
         let v = decide(
             &[cand("u", "a", 1, 0, &[]), cand("u", "b", 5, 0, &[])],
             &[],
-            &Settings::default(),
+            &s,
         );
-        assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })));
+        assert!(matches!(&v[0], Verdict::Suppress(why) if why.contains("lost to trigger b") && why.contains("same instant")), "{v:?}");
+        assert_eq!(v[1], Verdict::Send { at: 10 * H });
+        // equal priorities both go; a minute apart, both go
+        let v = decide(
+            &[cand("u", "a", 5, 0, &[]), cand("u", "b", 5, 0, &[])],
+            &[],
+            &s,
+        );
+        assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
+        let later = Candidate {
+            send_at: 10 * H + 60_000_000,
+            ..cand("u", "a", 1, 0, &[])
+        };
+        let v = decide(&[later, cand("u", "b", 5, 0, &[])], &[], &s);
+        assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
     }
 
     #[test]

@@ -543,7 +543,8 @@ fn recent_messages(
         .iter()
         .chain(candidates.iter().flat_map(|c| c.caps.iter()))
         .map(|cap| cap.per_us)
-        .chain(std::iter::once(settings.arbitration_us))
+        // same-instant arbitration still looks at the outbox (at that instant)
+        .chain(std::iter::once(settings.arbitration_us.max(Micros::from(settings.same_instant_only))))
         .max()
         .unwrap_or(0);
     let Some(earliest) = candidates.iter().map(|c| c.send_at).min() else {

@@ -93,6 +93,15 @@ SELECT nudge.run_due('2026-02-01 12:00+00') AS written;
 SELECT trigger, state, reason FROM nudge.enrollments WHERE trigger IN ('browse', 'cart', 'newsletter') ORDER BY trigger;
 SELECT trigger, available_at FROM nudge.outbox WHERE trigger IN ('cart', 'newsletter') ORDER BY trigger;
 SELECT nudge.configure('{"arbitration_window": null}');
+-- without a window, priority alone still decides between messages due at
+-- the same instant, in one pass or in two
+INSERT INTO nudge.profiles (user_id, email) VALUES ('pr', 'pr@example.com'), ('ps', 'ps@example.com');
+SELECT count(nudge.track('pr', e, '{}', '2026-02-02 10:00+00')) FROM unnest(ARRAY['viewed', 'carted']) e;
+SELECT count(nudge.track('ps', 'carted', '{}', '2026-02-02 10:00+00'));
+SELECT nudge.run_due('2026-02-02 12:00+00') AS written;
+SELECT count(nudge.track('ps', 'viewed', '{}', '2026-02-02 10:00+00'));
+SELECT nudge.run_due('2026-02-02 12:00+00') AS written;
+SELECT user_id, trigger, state, reason FROM nudge.enrollments WHERE user_id IN ('pr', 'ps') ORDER BY user_id, trigger;
 SELECT nudge.drop_trigger(t) FROM unnest(ARRAY['browse', 'cart', 'newsletter']) t;
 
 -- == Quiet hours and send windows, in the recipient's zone ==
