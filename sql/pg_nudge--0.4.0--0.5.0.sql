@@ -141,3 +141,20 @@ BEGIN
     RETURN NEXT;
 END
 $$;
+
+-- backtest takes the live trigger's name, to draw experiment arms as it does
+DROP FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz);
+CREATE FUNCTION nudge."backtest"(
+	"definition" jsonb, /* JsonB */
+	"from_ts" timestamp with time zone, /* TimestampWithTimeZone */
+	"to_ts" timestamp with time zone, /* TimestampWithTimeZone */
+	"trigger_name" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS TABLE (
+	"outcome" TEXT,  /* String */
+	"journeys" bigint,  /* i64 */
+	"sample_users" TEXT[]  /* Vec < String > */
+)
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'backtest_wrapper';
+REVOKE ALL ON FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz, text) TO nudge_admin;

@@ -169,7 +169,11 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
         .enumerate()
         .map(|(i, v)| (format!("variants[{i}].template"), &v.template))
         .collect();
-    for (path, template) in std::iter::once(("template", &def.template))
+    for (path, template) in def
+        .template
+        .as_ref()
+        .map(|t| ("template", t))
+        .into_iter()
         .chain(
             def.fallback_template
                 .as_ref()
@@ -590,12 +594,14 @@ fn _uplift(
 
 /// What `definition` would have done over the events of [from_ts, to_ts),
 /// without writing anything: per outcome, how many journeys (or entries) and
-/// up to five sample users.
+/// up to five sample users. `trigger_name` draws experiment arms as the live
+/// trigger of that name does (unless the definition names its `experiment`).
 #[pg_extern]
 fn backtest(
     definition: JsonB,
     from_ts: TimestampWithTimeZone,
     to_ts: TimestampWithTimeZone,
+    trigger_name: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -605,7 +611,7 @@ fn backtest(
     ),
 > {
     TableIterator::new(pinned(|| {
-        crate::engine::backtest::backtest(&definition.0, from_ts, to_ts)
+        crate::engine::backtest::backtest(&definition.0, from_ts, to_ts, trigger_name)
     }))
 }
 

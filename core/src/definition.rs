@@ -19,7 +19,9 @@ pub struct Definition {
     pub wait: Option<String>,
     #[serde(default)]
     pub unless: Vec<ExitSpec>,
-    pub template: String,
+    /// The content; may be left out when `variants` name theirs.
+    #[serde(default)]
+    pub template: Option<String>,
     /// A predicate on the recipient's profile, checked at entry and at send time.
     #[serde(default)]
     pub audience: Option<Value>,
@@ -242,7 +244,13 @@ impl Definition {
 
     fn check(&self) -> Result<(), String> {
         non_empty(&self.on.event, "on.event")?;
-        non_empty(&self.template, "template")?;
+        match &self.template {
+            Some(t) => non_empty(t, "template")?,
+            None if self.variants.is_empty() => {
+                return Err("template: missing (name a template, or give variants each with theirs)".into())
+            }
+            None => {}
+        }
         self.wait_us()?;
         self.policies()?;
         if let Some(q) = &self.audience_sql {
@@ -378,6 +386,14 @@ impl Definition {
         })
     }
 
+    /// The template of a user without an arm: the trigger's, else the first variant's.
+    fn content(&self) -> String {
+        self.template
+            .clone()
+            .or_else(|| self.variants.first().map(|v| v.template.clone()))
+            .unwrap_or_default()
+    }
+
     pub fn compile(&self, name: &str, version: i32) -> Result<Trigger, String> {
         let p = self.policies()?;
         Ok(Trigger {
@@ -436,7 +452,7 @@ impl Definition {
                     })
                 })
                 .collect::<Result<_, String>>()?,
-            template: self.template.clone(),
+            template: self.content(),
         })
     }
 }
@@ -597,6 +613,18 @@ mod tests {
             let e = Definition::parse(&v).unwrap_err();
             assert!(e.starts_with(want), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn variants_alone_may_name_the_content() {
+        let mut v = cart();
+        v.as_object_mut().unwrap().remove("template");
+        let e = Definition::parse(&v).unwrap_err();
+        assert!(e.starts_with("template: missing"), "{e}");
+        v["variants"] = json!([{"name": "A", "template": "a"}, {"name": "B", "template": "b"}]);
+        let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();
+        assert_eq!(t.template_of(None), "a");
+        assert_eq!(t.template_of(Some("B")), "b");
     }
 
     #[test]

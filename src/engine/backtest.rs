@@ -44,9 +44,20 @@ pub fn backtest(
     definition: &Value,
     from: TimestampWithTimeZone,
     to: TimestampWithTimeZone,
+    trigger_name: Option<&str>,
 ) -> Vec<(String, i64, Vec<String>)> {
-    let t: Trigger = Definition::parse(definition)
-        .and_then(|d| d.compile("backtest", 0))
+    let d = Definition::parse(definition).unwrap_or_else(|e| error!("backtest: {e}"));
+    let name = trigger_name.unwrap_or("backtest");
+    if trigger_name.is_none()
+        && d.experiment.is_none()
+        && (!d.variants.is_empty() || d.holdout.is_some())
+    {
+        notice!(
+            "backtest: arms are drawn for experiment \"backtest\"; pass trigger_name (or set \"experiment\") to draw them as the live trigger does"
+        );
+    }
+    let t: Trigger = d
+        .compile(name, 0)
         .unwrap_or_else(|e| error!("backtest: {e}"));
     let (from_us, to_us) = (micros(from), micros(to));
     let lookback = t.entry_count.map_or(0, |(_, within)| within);

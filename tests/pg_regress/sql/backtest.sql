@@ -67,3 +67,27 @@ SELECT outcome, journeys FROM nudge.backtest('{
  WHERE outcome IN ('entered', 'sent', 'exited') ORDER BY 1;
 
 SELECT * FROM nudge.backtest('{"on": {"event": "x"}, "wait": "soon", "template": "t"}', '2026-04-01', '2026-04-11');
+
+-- variants alone name the content; a holdout and arms are drawn in backtest
+-- as the live trigger (given its name) draws them
+SELECT nudge.define_template('tb', 'B', '<p>b</p>');
+SELECT nudge.define_trigger('welcome_ab', '{"on": {"event": "signed_up"},
+  "variants": [{"name": "A", "template": "t"}, {"name": "B", "template": "tb"}], "holdout": 0.2}');
+INSERT INTO nudge.profiles (user_id, email) SELECT 'w' || g, 'w' || g || '@example.com' FROM generate_series(1, 400) g;
+INSERT INTO nudge.events (user_id, event, occurred_at) SELECT 'w' || g, 'signed_up', '2026-04-02 10:00+00' FROM generate_series(1, 400) g;
+SELECT nudge.run_due('2026-04-03') > 0 AS wrote;
+CREATE TEMP TABLE ab_live AS
+SELECT CASE state WHEN 'held_out' THEN 'held out' ELSE state END AS outcome, count(*) AS n
+  FROM nudge.enrollments WHERE trigger = 'welcome_ab' GROUP BY state;
+CREATE TEMP TABLE ab_replayed AS
+SELECT outcome, journeys AS n
+  FROM nudge.backtest((SELECT definition FROM nudge.trigger_versions WHERE trigger = 'welcome_ab'), '2026-04-01', '2026-04-11', 'welcome_ab')
+ WHERE outcome IN ('sent', 'held out');
+SELECT l.outcome, l.n = r.n AS agree FROM ab_live l FULL JOIN ab_replayed r USING (outcome) ORDER BY 1;
+-- per arm too: the live arms of the users the backtest sampled as held out
+SELECT count(*) FILTER (WHERE e.variant IS DISTINCT FROM 'holdout') AS sampled_but_not_held_out
+  FROM nudge.backtest((SELECT definition FROM nudge.trigger_versions WHERE trigger = 'welcome_ab'), '2026-04-01', '2026-04-11', 'welcome_ab') b,
+       unnest(b.sample_users) u JOIN nudge.enrollments e ON e.user_id = u AND e.trigger = 'welcome_ab'
+ WHERE b.outcome = 'held out';
+-- without the name the arms are another experiment's, and it says so
+SELECT count(*) > 0 AS ran FROM nudge.backtest((SELECT definition FROM nudge.trigger_versions WHERE trigger = 'welcome_ab'), '2026-04-01', '2026-04-11');
