@@ -39,6 +39,7 @@ pub fn replay_user(t: &Trigger, events: &[Event], from: Micros, to: Micros) -> U
                     at: *at,
                     key,
                     name: name.clone(),
+                    event: i,
                 });
             }
         }

@@ -22,11 +22,15 @@ pub enum Step {
         key: String,
         event: usize,
     },
-    /// An exit event; `key: None` closes journeys of every key.
+    /// An exit event; `key: None` closes journeys of every key. `event` is
+    /// the caller's index: an event that is an entry too (a session, in "a
+    /// session, then none for 7 days") closes the journeys before it and opens
+    /// its own, which it does not close.
     Exit {
         at: Micros,
         key: Option<String>,
         name: String,
+        event: usize,
     },
 }
 
@@ -102,7 +106,8 @@ pub struct Sequenced {
 /// Applies `steps` to the user's waiting journeys of one trigger. `ended`
 /// gives, per key, when the user's latest journey that is no longer waiting
 /// ended (its exit, else its due time); re-entry rules read it. Entries sort
-/// before exits at the same instant, so an exit at the anchor's own time closes it.
+/// before exits at the same instant, so an exit at the anchor's own time closes
+/// it, unless that exit is the anchor itself.
 pub fn sequence(
     existing: Vec<Journey>,
     ended: &HashMap<String, Micros>,
@@ -110,7 +115,24 @@ pub fn sequence(
     wait: Micros,
     reentry: Reentry,
 ) -> Sequenced {
-    steps.sort_by_key(|s| (s.at(), matches!(s, Step::Exit { .. })));
+    // At one instant: exits by events that are entries too, then entries,
+    // then other exits (so an exit at a cart's own time, from another event,
+    // still closes it).
+    let entries: std::collections::HashSet<usize> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Entry { event, .. } => Some(*event),
+            Step::Exit { .. } => None,
+        })
+        .collect();
+    steps.sort_by_key(|s| {
+        let rank = match s {
+            Step::Exit { event, .. } if entries.contains(event) => 0,
+            Step::Entry { .. } => 1,
+            Step::Exit { .. } => 2,
+        };
+        (s.at(), rank)
+    });
     let mut journeys = existing;
     let mut blocked = vec![];
     // Indexes into `journeys`, so that a heavy user's thousands of steps stay
@@ -177,7 +199,7 @@ pub fn sequence(
                     }
                 }
             }
-            Step::Exit { at, key, name } => {
+            Step::Exit { at, key, name, .. } => {
                 let candidates: &[usize] = match &key {
                     Some(k) => by_key.get(k).map(Vec::as_slice).unwrap_or_default(),
                     None => &closable,
@@ -253,6 +275,31 @@ mod tests {
             at,
             key: key.map(Into::into),
             name: "purchased".into(),
+            event: usize::MAX,
+        }
+    }
+
+    #[test]
+    fn an_event_that_enters_and_exits_restarts_the_journey() {
+        // "a session, then no session for a day": each session closes the
+        // journey before it and opens its own, which it leaves open
+        let session = |at: Micros, event: usize| {
+            vec![
+                entry(at, "", event),
+                Step::Exit {
+                    at,
+                    key: None,
+                    name: "session".into(),
+                    event,
+                },
+            ]
+        };
+        for reentry in [Reentry::AfterExit, Reentry::EveryTime] {
+            let steps = [session(0, 0), session(H, 1)].concat();
+            let out = sequence(vec![], &HashMap::new(), steps, 24 * H, reentry).journeys;
+            assert_eq!(out.len(), 2, "{reentry:?}: {out:?}");
+            assert_eq!(out[0].exited, Some((H, "session".into())));
+            assert_eq!((out[1].entered_at, &out[1].exited), (H, &None));
         }
     }
 

@@ -490,6 +490,7 @@ fn steps_of(b: &Batch, triggers: &[LiveTrigger]) -> BTreeMap<(usize, String), Ve
                     at,
                     key,
                     name: event.clone(),
+                    event: i,
                 });
             }
         }

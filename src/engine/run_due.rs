@@ -715,6 +715,11 @@ pub(super) fn exits_at_send_time(
                     .flatten()
                     .map_or(Value::Null, |j| j.0);
                 let d = &due[i];
+                // the anchor itself (an event that enters and exits) does not
+                // end its own journey
+                if micros(at) == micros(d.entered_at) && triggers[&d.trigger].enters(&event, &props) {
+                    continue;
+                }
                 let hit = match triggers[&d.trigger].exit_scope(&event, &props) {
                     Some(None) => true,
                     Some(Some(k)) => k == d.key,

@@ -141,3 +141,13 @@ SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "t", "qui
 SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "t", "reentry": "twice"}');
 SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "t", "audience": {"country": {"like": "D%"}}}');
 SELECT nudge.configure('{}');
+
+-- == "Did X, then no X for a while" ==
+-- the session that opens a journey does not close it; the next one does, and opens its own
+SELECT nudge.define_trigger('winback', '{"on": {"event": "session"}, "unless": [{"event": "session"}], "wait": "7 days", "template": "t"}');
+INSERT INTO nudge.profiles (user_id, email) VALUES ('wb1', 'wb1@example.com'), ('wb2', 'wb2@example.com');
+SELECT count(nudge.track(u, 'session', '{}', at::timestamptz)) FROM (VALUES
+  ('wb1', '2026-05-01 10:00+00'), ('wb2', '2026-05-01 10:00+00'), ('wb2', '2026-05-03 10:00+00')) AS s(u, at);
+SELECT nudge.run_due('2026-05-20') AS written;
+SELECT user_id, entered_at, state, reason LIKE 'message %' AS went, CASE WHEN state <> 'sent' THEN reason END AS why
+  FROM nudge.enrollments WHERE trigger = 'winback' ORDER BY user_id, entered_at;
