@@ -91,7 +91,7 @@ CREATE TABLE nudge.enrollments (
     entered_at      timestamptz NOT NULL,
     due_at          timestamptz NOT NULL,
     state           text        NOT NULL DEFAULT 'waiting'
-                    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled')),
+                    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled', 'expired')),
     reason          text,
     anchor          jsonb       NOT NULL DEFAULT '{}',
     anchor_event    text        NOT NULL,

@@ -9,6 +9,10 @@
 -- - claim cancels messages to suppressed addresses or of dropped triggers,
 --   and holds those of paused triggers.
 
+-- a message decided later than its trigger's expire_after is 'expired'
+ALTER TABLE nudge.enrollments DROP CONSTRAINT enrollments_state_check;
+ALTER TABLE nudge.enrollments ADD CONSTRAINT enrollments_state_check
+    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled', 'expired'));
 ALTER TABLE nudge.outbox DROP CONSTRAINT outbox_status_check;
 ALTER TABLE nudge.outbox ADD CONSTRAINT outbox_status_check
     CHECK (status IN ('pending', 'claimed', 'sent', 'dead', 'cancelled'));

@@ -37,6 +37,11 @@ pub struct Definition {
     /// Importance when several triggers come due for one user at once.
     #[serde(default)]
     pub priority: i32,
+    /// How late is too late: a message decided more than this after its due
+    /// time is recorded `expired`, not sent (a backfill of history mails
+    /// nobody about the past). Postgres interval text, e.g. "12 hours".
+    #[serde(default)]
+    pub expire_after: Option<String>,
     /// What a message that loses arbitration does: "suppress" (default) or "defer".
     #[serde(default)]
     pub on_conflict: Option<String>,
@@ -115,6 +120,7 @@ pub struct Trigger {
     pub name: String,
     pub version: i32,
     pub wait_us: i64,
+    pub expire_after_us: Option<i64>,
     pub entry_event: String,
     pub entry_filter: Option<Predicate>,
     pub key_path: Option<Vec<String>>,
@@ -140,6 +146,19 @@ pub struct Trigger {
 }
 
 impl Trigger {
+    /// Why a message due at `due` and decided at `now` is too late to send,
+    /// if it is (`expire_after`).
+    pub fn expired(&self, due: i64, now: i64) -> Option<String> {
+        let limit = self.expire_after_us?;
+        (now - due > limit).then(|| {
+            format!(
+                "expired: decided {} after it was due (expire_after {})",
+                crate::time::format_duration(now - due),
+                crate::time::format_duration(limit)
+            )
+        })
+    }
+
     /// The arm of a user: "holdout", a variant's name, or None.
     pub fn arm_of(&self, user: &str) -> Option<String> {
         self.arm_with_winner(user, None)
@@ -252,6 +271,7 @@ impl Definition {
             None => {}
         }
         self.wait_us()?;
+        self.expire_after_us()?;
         self.policies()?;
         if let Some(q) = &self.audience_sql {
             non_empty(q, AUDIENCE_SQL)?;
@@ -351,6 +371,17 @@ impl Definition {
         }
     }
 
+    fn expire_after_us(&self) -> Result<Option<i64>, String> {
+        let Some(e) = self.expire_after.as_deref() else {
+            return Ok(None);
+        };
+        match parse_duration(e) {
+            Ok(us) if us > 0 => Ok(Some(us)),
+            Ok(_) => Err(format!("expire_after: {e:?} must be longer than zero")),
+            Err(err) => Err(format!("expire_after: {err}")),
+        }
+    }
+
     fn wait_us(&self) -> Result<i64, String> {
         self.wait.as_deref().map_or(Ok(0), |w| {
             parse_duration(w).map_err(|e| format!("wait: {e}"))
@@ -422,6 +453,7 @@ impl Definition {
             name: name.to_owned(),
             version,
             wait_us: self.wait_us()?,
+            expire_after_us: self.expire_after_us()?,
             entry_event: self.on.event.clone(),
             entry_filter: self
                 .on
@@ -613,6 +645,23 @@ mod tests {
             let e = Definition::parse(&v).unwrap_err();
             assert!(e.starts_with(want), "{key}: {e}");
         }
+    }
+
+    #[test]
+    fn a_message_too_late_expires() {
+        let mut v = cart();
+        v["expire_after"] = json!("12 hours");
+        let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();
+        let h = 3_600_000_000;
+        assert_eq!(t.expired(0, 12 * h), None);
+        let why = t.expired(0, 13 * h).unwrap();
+        assert!(why.starts_with("expired: decided 13 hours after"), "{why}");
+        v["expire_after"] = json!("0 hours");
+        assert!(Definition::parse(&v).unwrap_err().starts_with("expire_after:"));
+        v["expire_after"] = json!("soon");
+        assert!(Definition::parse(&v).unwrap_err().starts_with("expire_after:"));
+        let t = Definition::parse(&cart()).unwrap().compile("cart", 1).unwrap();
+        assert_eq!(t.expired(0, 1000 * h), None);
     }
 
     #[test]

@@ -48,6 +48,8 @@ enum Outcome {
         event: String,
     },
     Suppressed(String),
+    /// Decided later than its trigger's `expire_after` allows.
+    Expired(String),
     Failed(String),
     /// A lookup failed in a way that may pass (a timeout): still waiting, due again at `at`.
     Retry {
@@ -214,6 +216,10 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 at: *at,
                 event: event.clone(),
             }));
+            continue;
+        }
+        if let Some(why) = t.expired(micros(d.due_at), micros(as_of)) {
+            outcomes.push(Some(Outcome::Expired(why)));
             continue;
         }
         let profile = profiles.get(&d.user_id);
@@ -885,6 +891,7 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                 None,
             ),
             Outcome::Suppressed(why) => ("suppressed", why, None, None, None),
+            Outcome::Expired(why) => ("expired", why, None, None, None),
             Outcome::Failed(e) => ("failed", e, None, None, None),
         };
         states.push(state.to_string());

@@ -151,3 +151,14 @@ SELECT count(nudge.track(u, 'session', '{}', at::timestamptz)) FROM (VALUES
 SELECT nudge.run_due('2026-05-20') AS written;
 SELECT user_id, entered_at, state, reason LIKE 'message %' AS went, CASE WHEN state <> 'sent' THEN reason END AS why
   FROM nudge.enrollments WHERE trigger = 'winback' ORDER BY user_id, entered_at;
+
+-- == How late is too late ==
+-- loading history with the engine running: what was due long ago expires
+SELECT nudge.define_trigger('trial_end', '{"on": {"event": "trial_started"}, "wait": "14 days", "expire_after": "12 hours", "template": "t"}');
+INSERT INTO nudge.profiles (user_id, email) VALUES ('ex1', 'ex1@example.com'), ('ex2', 'ex2@example.com');
+SELECT count(nudge.track(u, 'trial_started', '{}', at::timestamptz)) FROM (VALUES
+  ('ex1', '2026-06-01 10:00+00'), ('ex2', '2026-06-15 09:00+00')) AS s(u, at);
+SELECT nudge.run_due('2026-06-29 10:00+00') AS written;
+SELECT user_id, state, reason LIKE 'message %' AS went, CASE WHEN state <> 'sent' THEN reason END AS why
+  FROM nudge.enrollments WHERE trigger = 'trial_end' ORDER BY user_id;
+SELECT nudge.define_trigger('bad', '{"on": {"event": "x"}, "template": "t", "expire_after": "0 seconds"}');
