@@ -34,7 +34,15 @@ LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._dr
 -- state, reason); the steps in between are journal lines.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text)
-LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    -- a misspelled name is an error, not an empty answer
+    IF NOT EXISTS (SELECT 1 FROM nudge.trigger_versions v WHERE v.trigger = explain.trigger) THEN
+        RAISE EXCEPTION 'explain: no trigger named "%"', explain.trigger
+              USING ERRCODE = 'undefined_object',
+                    HINT = 'nudge.triggers lists the triggers; a dropped one is still explained.';
+    END IF;
+    RETURN QUERY
     SELECT s.at, s.step, s.detail FROM (
         SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
                'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
@@ -51,9 +59,10 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
         SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason
           FROM nudge.enrollments e
          WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
-           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed')
-                OR e.state = 'exited' AND e.reason LIKE '%(found at send time)')) s
-     ORDER BY s.at, s.o, s.id
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled')
+                OR e.state = 'exited' AND e.reason LIKE '%(found %')) s
+     ORDER BY s.at, s.o, s.id;
+END
 $$;
 
 -- Per trigger and arm (each variant, 'default' without variants, and

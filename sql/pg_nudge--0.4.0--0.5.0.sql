@@ -162,3 +162,38 @@ LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'backtest_wrapper';
 REVOKE ALL ON FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz, text) TO nudge_admin;
+
+-- explain: an unknown trigger is an error (42704); expired, cancelled and
+-- re-checked exits are shown
+CREATE OR REPLACE FUNCTION nudge.explain(trigger text, user_id text)
+RETURNS TABLE (at timestamptz, step text, detail text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    -- a misspelled name is an error, not an empty answer
+    IF NOT EXISTS (SELECT 1 FROM nudge.trigger_versions v WHERE v.trigger = explain.trigger) THEN
+        RAISE EXCEPTION 'explain: no trigger named "%"', explain.trigger
+              USING ERRCODE = 'undefined_object',
+                    HINT = 'nudge.triggers lists the triggers; a dropped one is still explained.';
+    END IF;
+    RETURN QUERY
+    SELECT s.at, s.step, s.detail FROM (
+        SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
+               'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
+               || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+               || coalesce(', arm ' || e.variant, '') AS detail
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+        UNION ALL
+        SELECT j.at, 1, j.id, j.step, j.detail
+          FROM nudge.journal j
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
+        UNION ALL
+        -- what run_due decided: the enrollment's state and reason
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled')
+                OR e.state = 'exited' AND e.reason LIKE '%(found %')) s
+     ORDER BY s.at, s.o, s.id;
+END
+$$;

@@ -52,3 +52,7 @@ SELECT scheduled_at < now() - interval '1 day' AS scheduled_kept, available_at >
 INSERT INTO nudge.events (user_id, event, occurred_at) VALUES ('h4', 'daily', now() - interval '1 minute');
 SELECT nudge.run_due() AS written;
 SELECT state, reason LIKE 'message %' AS went FROM nudge.enrollments WHERE trigger = 'daily' ORDER BY entered_at;
+
+-- explain shows the exit found before the message went out; a misspelled trigger is an error
+SELECT step, detail FROM nudge.explain('cart', 'h1') WHERE step <> 'entered';
+SELECT * FROM nudge.explain('crat', 'h1');
