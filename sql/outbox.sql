@@ -25,19 +25,21 @@ RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     candidates tid[];
-    cancelled int;
 BEGIN
-    LOOP
-        candidates := ARRAY(
-            SELECT c.ctid
-              FROM nudge.outbox c
-             WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
-               AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
-               AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
-             ORDER BY c.priority DESC, c.available_at, c.id
-             LIMIT greatest(batch, 0)
-               FOR UPDATE SKIP LOCKED);
-        -- a cancelled row's old version is gone for the claim below
+    candidates := ARRAY(
+        SELECT c.ctid
+          FROM nudge.outbox c
+         WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+           AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+           AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
+         ORDER BY c.priority DESC, c.available_at, c.id
+         LIMIT greatest(coalesce(batch, 0), 0)
+           FOR UPDATE SKIP LOCKED);
+    -- a cancelled row's old version is gone for the claim below; its journey
+    -- says why (trigger_stats does not count it as sent). A batch that was all
+    -- cancelled comes back short: drop_trigger cancels its own messages in
+    -- one statement, so a long run of them is not left to claim.
+    WITH x AS (
         UPDATE nudge.outbox o
            SET status = 'cancelled', rule = x.rule, last_error = x.why
           FROM (SELECT c.ctid AS row_id,
@@ -51,17 +53,19 @@ BEGIN
                                       LIMIT 1) s ON true
                  WHERE c.ctid = ANY (candidates)
                    AND (t.name IS NULL OR s.reason IS NOT NULL)) x
-         WHERE o.ctid = x.row_id;
-        GET DIAGNOSTICS cancelled = ROW_COUNT;
-        RETURN QUERY
-        UPDATE nudge.outbox o
-           SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
-               available_at = now() + greatest(lease, interval '0')
-         WHERE o.ctid = ANY (candidates)
-        RETURNING o.*;
-        -- only a batch that was all cancelled is taken again
-        EXIT WHEN cancelled = 0 OR cancelled < cardinality(candidates);
-    END LOOP;
+         WHERE o.ctid = x.row_id
+        RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
+    UPDATE nudge.enrollments e
+       SET state = CASE WHEN x.rule = 'suppressed' THEN 'suppressed' ELSE 'cancelled' END,
+           reason = x.last_error || ' (found before the message went out)', updated_at = now()
+      FROM x
+     WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
+    RETURN QUERY
+    UPDATE nudge.outbox o
+       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+           available_at = now() + greatest(lease, interval '0')
+     WHERE o.ctid = ANY (candidates)
+    RETURNING o.*;
 END
 $$;
 

@@ -260,7 +260,7 @@ fn resume_trigger(name: &str) {
     set_status(name, "active", "resume_trigger");
 }
 
-/// Drops the trigger and cancels its waiting enrollments; its versions,
+/// Drops the trigger and cancels its waiting enrollments and pending messages; its versions,
 /// enrollments and journal stay, so that past sends remain explainable.
 #[pg_extern]
 fn drop_trigger(name: &str) {
@@ -270,7 +270,15 @@ fn drop_trigger(name: &str) {
                          WHERE trigger = $1 AND state = 'waiting' AND EXISTS (SELECT 1 FROM d)
                         RETURNING user_id, id),
                   j AS (INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-                        SELECT user_id, $1, id, now(), 'cancelled', 'trigger dropped' FROM c)
+                        SELECT user_id, $1, id, now(), 'cancelled', 'trigger dropped' FROM c),
+                  -- its messages not yet handed out do not go either
+                  o AS (UPDATE nudge.outbox SET status = 'cancelled', rule = 'trigger_dropped',
+                               last_error = 'trigger ' || $1 || ' was dropped'
+                         WHERE trigger = $1 AND status = 'pending' AND EXISTS (SELECT 1 FROM d)
+                        RETURNING user_id, enrollment_id),
+                  oe AS (UPDATE nudge.enrollments e SET state = 'cancelled', updated_at = now(),
+                                reason = 'trigger dropped before the message went out'
+                           FROM o WHERE e.user_id = o.user_id AND e.id = o.enrollment_id)
              SELECT EXISTS (SELECT 1 FROM d)",
             &[name.into()],
             "drop_trigger",

@@ -266,7 +266,9 @@ impl Definition {
         match &self.template {
             Some(t) => non_empty(t, "template")?,
             None if self.variants.is_empty() => {
-                return Err("template: missing (name a template, or give variants each with theirs)".into())
+                return Err(
+                    "template: missing (name a template, or give variants each with theirs)".into(),
+                )
             }
             None => {}
         }
@@ -657,10 +659,17 @@ mod tests {
         let why = t.expired(0, 13 * h).unwrap();
         assert!(why.starts_with("expired: decided 13 hours after"), "{why}");
         v["expire_after"] = json!("0 hours");
-        assert!(Definition::parse(&v).unwrap_err().starts_with("expire_after:"));
+        assert!(Definition::parse(&v)
+            .unwrap_err()
+            .starts_with("expire_after:"));
         v["expire_after"] = json!("soon");
-        assert!(Definition::parse(&v).unwrap_err().starts_with("expire_after:"));
-        let t = Definition::parse(&cart()).unwrap().compile("cart", 1).unwrap();
+        assert!(Definition::parse(&v)
+            .unwrap_err()
+            .starts_with("expire_after:"));
+        let t = Definition::parse(&cart())
+            .unwrap()
+            .compile("cart", 1)
+            .unwrap();
         assert_eq!(t.expired(0, 1000 * h), None);
     }
 

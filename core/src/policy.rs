@@ -766,7 +766,10 @@ mod decide_tests {
             &[],
             &s,
         );
-        assert!(matches!(&v[0], Verdict::Suppress(why) if why.contains("lost to trigger b") && why.contains("same instant")), "{v:?}");
+        assert!(
+            matches!(&v[0], Verdict::Suppress(why) if why.contains("lost to trigger b") && why.contains("same instant")),
+            "{v:?}"
+        );
         assert_eq!(v[1], Verdict::Send { at: 10 * H });
         // equal priorities both go; a minute apart, both go
         let v = decide(

@@ -199,14 +199,23 @@ pub fn sequence(
                     }
                 }
             }
-            Step::Exit { at, key, name, .. } => {
+            Step::Exit {
+                at,
+                key,
+                name,
+                event,
+            } => {
                 let candidates: &[usize] = match &key {
                     Some(k) => by_key.get(k).map(Vec::as_slice).unwrap_or_default(),
                     None => &closable,
                 };
+                // an entry that exits too closes only journeys from before it:
+                // a twin at its own instant (a repeat delivery) is not "after"
+                let strictly_after = entries.contains(&event);
                 for i in candidates {
                     let j = &mut journeys[*i];
-                    if j.exited.is_none() && j.entered_at <= at && at < j.due_at {
+                    let after = j.entered_at < at || (j.entered_at == at && !strictly_after);
+                    if j.exited.is_none() && after && at < j.due_at {
                         j.exited = Some((at, name.clone()));
                     }
                 }
@@ -276,6 +285,28 @@ mod tests {
             key: key.map(Into::into),
             name: "purchased".into(),
             event: usize::MAX,
+        }
+    }
+
+    #[test]
+    fn a_twin_of_the_anchor_at_its_instant_does_not_close_it() {
+        // a session delivered twice, the second in a later statement
+        let twin = vec![
+            entry(0, "", 0),
+            Step::Exit {
+                at: 0,
+                key: None,
+                name: "session".into(),
+                event: 0,
+            },
+        ];
+        for reentry in [Reentry::AfterExit, Reentry::EveryTime] {
+            let open = Journey::open(7, String::new(), 0, 24 * H);
+            let out = sequence(vec![open], &HashMap::new(), twin.clone(), 24 * H, reentry).journeys;
+            assert!(
+                out.iter().all(|j| j.exited.is_none()),
+                "{reentry:?}: {out:?}"
+            );
         }
     }
 

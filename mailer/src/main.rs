@@ -107,10 +107,19 @@ impl Owed {
     /// Records what is owed, oldest first; stops at the first database error
     /// and keeps the rest for the next session. An ack that did commit before
     /// the connection died is harmless to repeat (`ack` returns false).
+    /// An ack the server refuses (the message was deleted, or its lease ran
+    /// out and another mailer failed it) is dropped with a line on stderr:
+    /// only a lost connection keeps it owed.
     fn settle(&mut self, db: &mut Client) -> Result<(), String> {
         while let Some((id, provider_id)) = self.0.first() {
-            db.execute("SELECT nudge.ack($1, $2)", &[id, provider_id])
-                .map_err(|e| format!("ack: {e}"))?;
+            match db.execute("SELECT nudge.ack($1, $2)", &[id, provider_id]) {
+                Ok(_) => {}
+                // ack's own refusal (RAISE: unknown, or not claimed)
+                Err(e) if e.code() == Some(&postgres::error::SqlState::RAISE_EXCEPTION) => {
+                    eprintln!("nudge-mailer: message {id} was sent but its ack was refused: {e}");
+                }
+                Err(e) => return Err(format!("ack: {e}")),
+            }
             self.0.remove(0);
         }
         Ok(())

@@ -21,7 +21,8 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
         c,
         "SELECT o.id, o.user_id, o.trigger, e.id, e.key, e.entered_at, now()
            FROM nudge.outbox o
-           JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
+           -- retention may have deleted the journey: the message is still checked
+           LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
           WHERE o.status = 'pending' AND o.available_at <= now() + interval '1 minute'
             AND o.checked_at < o.available_at - interval '5 minutes'
           ORDER BY o.available_at
@@ -44,6 +45,9 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
         ids.push(id);
         users.push(s(2));
         // a dropped trigger's message is claim's to cancel
+        let Some(entered_at) = r.get::<TimestampWithTimeZone>(6).ok().flatten() else {
+            continue;
+        };
         if !triggers.contains_key(&trigger) {
             continue;
         }
@@ -55,7 +59,7 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
                 trigger,
                 user_id: s(2),
                 key: s(5),
-                entered_at: r.get(6).ok().flatten().expect("entered_at is NOT NULL"),
+                entered_at,
                 due_at: now,
                 anchor: Value::Null,
                 message_key: String::new(),

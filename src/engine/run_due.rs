@@ -97,9 +97,13 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         // database refuses is set aside with the error and the rest go on.
         let pass = match isolate::subtransaction(|| decide(c, due.clone(), as_of)) {
             Ok(pass) => pass,
-            Err(_) => due
-                .into_iter()
-                .fold(Pass::default(), |p, d| p + decide_alone(c, d, as_of)),
+            Err(_) => {
+                // the batch's slots, in order, before deciding one by one
+                // (each in its own order would deadlock with another pass)
+                lock_for_deciding(c, distinct(due.iter().map(|d| d.user_id.clone())));
+                due.into_iter()
+                    .fold(Pass::default(), |p, d| p + decide_alone(c, d, as_of))
+            }
         };
         let written = pass.written;
         if written > 0 {
@@ -550,7 +554,11 @@ fn recent_messages(
         .chain(candidates.iter().flat_map(|c| c.caps.iter()))
         .map(|cap| cap.per_us)
         // same-instant arbitration still looks at the outbox (at that instant)
-        .chain(std::iter::once(settings.arbitration_us.max(Micros::from(settings.same_instant_only))))
+        .chain(std::iter::once(
+            settings
+                .arbitration_us
+                .max(Micros::from(settings.same_instant_only)),
+        ))
         .max()
         .unwrap_or(0);
     let Some(earliest) = candidates.iter().map(|c| c.send_at).min() else {

@@ -400,6 +400,9 @@ fn concurrent_passes_hold_a_cap_as_one_pass_does() {
         &mut c,
         "SELECT count(*) FROM (SELECT user_id FROM nudge.outbox GROUP BY user_id HAVING count(*) > 1) o",
     );
-    assert_eq!(over, 0, "users sent two messages despite a cap of one a day");
+    assert_eq!(
+        over, 0,
+        "users sent two messages despite a cap of one a day"
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 400);
 }
