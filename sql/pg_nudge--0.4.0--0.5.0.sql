@@ -201,3 +201,24 @@ BEGIN
      ORDER BY s.at, s.o, s.id;
 END
 $$;
+
+-- run_due with its account: how each taken journey ended, and what is still due
+CREATE FUNCTION nudge."run_due_report"(
+	"as_of" timestamp with time zone DEFAULT now(), /* TimestampWithTimeZone */
+	"max_messages" INT DEFAULT 1000 /* i32 */
+) RETURNS TABLE (
+	"taken" bigint,  /* i64 */
+	"written" bigint,  /* i64 */
+	"suppressed" bigint,  /* i64 */
+	"exited" bigint,  /* i64 */
+	"held_out" bigint,  /* i64 */
+	"expired" bigint,  /* i64 */
+	"failed" bigint,  /* i64 */
+	"retrying" bigint,  /* i64 */
+	"still_due" bigint  /* i64 */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'run_due_report_wrapper';
+REVOKE ALL ON FUNCTION nudge.run_due_report(timestamptz, int) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.run_due_report(timestamptz, int) TO nudge_admin;

@@ -312,6 +312,56 @@ fn run_due(
     })
 }
 
+/// run_due with its account: how many due journeys it took and how each
+/// ended, and how many are still due (a pass takes at most `max_messages`).
+#[pg_extern]
+fn run_due_report(
+    as_of: default!(TimestampWithTimeZone, "now()"),
+    max_messages: default!(i32, 1000),
+) -> TableIterator<
+    'static,
+    (
+        name!(taken, i64),
+        name!(written, i64),
+        name!(suppressed, i64),
+        name!(exited, i64),
+        name!(held_out, i64),
+        name!(expired, i64),
+        name!(failed, i64),
+        name!(retrying, i64),
+        name!(still_due, i64),
+    ),
+> {
+    if max_messages < 0 {
+        invalid(format!("run_due_report: max_messages must not be negative"));
+    }
+    let (p, still_due) = as_extension(|| {
+        crate::engine::deferred::capture_pending(i64::MAX);
+        let p = due::run_due(as_of, max_messages);
+        let still_due = one::<i64>(
+            "SELECT count(*) FROM nudge.enrollments e
+              WHERE e.state = 'waiting' AND e.due_at <= $1
+                AND e.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')",
+            &[as_of.into()],
+            "counting what is still due",
+        )
+        .unwrap_or(0);
+        (p, still_due)
+    });
+    let w = |n: i32| i64::from(n);
+    TableIterator::once((
+        p.claimed as i64,
+        w(p.written),
+        w(p.suppressed),
+        w(p.exited),
+        w(p.held_out),
+        w(p.expired),
+        w(p.failed),
+        w(p.retried),
+        still_due,
+    ))
+}
+
 /// The background worker's counters (since the server started) and the lag:
 /// how long the oldest due enrollment of an active trigger has been waiting.
 #[pg_extern]

@@ -58,14 +58,18 @@ enum Outcome {
     },
 }
 
-/// What one pass did: enrollments taken, messages written, enrollments
-/// failed and left waiting for a retry.
+/// What one pass did: enrollments taken, messages written, and how the
+/// others ended (or were left waiting for a retry).
 #[derive(Clone, Copy, Default)]
 pub struct Pass {
     pub claimed: usize,
     pub written: i32,
     pub failed: i32,
     pub retried: i32,
+    pub suppressed: i32,
+    pub exited: i32,
+    pub held_out: i32,
+    pub expired: i32,
 }
 
 impl std::ops::Add for Pass {
@@ -76,6 +80,10 @@ impl std::ops::Add for Pass {
             written: self.written + o.written,
             failed: self.failed + o.failed,
             retried: self.retried + o.retried,
+            suppressed: self.suppressed + o.suppressed,
+            exited: self.exited + o.exited,
+            held_out: self.held_out + o.held_out,
+            expired: self.expired + o.expired,
         }
     }
 }
@@ -955,9 +963,14 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
     }
     // The other outcomes need no journal line: nudge.explain reads them from
     // the enrollment (state and reason), which the UPDATE has just written.
+    let n = |state: &str| states.iter().filter(|s| *s == state).count() as i32;
     Pass {
-        failed: states.iter().filter(|s| *s == "failed").count() as i32,
+        failed: n("failed"),
         retried: retries.len() as i32,
+        suppressed: n("suppressed"),
+        exited: n("exited"),
+        held_out: n("held_out"),
+        expired: n("expired"),
         ..Pass::default()
     }
 }

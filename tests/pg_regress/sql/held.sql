@@ -56,3 +56,12 @@ SELECT state, reason LIKE 'message %' AS went FROM nudge.enrollments WHERE trigg
 -- explain shows the exit found before the message went out; a misspelled trigger is an error
 SELECT step, detail FROM nudge.explain('cart', 'h1') WHERE step <> 'entered';
 SELECT * FROM nudge.explain('crat', 'h1');
+
+-- run_due_report says what a pass did and what is still due
+INSERT INTO nudge.profiles (user_id, email) VALUES ('r1', 'r1@example.com'), ('r2', 'r2@example.com');
+INSERT INTO nudge.suppressions (email, user_id, reason) VALUES ('r2@example.com', 'r2', 'unsubscribed');
+INSERT INTO nudge.events (user_id, event, occurred_at)
+SELECT u, 'cart_added', now() - interval '1 minute' FROM unnest(ARRAY['r1', 'r2', 'r3']) u;
+SELECT * FROM nudge.run_due_report(now(), 2);
+SELECT * FROM nudge.run_due_report(now(), 2);
+SELECT * FROM nudge.run_due_report(now(), -1);
