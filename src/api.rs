@@ -304,12 +304,15 @@ fn run_due(
     if max_messages < 0 {
         invalid(format!("run_due: max_messages must not be negative"));
     }
-    // an engine pass: our SQL only, as the extension's owner, whoever calls
-    as_extension(|| {
-        // events queued by deferred capture first: they may open or close journeys
-        crate::engine::deferred::capture_pending(i64::MAX);
-        due::run_due(as_of, max_messages).written
-    })
+    as_extension(|| engine_pass(as_of, max_messages)).written
+}
+
+/// An engine pass, as `run_due` and `run_due_report` run it (as the
+/// extension's owner, whoever calls): events queued by deferred capture
+/// first, as they may open or close journeys.
+fn engine_pass(as_of: TimestampWithTimeZone, max_messages: i32) -> due::Pass {
+    crate::engine::deferred::capture_pending(i64::MAX);
+    due::run_due(as_of, max_messages)
 }
 
 /// run_due with its account: how many due journeys it took and how each
@@ -336,8 +339,7 @@ fn run_due_report(
         invalid(format!("run_due_report: max_messages must not be negative"));
     }
     let (p, still_due) = as_extension(|| {
-        crate::engine::deferred::capture_pending(i64::MAX);
-        let p = due::run_due(as_of, max_messages);
+        let p = engine_pass(as_of, max_messages);
         let still_due = one::<i64>(
             "SELECT count(*) FROM nudge.enrollments e
               WHERE e.state = 'waiting' AND e.due_at <= $1

@@ -4,12 +4,11 @@
 //! while the reminder waited for the morning) cancels it. `claim` itself
 //! looks at suppressions and at the trigger (docs/reference.md, "Claim").
 
-use super::run_due::{exits_at_send_time, Due};
+use super::run_due::{exits_at_send_time, triggers_by_name, Due};
 use crate::spi_util::run;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
-use std::collections::HashMap;
 
 /// How many held messages one pass looks at.
 const BATCH: i32 = 1000;
@@ -31,12 +30,7 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
         &[BATCH.into()],
         "reading held messages",
     );
-    let triggers: HashMap<String, nudge_core::definition::Trigger> =
-        crate::catalog::live_triggers(c)
-            .triggers
-            .iter()
-            .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
-            .collect();
+    let triggers = triggers_by_name(c);
     let (mut ids, mut users, mut due) = (vec![], vec![], vec![]);
     for r in rows {
         let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();

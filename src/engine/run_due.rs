@@ -127,6 +127,15 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
     })
 }
 
+/// The live triggers that compile, by name.
+pub(super) fn triggers_by_name(c: &SpiClient<'_>) -> HashMap<String, Trigger> {
+    live_triggers(c)
+        .triggers
+        .iter()
+        .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
+        .collect()
+}
+
 /// The library is the server's, the schema each database's: between
 /// installing a new version and `ALTER EXTENSION pg_nudge UPDATE`, deciding
 /// against the old schema would fail every message (and set it aside).
@@ -175,11 +184,7 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
 /// Decides a batch of claimed enrollments: writes their messages and
 /// outcomes (`claimed` is left to the caller).
 fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) -> Pass {
-    let triggers: HashMap<String, nudge_core::definition::Trigger> = live_triggers(c)
-        .triggers
-        .iter()
-        .map(|l| (l.trigger.name.clone(), l.trigger.clone()))
-        .collect();
+    let triggers = triggers_by_name(c);
     // A trigger whose stored definition no longer compiles was skipped by
     // live_triggers (with a warning): its due enrollments fail, with the
     // reason, instead of failing the pass for everyone, again and again.
