@@ -18,6 +18,6 @@ SELECT 'u' || (1 + i % 100000), 'purchased', now() - interval '110 minutes' + i 
   FROM generate_series(11, :due + :due / 10, 11) i;
 COMMIT;
 -- what autovacuum does within a minute of such a load; without statistics the
--- planner takes the just-filled tables for empty (README, Limits)
+-- planner takes the just-filled tables for empty (docs/operations.md, "Limits of this version")
 ANALYZE bench.events;
 ANALYZE nudge.enrollments;

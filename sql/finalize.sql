@@ -31,9 +31,9 @@ CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._drop_source(source::oid) $$;
 
 -- A journey's entry and run_due's decision are its enrollment row (entered_at,
--- state, reason); the steps in between are journal lines.
+-- state, rule, reason); the steps in between are journal lines.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
-RETURNS TABLE (at timestamptz, step text, detail text)
+RETURNS TABLE (at timestamptz, step text, detail text, rule text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
 BEGIN
     -- a misspelled name is an error, not an empty answer
@@ -43,24 +43,28 @@ BEGIN
                     HINT = 'nudge.triggers lists the triggers; a dropped one is still explained.';
     END IF;
     RETURN QUERY
-    SELECT s.at, s.step, s.detail FROM (
+    SELECT s.at, s.step, s.detail, s.rule FROM (
         SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
                'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
                || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
-               || coalesce(', arm ' || e.variant, '') AS detail
+               || coalesce(', arm ' || e.variant, '') AS detail,
+               NULL::text AS rule
           FROM nudge.enrollments e
          WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
         UNION ALL
-        SELECT j.at, 1, j.id, j.step, j.detail
+        SELECT j.at, 1, j.id, j.step, j.detail, j.rule
           FROM nudge.journal j
          WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
         UNION ALL
-        -- what run_due decided: the enrollment's state and reason
-        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason
+        -- what run_due (or claim) decided: the enrollment's state, rule and
+        -- reason; an exit at capture is the journal's line above
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason, e.rule
           FROM nudge.enrollments e
          WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
            AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled')
-                OR e.state = 'exited' AND e.reason LIKE '%(found %')) s
+                OR e.state = 'exited'
+                   AND NOT EXISTS (SELECT 1 FROM nudge.journal j
+                                    WHERE j.user_id = e.user_id AND j.enrollment_id = e.id AND j.step = 'exited'))) s
      ORDER BY s.at, s.o, s.id;
 END
 $$;
@@ -81,7 +85,7 @@ RETURNS TABLE (
     uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     WITH e AS (
-        SELECT en.id, en.trigger, en.user_id, en.state, en.reason, en.message_key, en.sent_at,
+        SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
                coalesce(en.variant, 'default') AS arm
           FROM nudge.enrollments en
          WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
@@ -126,8 +130,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     reasons AS (
         SELECT r.trigger, r.arm, jsonb_object_agg(r.rule, r.n) AS suppressed_by
           FROM (SELECT e.trigger, e.arm,
-                       CASE WHEN e.reason LIKE 'address % suppressed%' THEN 'suppression list'
-                            ELSE split_part(e.reason, ':', 1) END AS rule,
+                       coalesce(e.rule, 'unknown') AS rule,
                        count(*) AS n
                   FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3) r
          GROUP BY r.trigger, r.arm)
@@ -143,6 +146,23 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
 $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
+
+-- An A/B test's question: does variant B convert better than variant A?
+-- Every pair of a trigger's variants (not the holdout, which trigger_stats
+-- compares each variant with), as trigger_stats counts them: B's conversion
+-- rate minus A's, its 95% interval and the two-sided p-value.
+CREATE FUNCTION nudge.compare_arms(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (trigger text, arm text, against text, sent bigint, converted bigint,
+               against_sent bigint, against_converted bigint,
+               uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    WITH s AS (SELECT * FROM nudge.trigger_stats(from_ts, to_ts) WHERE arm NOT IN ('holdout', 'default'))
+    SELECT b.trigger, b.arm, a.arm, b.sent, b.converted, a.sent, a.converted,
+           u.uplift, u.ci_low, u.ci_high, u.p_value
+      FROM s a JOIN s b ON b.trigger = a.trigger AND b.arm > a.arm
+      CROSS JOIN LATERAL nudge._uplift(b.converted, b.sent, a.converted, a.sent) u
+     ORDER BY b.trigger, a.arm, b.arm
+$$;
 
 -- Capture runs as the inserting role (so that whatever converting its rows
 -- calls runs with that role's rights) and switches to the extension's owner,
@@ -266,7 +286,7 @@ SELECT pg_catalog.pg_extension_config_dump('nudge.journal_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.outbox_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.sources', 'WHERE source <> ''nudge.events''::regclass');
 
--- Roles (DESIGN.md, Security model): each gets what it needs and no more.
+-- Roles (docs/architecture.md, "Security model"): each gets what it needs and no more.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'nudge_admin') THEN

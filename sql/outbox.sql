@@ -15,7 +15,7 @@ LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''
 --
 -- Right before a message is handed out, what can have changed since it was
 -- written is looked at again (docs/reference.md, "Claim"): a suppressed
--- address or user cancels it (rule 'suppressed'), a dropped trigger cancels
+-- address or user cancels it (rule 'suppression'), a dropped trigger cancels
 -- it ('trigger_dropped'), a paused trigger holds it. A message held for later
 -- (quiet hours, a retry) is claimable only once run_due has re-checked its
 -- exit events near its time (checked_at within 5 minutes of available_at);
@@ -43,9 +43,9 @@ BEGIN
         UPDATE nudge.outbox o
            SET status = 'cancelled', rule = x.rule, last_error = x.why
           FROM (SELECT c.ctid AS row_id,
-                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppressed' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppression' END AS rule,
                        CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
-                            ELSE 'address suppressed: ' || s.reason END AS why
+                            ELSE 'on the suppression list: ' || s.reason END AS why
                   FROM nudge.outbox c
                   LEFT JOIN nudge.triggers t ON t.name = c.trigger
                   LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
@@ -56,8 +56,8 @@ BEGIN
          WHERE o.ctid = x.row_id
         RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
     UPDATE nudge.enrollments e
-       SET state = CASE WHEN x.rule = 'suppressed' THEN 'suppressed' ELSE 'cancelled' END,
-           reason = x.last_error || ' (found before the message went out)', updated_at = now()
+       SET state = CASE WHEN x.rule = 'suppression' THEN 'suppressed' ELSE 'cancelled' END,
+           rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
       FROM x
      WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
     RETURN QUERY

@@ -1,11 +1,11 @@
-//! The SQL surface (DESIGN.md, "Public SQL surface"). Each function checks
+//! The SQL surface (docs/architecture.md, "Public SQL surface"). Each function checks
 //! its arguments and hands over to the modules that do the work.
 
 use crate::catalog;
 use crate::engine::{capture, compose, run_due as due};
 use crate::privilege::{as_extension, pinned};
 use crate::sources;
-use crate::spi_util::{in_context, invalid, one, or_raise};
+use crate::spi_util::{in_context_with_hint, invalid, one, or_raise};
 use crate::user_sql;
 use nudge_core::definition::{context_part, Definition, AUDIENCE_SQL};
 use nudge_core::render::Template;
@@ -266,17 +266,18 @@ fn resume_trigger(name: &str) {
 fn drop_trigger(name: &str) {
     let found = as_extension(|| one::<bool>(
             "WITH d AS (DELETE FROM nudge.triggers WHERE name = $1 RETURNING 1),
-                  c AS (UPDATE nudge.enrollments SET state = 'cancelled', reason = 'trigger dropped', updated_at = now()
+                  c AS (UPDATE nudge.enrollments SET state = 'cancelled', rule = 'trigger_dropped',
+                                reason = 'trigger dropped', updated_at = now()
                          WHERE trigger = $1 AND state = 'waiting' AND EXISTS (SELECT 1 FROM d)
                         RETURNING user_id, id),
-                  j AS (INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-                        SELECT user_id, $1, id, now(), 'cancelled', 'trigger dropped' FROM c),
+                  j AS (INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail, rule)
+                        SELECT user_id, $1, id, now(), 'cancelled', 'trigger dropped', 'trigger_dropped' FROM c),
                   -- its messages not yet handed out do not go either
                   o AS (UPDATE nudge.outbox SET status = 'cancelled', rule = 'trigger_dropped',
                                last_error = 'trigger ' || $1 || ' was dropped'
                          WHERE trigger = $1 AND status = 'pending' AND EXISTS (SELECT 1 FROM d)
                         RETURNING user_id, enrollment_id),
-                  oe AS (UPDATE nudge.enrollments e SET state = 'cancelled', updated_at = now(),
+                  oe AS (UPDATE nudge.enrollments e SET state = 'cancelled', rule = 'trigger_dropped', updated_at = now(),
                                 reason = 'trigger dropped before the message went out'
                            FROM o WHERE e.user_id = o.user_id AND e.id = o.enrollment_id)
              SELECT EXISTS (SELECT 1 FROM d)",
@@ -417,7 +418,8 @@ fn worker_status() -> TableIterator<
 fn set_profile_query(sql: Option<&str>) {
     if let Some(q) = sql {
         let q = q.trim().trim_end_matches(';').trim();
-        in_context("set_profile_query: the query fails", || {
+        let hint = "$1 is the user id, as text (write $1::int or compare with a text column)";
+        let names = in_context_with_hint("set_profile_query: the query fails", Some(hint), || {
             Spi::connect(|c| {
                 let cols = or_raise(
                     c.select(
@@ -427,14 +429,14 @@ fn set_profile_query(sql: Option<&str>) {
                     ),
                     "set_profile_query: the query fails",
                 );
-                let names: Vec<String> = (1..=cols.columns().unwrap_or(0))
+                (1..=cols.columns().unwrap_or(0))
                     .filter_map(|i| cols.column_name(i).ok())
-                    .collect();
-                if !names.iter().any(|n| n == "email") {
-                    invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
-                }
+                    .collect::<Vec<String>>()
             })
         });
+        if !names.iter().any(|n| n == "email") {
+            invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
+        }
     }
     let definer = user_sql::Definer::current();
     // the profile query is its definer's: another admin replacing it could
@@ -536,6 +538,36 @@ fn preview(
                     .collect(),
             );
             let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
+            let suppressed = due::suppressions(c, vec![user_id.to_owned()], &profiles);
+            let answer = answers
+                .get(&(t.name.clone(), nudge_core::definition::AUDIENCE_SQL.to_string()))
+                .and_then(|a| a.get(user_id));
+            let failure = match (profiles.get(user_id), answer) {
+                (Some(Err(f)), _) | (_, Some(Err(f))) => f.to_string(),
+                _ => String::new(),
+            };
+            // the same checks as run_due, but for the journey's own (exit, expiry)
+            let facts = nudge_core::decision::Facts {
+                due_at: 0,
+                now: 0,
+                exit: None,
+                retry: None,
+                profile: match profiles.get(user_id) {
+                    None => nudge_core::decision::Profile::Missing,
+                    Some(Err(_)) => nudge_core::decision::Profile::Failed(&failure),
+                    Some(Ok(p)) => nudge_core::decision::Profile::Found(p),
+                },
+                audience_sql: t.has_audience_sql.then(|| match answer {
+                    Some(Ok(serde_json::Value::Bool(true))) => Ok(true),
+                    Some(Err(_)) => Err(failure.as_str()),
+                    _ => Ok(false),
+                }),
+                suppressions: &suppressed,
+            };
+            let (profile, recipient) = nudge_core::decision::screen(&t, user_id, &facts)
+                .unwrap_or_else(|s| {
+                    error!("preview: this user would get no message (rule {}): {}", s.rule, s.why)
+                });
             let (context, context_error) = due::context_of(&t, user_id, &answers);
             match compose::compose(
                 due::loaded(&tpls, &t.template),
@@ -547,15 +579,14 @@ fn preview(
                     user_id,
                     message_key: "preview",
                     anchor: &anchor,
-                    profile: profiles.get(user_id),
+                    profile,
+                    recipient,
                     context,
                     context_error,
                 },
             ) {
                 compose::Composed::Message { message, .. } => message,
-                compose::Composed::Suppressed(why) | compose::Composed::Failed(why) => {
-                    error!("preview: {why}")
-                }
+                compose::Composed::Stopped(s) => error!("preview: (rule {}) {}", s.rule, s.why),
             }
         })
     });

@@ -115,6 +115,11 @@ pub fn one<T: FromDatum + IntoDatum>(
 /// with `doing` in front, so that the message says which input was wrong.
 /// The transaction aborts as it would have; nothing is resumed after the error.
 pub fn in_context<R>(doing: &str, f: impl FnOnce() -> R) -> R {
+    in_context_with_hint(doing, None, f)
+}
+
+/// `in_context`, with a hint that says what the caller's SQL gets.
+pub fn in_context_with_hint<R>(doing: &str, hint: Option<&str>, f: impl FnOnce() -> R) -> R {
     PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| match e {
             pg_sys::panic::CaughtError::RustPanic { .. } => e.rethrow(),
@@ -122,11 +127,11 @@ pub fn in_context<R>(doing: &str, f: impl FnOnce() -> R) -> R {
             | pg_sys::panic::CaughtError::ErrorReport(r) => {
                 // the SQLSTATE stays the one PostgreSQL gave (42501 for a
                 // table the definer may not read, 42601 for a syntax error)
-                ereport!(
-                    ERROR,
-                    r.sql_error_code(),
-                    format!("{doing}: {}", r.message())
-                );
+                let message = format!("{doing}: {}", r.message());
+                if let Some(h) = hint {
+                    ereport!(ERROR, r.sql_error_code(), message, h);
+                }
+                ereport!(ERROR, r.sql_error_code(), message);
             }
         })
         .execute()

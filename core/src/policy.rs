@@ -2,6 +2,7 @@
 //! the recipient's time zone, frequency caps, and priority arbitration.
 //! Times are Postgres microseconds (since 2000-01-01 UTC), as everywhere in core.
 
+use crate::decision::{Rule, Stop};
 use crate::time::PG_EPOCH_UNIX_US;
 use chrono::{
     DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc,
@@ -548,7 +549,7 @@ pub struct Sent {
 pub enum Verdict {
     Send { at: Micros },
     Defer { at: Micros, reason: String },
-    Suppress(String),
+    Suppress(crate::decision::Stop),
 }
 
 /// Decides priority and caps for a batch. First arbitration: a message loses
@@ -619,20 +620,20 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                 )
                 .filter(|r| r.0 > mine)
                 .max_by(|a, b| a.0.cmp(&b.0));
-            if let Some((_, trigger, priority, key, at)) = rival {
+            if let Some((_, trigger, priority, _, at)) = rival {
                 let within = if settings.same_instant_only {
                     "due at the same instant"
                 } else {
                     "within the arbitration window"
                 };
-                let why = format!("priority: lost to trigger {trigger} (priority {priority}, key {key:?}) {within}");
+                let why = format!("priority: lost to trigger {trigger} (priority {priority}) {within}");
                 verdicts[i] = if c.defer_on_conflict {
                     Verdict::Defer {
                         at: at + settings.arbitration_us,
                         reason: why,
                     }
                 } else {
-                    Verdict::Suppress(why)
+                    Verdict::Suppress(Stop::new(Rule::Priority, why))
                 };
             }
         }
@@ -677,7 +678,9 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
             .find(|cap| !cap.allows(at, &all))
             .or_else(|| c.caps.iter().find(|cap| !cap.allows(at, &own)));
         match held {
-            Some(cap) => verdicts[i] = Verdict::Suppress(format!("cap: {}", cap.label)),
+            Some(cap) => {
+                verdicts[i] = Verdict::Suppress(Stop::new(Rule::Cap, format!("cap: {}", cap.label)))
+            }
             None => mine.push(Sent { at, ..sent_of(c) }),
         }
     }
@@ -737,7 +740,7 @@ mod decide_tests {
         );
         assert_eq!(v[1], Verdict::Send { at: 10 * H });
         assert!(
-            matches!(&v[0], Verdict::Suppress(r) if r.starts_with("priority: lost to trigger cart (priority 5"))
+            matches!(&v[0], Verdict::Suppress(r) if r.why.starts_with("priority: lost to trigger cart (priority 5"))
         );
         // other users do not compete
         let v = decide(
@@ -767,7 +770,7 @@ mod decide_tests {
             &s,
         );
         assert!(
-            matches!(&v[0], Verdict::Suppress(why) if why.contains("lost to trigger b") && why.contains("same instant")),
+            matches!(&v[0], Verdict::Suppress(why) if why.why.contains("lost to trigger b") && why.why.contains("same instant")),
             "{v:?}"
         );
         assert_eq!(v[1], Verdict::Send { at: 10 * H });
@@ -801,7 +804,7 @@ mod decide_tests {
         let v = decide(&[cand("u", "a", 1, 0, &[])], &earlier, &s);
         assert_eq!(
             v[0],
-            Verdict::Suppress("cap: 1 per 16 hours (global)".into())
+            Verdict::Suppress(Stop::new(Rule::Cap, "cap: 1 per 16 hours (global)"))
         );
         // 20 hours after: let through
         let mut later = cand("u", "a", 1, 0, &[]);
@@ -850,7 +853,7 @@ mod decide_tests {
         let v = decide(&[cand("u", "a", 1, 0, &own)], &mine, &Settings::default());
         assert_eq!(
             v[0],
-            Verdict::Suppress("cap: 1 per 1 day (this trigger)".into())
+            Verdict::Suppress(Stop::new(Rule::Cap, "cap: 1 per 1 day (this trigger)"))
         );
     }
 
@@ -890,7 +893,7 @@ mod decide_tests {
         c.send_at = 12 * H;
         c.due_at = 12 * H;
         let v = decide(std::slice::from_ref(&c), &[at(-9), at(13)], &s);
-        assert_eq!(v[0], Verdict::Suppress("cap: 2 per 1 day (global)".into()));
+        assert_eq!(v[0], Verdict::Suppress(Stop::new(Rule::Cap, "cap: 2 per 1 day (global)")));
         // without the later one, it fits
         assert_eq!(decide(&[c], &[at(-9)], &s)[0], Verdict::Send { at: 12 * H });
     }

@@ -122,12 +122,59 @@ impl Predicate {
         })
     }
 
+    /// Why `doc` does not match, naming the first condition that failed
+    /// (`tier is "blocked", wanted ne "blocked"`); None when it matches.
+    pub fn why_not(&self, doc: &Value) -> Option<String> {
+        match self {
+            Predicate::All(ps) => ps.iter().find_map(|p| p.why_not(doc)),
+            Predicate::Any(ps) => {
+                let all: Option<Vec<String>> = ps.iter().map(|p| p.why_not(doc)).collect();
+                all.map(|w| format!("none of: {}", w.join("; ")))
+            }
+            Predicate::Not(p) => p
+                .matches(doc)
+                .then(|| format!("not ({}) matched", p.describe())),
+            Predicate::Field { path, op } => {
+                let v = lookup(doc, path);
+                (!op.test(v)).then(|| {
+                    let is = v.map_or("missing".to_string(), |v| format!("is {v}"));
+                    format!("{} {is}, wanted {}", path.join("."), op.describe())
+                })
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Predicate::All(ps) => ps.iter().map(Predicate::describe).collect::<Vec<_>>().join(" and "),
+            Predicate::Any(ps) => ps.iter().map(Predicate::describe).collect::<Vec<_>>().join(" or "),
+            Predicate::Not(p) => format!("not ({})", p.describe()),
+            Predicate::Field { path, op } => format!("{} {}", path.join("."), op.describe()),
+        }
+    }
+
     pub fn matches(&self, doc: &Value) -> bool {
         match self {
             Predicate::All(ps) => ps.iter().all(|p| p.matches(doc)),
             Predicate::Any(ps) => ps.iter().any(|p| p.matches(doc)),
             Predicate::Not(p) => !p.matches(doc),
             Predicate::Field { path, op } => op.test(lookup(doc, path)),
+        }
+    }
+}
+
+impl Op {
+    fn describe(&self) -> String {
+        match self {
+            Op::Eq(v) => format!("eq {v}"),
+            Op::Ne(v) => format!("ne {v}"),
+            Op::Gt(v) => format!("gt {v}"),
+            Op::Gte(v) => format!("gte {v}"),
+            Op::Lt(v) => format!("lt {v}"),
+            Op::Lte(v) => format!("lte {v}"),
+            Op::In(v) => format!("in {}", Value::Array(v.clone())),
+            Op::Contains(v) => format!("contains {v}"),
+            Op::Exists(b) => format!("exists {b}"),
         }
     }
 }
@@ -195,6 +242,25 @@ mod tests {
 
     fn p(v: Value) -> Predicate {
         Predicate::parse(&v, "where").unwrap()
+    }
+
+    #[test]
+    fn why_not_names_the_field_that_failed() {
+        let doc = json!({"tier": "blocked", "age": 30});
+        let q = p(json!({"age": {"gte": 18}, "tier": {"ne": "blocked"}}));
+        assert_eq!(q.why_not(&doc).unwrap(), r#"tier is "blocked", wanted ne "blocked""#);
+        assert_eq!(
+            p(json!({"country": {"eq": "DE"}})).why_not(&doc).unwrap(),
+            r#"country missing, wanted eq "DE""#
+        );
+        assert!(p(json!({"age": {"gt": 1}})).why_not(&doc).is_none());
+        let any = p(json!({"any": [{"age": {"lt": 18}}, {"tier": {"eq": "gold"}}]}));
+        assert!(any.why_not(&doc).unwrap().starts_with("none of: age is 30"));
+        let not = p(json!({"not": {"age": {"gt": 1}}}));
+        assert_eq!(not.why_not(&doc).unwrap(), "not (age gt 1) matched");
+        for (q, d) in [(q, &doc), (any, &json!({"age": 3}))] {
+            assert_eq!(q.why_not(d).is_none(), q.matches(d));
+        }
     }
 
     #[test]

@@ -93,6 +93,7 @@ impl Journey {
 pub struct Blocked {
     pub at: Micros,
     pub key: String,
+    pub rule: crate::decision::Rule,
     pub reason: String,
 }
 
@@ -183,7 +184,12 @@ pub fn sequence(
                     _ => None,
                 };
                 match refusal {
-                    Some(reason) => blocked.push(Blocked { at, key, reason }),
+                    Some(reason) => blocked.push(Blocked {
+                        at,
+                        key,
+                        rule: crate::decision::Rule::Reentry,
+                        reason,
+                    }),
                     None => {
                         by_key.entry(key.clone()).or_default().push(journeys.len());
                         closable.push(journeys.len());

@@ -8,6 +8,7 @@ use crate::engine::run_due::{profiles_of, settings, suppressions};
 use crate::privilege::as_definer;
 use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
+use nudge_core::decision::{self, Facts, Profile, Stop};
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::experiment::HOLDOUT;
 use nudge_core::policy::{self, Candidate, Verdict};
@@ -125,6 +126,12 @@ pub fn backtest(
         .collect()
 }
 
+/// A journey stopped by a rule counts under its state and rule:
+/// `suppressed: cap`, `failed: no_email`.
+fn label(stop: &Stop) -> String {
+    format!("{}: {}", stop.rule.state(), stop.rule)
+}
+
 /// One owner's sources, read a page at a time.
 struct Stream<'c> {
     owner: pgrx::pg_sys::Oid,
@@ -210,11 +217,8 @@ impl Run<'_> {
     fn replay(&mut self, user: &str, events: &[Event]) {
         let r = replay_user(self.t, events, self.from, self.to);
         for b in &r.blocked {
-            self.tally.add(
-                &format!("not entered: {}", b.reason.split(':').next().unwrap_or("")),
-                user,
-                1,
-            );
+            self.tally
+                .add(&format!("{}: {}", b.rule.state(), b.rule), user, 1);
         }
         for j in r.journeys {
             self.tally.add("entered", user, 1);
@@ -252,29 +256,32 @@ impl Run<'_> {
         let mut candidates = vec![];
         let mut moved = vec![];
         for d in &self.due {
-            let profile = match profiles.get(&d.user) {
-                Some(Ok(p)) => p,
-                Some(Err(_)) => {
-                    self.tally.add("failed: profile query", &d.user, 1);
-                    continue;
-                }
-                None => {
-                    self.tally.add("failed: no profile", &d.user, 1);
+            let failure = match profiles.get(&d.user) {
+                Some(Err(f)) => f.to_string(),
+                _ => String::new(),
+            };
+            // run_due's checks, as a live pass at the due time would run them
+            // (audience_sql and context are the live trigger's and not run here)
+            let facts = Facts {
+                due_at: d.due_at,
+                now: d.due_at,
+                exit: None,
+                retry: None,
+                profile: match profiles.get(&d.user) {
+                    None => Profile::Missing,
+                    Some(Err(_)) => Profile::Failed(&failure),
+                    Some(Ok(p)) => Profile::Found(p),
+                },
+                audience_sql: None,
+                suppressions: &suppressed,
+            };
+            let profile = match decision::screen(t, &d.user, &facts) {
+                Ok((profile, _)) => profile,
+                Err(stop) => {
+                    self.tally.add(&label(&stop), &d.user, 1);
                     continue;
                 }
             };
-            let email = profile
-                .get("email")
-                .and_then(Value::as_str)
-                .map(|e| e.trim().to_lowercase());
-            let Some(email) = email.filter(|e| !e.is_empty()) else {
-                self.tally.add("failed: no email", &d.user, 1);
-                continue;
-            };
-            if suppressed.contains_key(&email) || suppressed.contains_key(&d.user) {
-                self.tally.add("suppressed: suppression list", &d.user, 1);
-                continue;
-            }
             let tz = policy::zone(
                 profile.get("timezone").and_then(Value::as_str),
                 settings.default_timezone.as_deref(),
@@ -297,11 +304,7 @@ impl Run<'_> {
         let verdicts = policy::decide(&candidates, &[], &settings);
         for ((c, v), later) in candidates.iter().zip(verdicts).zip(moved) {
             match v {
-                Verdict::Suppress(why) => self.tally.add(
-                    &format!("suppressed: {}", why.split(':').next().unwrap_or("")),
-                    c.user,
-                    1,
-                ),
+                Verdict::Suppress(stop) => self.tally.add(&label(&stop), c.user, 1),
                 _ if t.arm_of(c.user).as_deref() == Some(HOLDOUT) => {
                     self.tally.add("held out", c.user, 1)
                 }

@@ -4,6 +4,7 @@
 
 use crate::catalog::{live_triggers, LiveTrigger};
 use crate::spi_util::{distinct, history, micros, run, ts, KeyFilter};
+use nudge_core::decision::Rule;
 use nudge_core::definition::{Reentry, AUDIENCE_SQL};
 use nudge_core::sequence::{keep_repeated, sequence, Journey, Step};
 use pgrx::prelude::*;
@@ -128,7 +129,7 @@ pub fn capture(batch: Batch) {
                 );
             }
             for b in done.blocked {
-                writes.note(&user, &t.name, b.at, "not entered", b.reason);
+                writes.note(&user, &t.name, b.at, b.rule, b.reason);
             }
         }
         for (id, n) in &moved {
@@ -272,24 +273,30 @@ fn audience_at_entry(
     let answers = crate::engine::run_due::answers_for(c, asking);
     for ((ti, user), st) in steps.iter_mut() {
         let t = &triggers[*ti].trigger;
-        let refused = match (&t.audience, profiles.get(user)) {
-            (Some(audience), Some(Ok(profile))) if !audience.matches(profile) => {
-                Some("audience: the profile does not match")
-            }
-            _ => match answers
+        let why_not = match (&t.audience, profiles.get(user)) {
+            (Some(audience), Some(Ok(profile))) => audience.why_not(profile),
+            _ => None,
+        };
+        let refused = match why_not {
+            Some(why) => Some((
+                Rule::Audience,
+                format!("audience: the profile does not match: {why}"),
+            )),
+            None => match answers
                 .get(&(t.name.clone(), AUDIENCE_SQL.to_string()))
                 .and_then(|a| a.get(user))
             {
-                Some(Ok(Value::Bool(false) | Value::Null)) => {
-                    Some("audience_sql: false for this user")
-                }
+                Some(Ok(Value::Bool(false) | Value::Null)) => Some((
+                    Rule::AudienceSql,
+                    "audience_sql: false for this user".to_string(),
+                )),
                 _ => None,
             },
         };
-        let Some(reason) = refused else { continue };
+        let Some((rule, reason)) = refused else { continue };
         st.retain(|s| match s {
             Step::Entry { at, .. } => {
-                writes.note(user, &t.name, *at, "not entered", reason.into());
+                writes.note(user, &t.name, *at, rule, reason.clone());
                 false
             }
             Step::Exit { .. } => true,
@@ -531,8 +538,9 @@ struct Writes {
     j_at: Vec<TimestampWithTimeZone>,
     j_step: Vec<String>,
     j_detail: Vec<Option<String>>,
-    // turned-away entries: (user, trigger, step, rule) -> (first, last, count, first reason)
-    notes: BTreeMap<(String, String, String, String), (i64, i64, usize, String)>,
+    j_rule: Vec<Option<String>>,
+    // turned-away entries: (user, trigger, rule) -> (first, last, count, first reason)
+    notes: BTreeMap<(String, String, Rule), (i64, i64, usize, String)>,
 }
 
 impl Writes {
@@ -593,6 +601,7 @@ impl Writes {
             self.j_new.push(new_index);
             self.j_at.push(ts(at));
             self.j_step.push(step.to_owned());
+            self.j_rule.push((step == "exited").then(|| Rule::Exit.name().to_owned()));
             self.j_detail.push(detail);
         };
         // No "entered" line: nudge.explain reads entries from the enrollments
@@ -618,13 +627,12 @@ impl Writes {
     }
 
     /// An entry that was turned away. A statement's refusals of one user by
-    /// one trigger for one rule (the reason up to its ':') make one journal
-    /// line: the first refusal's reason, and how many there were.
-    fn note(&mut self, user: &str, trigger: &str, at: i64, step: &str, detail: String) {
-        let rule = detail.split(':').next().unwrap_or_default().to_owned();
+    /// one trigger for one rule make one journal line: the first refusal's
+    /// reason, and how many there were.
+    fn note(&mut self, user: &str, trigger: &str, at: i64, rule: Rule, detail: String) {
         let n = self
             .notes
-            .entry((user.to_owned(), trigger.to_owned(), step.to_owned(), rule))
+            .entry((user.to_owned(), trigger.to_owned(), rule))
             .or_insert((at, at, 0, detail.clone()));
         if at < n.0 {
             n.0 = at;
@@ -635,14 +643,15 @@ impl Writes {
     }
 
     fn flush(mut self, c: &mut pgrx::spi::SpiClient<'_>) {
-        for ((user, trigger, step, _), (first, last, n, detail)) in std::mem::take(&mut self.notes)
+        for ((user, trigger, rule), (first, last, n, detail)) in std::mem::take(&mut self.notes)
         {
             self.j_user.push(user);
             self.j_trigger.push(trigger);
             self.j_enrollment.push(None);
             self.j_new.push(None);
             self.j_at.push(ts(first));
-            self.j_step.push(step);
+            self.j_step.push("not entered".to_owned());
+            self.j_rule.push(Some(rule.name().to_owned()));
             self.j_detail.push(Some(if n == 1 {
                 detail
             } else {
@@ -670,10 +679,11 @@ impl Writes {
             "WITH n AS (
                  INSERT INTO nudge.enrollments
                    (trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                    coalesced, last_entry_at, exited_at, state, reason, variant)
+                    coalesced, last_entry_at, exited_at, state, rule, reason, variant)
                  SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
                         coalesced, last_entry_at, exited_at,
-                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END, reason, variant
+                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END,
+                        CASE WHEN exited_at IS NOT NULL THEN 'exit' END, reason, variant
                    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
                                $6::timestamptz[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[],
                                $11::timestamptz[], $12::text[], $13::text[])
@@ -690,6 +700,7 @@ impl Writes {
                         last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
                         exited_at = u.exited_at,
                         state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
+                        rule = CASE WHEN u.exited_at IS NULL THEN e.rule ELSE 'exit' END,
                         reason = coalesce(u.reason, e.reason),
                         updated_at = now()
                    FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[])
@@ -697,11 +708,11 @@ impl Writes {
                   WHERE e.user_id = u.user_id AND e.id = u.id
                  RETURNING 1),
              j AS (
-                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail
+                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail, rule)
+                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail, l.rule
                    FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::timestamptz[],
-                               $25::timestamptz[], $26::text[], $27::text[])
-                     AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail)
+                               $25::timestamptz[], $26::text[], $27::text[], $28::text[])
+                     AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail, rule)
                    LEFT JOIN n ON n.user_id = l.user_id AND n.trigger = l.trigger
                               AND n.key = l.new_key AND n.entered_at = l.new_entered
                  RETURNING 1)
@@ -734,6 +745,7 @@ impl Writes {
                 self.j_at.into(),
                 self.j_step.into(),
                 self.j_detail.into(),
+                self.j_rule.into(),
             ],
             "writing journeys",
         );

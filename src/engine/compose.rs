@@ -2,6 +2,7 @@
 //! fallback template when a context query failed or the template aborted.
 //! Shared by run_due and preview, so that a preview is what would be sent.
 
+use nudge_core::decision::{Rule, Stop};
 use nudge_core::render::{RenderError, Rendered, Template};
 use serde_json::{json, Map, Value};
 
@@ -16,9 +17,9 @@ pub enum Composed {
         message: Message,
         note: Option<String>,
     },
-    /// Not sent on purpose (the template aborted and there is no fallback).
-    Suppressed(String),
-    Failed(String),
+    /// Not sent: the template aborted without a fallback (rule `abort`), a
+    /// context query or the template failed.
+    Stopped(Stop),
 }
 
 pub struct Inputs<'a> {
@@ -26,8 +27,9 @@ pub struct Inputs<'a> {
     pub user_id: &'a str,
     pub message_key: &'a str,
     pub anchor: &'a Value,
-    /// The profile lookup's answer: None = no such user, Err = the lookup failed.
-    pub profile: Option<&'a Result<Value, crate::isolate::Failure>>,
+    /// The profile and its address, as `decision::screen` let them through.
+    pub profile: &'a Value,
+    pub recipient: String,
     /// `context.<name>` values, and the first context query that failed.
     pub context: Map<String, Value>,
     pub context_error: Option<String>,
@@ -37,36 +39,19 @@ pub struct Inputs<'a> {
 pub type Loaded<'a> = Result<&'a Template, String>;
 
 pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) -> Composed {
-    let profile = match i.profile {
-        None => {
-            return Composed::Failed(format!(
-                "no profile for user {:?} (nudge.profiles or the profile query returned no row)",
-                i.user_id
-            ))
-        }
-        Some(Err(e)) => {
-            return Composed::Failed(format!(
-                "profile query failed for user {:?}: {e}",
-                i.user_id
-            ))
-        }
-        Some(Ok(p)) => p,
-    };
-    let recipient = match profile.get("email") {
-        Some(Value::String(e)) if !e.trim().is_empty() => e.trim().to_owned(),
-        _ => return Composed::Failed(format!("profile of user {:?} has no email", i.user_id)),
-    };
+    let recipient = i.recipient;
     let vars = json!({
         "event": i.anchor,
-        "profile": profile,
+        "profile": i.profile,
         "context": i.context,
         "user_id": i.user_id,
         "trigger": i.trigger,
         "message_key": i.message_key,
     });
+    let failed = |rule: Rule, why: String| Composed::Stopped(Stop::new(rule, why));
     let use_fallback = |why: String, otherwise: Composed| match &fallback {
         None => otherwise,
-        Some(Err(e)) => Composed::Failed(format!("{why}; fallback_template: {e}")),
+        Some(Err(e)) => failed(Rule::Template, format!("{why}; fallback_template: {e}")),
         Some(Ok(t)) => match t.render(&vars) {
             Ok(rendered) => Composed::Message {
                 message: Message {
@@ -75,15 +60,15 @@ pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) ->
                 },
                 note: Some(format!("fallback_template used: {why}")),
             },
-            Err(e) => Composed::Failed(format!("{why}; fallback_template: {e}")),
+            Err(e) => failed(Rule::Template, format!("{why}; fallback_template: {e}")),
         },
     };
     if let Some(e) = &i.context_error {
-        return use_fallback(e.clone(), Composed::Failed(e.clone()));
+        return use_fallback(e.clone(), failed(Rule::Context, e.clone()));
     }
     let main = match main {
         Ok(t) => t,
-        Err(e) => return Composed::Failed(e),
+        Err(e) => return failed(Rule::Template, e),
     };
     match main.render(&vars) {
         Ok(rendered) => Composed::Message {
@@ -95,8 +80,8 @@ pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) ->
         },
         Err(RenderError::Aborted(reason)) => {
             let why = format!("aborted by the template: {reason}");
-            use_fallback(why.clone(), Composed::Suppressed(why))
+            use_fallback(why.clone(), failed(Rule::Abort, why))
         }
-        Err(e) => Composed::Failed(e.to_string()),
+        Err(e) => failed(Rule::Template, e.to_string()),
     }
 }

@@ -81,14 +81,14 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
               o AS (UPDATE nudge.outbox o
                        SET checked_at = now(),
                            status = CASE WHEN x.event IS NULL THEN o.status ELSE 'cancelled' END,
-                           rule = CASE WHEN x.event IS NULL THEN o.rule ELSE 'exited' END,
+                           rule = CASE WHEN x.event IS NULL THEN o.rule ELSE 'exit' END,
                            last_error = CASE WHEN x.event IS NULL THEN o.last_error
                                              ELSE 'exited by ' || x.event || ' before it went out' END
                       FROM x
                      WHERE o.user_id = x.user_id AND o.id = x.id
                  RETURNING o.user_id, o.enrollment_id, x.event, x.at)
          UPDATE nudge.enrollments e
-            SET state = 'exited', exited_at = o.at, updated_at = now(),
+            SET state = 'exited', rule = 'exit', exited_at = o.at, updated_at = now(),
                 reason = 'exited by ' || o.event || ' (found before the message went out)'
            FROM o
           WHERE o.event IS NOT NULL AND e.user_id = o.user_id AND e.id = o.enrollment_id",

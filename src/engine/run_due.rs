@@ -9,6 +9,7 @@ use crate::spi_util::{distinct, micros, run, ts};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::experiment::HOLDOUT;
+use nudge_core::decision::{self, Facts, Profile, Rule, Stop, Suppressions};
 use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -43,14 +44,9 @@ enum Outcome {
     HeldOut {
         at: Micros,
     },
-    Exited {
-        at: TimestampWithTimeZone,
-        event: String,
-    },
-    Suppressed(String),
-    /// Decided later than its trigger's `expire_after` allows.
-    Expired(String),
-    Failed(String),
+    /// Ended without its message by a rule; an exit carries the exit
+    /// event's time.
+    Stopped(Stop, Option<TimestampWithTimeZone>),
     /// A lookup failed in a way that may pass (a timeout): still waiting, due again at `at`.
     Retry {
         at: Micros,
@@ -167,9 +163,12 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
     match isolate::subtransaction(|| decide(c, vec![d.clone()], as_of)) {
         Ok(pass) => pass,
         Err(f) => {
-            let why = format!("set aside: deciding this message failed: {f}");
+            let why = Stop::new(
+                Rule::Error,
+                format!("set aside: deciding this message failed: {f}"),
+            );
             if let Err(e) =
-                isolate::subtransaction(|| record(c, &[d.clone()], vec![Outcome::Failed(why)]))
+                isolate::subtransaction(|| record(c, &[d.clone()], vec![Outcome::Stopped(why, None)]))
             {
                 warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
             }
@@ -194,7 +193,13 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
     let mut pass = Pass::default();
     if !orphans.is_empty() {
         let why = || {
-            Outcome::Failed("the trigger's definition does not compile (see the server log)".into())
+            Outcome::Stopped(
+                Stop::new(
+                    Rule::Definition,
+                    "the trigger's definition does not compile (see the server log)",
+                ),
+                None,
+            )
         };
         pass = record(c, &orphans, orphans.iter().map(|_| why()).collect());
     }
@@ -228,55 +233,54 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
     )> = vec![];
     for (i, d) in due.iter().enumerate() {
         let t = &triggers[&d.trigger];
-        if let Some((at, event)) = exits.get(&i) {
-            outcomes.push(Some(Outcome::Exited {
-                at: *at,
-                event: event.clone(),
-            }));
-            continue;
-        }
-        if let Some(why) = t.expired(micros(d.due_at), micros(as_of)) {
-            outcomes.push(Some(Outcome::Expired(why)));
-            continue;
-        }
         let profile = profiles.get(&d.user_id);
-        if let Some(why) = transient_failure(t, &d.user_id, profile, &answers) {
-            if let Some(delay) = backoff.delay_us(d.attempts + 1, jitter(d.id)) {
-                outcomes.push(Some(Outcome::Retry {
-                    at: micros(as_of) + delay,
-                    why,
-                }));
-                continue;
-            }
-        }
-        if let (Some(audience), Some(Ok(p))) = (&t.audience, profile) {
-            if !audience.matches(p) {
-                outcomes.push(Some(Outcome::Suppressed(
-                    "audience: the profile no longer matches".into(),
-                )));
-                continue;
-            }
-        }
+        let retry = transient_failure(t, &d.user_id, profile, &answers).and_then(|why| {
+            let delay = backoff.delay_us(d.attempts + 1, jitter(d.id))?;
+            Some((why, micros(as_of) + delay))
+        });
         let answer = |part: &str| {
             answers
                 .get(&(t.name.clone(), part.to_string()))
                 .and_then(|a| a.get(&d.user_id))
         };
-        if t.has_audience_sql {
-            match answer(AUDIENCE_SQL) {
-                Some(Ok(Value::Bool(true))) => {}
-                Some(Err(e)) => {
-                    outcomes.push(Some(Outcome::Failed(format!("audience_sql failed: {e}"))));
-                    continue;
-                }
-                _ => {
-                    outcomes.push(Some(Outcome::Suppressed(
-                        "audience_sql: false for this user".into(),
-                    )));
-                    continue;
-                }
+        let failure = match profile {
+            Some(Err(f)) => f.to_string(),
+            _ => String::new(),
+        };
+        let sql_failure = match answer(AUDIENCE_SQL) {
+            Some(Err(f)) => f.to_string(),
+            _ => String::new(),
+        };
+        let facts = Facts {
+            due_at: micros(d.due_at),
+            now: micros(as_of),
+            exit: exits.get(&i).map(|(_, event)| event.as_str()),
+            retry: retry.as_ref().map(|(why, _)| why.as_str()),
+            profile: match profile {
+                None => Profile::Missing,
+                Some(Err(_)) => Profile::Failed(&failure),
+                Some(Ok(p)) => Profile::Found(p),
+            },
+            audience_sql: t.has_audience_sql.then(|| match answer(AUDIENCE_SQL) {
+                Some(Ok(Value::Bool(true))) => Ok(true),
+                Some(Err(_)) => Err(sql_failure.as_str()),
+                _ => Ok(false),
+            }),
+            suppressions: &suppressed,
+        };
+        let (profile, recipient) = match decision::screen(t, &d.user_id, &facts) {
+            Ok(ok) => ok,
+            Err(stop) if stop.rule == Rule::Retry => {
+                let (why, at) = retry.expect("a retry was allowed");
+                outcomes.push(Some(Outcome::Retry { at, why }));
+                continue;
             }
-        }
+            Err(stop) => {
+                let exited_at = exits.get(&i).map(|(at, _)| *at);
+                outcomes.push(Some(Outcome::Stopped(stop, exited_at)));
+                continue;
+            }
+        };
         let (context, context_error) = context_of(t, &d.user_id, &answers);
         let composed = compose(
             loaded(&tpls, t.template_of(d.variant.as_deref())),
@@ -287,35 +291,22 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 message_key: &d.message_key,
                 anchor: &d.anchor,
                 profile,
+                recipient,
                 context,
                 context_error,
             },
         );
         let (m, fallback_note) = match composed {
             Composed::Message { message, note } => (message, note),
-            Composed::Suppressed(why) => {
-                outcomes.push(Some(Outcome::Suppressed(why)));
-                continue;
-            }
-            Composed::Failed(e) => {
-                outcomes.push(Some(Outcome::Failed(e)));
+            Composed::Stopped(stop) => {
+                outcomes.push(Some(Outcome::Stopped(stop, None)));
                 continue;
             }
         };
-        if let Some(why) = suppressed
-            .get(&m.recipient.to_lowercase())
-            .or_else(|| suppressed.get(&d.user_id))
-        {
-            outcomes.push(Some(Outcome::Suppressed(why.clone())));
-            continue;
-        }
         // Quiet hours and send windows move the message, never drop it.
         let due_us = micros(d.due_at);
         let tz = policy::zone(
-            profile
-                .and_then(|p| p.as_ref().ok())
-                .and_then(|p| p.get("timezone"))
-                .and_then(Value::as_str),
+            profile.get("timezone").and_then(Value::as_str),
             settings.default_timezone.as_deref(),
         );
         let send_at = t.schedule.next_allowed(due_us, tz);
@@ -373,7 +364,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                     note: Some(format!("deferred: {reason}")),
                 }
             }
-            Verdict::Suppress(reason) => Outcome::Suppressed(reason),
+            Verdict::Suppress(stop) => Outcome::Stopped(stop, None),
         });
     }
     let outcomes: Vec<Outcome> = outcomes
@@ -609,30 +600,32 @@ fn recent_messages(
     .collect()
 }
 
-/// Suppressions that touch this batch, by lower-cased address and by user id.
+/// Suppressions that touch this batch, by address and by user id.
 pub fn suppressions(
     c: &SpiClient<'_>,
     users: Vec<String>,
     profiles: &HashMap<String, Result<Value, crate::isolate::Failure>>,
-) -> HashMap<String, String> {
+) -> Suppressions {
     let emails: Vec<String> = profiles
         .values()
         .filter_map(|p| p.as_ref().ok()?.get("email").and_then(Value::as_str))
-        .map(|e| e.trim().to_lowercase())
+        .map(decision::address_key)
         .collect();
     let rows = run(
         c,
-        "SELECT email, user_id, reason, message_key FROM nudge.suppressions
+        "SELECT email, user_id, reason FROM nudge.suppressions
               WHERE email = ANY ($1) OR user_id = ANY ($2)",
         &[emails.into(), users.into()],
         "reading suppressions",
     );
-    let mut out = HashMap::new();
+    let mut out = Suppressions::default();
     for r in rows {
-        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
-        let why = format!("address {} suppressed: {} (message {})", s(1), s(3), s(4));
-        out.insert(s(1), why.clone());
-        out.insert(s(2), why);
+        let s = |i| r.get::<String>(i).ok().flatten();
+        out.add(
+            &s(1).unwrap_or_default(),
+            s(2).as_deref(),
+            &s(3).unwrap_or_default(),
+        );
     }
     out
 }
@@ -859,11 +852,12 @@ impl OutboxRows {
     }
 }
 
-/// Writes each enrollment's outcome (nudge.explain reads it from there).
-/// Writes the outcomes; counts the failed and the retried.
+/// Writes each enrollment's outcome, its rule and reason (nudge.explain
+/// and trigger_stats read them from there); counts them.
 fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
     let n = due.len();
-    let (mut states, mut reasons, mut keys) = (
+    let (mut states, mut rules, mut reasons, mut keys) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -872,8 +866,8 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
     let mut retries: Vec<(usize, Micros)> = vec![];
     for (i, (d, o)) in due.iter().zip(outcomes).enumerate() {
         let message = Some(d.message_key.clone());
-        // state, reason, message key, exited_at, sent_at
-        let (state, reason, key, exit, went) = match o {
+        // state, rule, reason, message key, exited_at, sent_at
+        let (state, rule, reason, key, exit, went) = match o {
             Outcome::Retry { at, why } => {
                 retries.push((i, at));
                 let why = format!(
@@ -881,41 +875,36 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                     nudge_core::time::format_pg_utc(at),
                     d.attempts + 1
                 );
-                ("waiting", why, None, None, None)
+                ("waiting", Some(Rule::Retry), why, None, None, None)
             }
-            Outcome::Failed(e) if d.attempts > 0 => (
-                "failed",
-                format!("{e} (after {} attempts)", d.attempts + 1),
-                None,
-                None,
-                None,
-            ),
             Outcome::Sent { at, note } => {
                 let why = match note {
                     None => format!("message {}", d.message_key),
                     Some(n) => format!("message {}; {n}", d.message_key),
                 };
-                ("sent", why, message, None, Some(ts(at)))
+                ("sent", None, why, message, None, Some(ts(at)))
             }
             Outcome::HeldOut { at } => {
                 let why = format!(
                     "held out (control group): would have gone at {}",
                     nudge_core::time::format_pg_utc(at)
                 );
-                ("held_out", why, None, None, Some(ts(at)))
+                ("held_out", Some(Rule::Holdout), why, None, None, Some(ts(at)))
             }
-            Outcome::Exited { at, event } => (
-                "exited",
-                format!("exited by {event} (found at send time)"),
-                None,
-                Some(at),
-                None,
-            ),
-            Outcome::Suppressed(why) => ("suppressed", why, None, None, None),
-            Outcome::Expired(why) => ("expired", why, None, None, None),
-            Outcome::Failed(e) => ("failed", e, None, None, None),
+            Outcome::Stopped(stop, exit) => {
+                let state = stop.rule.state();
+                let why = match (stop.rule, state) {
+                    (Rule::Exit, _) => format!("{} (found at send time)", stop.why),
+                    (_, "failed") if d.attempts > 0 => {
+                        format!("{} (after {} attempts)", stop.why, d.attempts + 1)
+                    }
+                    _ => stop.why,
+                };
+                (state, Some(stop.rule), why, None, exit, None)
+            }
         };
         states.push(state.to_string());
+        rules.push(rule.map(|r| r.name().to_string()));
         reasons.push(Some(reason));
         keys.push(key);
         exited.push(exit);
@@ -928,13 +917,13 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
         retry_at[*i] = Some(ts(*at));
     }
     run(c, "UPDATE nudge.enrollments e
-                SET state = u.state, reason = u.reason, message_key = u.message_key,
+                SET state = u.state, rule = u.rule, reason = u.reason, message_key = u.message_key,
                     exited_at = coalesce(u.exited_at, e.exited_at), sent_at = u.sent_at, updated_at = now(),
                     due_at = coalesce(u.retry_at, e.due_at),
                     attempts = e.attempts + (u.retry_at IS NOT NULL)::int
                FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                           $7::timestamptz[], $8::timestamptz[])
-                 AS u(id, user_id, state, reason, message_key, exited_at, sent_at, retry_at)
+                           $7::timestamptz[], $8::timestamptz[], $9::text[])
+                 AS u(id, user_id, state, reason, message_key, exited_at, sent_at, retry_at, rule)
               WHERE e.user_id = u.user_id AND e.id = u.id", &[
                 ids.clone().into(),
                 users.clone().into(),
@@ -944,6 +933,7 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                 exited.into(),
                 sent.into(),
                 retry_at.into(),
+                rules.into(),
             ], "recording outcomes");
     if !retries.is_empty() {
         // a retry leaves the enrollment waiting, where explain does not read
@@ -960,8 +950,8 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
             .map(|r| r.clone().unwrap_or_default())
             .collect();
         let rid: Vec<i64> = retries.iter().map(|(i, _)| due[*i].id).collect();
-        run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
-                SELECT u.user_id, u.trigger, u.id, now(), 'retry', u.detail
+        run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail, rule)
+                SELECT u.user_id, u.trigger, u.id, now(), 'retry', u.detail, 'retry'
                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(user_id, trigger, id, detail)",
             &[pick(&users).into(), pick(&trig).into(), rid.into(), pick(&why).into()],
             "journaling retries");

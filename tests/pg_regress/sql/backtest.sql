@@ -37,12 +37,10 @@ UNION ALL SELECT 'exited', count(*) FROM nudge.enrollments WHERE state = 'exited
 UNION ALL SELECT 'waiting at the end', count(*) FROM nudge.enrollments WHERE state = 'waiting'
 UNION ALL SELECT 'sent', count(*) FROM nudge.enrollments WHERE state = 'sent'
 UNION ALL SELECT 'sent later (send schedule)', count(*) FROM nudge.enrollments WHERE reason LIKE '%by the send schedule%'
-UNION ALL SELECT 'suppressed: cap', count(*) FROM nudge.enrollments WHERE state = 'suppressed' AND reason LIKE 'cap:%'
+UNION ALL SELECT 'suppressed: ' || rule, count(*) FROM nudge.enrollments WHERE state = 'suppressed' GROUP BY rule
 -- a journal line stands for the refusals of one statement: "(N entry events, ..."
-UNION ALL SELECT 'not entered: audience', sum(coalesce((regexp_match(detail, '\((\d+) entry events'))[1]::int, 1))
-  FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'audience%'
-UNION ALL SELECT 'not entered: reentry cooldown', sum(coalesce((regexp_match(detail, '\((\d+) entry events'))[1]::int, 1))
-  FROM nudge.journal WHERE step = 'not entered' AND detail LIKE 'reentry cooldown%';
+UNION ALL SELECT 'not entered: ' || rule, sum(coalesce((regexp_match(detail, '\((\d+) entry events'))[1]::int, 1))
+  FROM nudge.journal WHERE step = 'not entered' GROUP BY rule;
 
 CREATE TEMP TABLE replayed AS
 SELECT outcome, journeys AS n, sample_users

@@ -48,6 +48,11 @@ SELECT e.entered_at, e.state, s.converted
                    AND NOT EXISTS (SELECT 1 FROM nudge.enrollments l WHERE l.user_id = e.user_id AND l.sent_at > e.sent_at
                                      AND l.sent_at <= ev.occurred_at)) s
  WHERE e.user_id = :'twice' ORDER BY e.entered_at;
+-- the A/B question: B against A (A converted 5 of its sends in the window, B none)
+SELECT trigger, arm, against, sent, converted, against_sent, against_converted,
+       round(uplift::numeric, 4) AS uplift, round(p_value::numeric, 4) AS p,
+       uplift_ci_low < uplift AND uplift < uplift_ci_high AS interval_holds_it
+  FROM nudge.compare_arms();
 -- a period: only the journeys that entered in it
 SELECT arm, entered FROM nudge.trigger_stats('2026-03-03', '2026-03-04') ORDER BY arm;
 

@@ -1,0 +1,226 @@
+-- pg_nudge 0.5.0 -> 0.6.0: a decision is data (issue 12).
+-- - enrollments.rule: the rule that ended a journey without its message
+--   ('exit', 'expire_after', 'audience', 'audience_sql', 'suppression',
+--   'abort', 'priority', 'cap', 'holdout', 'trigger_dropped', and for failures
+--   'no_profile', 'no_email', 'profile_query', 'audience_sql_error',
+--   'context', 'template', 'definition', 'error'; 'retry' while waiting for
+--   another attempt). trigger_stats.suppressed_by and explain read it.
+-- - outbox.rule uses the same names: 'suppressed' is now 'suppression',
+--   'exited' is now 'exit'.
+-- - journal.rule: the rule of a turned-away entry ('reentry', 'audience',
+--   'audience_sql'), an exit ('exit'), a retry, a cancellation.
+-- - explain returns the rule as a fourth column.
+-- - nudge.compare_arms(): each variant against each other variant.
+
+ALTER TABLE nudge.enrollments ADD COLUMN rule text;
+-- journeys decided by 0.5.0 get the rule their reason names
+UPDATE nudge.enrollments SET rule = CASE
+    WHEN state = 'exited' THEN 'exit'
+    WHEN state = 'expired' THEN 'expire_after'
+    WHEN state = 'held_out' THEN 'holdout'
+    WHEN state = 'cancelled' THEN 'trigger_dropped'
+    WHEN state = 'waiting' THEN CASE WHEN reason LIKE 'retrying at %' THEN 'retry' END
+    WHEN state = 'suppressed' THEN CASE
+        WHEN reason LIKE 'priority%' THEN 'priority'
+        WHEN reason LIKE 'cap%' THEN 'cap'
+        WHEN reason LIKE 'audience_sql%' THEN 'audience_sql'
+        WHEN reason LIKE 'audience%' THEN 'audience'
+        WHEN reason LIKE 'aborted by the template%' THEN 'abort'
+        ELSE 'suppression' END
+    WHEN state = 'failed' THEN CASE
+        WHEN reason LIKE 'no profile%' THEN 'no_profile'
+        WHEN reason LIKE 'profile of user % has no email%' THEN 'no_email'
+        WHEN reason LIKE 'profile query%' THEN 'profile_query'
+        WHEN reason LIKE 'audience_sql failed%' THEN 'audience_sql_error'
+        WHEN reason LIKE 'context.%' THEN 'context'
+        WHEN reason LIKE 'the trigger''s definition%' THEN 'definition'
+        WHEN reason LIKE 'set aside%' THEN 'error'
+        ELSE 'template' END
+    END
+ WHERE state <> 'sent';
+ALTER TABLE nudge.journal ADD COLUMN rule text;
+UPDATE nudge.journal SET rule = CASE
+    WHEN step = 'exited' THEN 'exit'
+    WHEN step = 'retry' THEN 'retry'
+    WHEN step = 'cancelled' THEN 'trigger_dropped'
+    WHEN detail LIKE 'reentry%' THEN 'reentry'
+    WHEN detail LIKE 'audience_sql%' THEN 'audience_sql'
+    WHEN detail LIKE 'audience%' THEN 'audience'
+    END
+ WHERE step IN ('exited', 'retry', 'cancelled', 'not entered');
+UPDATE nudge.outbox SET rule = CASE rule WHEN 'suppressed' THEN 'suppression' WHEN 'exited' THEN 'exit' ELSE rule END
+ WHERE rule IN ('suppressed', 'exited');
+
+CREATE OR REPLACE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
+RETURNS SETOF nudge.outbox
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    candidates tid[];
+BEGIN
+    candidates := ARRAY(
+        SELECT c.ctid
+          FROM nudge.outbox c
+         WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+           AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+           AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
+         ORDER BY c.priority DESC, c.available_at, c.id
+         LIMIT greatest(coalesce(batch, 0), 0)
+           FOR UPDATE SKIP LOCKED);
+    -- a cancelled row's old version is gone for the claim below; its journey
+    -- says why (trigger_stats does not count it as sent). A batch that was all
+    -- cancelled comes back short: drop_trigger cancels its own messages in
+    -- one statement, so a long run of them is not left to claim.
+    WITH x AS (
+        UPDATE nudge.outbox o
+           SET status = 'cancelled', rule = x.rule, last_error = x.why
+          FROM (SELECT c.ctid AS row_id,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppression' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
+                            ELSE 'on the suppression list: ' || s.reason END AS why
+                  FROM nudge.outbox c
+                  LEFT JOIN nudge.triggers t ON t.name = c.trigger
+                  LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
+                                      WHERE s.email = lower(btrim(c.recipient)) OR s.user_id = c.user_id
+                                      LIMIT 1) s ON true
+                 WHERE c.ctid = ANY (candidates)
+                   AND (t.name IS NULL OR s.reason IS NOT NULL)) x
+         WHERE o.ctid = x.row_id
+        RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
+    UPDATE nudge.enrollments e
+       SET state = CASE WHEN x.rule = 'suppression' THEN 'suppressed' ELSE 'cancelled' END,
+           rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
+      FROM x
+     WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
+    RETURN QUERY
+    UPDATE nudge.outbox o
+       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+           available_at = now() + greatest(lease, interval '0')
+     WHERE o.ctid = ANY (candidates)
+    RETURNING o.*;
+END
+$$;
+
+-- a fourth column: the rule
+DROP FUNCTION nudge.explain(text, text);
+CREATE FUNCTION nudge.explain(trigger text, user_id text)
+RETURNS TABLE (at timestamptz, step text, detail text, rule text)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    -- a misspelled name is an error, not an empty answer
+    IF NOT EXISTS (SELECT 1 FROM nudge.trigger_versions v WHERE v.trigger = explain.trigger) THEN
+        RAISE EXCEPTION 'explain: no trigger named "%"', explain.trigger
+              USING ERRCODE = 'undefined_object',
+                    HINT = 'nudge.triggers lists the triggers; a dropped one is still explained.';
+    END IF;
+    RETURN QUERY
+    SELECT s.at, s.step, s.detail, s.rule FROM (
+        SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
+               'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
+               || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
+               || coalesce(', arm ' || e.variant, '') AS detail,
+               NULL::text AS rule
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+        UNION ALL
+        SELECT j.at, 1, j.id, j.step, j.detail, j.rule
+          FROM nudge.journal j
+         WHERE j.trigger = explain.trigger AND j.user_id = explain.user_id
+        UNION ALL
+        -- what run_due (or claim) decided: the enrollment's state, rule and
+        -- reason; an exit at capture is the journal's line above
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason, e.rule
+          FROM nudge.enrollments e
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled')
+                OR e.state = 'exited'
+                   AND NOT EXISTS (SELECT 1 FROM nudge.journal j
+                                    WHERE j.user_id = e.user_id AND j.enrollment_id = e.id AND j.step = 'exited'))) s
+     ORDER BY s.at, s.o, s.id;
+END
+$$;
+REVOKE ALL ON FUNCTION nudge.explain(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.explain(text, text) TO nudge_admin;
+
+CREATE OR REPLACE FUNCTION nudge.trigger_stats(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (
+    trigger text, arm text,
+    entered bigint, exited bigint, suppressed bigint, suppressed_by jsonb, failed bigint,
+    held_out bigint, sent bigint, delivered bigint, opened bigint, clicked bigint,
+    converted bigint, conversion_rate float8, revenue numeric,
+    uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    WITH e AS (
+        SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
+               coalesce(en.variant, 'default') AS arm
+          FROM nudge.enrollments en
+         WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
+    goal AS (
+        SELECT DISTINCT ON (v.trigger) v.trigger, v.definition->'goal'->>'event' AS event,
+               nudge._duration(v.definition->'goal'->>'within') AS within,
+               v.definition->'goal'->>'value' AS value_field
+          FROM nudge.trigger_versions v
+         WHERE v.definition ? 'goal'
+         ORDER BY v.trigger, v.version DESC),
+    attributed AS (
+        SELECT x.id, sum(coalesce(
+                   CASE WHEN jsonb_typeof(ev.props->g.value_field) = 'number'
+                        THEN (ev.props->>g.value_field)::numeric END, 0)) AS revenue
+          FROM goal g
+          JOIN nudge._all_events(ARRAY(SELECT g2.event FROM goal g2)) ev ON ev.event = g.event
+         CROSS JOIN LATERAL (
+               SELECT x.id, x.sent_at FROM e x
+                WHERE x.trigger = g.trigger AND x.user_id = ev.user_id
+                  AND x.state IN ('sent', 'held_out') AND x.sent_at <= ev.occurred_at
+                ORDER BY x.sent_at DESC
+                LIMIT 1) x
+         WHERE ev.occurred_at <= x.sent_at + g.within
+         GROUP BY x.id),
+    arms AS (
+        SELECT e.trigger, e.arm,
+               count(*) AS entered,
+               count(*) FILTER (WHERE e.state = 'exited') AS exited,
+               count(*) FILTER (WHERE e.state = 'suppressed') AS suppressed,
+               count(*) FILTER (WHERE e.state = 'failed') AS failed,
+               count(*) FILTER (WHERE e.state = 'held_out') AS held_out,
+               count(*) FILTER (WHERE e.state = 'sent') AS sent,
+               count(o.delivered_at) AS delivered,
+               count(o.opened_at) AS opened,
+               count(o.clicked_at) AS clicked,
+               count(a.id) AS converted,
+               coalesce(sum(a.revenue), 0) AS revenue
+          FROM e
+          LEFT JOIN nudge.outbox o ON o.message_key = e.message_key AND o.user_id = e.user_id
+          LEFT JOIN attributed a ON a.id = e.id
+         GROUP BY e.trigger, e.arm),
+    reasons AS (
+        SELECT r.trigger, r.arm, jsonb_object_agg(r.rule, r.n) AS suppressed_by
+          FROM (SELECT e.trigger, e.arm,
+                       coalesce(e.rule, 'unknown') AS rule,
+                       count(*) AS n
+                  FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3) r
+         GROUP BY r.trigger, r.arm)
+    SELECT a.trigger, a.arm, a.entered, a.exited, a.suppressed, coalesce(r.suppressed_by, '{}'), a.failed,
+           a.held_out, a.sent, a.delivered, a.opened, a.clicked,
+           a.converted, a.converted::float8 / nullif(a.sent + a.held_out, 0), a.revenue,
+           u.uplift, u.ci_low, u.ci_high, u.p_value
+      FROM arms a
+      LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm
+      LEFT JOIN arms h ON h.trigger = a.trigger AND h.arm = 'holdout' AND a.arm <> 'holdout'
+      LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
+     ORDER BY a.trigger, a.arm
+$$;
+
+CREATE FUNCTION nudge.compare_arms(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (trigger text, arm text, against text, sent bigint, converted bigint,
+               against_sent bigint, against_converted bigint,
+               uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    WITH s AS (SELECT * FROM nudge.trigger_stats(from_ts, to_ts) WHERE arm NOT IN ('holdout', 'default'))
+    SELECT b.trigger, b.arm, a.arm, b.sent, b.converted, a.sent, a.converted,
+           u.uplift, u.ci_low, u.ci_high, u.p_value
+      FROM s a JOIN s b ON b.trigger = a.trigger AND b.arm > a.arm
+      CROSS JOIN LATERAL nudge._uplift(b.converted, b.sent, a.converted, a.sent) u
+     ORDER BY b.trigger, a.arm, b.arm
+$$;
+REVOKE ALL ON FUNCTION nudge.compare_arms(timestamptz, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.compare_arms(timestamptz, timestamptz) TO nudge_admin;
