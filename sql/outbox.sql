@@ -16,10 +16,10 @@ LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''
 -- Right before a message is handed out, what can have changed since it was
 -- written is looked at again (docs/reference.md, "Claim"): a suppressed
 -- address or user cancels it (rule 'suppression'), a dropped trigger cancels
--- it ('trigger_dropped'), a paused trigger holds it. A message held for later
--- (quiet hours, a retry) is claimable only once run_due has re-checked its
--- exit events near its time (checked_at within 5 minutes of available_at);
--- one whose lease ran out was checked when first claimed.
+-- it ('trigger_dropped'), a paused trigger holds it. A message is claimable
+-- only when its exit events were checked in the last 5 minutes: one held for
+-- later (quiet hours, a retry) or waiting in a backlog is re-checked by
+-- run_due. One whose lease ran out was checked when first claimed.
 CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -30,7 +30,7 @@ BEGIN
         SELECT c.ctid
           FROM nudge.outbox c
          WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
-           AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+           AND (c.status = 'claimed' OR c.checked_at >= now() - interval '5 minutes')
            AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
          ORDER BY c.priority DESC, c.available_at, c.id
          LIMIT greatest(coalesce(batch, 0), 0)

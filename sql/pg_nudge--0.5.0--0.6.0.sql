@@ -11,6 +11,8 @@
 --   'audience_sql'), an exit ('exit'), a retry, a cancellation.
 -- - explain returns the rule as a fourth column.
 -- - nudge.compare_arms(): each variant against each other variant.
+-- - claim hands out a message only when its exit events were checked in the
+--   last 5 minutes; run_due re-checks the held and the backlog.
 
 ALTER TABLE nudge.enrollments ADD COLUMN rule text;
 -- journeys decided by 0.5.0 get the rule their reason names
@@ -61,7 +63,7 @@ BEGIN
         SELECT c.ctid
           FROM nudge.outbox c
          WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
-           AND (c.status = 'claimed' OR c.checked_at >= c.available_at - interval '5 minutes')
+           AND (c.status = 'claimed' OR c.checked_at >= now() - interval '5 minutes')
            AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
          ORDER BY c.priority DESC, c.available_at, c.id
          LIMIT greatest(coalesce(batch, 0), 0)

@@ -552,99 +552,31 @@ pub enum Verdict {
     Suppress(crate::decision::Stop),
 }
 
-/// Decides priority and caps for a batch. First arbitration: a message loses
-/// to any more important message of the same user (candidate or already in
-/// the outbox) within the window; importance is priority, then the most recent
-/// anchor, then the trigger name. Then caps, in due order, over what is left:
-/// global caps count all of the user's messages, a trigger's own caps only its
-/// own. Transactional messages bypass both and count for neither.
+/// Decides priority and caps for a batch, as a live engine deciding each
+/// message when it comes due would, whatever the batch's size: a user's
+/// messages are taken in due order, those due at one instant together.
+/// First arbitration: a message loses to any more important message of the
+/// same user within the window, among those due with it and those already
+/// going (the outbox, `sent`, and earlier messages of the batch that were
+/// let through); importance is priority, then the most recent anchor, then
+/// the trigger name. Then caps: global caps count all of the user's
+/// messages, a trigger's own caps only its own. Transactional messages
+/// bypass both and count for neither.
 pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) -> Vec<Verdict> {
+    let arbitrate = settings.arbitration_us > 0 || settings.same_instant_only;
     let rank = |priority: i32, entered_at: Micros, trigger: &str| {
-        (priority, entered_at, trigger.to_owned())
+        if settings.same_instant_only {
+            (priority, 0, String::new())
+        } else {
+            (priority, entered_at, trigger.to_owned())
+        }
     };
     let mut verdicts: Vec<Verdict> = candidates
         .iter()
         .map(|c| Verdict::Send { at: c.send_at })
         .collect();
-    // every rule is per user: group once, so a large batch stays linear
-    let mut of_user: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, c) in candidates.iter().enumerate() {
-        of_user.entry(c.user).or_default().push(i);
-    }
-    let mut sent_of_user: HashMap<&str, Vec<&Sent>> = HashMap::new();
-    for s in sent {
-        sent_of_user.entry(s.user.as_str()).or_default().push(s);
-    }
-    if settings.arbitration_us > 0 || settings.same_instant_only {
-        let rank = |priority: i32, entered_at: Micros, trigger: &str| {
-            if settings.same_instant_only {
-                (priority, 0, String::new())
-            } else {
-                rank(priority, entered_at, trigger)
-            }
-        };
-        for (i, c) in candidates.iter().enumerate() {
-            if c.transactional {
-                continue;
-            }
-            let mine = rank(c.priority, c.entered_at, c.trigger);
-            let near = |at: Micros| (at - c.send_at).abs() <= settings.arbitration_us;
-            let rival = of_user[c.user]
-                .iter()
-                .map(|j| (*j, &candidates[*j]))
-                .filter(|(j, o)| *j != i && !o.transactional && near(o.send_at))
-                .map(|(_, o)| {
-                    (
-                        rank(o.priority, o.entered_at, o.trigger),
-                        o.trigger,
-                        o.priority,
-                        o.key,
-                        o.send_at,
-                    )
-                })
-                .chain(
-                    sent_of_user
-                        .get(c.user)
-                        .into_iter()
-                        .flatten()
-                        .filter(|s| near(s.at))
-                        .map(|s| {
-                            (
-                                rank(s.priority, s.entered_at, &s.trigger),
-                                s.trigger.as_str(),
-                                s.priority,
-                                s.key.as_str(),
-                                s.at,
-                            )
-                        }),
-                )
-                .filter(|r| r.0 > mine)
-                .max_by(|a, b| a.0.cmp(&b.0));
-            if let Some((_, trigger, priority, _, at)) = rival {
-                let within = if settings.same_instant_only {
-                    "due at the same instant"
-                } else {
-                    "within the arbitration window"
-                };
-                let why = format!("priority: lost to trigger {trigger} (priority {priority}) {within}");
-                verdicts[i] = if c.defer_on_conflict {
-                    Verdict::Defer {
-                        at: at + settings.arbitration_us,
-                        reason: why,
-                    }
-                } else {
-                    Verdict::Suppress(Stop::new(Rule::Priority, why))
-                };
-            }
-        }
-    }
-    // caps, in the order the messages came due (the order a live engine
-    // decides them in), each checked against every window it would share
+    // every rule is per user, in due order
     let mut order: Vec<usize> = (0..candidates.len()).collect();
-    let when = |v: &Verdict, c: &Candidate<'_>| match v {
-        Verdict::Send { at } | Verdict::Defer { at, .. } => *at,
-        Verdict::Suppress(_) => c.send_at,
-    };
     order.sort_by_key(|&i| {
         let c = &candidates[i];
         (
@@ -659,29 +591,84 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
     for s in sent {
         taken.entry(s.user.as_str()).or_default().push(s.clone());
     }
-    for i in order {
-        let c = &candidates[i];
-        if c.transactional || matches!(verdicts[i], Verdict::Suppress(_)) {
-            continue;
-        }
-        let at = when(&verdicts[i], c);
-        let mine = taken.entry(c.user).or_default();
-        let all: Vec<Micros> = mine.iter().map(|s| s.at).collect();
-        let own: Vec<Micros> = mine
-            .iter()
-            .filter(|s| s.trigger == c.trigger)
-            .map(|s| s.at)
-            .collect();
-        let held = settings
-            .caps
-            .iter()
-            .find(|cap| !cap.allows(at, &all))
-            .or_else(|| c.caps.iter().find(|cap| !cap.allows(at, &own)));
-        match held {
-            Some(cap) => {
-                verdicts[i] = Verdict::Suppress(Stop::new(Rule::Cap, format!("cap: {}", cap.label)))
+    let mut start = 0;
+    while start < order.len() {
+        // the messages of one user due at one instant
+        let first = &candidates[order[start]];
+        let end = start
+            + order[start..]
+                .iter()
+                .take_while(|&&j| {
+                    candidates[j].user == first.user && candidates[j].due_at == first.due_at
+                })
+                .count();
+        let group = &order[start..end];
+        start = end;
+        let mine = taken.entry(first.user).or_default();
+        if arbitrate {
+            for &i in group {
+                let c = &candidates[i];
+                if c.transactional {
+                    continue;
+                }
+                let me = rank(c.priority, c.entered_at, c.trigger);
+                let near = |at: Micros| (at - c.send_at).abs() <= settings.arbitration_us;
+                let rival = group
+                    .iter()
+                    .map(|&j| (j, &candidates[j]))
+                    .filter(|(j, o)| *j != i && !o.transactional && near(o.send_at))
+                    .map(|(_, o)| (rank(o.priority, o.entered_at, o.trigger), o.trigger, o.priority, o.send_at))
+                    .chain(mine.iter().filter(|s| near(s.at)).map(|s| {
+                        (rank(s.priority, s.entered_at, &s.trigger), s.trigger.as_str(), s.priority, s.at)
+                    }))
+                    .filter(|r| r.0 > me)
+                    .max_by(|a, b| a.0.cmp(&b.0));
+                if let Some((_, trigger, priority, at)) = rival {
+                    let within = if settings.same_instant_only {
+                        "due at the same instant"
+                    } else {
+                        "within the arbitration window"
+                    };
+                    let why = format!("priority: lost to trigger {trigger} (priority {priority}) {within}");
+                    verdicts[i] = if c.defer_on_conflict {
+                        Verdict::Defer {
+                            at: at + settings.arbitration_us,
+                            reason: why,
+                        }
+                    } else {
+                        Verdict::Suppress(Stop::new(Rule::Priority, why))
+                    };
+                }
             }
-            None => mine.push(Sent { at, ..sent_of(c) }),
+        }
+        // caps, each message checked against every window it would share
+        for &i in group {
+            let c = &candidates[i];
+            let at = match &verdicts[i] {
+                Verdict::Send { at } | Verdict::Defer { at, .. } => *at,
+                Verdict::Suppress(_) => continue,
+            };
+            if c.transactional {
+                continue;
+            }
+            let all: Vec<Micros> = mine.iter().map(|s| s.at).collect();
+            let own: Vec<Micros> = mine
+                .iter()
+                .filter(|s| s.trigger == c.trigger)
+                .map(|s| s.at)
+                .collect();
+            let held = settings
+                .caps
+                .iter()
+                .find(|cap| !cap.allows(at, &all))
+                .or_else(|| c.caps.iter().find(|cap| !cap.allows(at, &own)));
+            match held {
+                Some(cap) => {
+                    verdicts[i] =
+                        Verdict::Suppress(Stop::new(Rule::Cap, format!("cap: {}", cap.label)))
+                }
+                None => mine.push(Sent { at, ..sent_of(c) }),
+            }
         }
     }
     verdicts
@@ -855,6 +842,79 @@ mod decide_tests {
             v[0],
             Verdict::Suppress(Stop::new(Rule::Cap, "cap: 1 per 1 day (this trigger)"))
         );
+    }
+
+    #[test]
+    fn a_message_due_later_does_not_take_back_one_decided_before_it() {
+        // the browse reminder is due first and goes at 08:00; the cart
+        // reminder, more important, comes due later for the same 08:00: a
+        // live engine had already let the first through, and so does a batch
+        let s = settings(json!({}));
+        let mut browse = cand("u", "browse", 1, 0, &[]);
+        let mut cart = cand("u", "cart", 5, 0, &[]);
+        (browse.due_at, cart.due_at) = (H, 5 * H);
+        let v = decide(&[cart.clone(), browse.clone()], &[], &s);
+        assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
+        // due together, the more important one wins
+        cart.due_at = H;
+        let v = decide(&[cart, browse], &[], &s);
+        assert!(matches!(&v[1], Verdict::Suppress(r) if r.rule == Rule::Priority), "{v:?}");
+    }
+
+    /// One batch decides what a live engine deciding each instant's messages
+    /// as they come due decides, whatever the mix of rules.
+    #[test]
+    fn one_batch_decides_as_passes_at_every_instant_do() {
+        let mut seed: u64 = 7;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let cap = [Cap::compile(&CapSpec { max: 1, per: "3 hours".into() }, "cap", "this trigger").unwrap()];
+        for window in [json!({}), json!({"arbitration_window": "30 minutes"})] {
+            let mut spec = window.clone();
+            spec["caps"] = json!([{"max": 2, "per": "1 day"}]);
+            let s = settings(spec);
+            let triggers = ["a", "b", "c"];
+            let users = ["u", "v"];
+            let mut cands = vec![];
+            for i in 0..60 {
+                let due = (next(48) as Micros) * H / 2;
+                let t = next(3) as usize;
+                let mut c = cand(users[next(2) as usize], triggers[t], t as i32, next(5) as Micros, if t == 2 { &cap } else { &[] });
+                c.due_at = due;
+                // quiet hours: some go at the next 8 o'clock
+                c.send_at = if next(3) == 0 { (due / (24 * H) + 1) * 24 * H + 8 * H } else { due };
+                c.transactional = next(10) == 0;
+                c.defer_on_conflict = next(4) == 0;
+                c.key = ["k0", "k1", "k2", "k3"][i % 4];
+                cands.push(c);
+            }
+            let once = decide(&cands, &[], &s);
+            // instant by instant, each pass seeing what the earlier ones let through
+            let mut sent: Vec<Sent> = vec![];
+            let mut stepwise = vec![None; cands.len()];
+            let mut instants: Vec<Micros> = cands.iter().map(|c| c.due_at).collect();
+            instants.sort();
+            instants.dedup();
+            for at in instants {
+                let idx: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].due_at == at).collect();
+                let batch: Vec<Candidate<'_>> = idx.iter().map(|&i| cands[i].clone()).collect();
+                for (k, v) in decide(&batch, &sent, &s).into_iter().enumerate() {
+                    let c = &cands[idx[k]];
+                    if let Verdict::Send { at } | Verdict::Defer { at, .. } = v {
+                        if !c.transactional {
+                            sent.push(Sent { at, ..sent_of(c) });
+                        }
+                    }
+                    stepwise[idx[k]] = Some(v);
+                }
+            }
+            let stepwise: Vec<Verdict> = stepwise.into_iter().map(Option::unwrap).collect();
+            assert_eq!(once, stepwise, "{window}");
+            assert!(once.iter().any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Cap)));
+            assert!(once.iter().any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Priority)));
+        }
     }
 
     #[test]

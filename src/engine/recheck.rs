@@ -1,5 +1,6 @@
-//! Messages written for later (quiet hours, a send window, a mailer's retry)
-//! are looked at again near their time, before `claim` may hand them out:
+//! Messages written for later (quiet hours, a send window, a mailer's retry),
+//! and messages still waiting minutes after their time (a mailer's backlog),
+//! are looked at again before `claim` may hand them out:
 //! an exit event that arrived while one waited (the purchase that came
 //! while the reminder waited for the morning) cancels it. `claim` itself
 //! looks at suppressions and at the trigger (docs/reference.md, "Claim").
@@ -11,7 +12,7 @@ use pgrx::spi::SpiClient;
 use serde_json::Value;
 
 /// How many held messages one pass looks at.
-const BATCH: i32 = 1000;
+const BATCH: i32 = 5000;
 
 /// Re-checks the held messages whose time is near; returns how many it
 /// cancelled. The others are marked checked, which makes them claimable.
@@ -23,7 +24,8 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
            -- retention may have deleted the journey: the message is still checked
            LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
           WHERE o.status = 'pending' AND o.available_at <= now() + interval '1 minute'
-            AND o.checked_at < o.available_at - interval '5 minutes'
+            -- claim wants a check in the last 5 minutes: renewed a minute early
+            AND o.checked_at < now() - interval '4 minutes'
           ORDER BY o.available_at
           LIMIT $1
             FOR UPDATE OF o SKIP LOCKED",

@@ -344,7 +344,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         })
         .collect();
     lock_for_deciding(c, distinct(candidates.iter().map(|c| c.user.to_owned())));
-    let sent = recent_messages(c, &candidates, &settings);
+    let sent = recent_messages(c, &candidates, &settings, &triggers);
     let verdicts = policy::decide(&candidates, &sent, &settings);
     drop(candidates);
     let mut out = OutboxRows::default();
@@ -551,6 +551,7 @@ fn recent_messages(
     c: &SpiClient<'_>,
     candidates: &[Candidate<'_>],
     settings: &Settings,
+    triggers: &HashMap<String, Trigger>,
 ) -> Vec<Sent> {
     let reach = settings
         .caps
@@ -573,11 +574,24 @@ fn recent_messages(
     }
     let users = distinct(candidates.iter().map(|c| c.user.to_owned()));
     // a message counts at its scheduled time, which claiming leaves alone
+    // a held-out message took its slot as a sent one would, in every pass
+    let (held_triggers, held_priority): (Vec<String>, Vec<i32>) = triggers
+        .values()
+        .filter(|t| t.holdout > 0.0 && !t.transactional)
+        .map(|t| (t.name.clone(), t.priority))
+        .unzip();
     let rows = run(c, "SELECT o.user_id, o.trigger, o.priority, o.scheduled_at, coalesce(e.key, ''), coalesce(e.entered_at, o.created_at)
                FROM nudge.outbox o
                LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
               WHERE o.user_id = ANY ($1) AND NOT o.transactional AND o.status NOT IN ('dead', 'cancelled')
-                AND o.scheduled_at > $2", &[users.into(), ts(earliest - reach).into()], "reading recent messages");
+                AND o.scheduled_at > $2
+             UNION ALL
+             SELECT e.user_id, e.trigger, h.priority, e.sent_at, e.key, e.entered_at
+               FROM nudge.enrollments e
+               JOIN unnest($3::text[], $4::int[]) AS h(trigger, priority) ON h.trigger = e.trigger
+              WHERE e.user_id = ANY ($1) AND e.state = 'held_out' AND e.sent_at > $2",
+        &[users.into(), ts(earliest - reach).into(), held_triggers.into(), held_priority.into()],
+        "reading recent messages");
     rows.map(|r| {
         let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
         let t = |i| {
@@ -633,7 +647,8 @@ pub fn suppressions(
 fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
     let rows = run(
         c,
-        "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
+        "WITH b AS (
+             SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
                                  || extract(epoch FROM e.entered_at)::text),
                     e.variant, e.attempts
@@ -645,7 +660,23 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
                 AND (e.trigger = ANY (ARRAY(SELECT name FROM nudge.triggers WHERE status = 'active'))) IS TRUE
               ORDER BY e.due_at
               LIMIT $2
-                FOR UPDATE OF e SKIP LOCKED",
+                FOR UPDATE OF e SKIP LOCKED),
+          -- a user's messages are decided in due order, as one pass would:
+          -- one that has an earlier (or same-instant) message outside this
+          -- batch (another pass holds it, or the limit cut it off) waits for
+          -- a later pass, which sees what that one became
+          k AS (
+             SELECT b.* FROM b
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM nudge.enrollments o
+                     WHERE o.user_id = b.user_id AND o.state = 'waiting' AND o.due_at <= b.due_at
+                       AND o.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')
+                       AND o.id <> ALL (ARRAY(SELECT id FROM b))))
+         SELECT * FROM k
+         UNION ALL
+         -- a user with more messages at one instant than a batch holds
+         SELECT * FROM b WHERE NOT EXISTS (SELECT 1 FROM k)
+         ORDER BY 6",
         &[as_of.into(), max.max(0).into()],
         "claiming due enrollments",
     );

@@ -406,3 +406,221 @@ fn concurrent_passes_hold_a_cap_as_one_pass_does() {
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 400);
 }
+
+/// Every policy at once: audience, re-entry, caps (global and per trigger),
+/// quiet hours, priority between triggers due together, a holdout and
+/// variants.
+const SETUP_EVERY: &str = r#"
+    SET timezone = 'UTC';
+    SELECT nudge.configure('{"caps": [{"max": 2, "per": "1 day"}], "default_timezone": "America/New_York"}');
+    SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }}', '<p>{{ event.cart_id }}</p>');
+    SELECT nudge.define_template('cart_b', 'Still want cart {{ event.cart_id }}?', '<p>{{ event.cart_id }}</p>');
+    SELECT nudge.define_template('browse', 'Seen something?', '<p>browse</p>');
+    SELECT nudge.define_template('thanks', 'Thanks for order {{ event.cart_id }}', '<p>thanks</p>');
+    SELECT nudge.define_trigger('cart_abandon', '{"on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+        "unless": [{"event": "purchased", "same_key": true}, {"event": "unsubscribed"}],
+        "audience": {"tier": {"ne": "blocked"}}, "reentry": {"cooldown": "6 hours"},
+        "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 5, "holdout": 0.2,
+        "variants": [{"name": "A", "template": "cart"}, {"name": "B", "template": "cart_b"}]}');
+    SELECT nudge.define_trigger('browse_nudge', '{"on": {"event": "cart_added"}, "wait": "24 hours",
+        "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 1, "template": "browse"}');
+    SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours",
+        "cap": [{"max": 1, "per": "3 days"}], "template": "thanks"}');
+"#;
+
+/// The month in one statement, into a new database with `setup`.
+fn loaded(db: &str, setup: &str) -> postgres::Client {
+    let events = history();
+    let mut c = shop(db, setup);
+    let users: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
+    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
+    c.execute(
+        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
+        &[&users, &names, &props, &secs, &START],
+    )
+    .unwrap();
+    c
+}
+
+fn month_end() -> f64 {
+    (history().last().unwrap().3 + 4 * 86_400) as f64
+}
+
+/// Live, loaded at once, drained by several passes at once, and backtested:
+/// the same verdict for every journey, and every policy acted. Then
+/// suppressions and purchases arrive while the messages wait in the outbox:
+/// none of those messages is handed to a mailer.
+#[test]
+fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
+    // lived through, one event at a time
+    let live = fresh_db("nudge_it_every_live");
+    let mut c = shop(&live, SETUP_EVERY);
+    for (u, e, p, s) in &history() {
+        let at = *s as f64;
+        c.query_one(
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
+            &[&START, &at],
+        )
+        .unwrap();
+        c.execute(
+            "SELECT nudge.track($1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
+            &[u, e, p, &START, &at],
+        )
+        .unwrap();
+    }
+    let end = month_end();
+    let due_all = "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)";
+    c.query_one(due_all, &[&START, &end]).unwrap();
+
+    // loaded at once, one pass
+    let bulk = fresh_db("nudge_it_every_bulk");
+    loaded(&bulk, SETUP_EVERY)
+        .query_one(due_all, &[&START, &end])
+        .unwrap();
+
+    // loaded at once, drained by three passes at once in small batches
+    let drained = fresh_db("nudge_it_every_drained");
+    drop(loaded(&drained, SETUP_EVERY));
+    let passes: Vec<_> = (0..3)
+        .map(|_| {
+            let db = drained.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(&db);
+                loop {
+                    c.query_one(
+                        "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 40)",
+                        &[&START, &end],
+                    )
+                    .unwrap();
+                    let left = count(
+                        &mut c,
+                        &format!("SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'
+                                   AND due_at <= '{START}'::timestamptz + {end} * interval '1 second'"),
+                    );
+                    if left == 0 {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in passes {
+        p.join().unwrap();
+    }
+
+    let (live_msgs, live_journeys) = outcome(&live);
+    for (what, db) in [("loaded at once", &bulk), ("drained at once", &drained)] {
+        let (msgs, journeys) = outcome(db);
+        same(&format!("messages ({what})"), &msgs, &live_msgs);
+        same(&format!("journeys ({what})"), &journeys, &live_journeys);
+    }
+    let mut c = connect(&live);
+    let rules = |c: &mut postgres::Client, sql: &str| -> std::collections::BTreeMap<String, i64> {
+        c.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect()
+    };
+    let by_rule = rules(
+        &mut c,
+        "SELECT state || ': ' || coalesce(rule, '-'), count(*) FROM nudge.enrollments GROUP BY 1
+         UNION ALL SELECT 'not entered: ' || rule, count(*) FROM nudge.journal WHERE step = 'not entered' GROUP BY rule
+         UNION ALL SELECT 'deferred', count(*) FROM nudge.enrollments WHERE reason LIKE '%by the send schedule%'",
+    );
+    for acted in [
+        "suppressed: cap",
+        "suppressed: priority",
+        "held_out: holdout",
+        "exited: exit",
+        "sent: -",
+        "not entered: audience",
+        "not entered: reentry",
+        "deferred",
+    ] {
+        assert!(
+            by_rule.get(acted).copied().unwrap_or(0) > 0,
+            "{acted} never acted: {by_rule:?}"
+        );
+    }
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT variant) FROM nudge.outbox WHERE trigger = 'cart_abandon'"),
+        2,
+        "both variants went out"
+    );
+
+    // backtest of the cart trigger alone, against the same trigger living alone
+    // (backtest weighs a definition's own messages, not other triggers')
+    let alone = fresh_db("nudge_it_every_alone");
+    let cart_only = SETUP_EVERY
+        .split("SELECT nudge.define_trigger('browse_nudge'")
+        .next()
+        .unwrap();
+    let mut a = loaded(&alone, cart_only);
+    a.query_one(due_all, &[&START, &end]).unwrap();
+    let live_counts = rules(
+        &mut a,
+        "SELECT 'entered', count(*) FROM nudge.enrollments
+         UNION ALL SELECT CASE state WHEN 'sent' THEN 'sent' WHEN 'held_out' THEN 'held out' WHEN 'exited' THEN 'exited'
+                                     ELSE state || ': ' || rule END, count(*) FROM nudge.enrollments
+          WHERE state <> 'waiting' GROUP BY 1
+         UNION ALL SELECT 'not entered: ' || rule, sum(coalesce((regexp_match(detail, '\\((\\d+) entry events'))[1]::int, 1))::bigint
+           FROM nudge.journal WHERE step = 'not entered' GROUP BY rule",
+    );
+    let replayed = rules(
+        &mut a,
+        &format!(
+            "SELECT outcome, journeys FROM nudge.backtest(
+                 (SELECT definition FROM nudge.trigger_versions WHERE trigger = 'cart_abandon'),
+                 '{START}', '{START}'::timestamptz + {end} * interval '1 second', 'cart_abandon')
+              WHERE outcome NOT IN ('coalesced entries', 'sent later (send schedule)', 'waiting at the end')"
+        ),
+    );
+    assert_eq!(replayed, live_counts, "backtest and the live trigger disagree");
+    assert!(replayed.get("held out").copied().unwrap_or(0) > 0);
+
+    // while the live database's messages wait (a mailer's backlog, minutes
+    // old): five users are suppressed and five carts bought
+    c.batch_execute(
+        "UPDATE nudge.outbox SET checked_at = checked_at - interval '10 minutes';
+         CREATE TEMP TABLE gone AS
+         SELECT DISTINCT user_id FROM nudge.outbox WHERE status = 'pending' ORDER BY user_id LIMIT 5;
+         INSERT INTO nudge.suppressions (email, user_id, reason)
+         SELECT user_id || '@example.com', user_id, 'unsubscribed' FROM gone;
+         CREATE TEMP TABLE bought AS
+         SELECT o.message_key, o.user_id, e.key, o.scheduled_at FROM nudge.outbox o
+           JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
+          WHERE o.trigger = 'cart_abandon' AND o.user_id NOT IN (SELECT user_id FROM gone)
+          ORDER BY o.id LIMIT 5;
+         SELECT count(nudge.track(user_id, 'purchased', jsonb_build_object('cart_id', key), scheduled_at - interval '1 second'))
+           FROM bought;",
+    )
+    .unwrap();
+    // a mailer claims everything (the worker's pass re-checks the backlog first)
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(100000)"), 0, "nothing is claimable before the re-check");
+    c.batch_execute("SELECT nudge.run_due()").unwrap();
+    let handed = count(
+        &mut c,
+        "SELECT count(*) FILTER (WHERE user_id IN (SELECT user_id FROM gone)
+                                    OR message_key IN (SELECT message_key FROM bought))
+           FROM nudge.claim(100000)",
+    );
+    assert_eq!(handed, 0, "a message went to a suppressed or converted user");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'exit'
+                        AND message_key IN (SELECT message_key FROM bought)"),
+        5
+    );
+    assert!(count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'suppression'") >= 5);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited' AND rule = 'exit'
+                        AND message_key IN (SELECT message_key FROM bought)"),
+        5,
+        "the journeys say why"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'pending'"), 0);
+}
