@@ -435,7 +435,10 @@ fn set_profile_query(sql: Option<&str>) {
             })
         });
         if !names.iter().any(|n| n == "email") {
-            invalid(format!("set_profile_query: the query must return a column named email (it returns: {})", names.join(", ")));
+            invalid(format!(
+                "set_profile_query: the query must return a column named email (it returns: {})",
+                names.join(", ")
+            ));
         }
     }
     let definer = user_sql::Definer::current();
@@ -540,7 +543,10 @@ fn preview(
             let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
             let suppressed = due::suppressions(c, vec![user_id.to_owned()], &profiles);
             let answer = answers
-                .get(&(t.name.clone(), nudge_core::definition::AUDIENCE_SQL.to_string()))
+                .get(&(
+                    t.name.clone(),
+                    nudge_core::definition::AUDIENCE_SQL.to_string(),
+                ))
                 .and_then(|a| a.get(user_id));
             let failure = match (profiles.get(user_id), answer) {
                 (Some(Err(f)), _) | (_, Some(Err(f))) => f.to_string(),
@@ -566,7 +572,10 @@ fn preview(
             };
             let (profile, recipient) = nudge_core::decision::screen(&t, user_id, &facts)
                 .unwrap_or_else(|s| {
-                    error!("preview: this user would get no message (rule {}): {}", s.rule, s.why)
+                    error!(
+                        "preview: this user would get no message (rule {}): {}",
+                        s.rule, s.why
+                    )
                 });
             let (context, context_error) = due::context_of(&t, user_id, &answers);
             match compose::compose(

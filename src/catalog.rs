@@ -24,6 +24,10 @@ pub struct LiveTrigger {
 pub struct Catalog {
     pub triggers: Vec<LiveTrigger>,
     pub watched: HashSet<String>,
+    /// The schema has the `rule` columns of 0.6.0. Capture goes on between
+    /// installing a new library and `ALTER EXTENSION pg_nudge UPDATE`, and
+    /// must not make the application's INSERT fail against the old schema.
+    pub rule_columns: bool,
 }
 
 thread_local! {
@@ -31,6 +35,7 @@ thread_local! {
     static TRIGGERS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static VERSIONS_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static SOURCES_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static JOURNAL_RELID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     static LISTENING: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -40,6 +45,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     if relid == pg_sys::InvalidOid
         || relid == TRIGGERS_RELID.with(Cell::get)
         || relid == VERSIONS_RELID.with(Cell::get)
+        || relid == JOURNAL_RELID.with(Cell::get)
     {
         CACHED.with(|c| c.borrow_mut().take());
     }
@@ -90,6 +96,7 @@ pub fn listen(c: &SpiClient<'_>) {
     TRIGGERS_RELID.with(|r| r.set(relid(c, "nudge.triggers")));
     VERSIONS_RELID.with(|r| r.set(relid(c, "nudge.trigger_versions")));
     SOURCES_RELID.with(|r| r.set(relid(c, "nudge.sources")));
+    JOURNAL_RELID.with(|r| r.set(relid(c, "nudge.journal")));
 }
 
 /// The current version of every trigger (active or paused).
@@ -133,7 +140,23 @@ pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
         // paused triggers too: their waiting journeys still exit
         .flat_map(|l| l.trigger.watched_events().map(str::to_owned))
         .collect();
-    let catalog = Rc::new(Catalog { triggers, watched });
+    let rule_columns = run(
+        c,
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                         WHERE attrelid = 'nudge.journal'::regclass AND attname = 'rule' AND NOT attisdropped)",
+        &[],
+        "reading the schema",
+    )
+    .first()
+    .get::<bool>(1)
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    let catalog = Rc::new(Catalog {
+        triggers,
+        watched,
+        rule_columns,
+    });
     CACHED.with(|k| *k.borrow_mut() = Some(catalog.clone()));
     catalog
 }

@@ -295,8 +295,17 @@ mod tests {
         let names: std::collections::HashSet<&str> = Rule::ALL.iter().map(|r| r.name()).collect();
         assert_eq!(names.len(), Rule::ALL.len());
         for r in Rule::ALL {
-            assert!(["exited", "expired", "suppressed", "held_out", "cancelled", "waiting", "failed", "not entered"]
-                .contains(&r.state()));
+            assert!([
+                "exited",
+                "expired",
+                "suppressed",
+                "held_out",
+                "cancelled",
+                "waiting",
+                "failed",
+                "not entered"
+            ]
+            .contains(&r.state()));
         }
     }
 
@@ -325,8 +334,14 @@ mod tests {
             ..facts(Profile::Found(&ok), &s)
         };
         assert_eq!(rule(late, "u1"), Some(Rule::Expired));
-        assert_eq!(rule(facts(Profile::Missing, &s), "u1"), Some(Rule::NoProfile));
-        assert_eq!(rule(facts(Profile::Failed("boom"), &s), "u1"), Some(Rule::ProfileQuery));
+        assert_eq!(
+            rule(facts(Profile::Missing, &s), "u1"),
+            Some(Rule::NoProfile)
+        );
+        assert_eq!(
+            rule(facts(Profile::Failed("boom"), &s), "u1"),
+            Some(Rule::ProfileQuery)
+        );
         let blocked = json!({"email": "ann@example.com", "tier": "blocked"});
         let stop = screen(&t, "u1", &facts(Profile::Found(&blocked), &s)).unwrap_err();
         assert_eq!(stop.rule, Rule::Audience);
@@ -337,11 +352,20 @@ mod tests {
         };
         assert_eq!(rule(no_sql, "u1"), Some(Rule::AudienceSql));
         let none = json!({"email": "  "});
-        assert_eq!(rule(facts(Profile::Found(&none), &s), "u1"), Some(Rule::NoEmail));
+        assert_eq!(
+            rule(facts(Profile::Found(&none), &s), "u1"),
+            Some(Rule::NoEmail)
+        );
         // the address as the list keeps it, or the user id
         let bob = json!({"email": "bob@EXAMPLE.com"});
         let stop = screen(&t, "u2", &facts(Profile::Found(&bob), &s)).unwrap_err();
-        assert_eq!((stop.rule, stop.why.as_str()), (Rule::Suppression, "on the suppression list: bounce"));
-        assert_eq!(rule(facts(Profile::Found(&ok), &s), "u9"), Some(Rule::Suppression));
+        assert_eq!(
+            (stop.rule, stop.why.as_str()),
+            (Rule::Suppression, "on the suppression list: bounce")
+        );
+        assert_eq!(
+            rule(facts(Profile::Found(&ok), &s), "u9"),
+            Some(Rule::Suppression)
+        );
     }
 }

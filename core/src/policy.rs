@@ -200,6 +200,28 @@ pub fn zone(profile_tz: Option<&str>, default_tz: Option<&str>) -> Tz {
         .unwrap_or(Tz::UTC)
 }
 
+/// The zone of a profile (its `timezone`), else the default, else UTC.
+pub fn profile_zone(profile: Option<&serde_json::Value>, default_tz: Option<&str>) -> Tz {
+    zone(
+        profile
+            .and_then(|p| p.get("timezone"))
+            .and_then(serde_json::Value::as_str),
+        default_tz,
+    )
+}
+
+impl Schedule {
+    /// When a message due at `due` may go, for a recipient with `profile`.
+    pub fn send_time(
+        &self,
+        due: Micros,
+        profile: Option<&serde_json::Value>,
+        default_tz: Option<&str>,
+    ) -> Micros {
+        self.next_allowed(due, profile_zone(profile, default_tz))
+    }
+}
+
 fn to_utc(us: Micros) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us + PG_EPOCH_UNIX_US).unwrap_or_default()
 }
@@ -545,6 +567,21 @@ pub struct Sent {
     pub at: Micros,
 }
 
+/// A journey of the user that is not decided in this batch and was on its
+/// way (entered, not exited) when a candidate came due: a more important one
+/// due to go within the window wins over the candidate, as it would have in a
+/// live engine that decided the candidate then.
+#[derive(Debug, Clone)]
+pub struct Upcoming {
+    pub user: String,
+    pub trigger: String,
+    pub priority: i32,
+    pub entered_at: Micros,
+    pub due_at: Micros,
+    pub exited_at: Option<Micros>,
+    pub send_at: Micros,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Send { at: Micros },
@@ -556,13 +593,20 @@ pub enum Verdict {
 /// message when it comes due would, whatever the batch's size: a user's
 /// messages are taken in due order, those due at one instant together.
 /// First arbitration: a message loses to any more important message of the
-/// same user within the window, among those due with it and those already
-/// going (the outbox, `sent`, and earlier messages of the batch that were
-/// let through); importance is priority, then the most recent anchor, then
-/// the trigger name. Then caps: global caps count all of the user's
-/// messages, a trigger's own caps only its own. Transactional messages
-/// bypass both and count for neither.
-pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) -> Vec<Verdict> {
+/// same user going within the window: those due with it, those already going
+/// (the outbox, `sent`, and earlier messages of the batch that were let
+/// through), and those on their way when it came due (later ones of the
+/// batch, and `upcoming`, that had entered and not exited by then);
+/// importance is priority, then the most recent anchor, then the trigger
+/// name. Then caps: global caps count all of the user's messages, a
+/// trigger's own caps only its own. Transactional messages bypass both and
+/// count for neither (the caller leaves them out of `upcoming`).
+pub fn decide(
+    candidates: &[Candidate<'_>],
+    sent: &[Sent],
+    upcoming: &[Upcoming],
+    settings: &Settings,
+) -> Vec<Verdict> {
     let arbitrate = settings.arbitration_us > 0 || settings.same_instant_only;
     let rank = |priority: i32, entered_at: Micros, trigger: &str| {
         if settings.same_instant_only {
@@ -591,6 +635,22 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
     for s in sent {
         taken.entry(s.user.as_str()).or_default().push(s.clone());
     }
+    // what is on its way: the batch's own messages, and the others
+    let mut ahead: HashMap<&str, Vec<Upcoming>> = HashMap::new();
+    for u in upcoming {
+        ahead.entry(u.user.as_str()).or_default().push(u.clone());
+    }
+    for c in candidates.iter().filter(|c| !c.transactional) {
+        ahead.entry(c.user).or_default().push(Upcoming {
+            user: c.user.to_owned(),
+            trigger: c.trigger.to_owned(),
+            priority: c.priority,
+            entered_at: c.entered_at,
+            due_at: c.due_at,
+            exited_at: None,
+            send_at: c.send_at,
+        });
+    }
     let mut start = 0;
     while start < order.len() {
         // the messages of one user due at one instant
@@ -604,6 +664,7 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                 .count();
         let group = &order[start..end];
         start = end;
+        let on_the_way = ahead.get(first.user).map_or(&[][..], Vec::as_slice);
         let mine = taken.entry(first.user).or_default();
         if arbitrate {
             for &i in group {
@@ -617,10 +678,40 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                     .iter()
                     .map(|&j| (j, &candidates[j]))
                     .filter(|(j, o)| *j != i && !o.transactional && near(o.send_at))
-                    .map(|(_, o)| (rank(o.priority, o.entered_at, o.trigger), o.trigger, o.priority, o.send_at))
+                    .map(|(_, o)| {
+                        (
+                            rank(o.priority, o.entered_at, o.trigger),
+                            o.trigger,
+                            o.priority,
+                            o.send_at,
+                        )
+                    })
                     .chain(mine.iter().filter(|s| near(s.at)).map(|s| {
-                        (rank(s.priority, s.entered_at, &s.trigger), s.trigger.as_str(), s.priority, s.at)
+                        (
+                            rank(s.priority, s.entered_at, &s.trigger),
+                            s.trigger.as_str(),
+                            s.priority,
+                            s.at,
+                        )
                     }))
+                    .chain(
+                        on_the_way
+                            .iter()
+                            .filter(|u| {
+                                u.due_at > c.due_at
+                                    && u.entered_at <= c.due_at
+                                    && u.exited_at.is_none_or(|x| x > c.due_at)
+                                    && near(u.send_at)
+                            })
+                            .map(|u| {
+                                (
+                                    rank(u.priority, u.entered_at, &u.trigger),
+                                    u.trigger.as_str(),
+                                    u.priority,
+                                    u.send_at,
+                                )
+                            }),
+                    )
                     .filter(|r| r.0 > me)
                     .max_by(|a, b| a.0.cmp(&b.0));
                 if let Some((_, trigger, priority, at)) = rival {
@@ -629,7 +720,9 @@ pub fn decide(candidates: &[Candidate<'_>], sent: &[Sent], settings: &Settings) 
                     } else {
                         "within the arbitration window"
                     };
-                    let why = format!("priority: lost to trigger {trigger} (priority {priority}) {within}");
+                    let why = format!(
+                        "priority: lost to trigger {trigger} (priority {priority}) {within}"
+                    );
                     verdicts[i] = if c.defer_on_conflict {
                         Verdict::Defer {
                             at: at + settings.arbitration_us,
@@ -723,6 +816,7 @@ mod decide_tests {
         let v = decide(
             &[cand("u", "browse", 1, 0, &[]), cand("u", "cart", 5, 0, &[])],
             &[],
+            &[],
             &s,
         );
         assert_eq!(v[1], Verdict::Send { at: 10 * H });
@@ -732,6 +826,7 @@ mod decide_tests {
         // other users do not compete
         let v = decide(
             &[cand("u", "browse", 1, 0, &[]), cand("w", "cart", 5, 0, &[])],
+            &[],
             &[],
             &s,
         );
@@ -743,7 +838,7 @@ mod decide_tests {
         let s = settings(json!({"arbitration_window": "10 minutes"}));
         let mut old = cand("u", "a", 1, 0, &[]);
         old.defer_on_conflict = true;
-        let v = decide(&[old, cand("u", "b", 1, H, &[])], &[], &s);
+        let v = decide(&[old, cand("u", "b", 1, H, &[])], &[], &[], &s);
         assert_eq!(v[1], Verdict::Send { at: 10 * H });
         assert!(matches!(&v[0], Verdict::Defer { at, .. } if *at == 10 * H + H / 6));
     }
@@ -753,6 +848,7 @@ mod decide_tests {
         let s = settings(json!({}));
         let v = decide(
             &[cand("u", "a", 1, 0, &[]), cand("u", "b", 5, 0, &[])],
+            &[],
             &[],
             &s,
         );
@@ -765,6 +861,7 @@ mod decide_tests {
         let v = decide(
             &[cand("u", "a", 5, 0, &[]), cand("u", "b", 5, 0, &[])],
             &[],
+            &[],
             &s,
         );
         assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
@@ -772,7 +869,7 @@ mod decide_tests {
             send_at: 10 * H + 60_000_000,
             ..cand("u", "a", 1, 0, &[])
         };
-        let v = decide(&[later, cand("u", "b", 5, 0, &[])], &[], &s);
+        let v = decide(&[later, cand("u", "b", 5, 0, &[])], &[], &[], &s);
         assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
     }
 
@@ -788,7 +885,7 @@ mod decide_tests {
             at: 0,
         }];
         // 10 hours after a message: held by the global cap
-        let v = decide(&[cand("u", "a", 1, 0, &[])], &earlier, &s);
+        let v = decide(&[cand("u", "a", 1, 0, &[])], &earlier, &[], &s);
         assert_eq!(
             v[0],
             Verdict::Suppress(Stop::new(Rule::Cap, "cap: 1 per 16 hours (global)"))
@@ -798,12 +895,13 @@ mod decide_tests {
         later.send_at = 20 * H;
         later.due_at = 20 * H;
         assert_eq!(
-            decide(&[later], &earlier, &s)[0],
+            decide(&[later], &earlier, &[], &s)[0],
             Verdict::Send { at: 20 * H }
         );
         // two in one batch: the first goes, the second is held
         let v = decide(
             &[cand("u", "a", 1, 0, &[]), cand("u", "b", 1, 0, &[])],
+            &[],
             &[],
             &s,
         );
@@ -826,6 +924,7 @@ mod decide_tests {
         let v = decide(
             &[cand("u", "a", 1, 0, &own)],
             &earlier,
+            &[],
             &Settings::default(),
         );
         assert_eq!(
@@ -837,7 +936,12 @@ mod decide_tests {
             trigger: "a".into(),
             ..earlier[0].clone()
         }];
-        let v = decide(&[cand("u", "a", 1, 0, &own)], &mine, &Settings::default());
+        let v = decide(
+            &[cand("u", "a", 1, 0, &own)],
+            &mine,
+            &[],
+            &Settings::default(),
+        );
         assert_eq!(
             v[0],
             Verdict::Suppress(Stop::new(Rule::Cap, "cap: 1 per 1 day (this trigger)"))
@@ -851,14 +955,40 @@ mod decide_tests {
         // live engine had already let the first through, and so does a batch
         let s = settings(json!({}));
         let mut browse = cand("u", "browse", 1, 0, &[]);
-        let mut cart = cand("u", "cart", 5, 0, &[]);
+        let mut cart = cand("u", "cart", 5, 2 * H, &[]);
         (browse.due_at, cart.due_at) = (H, 5 * H);
-        let v = decide(&[cart.clone(), browse.clone()], &[], &s);
+        let v = decide(&[cart.clone(), browse.clone()], &[], &[], &s);
         assert!(v.iter().all(|v| matches!(v, Verdict::Send { .. })), "{v:?}");
-        // due together, the more important one wins
-        cart.due_at = H;
-        let v = decide(&[cart, browse], &[], &s);
-        assert!(matches!(&v[1], Verdict::Suppress(r) if r.rule == Rule::Priority), "{v:?}");
+        // the cart journey had entered when the browse reminder came due: it
+        // was on its way, and wins
+        cart.entered_at = H / 2;
+        let v = decide(&[cart.clone(), browse.clone()], &[], &[], &s);
+        assert!(
+            matches!(&v[1], Verdict::Suppress(r) if r.rule == Rule::Priority),
+            "{v:?}"
+        );
+        // the same when another pass decides it (the cart is upcoming)
+        let up = Upcoming {
+            user: "u".into(),
+            trigger: "cart".into(),
+            priority: 5,
+            entered_at: H / 2,
+            due_at: 5 * H,
+            exited_at: None,
+            send_at: 10 * H,
+        };
+        let v = decide(&[browse.clone()], &[], &[up.clone()], &s);
+        assert!(
+            matches!(&v[0], Verdict::Suppress(r) if r.rule == Rule::Priority),
+            "{v:?}"
+        );
+        // but not once it had exited
+        let gone = Upcoming {
+            exited_at: Some(H / 2 + 1),
+            ..up
+        };
+        let v = decide(&[browse], &[], &[gone], &s);
+        assert_eq!(v[0], Verdict::Send { at: 10 * H });
     }
 
     /// One batch decides what a live engine deciding each instant's messages
@@ -867,10 +997,20 @@ mod decide_tests {
     fn one_batch_decides_as_passes_at_every_instant_do() {
         let mut seed: u64 = 7;
         let mut next = |n: u64| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
-        let cap = [Cap::compile(&CapSpec { max: 1, per: "3 hours".into() }, "cap", "this trigger").unwrap()];
+        let cap = [Cap::compile(
+            &CapSpec {
+                max: 1,
+                per: "3 hours".into(),
+            },
+            "cap",
+            "this trigger",
+        )
+        .unwrap()];
         for window in [json!({}), json!({"arbitration_window": "30 minutes"})] {
             let mut spec = window.clone();
             spec["caps"] = json!([{"max": 2, "per": "1 day"}]);
@@ -881,16 +1021,27 @@ mod decide_tests {
             for i in 0..60 {
                 let due = (next(48) as Micros) * H / 2;
                 let t = next(3) as usize;
-                let mut c = cand(users[next(2) as usize], triggers[t], t as i32, next(5) as Micros, if t == 2 { &cap } else { &[] });
+                let entered = due - (next(6) as Micros) * H / 2;
+                let mut c = cand(
+                    users[next(2) as usize],
+                    triggers[t],
+                    t as i32,
+                    entered,
+                    if t == 2 { &cap } else { &[] },
+                );
                 c.due_at = due;
                 // quiet hours: some go at the next 8 o'clock
-                c.send_at = if next(3) == 0 { (due / (24 * H) + 1) * 24 * H + 8 * H } else { due };
+                c.send_at = if next(3) == 0 {
+                    (due / (24 * H) + 1) * 24 * H + 8 * H
+                } else {
+                    due
+                };
                 c.transactional = next(10) == 0;
                 c.defer_on_conflict = next(4) == 0;
                 c.key = ["k0", "k1", "k2", "k3"][i % 4];
                 cands.push(c);
             }
-            let once = decide(&cands, &[], &s);
+            let once = decide(&cands, &[], &[], &s);
             // instant by instant, each pass seeing what the earlier ones let through
             let mut sent: Vec<Sent> = vec![];
             let mut stepwise = vec![None; cands.len()];
@@ -898,9 +1049,25 @@ mod decide_tests {
             instants.sort();
             instants.dedup();
             for at in instants {
-                let idx: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].due_at == at).collect();
+                let idx: Vec<usize> = (0..cands.len())
+                    .filter(|&i| cands[i].due_at == at)
+                    .collect();
                 let batch: Vec<Candidate<'_>> = idx.iter().map(|&i| cands[i].clone()).collect();
-                for (k, v) in decide(&batch, &sent, &s).into_iter().enumerate() {
+                // the journeys not yet due are in the database, waiting
+                let upcoming: Vec<Upcoming> = cands
+                    .iter()
+                    .filter(|c| c.due_at > at && !c.transactional)
+                    .map(|c| Upcoming {
+                        user: c.user.into(),
+                        trigger: c.trigger.into(),
+                        priority: c.priority,
+                        entered_at: c.entered_at,
+                        due_at: c.due_at,
+                        exited_at: None,
+                        send_at: c.send_at,
+                    })
+                    .collect();
+                for (k, v) in decide(&batch, &sent, &upcoming, &s).into_iter().enumerate() {
                     let c = &cands[idx[k]];
                     if let Verdict::Send { at } | Verdict::Defer { at, .. } = v {
                         if !c.transactional {
@@ -912,8 +1079,12 @@ mod decide_tests {
             }
             let stepwise: Vec<Verdict> = stepwise.into_iter().map(Option::unwrap).collect();
             assert_eq!(once, stepwise, "{window}");
-            assert!(once.iter().any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Cap)));
-            assert!(once.iter().any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Priority)));
+            assert!(once
+                .iter()
+                .any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Cap)));
+            assert!(once
+                .iter()
+                .any(|v| matches!(v, Verdict::Suppress(s) if s.rule == Rule::Priority)));
         }
     }
 
@@ -930,7 +1101,7 @@ mod decide_tests {
                 c
             })
             .collect();
-        let v = decide(&batch, &[], &s);
+        let v = decide(&batch, &[], &[], &s);
         assert_eq!(v[0], Verdict::Send { at: 17 * H });
         assert!(matches!(v[1], Verdict::Suppress(_)));
         assert_eq!(v[2], Verdict::Send { at: 0 });
@@ -952,10 +1123,16 @@ mod decide_tests {
         let mut c = cand("u", "b", 0, 0, &[]);
         c.send_at = 12 * H;
         c.due_at = 12 * H;
-        let v = decide(std::slice::from_ref(&c), &[at(-9), at(13)], &s);
-        assert_eq!(v[0], Verdict::Suppress(Stop::new(Rule::Cap, "cap: 2 per 1 day (global)")));
+        let v = decide(std::slice::from_ref(&c), &[at(-9), at(13)], &[], &s);
+        assert_eq!(
+            v[0],
+            Verdict::Suppress(Stop::new(Rule::Cap, "cap: 2 per 1 day (global)"))
+        );
         // without the later one, it fits
-        assert_eq!(decide(&[c], &[at(-9)], &s)[0], Verdict::Send { at: 12 * H });
+        assert_eq!(
+            decide(&[c], &[at(-9)], &[], &s)[0],
+            Verdict::Send { at: 12 * H }
+        );
     }
 
     #[test]
@@ -972,7 +1149,7 @@ mod decide_tests {
         }];
         let mut receipt = cand("u", "receipt", 0, 0, &[]);
         receipt.transactional = true;
-        let v = decide(&[receipt, cand("u", "promo", 0, 0, &[])], &sent, &s);
+        let v = decide(&[receipt, cand("u", "promo", 0, 0, &[])], &sent, &[], &s);
         assert_eq!(v[0], Verdict::Send { at: 10 * H });
         assert!(matches!(&v[1], Verdict::Suppress(_)));
     }

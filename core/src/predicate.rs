@@ -146,8 +146,16 @@ impl Predicate {
 
     fn describe(&self) -> String {
         match self {
-            Predicate::All(ps) => ps.iter().map(Predicate::describe).collect::<Vec<_>>().join(" and "),
-            Predicate::Any(ps) => ps.iter().map(Predicate::describe).collect::<Vec<_>>().join(" or "),
+            Predicate::All(ps) => ps
+                .iter()
+                .map(Predicate::describe)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            Predicate::Any(ps) => ps
+                .iter()
+                .map(Predicate::describe)
+                .collect::<Vec<_>>()
+                .join(" or "),
             Predicate::Not(p) => format!("not ({})", p.describe()),
             Predicate::Field { path, op } => format!("{} {}", path.join("."), op.describe()),
         }
@@ -248,7 +256,10 @@ mod tests {
     fn why_not_names_the_field_that_failed() {
         let doc = json!({"tier": "blocked", "age": 30});
         let q = p(json!({"age": {"gte": 18}, "tier": {"ne": "blocked"}}));
-        assert_eq!(q.why_not(&doc).unwrap(), r#"tier is "blocked", wanted ne "blocked""#);
+        assert_eq!(
+            q.why_not(&doc).unwrap(),
+            r#"tier is "blocked", wanted ne "blocked""#
+        );
         assert_eq!(
             p(json!({"country": {"eq": "DE"}})).why_not(&doc).unwrap(),
             r#"country missing, wanted eq "DE""#

@@ -11,7 +11,7 @@ use nudge_core::backtest::{replay_user, Event};
 use nudge_core::decision::{self, Facts, Profile, Stop};
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::experiment::HOLDOUT;
-use nudge_core::policy::{self, Candidate, Verdict};
+use nudge_core::policy::{self, Candidate, Upcoming, Verdict};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
@@ -69,6 +69,7 @@ pub fn backtest(
         to: to_us,
         tally: Tally::default(),
         due: vec![],
+        others: vec![],
         pending: vec![],
     };
 
@@ -177,6 +178,9 @@ struct Run<'a> {
     to: i64,
     tally: Tally,
     due: Vec<Due>,
+    /// The journeys that did not come due in the period (exited, or due
+    /// after it): priority weighs them as a live engine would have.
+    others: Vec<(Due, Option<i64>)>,
     pending: Vec<(String, Vec<Event>)>,
 }
 
@@ -226,17 +230,20 @@ impl Run<'_> {
                 self.tally
                     .add("coalesced entries", user, j.coalesced.len() as i64);
             }
-            if j.exited.is_some() {
+            let d = Due {
+                user: user.to_string(),
+                key: j.key,
+                entered_at: j.entered_at,
+                due_at: j.due_at,
+            };
+            if let Some((at, _)) = j.exited {
                 self.tally.add("exited", user, 1);
+                self.others.push((d, Some(at)));
             } else if j.due_at >= self.to {
                 self.tally.add("waiting at the end", user, 1);
+                self.others.push((d, None));
             } else {
-                self.due.push(Due {
-                    user: user.to_string(),
-                    key: j.key,
-                    entered_at: j.entered_at,
-                    due_at: j.due_at,
-                });
+                self.due.push(d);
             }
         }
     }
@@ -255,6 +262,7 @@ impl Run<'_> {
         let settings = settings(c);
         let mut candidates = vec![];
         let mut moved = vec![];
+        let mut ahead: Vec<(&Due, Option<i64>)> = vec![];
         for d in &self.due {
             let failure = match profiles.get(&d.user) {
                 Some(Err(f)) => f.to_string(),
@@ -279,14 +287,15 @@ impl Run<'_> {
                 Ok((profile, _)) => profile,
                 Err(stop) => {
                     self.tally.add(&label(&stop), &d.user, 1);
+                    ahead.push((d, None));
                     continue;
                 }
             };
-            let tz = policy::zone(
-                profile.get("timezone").and_then(Value::as_str),
+            let send_at = t.schedule.send_time(
+                d.due_at,
+                Some(profile),
                 settings.default_timezone.as_deref(),
             );
-            let send_at = t.schedule.next_allowed(d.due_at, tz);
             moved.push(send_at > d.due_at);
             candidates.push(Candidate {
                 user: &d.user,
@@ -301,7 +310,25 @@ impl Run<'_> {
                 caps: &t.caps,
             });
         }
-        let verdicts = policy::decide(&candidates, &[], &settings);
+        ahead.extend(self.others.iter().map(|(d, exit)| (d, *exit)));
+        let upcoming: Vec<Upcoming> = ahead
+            .into_iter()
+            .filter(|_| !t.transactional)
+            .map(|(d, exited_at)| Upcoming {
+                user: d.user.clone(),
+                trigger: "backtest".into(),
+                priority: t.priority,
+                entered_at: d.entered_at,
+                due_at: d.due_at,
+                exited_at,
+                send_at: t.schedule.send_time(
+                    d.due_at,
+                    profiles.get(&d.user).and_then(|p| p.as_ref().ok()),
+                    settings.default_timezone.as_deref(),
+                ),
+            })
+            .collect();
+        let verdicts = policy::decide(&candidates, &[], &upcoming, &settings);
         for ((c, v), later) in candidates.iter().zip(verdicts).zip(moved) {
             match v {
                 Verdict::Suppress(stop) => self.tally.add(&label(&stop), c.user, 1),

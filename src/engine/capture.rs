@@ -293,7 +293,9 @@ fn audience_at_entry(
                 _ => None,
             },
         };
-        let Some((rule, reason)) = refused else { continue };
+        let Some((rule, reason)) = refused else {
+            continue;
+        };
         st.retain(|s| match s {
             Step::Entry { at, .. } => {
                 writes.note(user, &t.name, *at, rule, reason.clone());
@@ -601,7 +603,8 @@ impl Writes {
             self.j_new.push(new_index);
             self.j_at.push(ts(at));
             self.j_step.push(step.to_owned());
-            self.j_rule.push((step == "exited").then(|| Rule::Exit.name().to_owned()));
+            self.j_rule
+                .push((step == "exited").then(|| Rule::Exit.name().to_owned()));
             self.j_detail.push(detail);
         };
         // No "entered" line: nudge.explain reads entries from the enrollments
@@ -643,8 +646,7 @@ impl Writes {
     }
 
     fn flush(mut self, c: &mut pgrx::spi::SpiClient<'_>) {
-        for ((user, trigger, rule), (first, last, n, detail)) in std::mem::take(&mut self.notes)
-        {
+        for ((user, trigger, rule), (first, last, n, detail)) in std::mem::take(&mut self.notes) {
             self.j_user.push(user);
             self.j_trigger.push(trigger);
             self.j_enrollment.push(None);
@@ -674,49 +676,10 @@ impl Writes {
         }
         // one statement for the three writes: on a single-row insert the
         // round trips through SPI cost more than the rows
+        let text = write_journeys(crate::catalog::live_triggers(c).rule_columns);
         run(
             c,
-            "WITH n AS (
-                 INSERT INTO nudge.enrollments
-                   (trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                    coalesced, last_entry_at, exited_at, state, rule, reason, variant)
-                 SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                        coalesced, last_entry_at, exited_at,
-                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END,
-                        CASE WHEN exited_at IS NOT NULL THEN 'exit' END, reason, variant
-                   FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
-                               $6::timestamptz[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[],
-                               $11::timestamptz[], $12::text[], $13::text[])
-                     AS n(trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                          coalesced, last_entry_at, exited_at, reason, variant)
-                 -- a journey of this trigger, user and key already began at
-                 -- this very instant (two orders on one day of a date column):
-                 -- it is that journey, and the application's INSERT goes on
-                 ON CONFLICT (user_id, trigger, key, entered_at) DO NOTHING
-                 RETURNING id, user_id, trigger, key, entered_at),
-             u AS (
-                 UPDATE nudge.enrollments e
-                    SET coalesced = e.coalesced + u.coalesced,
-                        last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
-                        exited_at = u.exited_at,
-                        state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
-                        rule = CASE WHEN u.exited_at IS NULL THEN e.rule ELSE 'exit' END,
-                        reason = coalesce(u.reason, e.reason),
-                        updated_at = now()
-                   FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[])
-                     AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
-                  WHERE e.user_id = u.user_id AND e.id = u.id
-                 RETURNING 1),
-             j AS (
-                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail, rule)
-                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail, l.rule
-                   FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::timestamptz[],
-                               $25::timestamptz[], $26::text[], $27::text[], $28::text[])
-                     AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail, rule)
-                   LEFT JOIN n ON n.user_id = l.user_id AND n.trigger = l.trigger
-                              AND n.key = l.new_key AND n.entered_at = l.new_entered
-                 RETURNING 1)
-             SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM u), (SELECT count(*) FROM j)",
+            text,
             &[
                 self.n_trigger.into(),
                 self.n_version.into(),
@@ -751,3 +714,74 @@ impl Writes {
         );
     }
 }
+
+/// The statement that writes a capture's journeys, with the rule columns or,
+/// against a schema older than the library (before ALTER EXTENSION UPDATE),
+/// without them.
+fn write_journeys(with_rule: bool) -> &'static str {
+    static WITH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static WITHOUT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let fill = |on: bool| {
+        let pick = |text: &'static str| if on { text } else { "" };
+        WRITE_JOURNEYS
+            .replace("/*rule*/", pick(", rule"))
+            .replace(
+                "/*exit rule*/",
+                pick(", CASE WHEN exited_at IS NOT NULL THEN 'exit' END"),
+            )
+            .replace(
+                "/*set rule*/",
+                pick("rule = CASE WHEN u.exited_at IS NULL THEN e.rule ELSE 'exit' END,"),
+            )
+            .replace("/*l.rule*/", pick(", l.rule"))
+    };
+    if with_rule {
+        WITH.get_or_init(|| fill(true))
+    } else {
+        WITHOUT.get_or_init(|| fill(false))
+    }
+}
+
+/// The journeys, their updates and the journal lines of one capture, in one
+/// statement.
+const WRITE_JOURNEYS: &str = "WITH n AS (
+                 INSERT INTO nudge.enrollments
+                   (trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                    coalesced, last_entry_at, exited_at, state /*rule*/, reason, variant)
+                 SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                        coalesced, last_entry_at, exited_at,
+                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END
+                        /*exit rule*/, reason, variant
+                   FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
+                               $6::timestamptz[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[],
+                               $11::timestamptz[], $12::text[], $13::text[])
+                     AS n(trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                          coalesced, last_entry_at, exited_at, reason, variant)
+                 -- a journey of this trigger, user and key already began at
+                 -- this very instant (two orders on one day of a date column):
+                 -- it is that journey, and the application's INSERT goes on
+                 ON CONFLICT (user_id, trigger, key, entered_at) DO NOTHING
+                 RETURNING id, user_id, trigger, key, entered_at),
+             u AS (
+                 UPDATE nudge.enrollments e
+                    SET coalesced = e.coalesced + u.coalesced,
+                        last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
+                        exited_at = u.exited_at,
+                        state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
+                        /*set rule*/
+                        reason = coalesce(u.reason, e.reason),
+                        updated_at = now()
+                   FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[])
+                     AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
+                  WHERE e.user_id = u.user_id AND e.id = u.id
+                 RETURNING 1),
+             j AS (
+                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail /*rule*/)
+                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail /*l.rule*/
+                   FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::timestamptz[],
+                               $25::timestamptz[], $26::text[], $27::text[], $28::text[])
+                     AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail, rule)
+                   LEFT JOIN n ON n.user_id = l.user_id AND n.trigger = l.trigger
+                              AND n.key = l.new_key AND n.entered_at = l.new_entered
+                 RETURNING 1)
+             SELECT (SELECT count(*) FROM n), (SELECT count(*) FROM u), (SELECT count(*) FROM j)";

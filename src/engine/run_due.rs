@@ -6,11 +6,11 @@ use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Composed, Inputs, Loaded};
 use crate::isolate;
 use crate::spi_util::{distinct, micros, run, ts};
+use nudge_core::decision::{self, Facts, Profile, Rule, Stop, Suppressions};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::experiment::HOLDOUT;
-use nudge_core::decision::{self, Facts, Profile, Rule, Stop, Suppressions};
-use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Verdict};
+use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Upcoming, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -36,22 +36,14 @@ pub(super) struct Due {
 enum Outcome {
     /// Written to the outbox to go at `at`; `note` says why it goes later
     /// than due or with the fallback template.
-    Sent {
-        at: Micros,
-        note: Option<String>,
-    },
+    Sent { at: Micros, note: Option<String> },
     /// In the control group: everything passed, nothing is written.
-    HeldOut {
-        at: Micros,
-    },
+    HeldOut { at: Micros },
     /// Ended without its message by a rule; an exit carries the exit
     /// event's time.
     Stopped(Stop, Option<TimestampWithTimeZone>),
     /// A lookup failed in a way that may pass (a timeout): still waiting, due again at `at`.
-    Retry {
-        at: Micros,
-        why: String,
-    },
+    Retry { at: Micros, why: String },
 }
 
 /// What one pass did: enrollments taken, messages written, and how the
@@ -167,9 +159,9 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
                 Rule::Error,
                 format!("set aside: deciding this message failed: {f}"),
             );
-            if let Err(e) =
-                isolate::subtransaction(|| record(c, &[d.clone()], vec![Outcome::Stopped(why, None)]))
-            {
+            if let Err(e) = isolate::subtransaction(|| {
+                record(c, &[d.clone()], vec![Outcome::Stopped(why, None)])
+            }) {
                 warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
             }
             Pass {
@@ -345,7 +337,32 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         .collect();
     lock_for_deciding(c, distinct(candidates.iter().map(|c| c.user.to_owned())));
     let sent = recent_messages(c, &candidates, &settings, &triggers);
-    let verdicts = policy::decide(&candidates, &sent, &settings);
+    let mut ahead = upcoming(c, &due, &candidates, &settings, &triggers, &profiles);
+    // the batch's journeys that stopped before caps and priority were, for a
+    // live engine deciding the earlier ones, still on their way
+    let in_batch: HashSet<usize> = ready.iter().map(|r| r.0).collect();
+    ahead.extend(
+        due.iter()
+            .enumerate()
+            .filter(|(i, _)| !in_batch.contains(i))
+            .filter_map(|(_, d)| {
+                let t = triggers.get(&d.trigger).filter(|t| !t.transactional)?;
+                Some(Upcoming {
+                    user: d.user_id.clone(),
+                    trigger: t.name.clone(),
+                    priority: t.priority,
+                    entered_at: micros(d.entered_at),
+                    due_at: micros(d.due_at),
+                    exited_at: None,
+                    send_at: t.schedule.send_time(
+                        micros(d.due_at),
+                        profile_of(&profiles, &d.user_id),
+                        settings.default_timezone.as_deref(),
+                    ),
+                })
+            }),
+    );
+    let verdicts = policy::decide(&candidates, &sent, &ahead, &settings);
     drop(candidates);
     let mut out = OutboxRows::default();
     for ((i, m, _, moved), verdict) in ready.into_iter().zip(verdicts) {
@@ -610,6 +627,74 @@ fn recent_messages(
             key: s(5),
             entered_at: t(6),
         }
+    })
+    .collect()
+}
+
+fn profile_of<'a>(
+    profiles: &'a HashMap<String, Result<Value, crate::isolate::Failure>>,
+    user: &str,
+) -> Option<&'a Value> {
+    profiles.get(user).and_then(|p| p.as_ref().ok())
+}
+
+/// The candidates' users' journeys outside the batch that a candidate may
+/// lose to (`policy::Upcoming`): waiting ones, and ones that exited after the
+/// earliest candidate came due, due to go within the window of a candidate.
+fn upcoming(
+    c: &SpiClient<'_>,
+    due: &[Due],
+    candidates: &[Candidate<'_>],
+    settings: &Settings,
+    triggers: &HashMap<String, Trigger>,
+    profiles: &HashMap<String, Result<Value, crate::isolate::Failure>>,
+) -> Vec<Upcoming> {
+    let (Some(first_due), Some(last_due), Some(last_send)) = (
+        candidates.iter().map(|c| c.due_at).min(),
+        candidates.iter().map(|c| c.due_at).max(),
+        candidates.iter().map(|c| c.send_at).max(),
+    ) else {
+        return vec![];
+    };
+    let users = distinct(candidates.iter().map(|c| c.user.to_owned()));
+    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+    let rows = run(
+        c,
+        "SELECT e.user_id, e.trigger, e.entered_at, e.due_at, e.exited_at
+           FROM nudge.enrollments e
+          WHERE e.user_id = ANY ($1) AND e.id <> ALL ($2) AND e.due_at > $3 AND e.due_at <= $4
+            AND e.entered_at <= $5 AND (e.state = 'waiting' OR e.exited_at > $3)",
+        &[
+            users.into(),
+            ids.into(),
+            ts(first_due).into(),
+            ts(last_send + settings.arbitration_us).into(),
+            ts(last_due).into(),
+        ],
+        "reading the journeys on their way",
+    );
+    rows.filter_map(|r| {
+        let user: String = r.get(1).ok().flatten()?;
+        let t = triggers.get(&r.get::<String>(2).ok().flatten()?)?;
+        if t.transactional {
+            return None;
+        }
+        let at = |i| r.get::<TimestampWithTimeZone>(i).ok().flatten().map(micros);
+        let due_at = at(4)?;
+        let send_at = t.schedule.send_time(
+            due_at,
+            profile_of(profiles, &user),
+            settings.default_timezone.as_deref(),
+        );
+        Some(Upcoming {
+            user,
+            trigger: t.name.clone(),
+            priority: t.priority,
+            entered_at: at(3)?,
+            due_at,
+            exited_at: at(5),
+            send_at,
+        })
     })
     .collect()
 }
@@ -920,7 +1005,14 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                     "held out (control group): would have gone at {}",
                     nudge_core::time::format_pg_utc(at)
                 );
-                ("held_out", Some(Rule::Holdout), why, None, None, Some(ts(at)))
+                (
+                    "held_out",
+                    Some(Rule::Holdout),
+                    why,
+                    None,
+                    None,
+                    Some(ts(at)),
+                )
             }
             Outcome::Stopped(stop, exit) => {
                 let state = stop.rule.state();

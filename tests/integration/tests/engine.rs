@@ -412,7 +412,8 @@ fn concurrent_passes_hold_a_cap_as_one_pass_does() {
 /// variants.
 const SETUP_EVERY: &str = r#"
     SET timezone = 'UTC';
-    SELECT nudge.configure('{"caps": [{"max": 2, "per": "1 day"}], "default_timezone": "America/New_York"}');
+    SELECT nudge.configure('{"caps": [{"max": 2, "per": "1 day"}], "arbitration_window": "2 hours",
+                             "default_timezone": "America/New_York"}');
     SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }}', '<p>{{ event.cart_id }}</p>');
     SELECT nudge.define_template('cart_b', 'Still want cart {{ event.cart_id }}?', '<p>{{ event.cart_id }}</p>');
     SELECT nudge.define_template('browse', 'Seen something?', '<p>browse</p>');
@@ -423,7 +424,7 @@ const SETUP_EVERY: &str = r#"
         "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 5, "holdout": 0.2,
         "variants": [{"name": "A", "template": "cart"}, {"name": "B", "template": "cart_b"}]}');
     SELECT nudge.define_trigger('browse_nudge', '{"on": {"event": "cart_added"}, "wait": "24 hours",
-        "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 1, "template": "browse"}');
+        "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 1, "on_conflict": "defer", "template": "browse"}');
     SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours",
         "cap": [{"max": 1, "per": "3 days"}], "template": "thanks"}');
 "#;
@@ -548,7 +549,10 @@ fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
         );
     }
     assert_eq!(
-        count(&mut c, "SELECT count(DISTINCT variant) FROM nudge.outbox WHERE trigger = 'cart_abandon'"),
+        count(
+            &mut c,
+            "SELECT count(DISTINCT variant) FROM nudge.outbox WHERE trigger = 'cart_abandon'"
+        ),
         2,
         "both variants went out"
     );
@@ -580,7 +584,10 @@ fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
               WHERE outcome NOT IN ('coalesced entries', 'sent later (send schedule)', 'waiting at the end')"
         ),
     );
-    assert_eq!(replayed, live_counts, "backtest and the live trigger disagree");
+    assert_eq!(
+        replayed, live_counts,
+        "backtest and the live trigger disagree"
+    );
     assert!(replayed.get("held out").copied().unwrap_or(0) > 0);
 
     // while the live database's messages wait (a mailer's backlog, minutes
@@ -601,7 +608,11 @@ fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
     )
     .unwrap();
     // a mailer claims everything (the worker's pass re-checks the backlog first)
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(100000)"), 0, "nothing is claimable before the re-check");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.claim(100000)"),
+        0,
+        "nothing is claimable before the re-check"
+    );
     c.batch_execute("SELECT nudge.run_due()").unwrap();
     let handed = count(
         &mut c,
@@ -609,18 +620,38 @@ fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
                                     OR message_key IN (SELECT message_key FROM bought))
            FROM nudge.claim(100000)",
     );
-    assert_eq!(handed, 0, "a message went to a suppressed or converted user");
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'exit'
-                        AND message_key IN (SELECT message_key FROM bought)"),
+        handed, 0,
+        "a message went to a suppressed or converted user"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'exit'
+                        AND message_key IN (SELECT message_key FROM bought)"
+        ),
         5
     );
-    assert!(count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'suppression'") >= 5);
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'cancelled' AND rule = 'suppression'"
+        ) >= 5
+    );
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited' AND rule = 'exit'
-                        AND message_key IN (SELECT message_key FROM bought)"),
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited' AND rule = 'exit'
+                        AND message_key IN (SELECT message_key FROM bought)"
+        ),
         5,
         "the journeys say why"
     );
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox WHERE status = 'pending'"), 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'pending'"
+        ),
+        0
+    );
 }

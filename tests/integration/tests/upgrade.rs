@@ -427,3 +427,98 @@ fn upgrade_from_0_4_0_rechecks_held_messages_and_matches_a_fresh_install() {
     c.batch_execute("SELECT nudge.run_due()").unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.claim(10)"), 1);
 }
+
+/// From the released 0.5.0 install script: the application's INSERTs into a
+/// source go on between installing this library and the update (capture must
+/// not write the new columns into the old schema); after the update every
+/// decided journey has its rule, and the schema is a fresh install's.
+#[test]
+fn upgrade_from_0_5_0_keeps_capturing_and_gives_every_journey_its_rule() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh5");
+    let mut f = connect(&fresh);
+    f.batch_execute("CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+                     SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased')")
+        .unwrap();
+
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade5 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade5")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade5", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.5.0';
+         CREATE TABLE public.orders (id serial, customer text, at timestamptz);
+         SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+         SELECT nudge.define_trigger('cart', '{\"on\": {\"event\": \"cart_added\"}, \"wait\": \"1 hour\",
+             \"unless\": [{\"event\": \"purchased\"}], \"reentry\": \"once\", \"template\": \"t\"}');
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');",
+    )
+    .unwrap();
+    // the 0.5.0 schema, this library: journeys open, exit and are refused
+    // re-entry at capture, and the application's INSERT goes through
+    c.batch_execute(
+        "SELECT nudge.track(u, 'cart_added', '{}', now() - interval '3 hours') FROM unnest(ARRAY['u1', 'u2']) u;
+         INSERT INTO public.orders (customer, at) VALUES ('u1', now() - interval '150 minutes');
+         SELECT nudge.track('u1', 'cart_added', '{}', now() - interval '140 minutes');",
+    )
+    .unwrap();
+    // what 0.5.0 decided for u2 (its library is gone): capped
+    c.batch_execute(
+        "UPDATE nudge.enrollments SET state = 'suppressed', reason = 'cap: 1 per 1 day (global)' WHERE user_id = 'u2';
+         INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id, recipient, subject, html, status, rule)
+         SELECT 'k', 'cart', 1, id, 'u2', 'u2@example.com', 'Hi', 'x', 'cancelled', 'suppressed' FROM nudge.enrollments WHERE user_id = 'u2';",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.journal WHERE step IN ('exited', 'not entered')"
+        ),
+        2
+    );
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+    let rules: Vec<(String, String)> = c
+        .query(
+            "SELECT user_id || ' ' || state, coalesce(rule, '-') FROM nudge.enrollments
+             UNION ALL SELECT 'journal ' || step, coalesce(rule, '-') FROM nudge.journal
+             UNION ALL SELECT 'outbox ' || status, rule FROM nudge.outbox ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let expect = [
+        ("journal exited", "exit"),
+        ("journal not entered", "reentry"),
+        ("outbox cancelled", "suppression"),
+        ("u1 exited", "exit"),
+        ("u2 suppressed", "cap"),
+    ];
+    assert_eq!(
+        rules,
+        expect
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    );
+    // and capture now writes the rule itself
+    c.batch_execute("INSERT INTO nudge.profiles (user_id, email) VALUES ('u3', 'u3@example.com');
+                     SELECT nudge.track('u3', 'cart_added', '{}', now() - interval '20 minutes');
+                     INSERT INTO public.orders (customer, at) VALUES ('u3', now() - interval '10 minutes');")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE user_id = 'u3' AND rule = 'exit'"
+        ),
+        1
+    );
+}

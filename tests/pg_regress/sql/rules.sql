@@ -54,5 +54,5 @@ SELECT nudge.preview('browse', 'u5');
 SELECT nudge.preview('cart', 'u3');
 SELECT subject FROM nudge.preview('cart', 'u7');
 -- the profile query's $1 is text: the error says so
-CREATE TABLE public.customers (id int, mail text);
-SELECT nudge.set_profile_query('SELECT mail AS email FROM public.customers WHERE id = $1');
+CREATE TABLE public.members (id int, mail text);
+SELECT nudge.set_profile_query('SELECT mail AS email FROM public.members WHERE id = $1');
