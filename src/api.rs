@@ -211,6 +211,7 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
     let mut watches: Vec<String> = trigger.watched_events().map(str::to_owned).collect();
     watches.sort();
     watches.dedup();
+    warn_of_unseen_events(name, &watches);
     // the catalog that names functions is written by the extension's owner only
     as_extension(|| {
         let version = one::<i32>(
@@ -235,6 +236,29 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
         });
         version
     })
+}
+
+/// A definition that watches an event under a misspelled name never fires,
+/// silently: said at once when a name is unknown (no registered table names
+/// it, recorded events do not have it) and close to a known one. Only a sample of nudge.events is read: a name that is new
+/// on purpose (the application sends it from next week) is no reason to scan
+/// a large table, nor to warn.
+fn warn_of_unseen_events(name: &str, watches: &[String]) {
+    let known: Vec<String> = as_extension(|| {
+        one::<Vec<String>>(
+            "SELECT coalesce(array_agg(DISTINCT n), '{}') FROM (
+                 SELECT event_name AS n FROM nudge.sources WHERE event_name IS NOT NULL
+                 UNION ALL SELECT event FROM (SELECT event FROM nudge.events LIMIT 10000) e) k",
+            &[],
+            "define_trigger",
+        )
+    })
+    .unwrap_or_default();
+    for (given, near) in nudge_core::definition::likely_typos(watches, &known) {
+        warning!(
+            "define_trigger({name}): no event named {given:?} has been seen; did you mean {near:?}?"
+        );
+    }
 }
 
 fn set_status(name: &str, status: &str, verb: &str) {

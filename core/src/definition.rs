@@ -555,9 +555,59 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// The watched names that are not known but within two edits of a known
+/// one, each with the nearest known name: most likely misspelled.
+pub fn likely_typos(watched: &[String], known: &[String]) -> Vec<(String, String)> {
+    watched
+        .iter()
+        .filter(|w| !known.contains(w))
+        .filter_map(|w| {
+            known
+                .iter()
+                .map(|k| (edits(&w.to_lowercase(), &k.to_lowercase()), k))
+                .filter(|(d, _)| *d <= 2)
+                .min()
+                .map(|(_, k)| (w.clone(), k.clone()))
+        })
+        .collect()
+}
+
+/// Levenshtein distance (insertions, deletions, substitutions).
+fn edits(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_two_edits_from_a_known_one_is_a_likely_typo() {
+        let known: Vec<String> = ["cart_added", "purchased"].map(String::from).to_vec();
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            likely_typos(
+                &w(&["cart_addded", "purchased", "Purchasd", "signed_up"]),
+                &known
+            ),
+            vec![
+                ("cart_addded".to_string(), "cart_added".to_string()),
+                ("Purchasd".to_string(), "purchased".to_string())
+            ]
+        );
+        assert_eq!(edits("kitten", "sitting"), 3);
+    }
     use serde_json::json;
 
     fn cart() -> Value {

@@ -49,6 +49,10 @@ ALTER TABLE nudge.events ENABLE TRIGGER USER;
 SELECT nudge.run_due('2026-05-02 12:00+00') AS written;
 SELECT step, detail, rule FROM nudge.explain('cart', 'u12') WHERE step <> 'entered';
 
+-- a trigger on a misspelled event is accepted with a warning that names the likely one
+SELECT nudge.define_trigger('typo', '{"on": {"event": "cart_addded"}, "unless": [{"event": "purchased"}], "template": "t"}');
+SELECT nudge.drop_trigger('typo');
+
 -- preview runs the same checks: a suppressed user gets no preview, with the rule
 SELECT nudge.preview('browse', 'u5');
 SELECT nudge.preview('cart', 'u3');
