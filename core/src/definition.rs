@@ -39,7 +39,8 @@ pub struct Definition {
     pub priority: i32,
     /// How late is too late: a message decided more than this after its due
     /// time is recorded `expired`, not sent (a backfill of history mails
-    /// nobody about the past). Postgres interval text, e.g. "12 hours".
+    /// nobody about the past). Postgres interval text, e.g. "12 hours", or
+    /// "never"; absent: 1 day, and never for transactional triggers.
     #[serde(default)]
     pub expire_after: Option<String>,
     /// What a message that loses arbitration does: "suppress" (default) or "defer".
@@ -113,6 +114,9 @@ pub struct ExitSpec {
     #[serde(default)]
     pub same_key: bool,
 }
+
+/// `expire_after` when a non-transactional definition gives none: 1 day.
+pub const DEFAULT_EXPIRE_AFTER_US: i64 = 86_400_000_000;
 
 /// A definition ready to run: predicates compiled, the wait in microseconds.
 #[derive(Debug, Clone)]
@@ -375,12 +379,18 @@ impl Definition {
 
     fn expire_after_us(&self) -> Result<Option<i64>, String> {
         let Some(e) = self.expire_after.as_deref() else {
-            return Ok(None);
+            // transactional mail (a receipt) is owed however late; the rest
+            // is stale after a day: a backfill or a worker that was down for
+            // days mails nobody about the past
+            return Ok((!self.transactional).then_some(DEFAULT_EXPIRE_AFTER_US));
         };
+        if e == "never" {
+            return Ok(None);
+        }
         match parse_duration(e) {
             Ok(us) if us > 0 => Ok(Some(us)),
             Ok(_) => Err(format!("expire_after: {e:?} must be longer than zero")),
-            Err(err) => Err(format!("expire_after: {err}")),
+            Err(err) => Err(format!("expire_after: {err} (or \"never\")")),
         }
     }
 
@@ -716,11 +726,16 @@ mod tests {
         assert!(Definition::parse(&v)
             .unwrap_err()
             .starts_with("expire_after:"));
-        let t = Definition::parse(&cart())
-            .unwrap()
-            .compile("cart", 1)
-            .unwrap();
-        assert_eq!(t.expired(0, 1000 * h), None);
+        // without it: a day, never for transactional mail, "never" on request
+        let t = Definition::parse(&cart()).unwrap().compile("cart", 1).unwrap();
+        assert_eq!(t.expired(0, 24 * h), None);
+        assert!(t.expired(0, 25 * h).is_some());
+        for (key, value) in [("transactional", json!(true)), ("expire_after", json!("never"))] {
+            let mut v = cart();
+            v[key] = value;
+            let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();
+            assert_eq!(t.expired(0, 1000 * h), None, "{key}");
+        }
     }
 
     #[test]

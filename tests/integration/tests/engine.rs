@@ -8,9 +8,9 @@ const SETUP: &str = r#"
     SET timezone = 'UTC';
     SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }} for {{ profile.first_name | default: "you" }}', '<p>{{ event.cart_id }}</p>');
     SELECT nudge.define_template('thanks', 'Thanks for order {{ event.cart_id }}', '<p>thanks</p>');
-    SELECT nudge.define_trigger('cart_abandon', '{"on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+    SELECT nudge.define_trigger('cart_abandon', '{"expire_after": "never", "on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
         "unless": [{"event": "purchased", "same_key": true}, {"event": "unsubscribed"}], "template": "cart"}');
-    SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours", "template": "thanks"}');
+    SELECT nudge.define_trigger('post_purchase', '{"expire_after": "never", "on": {"event": "purchased"}, "wait": "48 hours", "template": "thanks"}');
 "#;
 
 /// The same triggers with every send-time policy that is decided in event
@@ -21,11 +21,11 @@ const SETUP_WITH_POLICIES: &str = r#"
     SELECT nudge.configure('{"caps": [{"max": 2, "per": "1 day"}], "default_timezone": "America/New_York"}');
     SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }}', '<p>{{ event.cart_id }}</p>');
     SELECT nudge.define_template('thanks', 'Thanks for order {{ event.cart_id }}', '<p>thanks</p>');
-    SELECT nudge.define_trigger('cart_abandon', '{"on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+    SELECT nudge.define_trigger('cart_abandon', '{"expire_after": "never", "on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
         "unless": [{"event": "purchased", "same_key": true}, {"event": "unsubscribed"}],
         "audience": {"tier": {"ne": "blocked"}}, "reentry": {"cooldown": "6 hours"},
         "quiet_hours": {"start": "21:00", "end": "08:00"}, "template": "cart"}');
-    SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours",
+    SELECT nudge.define_trigger('post_purchase', '{"expire_after": "never", "on": {"event": "purchased"}, "wait": "48 hours",
         "cap": [{"max": 1, "per": "3 days"}], "template": "thanks"}');
 "#;
 
@@ -418,14 +418,14 @@ const SETUP_EVERY: &str = r#"
     SELECT nudge.define_template('cart_b', 'Still want cart {{ event.cart_id }}?', '<p>{{ event.cart_id }}</p>');
     SELECT nudge.define_template('browse', 'Seen something?', '<p>browse</p>');
     SELECT nudge.define_template('thanks', 'Thanks for order {{ event.cart_id }}', '<p>thanks</p>');
-    SELECT nudge.define_trigger('cart_abandon', '{"on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+    SELECT nudge.define_trigger('cart_abandon', '{"expire_after": "never", "on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
         "unless": [{"event": "purchased", "same_key": true}, {"event": "unsubscribed"}],
         "audience": {"tier": {"ne": "blocked"}}, "reentry": {"cooldown": "6 hours"},
         "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 5, "holdout": 0.2,
         "variants": [{"name": "A", "template": "cart"}, {"name": "B", "template": "cart_b"}]}');
-    SELECT nudge.define_trigger('browse_nudge', '{"on": {"event": "cart_added"}, "wait": "24 hours",
+    SELECT nudge.define_trigger('browse_nudge', '{"expire_after": "never", "on": {"event": "cart_added"}, "wait": "24 hours",
         "quiet_hours": {"start": "21:00", "end": "08:00"}, "priority": 1, "on_conflict": "defer", "template": "browse"}');
-    SELECT nudge.define_trigger('post_purchase', '{"on": {"event": "purchased"}, "wait": "48 hours",
+    SELECT nudge.define_trigger('post_purchase', '{"expire_after": "never", "on": {"event": "purchased"}, "wait": "48 hours",
         "cap": [{"max": 1, "per": "3 days"}], "template": "thanks"}');
 "#;
 

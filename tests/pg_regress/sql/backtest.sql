@@ -10,7 +10,7 @@ INSERT INTO nudge.profiles (user_id, email, timezone, attrs)
 SELECT 'u' || i, 'u' || i || '@example.com', (ARRAY['Europe/Berlin', 'America/New_York', NULL])[1 + i % 3],
        jsonb_build_object('country', (ARRAY['DE', 'US', 'FR', 'DE'])[1 + i % 4])
   FROM generate_series(1, 300) i;
-SELECT nudge.define_trigger('cart', '{
+SELECT nudge.define_trigger('cart', '{"expire_after": "never",
   "on": {"event": "cart_added", "key": "cart"}, "wait": "2 hours",
   "unless": [{"event": "purchased", "same_key": true}],
   "audience": {"country": {"in": ["DE", "US"]}},
@@ -69,7 +69,7 @@ SELECT * FROM nudge.backtest('{"on": {"event": "x"}, "wait": "soon", "template":
 -- variants alone name the content; a holdout and arms are drawn in backtest
 -- as the live trigger (given its name) draws them
 SELECT nudge.define_template('tb', 'B', '<p>b</p>');
-SELECT nudge.define_trigger('welcome_ab', '{"on": {"event": "signed_up"},
+SELECT nudge.define_trigger('welcome_ab', '{"expire_after": "never", "on": {"event": "signed_up"},
   "variants": [{"name": "A", "template": "t"}, {"name": "B", "template": "tb"}], "holdout": 0.2}');
 INSERT INTO nudge.profiles (user_id, email) SELECT 'w' || g, 'w' || g || '@example.com' FROM generate_series(1, 400) g;
 INSERT INTO nudge.events (user_id, event, occurred_at) SELECT 'w' || g, 'signed_up', '2026-04-02 10:00+00' FROM generate_series(1, 400) g;

@@ -4,7 +4,7 @@ DROP EXTENSION IF EXISTS pg_nudge CASCADE;
 CREATE EXTENSION pg_nudge;
 SET timezone = 'UTC';
 SELECT nudge.define_template('t', 'Thanks', '<p>thanks</p>');
-SELECT nudge.define_trigger('thanks', '{"on": {"event": "purchased"}, "wait": "1 hour", "template": "t"}');
+SELECT nudge.define_trigger('thanks', '{"expire_after": "never", "on": {"event": "purchased"}, "wait": "1 hour", "template": "t"}');
 INSERT INTO nudge.profiles (user_id, email) VALUES ('c1', 'c1@example.com'), ('c4', 'c4@example.com');
 
 -- a source whose time column is a date: two orders of one day share an instant
@@ -66,7 +66,7 @@ SELECT count(*) AS events_readable FROM nudge.all_events;
 -- numbers beyond a double in props are kept as written, by track and by
 -- capture, read back by every reader, and shown by a template
 SELECT nudge.define_template('big', 'Total {{ event.total }} of {{ event.n }}', '<p>{{ event.total }}</p>');
-SELECT nudge.define_trigger('big', '{"on": {"event": "counted"}, "template": "big"}');
+SELECT nudge.define_trigger('big', '{"expire_after": "never", "on": {"event": "counted"}, "template": "big"}');
 INSERT INTO nudge.profiles (user_id, email) VALUES ('n1', 'n1@example.com'), ('n2', 'n2@example.com');
 SELECT nudge.track('n1', 'counted', '{"total": 1e400, "n": 12345678901234567890123}', '2026-03-01 10:00') IS NOT NULL AS tracked;
 CREATE TABLE public.tallies (who text, at timestamptz, body jsonb);

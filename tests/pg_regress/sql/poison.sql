@@ -6,7 +6,7 @@ RESET client_min_messages;
 CREATE EXTENSION pg_nudge;
 SET timezone = 'UTC';
 SELECT nudge.define_template('t', 'Hi {{ user_id }}', '<p>hi {{ context.flag.slow }}</p>');
-SELECT nudge.define_trigger('ping', '{"on": {"event": "ping"}, "template": "t"}');
+SELECT nudge.define_trigger('ping', '{"expire_after": "never", "on": {"event": "ping"}, "template": "t"}');
 INSERT INTO nudge.profiles (user_id, email)
 SELECT 'u' || g, 'u' || g || '@example.com' FROM generate_series(1, 5) g;
 INSERT INTO nudge.profiles (user_id, email) VALUES ('poison', 'poison@example.com');
@@ -28,7 +28,7 @@ DELETE FROM nudge.outbox;
 DROP TABLE IF EXISTS public.slow_users;
 CREATE TABLE public.slow_users (user_id text);
 INSERT INTO public.slow_users VALUES ('u3');
-SELECT nudge.define_trigger('slow', '{"on": {"event": "slow"}, "template": "t",
+SELECT nudge.define_trigger('slow', '{"expire_after": "never", "on": {"event": "slow"}, "template": "t",
   "context": {"flag": "SELECT true AS slow, pg_sleep(CASE WHEN EXISTS (SELECT FROM public.slow_users s WHERE s.user_id = $1) THEN 0.5 ELSE 0 END)"}}');
 SET nudge.user_sql_timeout = 100;
 SET nudge.retry_base_seconds = 60;

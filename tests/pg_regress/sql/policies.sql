@@ -11,9 +11,9 @@ INSERT INTO nudge.profiles (user_id, email, timezone, attrs) VALUES
   ('nz', 'nz@example.com', NULL,               '{"country": "NZ"}');
 
 -- == Re-entry ==
-SELECT nudge.define_trigger('welcome_once', '{"on": {"event": "signed_up"}, "wait": "1 hour", "reentry": "once", "template": "t"}');
-SELECT nudge.define_trigger('every_view', '{"on": {"event": "viewed"}, "wait": "1 hour", "reentry": "every_time", "template": "t"}');
-SELECT nudge.define_trigger('cooled', '{"on": {"event": "browsed"}, "wait": "1 hour", "reentry": {"cooldown": "1 day"}, "template": "t"}');
+SELECT nudge.define_trigger('welcome_once', '{"expire_after": "never", "on": {"event": "signed_up"}, "wait": "1 hour", "reentry": "once", "template": "t"}');
+SELECT nudge.define_trigger('every_view', '{"expire_after": "never", "on": {"event": "viewed"}, "wait": "1 hour", "reentry": "every_time", "template": "t"}');
+SELECT nudge.define_trigger('cooled', '{"expire_after": "never", "on": {"event": "browsed"}, "wait": "1 hour", "reentry": {"cooldown": "1 day"}, "template": "t"}');
 SELECT count(nudge.track('de', e, '{}', at::timestamptz)) FROM (VALUES
   ('signed_up', '2026-01-05 10:00+00'), ('signed_up', '2026-01-08 10:00+00'),  -- once: the second is refused
   ('viewed',    '2026-01-05 10:00+00'), ('viewed',    '2026-01-05 10:20+00'),  -- every_time: two journeys
@@ -26,7 +26,7 @@ SELECT at, step, detail FROM nudge.explain('cooled', 'de') WHERE step = 'not ent
 SELECT nudge.drop_trigger(t) FROM unnest(ARRAY['welcome_once', 'every_view', 'cooled']) t;
 
 -- == Repeated entry: "viewed the same product 3 times within an hour" ==
-SELECT nudge.define_trigger('keen', '{"on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
+SELECT nudge.define_trigger('keen', '{"expire_after": "never", "on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
   "wait": "10 minutes", "template": "t"}');
 SELECT count(nudge.track('ny', 'viewed_product', jsonb_build_object('sku', sku), at::timestamptz)) FROM (VALUES
   ('A', '2026-01-05 10:00+00'), ('A', '2026-01-05 10:20+00'), ('B', '2026-01-05 10:30+00'),  -- two of A, one of B
@@ -36,7 +36,7 @@ SELECT count(nudge.track('ny', 'viewed_product', jsonb_build_object('sku', sku),
 SELECT key, entered_at FROM nudge.enrollments WHERE trigger = 'keen';
 -- loaded at once, the same history gives the same journey
 SELECT nudge.drop_trigger('keen');
-SELECT nudge.define_trigger('keen2', '{"on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
+SELECT nudge.define_trigger('keen2', '{"expire_after": "never", "on": {"event": "viewed_product", "key": "sku", "min_count": 3, "within": "1 hour"},
   "wait": "10 minutes", "template": "t"}');
 INSERT INTO nudge.events (user_id, event, props, occurred_at)
 SELECT 'nz', 'viewed_product', jsonb_build_object('sku', sku), at::timestamptz FROM (VALUES
@@ -46,7 +46,7 @@ SELECT key, entered_at FROM nudge.enrollments WHERE trigger = 'keen2';
 SELECT nudge.drop_trigger('keen2');
 
 -- == Audience ==
-SELECT nudge.define_trigger('dach_only', '{"on": {"event": "cart_added"}, "wait": "1 hour",
+SELECT nudge.define_trigger('dach_only', '{"expire_after": "never", "on": {"event": "cart_added"}, "wait": "1 hour",
   "audience": {"country": {"in": ["DE", "AT", "CH"]}}, "template": "t"}');
 SELECT count(nudge.track(u, 'cart_added', '{}', '2026-01-10 10:00+00')) FROM unnest(ARRAY['de', 'fr']) u;
 SELECT user_id, state FROM nudge.enrollments WHERE trigger = 'dach_only' ORDER BY user_id;
@@ -60,10 +60,10 @@ SELECT nudge.drop_trigger('dach_only');
 
 -- == Caps, and transactional messages that bypass them ==
 SELECT nudge.configure('{"caps": [{"max": 1, "per": "16 hours"}]}');
-SELECT nudge.define_trigger('promo_a', '{"on": {"event": "promo_a"}, "template": "t"}');
-SELECT nudge.define_trigger('promo_b', '{"on": {"event": "promo_b"}, "template": "t"}');
-SELECT nudge.define_trigger('receipt', '{"on": {"event": "paid"}, "transactional": true, "template": "t"}');
-SELECT nudge.define_trigger('daily', '{"on": {"event": "daily"}, "cap": [{"max": 1, "per": "1 day"}], "reentry": "every_time", "template": "t"}');
+SELECT nudge.define_trigger('promo_a', '{"expire_after": "never", "on": {"event": "promo_a"}, "template": "t"}');
+SELECT nudge.define_trigger('promo_b', '{"expire_after": "never", "on": {"event": "promo_b"}, "template": "t"}');
+SELECT nudge.define_trigger('receipt', '{"expire_after": "never", "on": {"event": "paid"}, "transactional": true, "template": "t"}');
+SELECT nudge.define_trigger('daily', '{"expire_after": "never", "on": {"event": "daily"}, "cap": [{"max": 1, "per": "1 day"}], "reentry": "every_time", "template": "t"}');
 SELECT count(nudge.track('fr', e, '{}', at::timestamptz)) FROM (VALUES
   ('promo_a', '2026-01-20 09:00+00'),   -- sent
   ('promo_b', '2026-01-20 15:00+00'),   -- 6 hours later: held by the global cap
@@ -82,9 +82,9 @@ SELECT nudge.drop_trigger(t) FROM unnest(ARRAY['promo_a', 'promo_b', 'receipt', 
 
 -- == Priority across triggers ==
 SELECT nudge.configure('{"arbitration_window": "30 minutes"}');
-SELECT nudge.define_trigger('browse', '{"on": {"event": "viewed"}, "wait": "1 hour", "priority": 1, "template": "t"}');
-SELECT nudge.define_trigger('cart', '{"on": {"event": "carted"}, "wait": "1 hour", "priority": 5, "template": "t"}');
-SELECT nudge.define_trigger('newsletter', '{"on": {"event": "subscribed"}, "wait": "1 hour", "priority": 1,
+SELECT nudge.define_trigger('browse', '{"expire_after": "never", "on": {"event": "viewed"}, "wait": "1 hour", "priority": 1, "template": "t"}');
+SELECT nudge.define_trigger('cart', '{"expire_after": "never", "on": {"event": "carted"}, "wait": "1 hour", "priority": 5, "template": "t"}');
+SELECT nudge.define_trigger('newsletter', '{"expire_after": "never", "on": {"event": "subscribed"}, "wait": "1 hour", "priority": 1,
   "on_conflict": "defer", "template": "t"}');
 SELECT count(nudge.track('de', e, '{}', at::timestamptz)) FROM (VALUES
   ('viewed', '2026-02-01 10:00+00'), ('carted', '2026-02-01 10:10+00'), ('subscribed', '2026-02-01 10:05+00')
@@ -105,7 +105,7 @@ SELECT user_id, trigger, state, reason FROM nudge.enrollments WHERE user_id IN (
 SELECT nudge.drop_trigger(t) FROM unnest(ARRAY['browse', 'cart', 'newsletter']) t;
 
 -- == Quiet hours and send windows, in the recipient's zone ==
-SELECT nudge.define_trigger('nightly', '{"on": {"event": "late"}, "wait": "30 minutes",
+SELECT nudge.define_trigger('nightly', '{"expire_after": "never", "on": {"event": "late"}, "wait": "30 minutes",
   "quiet_hours": {"start": "21:00", "end": "08:00"}, "template": "t"}');
 -- 2026-03-08 is the night New York springs forward: due 06:30 UTC = 01:30 EST, in quiet
 -- hours; the next allowed minute is 08:00 EDT = 12:00 UTC (an hour earlier in UTC than the day before)
@@ -125,7 +125,7 @@ SELECT nudge.track('nz', 'late', '{}', '2026-03-09 09:00+00') > 0 AS tracked;   
 SELECT nudge.run_due('2026-03-10 00:00+00') AS written;
 SELECT available_at FROM nudge.outbox WHERE trigger = 'nightly' AND user_id = 'nz';
 SELECT nudge.drop_trigger('nightly');
-SELECT nudge.define_trigger('office', '{"on": {"event": "lead"}, "template": "t",
+SELECT nudge.define_trigger('office', '{"expire_after": "never", "on": {"event": "lead"}, "template": "t",
   "send_window": {"days": ["mon", "tue", "wed", "thu", "fri"], "start": "09:00", "end": "17:00"}}');
 -- Saturday 2026-03-14 15:00 UTC = 11:00 EDT: moves to Monday 09:00 EDT = 13:00 UTC
 SELECT nudge.track('ny', 'lead', '{}', '2026-03-14 15:00+00') > 0 AS tracked;
@@ -144,7 +144,7 @@ SELECT nudge.configure('{}');
 
 -- == "Did X, then no X for a while" ==
 -- the session that opens a journey does not close it; the next one does, and opens its own
-SELECT nudge.define_trigger('winback', '{"on": {"event": "session"}, "unless": [{"event": "session"}], "wait": "7 days", "template": "t"}');
+SELECT nudge.define_trigger('winback', '{"expire_after": "never", "on": {"event": "session"}, "unless": [{"event": "session"}], "wait": "7 days", "template": "t"}');
 INSERT INTO nudge.profiles (user_id, email) VALUES ('wb1', 'wb1@example.com'), ('wb2', 'wb2@example.com');
 SELECT count(nudge.track(u, 'session', '{}', at::timestamptz)) FROM (VALUES
   ('wb1', '2026-05-01 10:00+00'), ('wb2', '2026-05-01 10:00+00'), ('wb2', '2026-05-03 10:00+00')) AS s(u, at);

@@ -60,3 +60,11 @@ SELECT subject FROM nudge.preview('cart', 'u7');
 -- the profile query's $1 is text: the error says so
 CREATE TABLE public.members (id int, mail text);
 SELECT nudge.set_profile_query('SELECT mail AS email FROM public.members WHERE id = $1');
+
+-- a backfill mails nobody about the past: without expire_after a message
+-- decided more than a day late expires; a transactional one still goes
+SELECT nudge.define_trigger('stale', '{"on": {"event": "old_news"}, "template": "t"}');
+SELECT nudge.define_trigger('receipt', '{"on": {"event": "old_news"}, "transactional": true, "template": "t"}');
+SELECT nudge.track('u7', 'old_news', '{}', '2026-05-10 10:00+00') > 0 AS tracked;
+SELECT nudge.run_due('2026-05-12 12:00+00') AS written;
+SELECT trigger, state, rule, reason FROM nudge.enrollments WHERE trigger IN ('stale', 'receipt') ORDER BY trigger;
