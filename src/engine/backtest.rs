@@ -47,7 +47,7 @@ pub fn backtest(
     to: TimestampWithTimeZone,
     trigger_name: Option<&str>,
 ) -> Vec<(String, i64, Vec<String>)> {
-    let d = Definition::parse(definition).unwrap_or_else(|e| error!("backtest: {e}"));
+    let d = Definition::parse(definition).unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
     let name = trigger_name.unwrap_or("backtest");
     if trigger_name.is_none()
         && d.experiment.is_none()
@@ -59,7 +59,7 @@ pub fn backtest(
     }
     let t: Trigger = d
         .compile(name, 0)
-        .unwrap_or_else(|e| error!("backtest: {e}"));
+        .unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
     let (from_us, to_us) = (micros(from), micros(to));
     let lookback = t.entry_count.map_or(0, |(_, within)| within);
     let names: Vec<String> = t.watched_events().map(str::to_owned).collect();

@@ -89,3 +89,9 @@ UPDATE nudge.trigger_versions SET definition = definition || '{"bogus": 1}' WHER
 SELECT nudge.run_due('2026-01-07 12:00+00') AS written;
 SELECT trigger, state, reason LIKE 'message %' AS sent, CASE WHEN state = 'failed' THEN reason END AS failure
   FROM nudge.enrollments WHERE user_id = 'known' AND entered_at = '2026-01-07 10:00+00' ORDER BY trigger;
+
+-- backtest refuses a bad definition as define_trigger does (22023, the JSON path)
+DO $$ BEGIN
+    PERFORM nudge.backtest('{"on": {"evnt": "x"}, "template": "t"}', now() - interval '1 day', now());
+EXCEPTION WHEN invalid_parameter_value THEN RAISE NOTICE '22023: %', SQLERRM;
+END $$;
