@@ -192,6 +192,8 @@ CREATE TABLE nudge.outbox (
     -- when it was meant to go; claiming moves available_at to the lease's
     -- end, caps count this
     scheduled_at        timestamptz NOT NULL DEFAULT now(),
+    -- what it is about, for consent (NULL: transactional)
+    topic               text,
     PRIMARY KEY (user_id, id),
     -- the idempotency guarantee: one message per key, whoever writes it
     UNIQUE (message_key, user_id)
@@ -209,6 +211,26 @@ CREATE TABLE nudge.suppressions (
     PRIMARY KEY (email)
 );
 CREATE INDEX suppressions_user ON nudge.suppressions (user_id);
+
+-- Consent by topic: a user unsubscribed from a topic (or from 'all') gets no
+-- message of it; transactional messages have no topic. One row per user and
+-- topic, the latest choice (docs/reference.md, "Consent").
+CREATE TABLE nudge.subscriptions (
+    user_id    text        NOT NULL,
+    topic      text        NOT NULL,
+    status     text        NOT NULL CHECK (status IN ('subscribed', 'unsubscribed')),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    source     text        NOT NULL DEFAULT 'api',
+    PRIMARY KEY (user_id, topic)
+);
+
+-- Keys that only the extension's owner reads: 'unsubscribe' signs the
+-- one-click unsubscribe links (nudge_core::consent), made on first use.
+-- Dumped, so that links in mail already sent keep working after a restore.
+CREATE TABLE nudge.secrets (
+    name  text PRIMARY KEY,
+    value bytea NOT NULL
+);
 
 -- The functions that hold SQL written into definitions (audience_sql,
 -- context) and the profile query, one per query and trigger version, owned by

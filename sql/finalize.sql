@@ -164,6 +164,87 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
      ORDER BY b.trigger, a.arm, b.arm
 $$;
 
+-- Consent by topic (docs/reference.md, "Consent"): the latest choice of a
+-- user per topic; 'all' covers every topic. Checked when a message is decided
+-- and again right before a mailer gets it.
+CREATE FUNCTION nudge.subscribe(user_id text, topic text DEFAULT 'marketing', source text DEFAULT 'api')
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT nudge._set_subscription(subscribe.user_id, subscribe.topic, 'subscribed', subscribe.source)
+$$;
+CREATE FUNCTION nudge.unsubscribe(user_id text, topic text, source text DEFAULT 'api')
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT nudge._set_subscription(unsubscribe.user_id, unsubscribe.topic, 'unsubscribed', unsubscribe.source)
+$$;
+CREATE FUNCTION nudge._set_subscription(user_id text, topic text, status text, source text)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    changed boolean;
+BEGIN
+    IF coalesce(btrim(user_id), '') = '' OR coalesce(btrim(topic), '') = '' THEN
+        RAISE EXCEPTION 'subscriptions: user_id and topic must not be empty'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO nudge.subscriptions AS s (user_id, topic, status, updated_at, source)
+    VALUES (_set_subscription.user_id, _set_subscription.topic, _set_subscription.status, now(),
+            coalesce(_set_subscription.source, 'api'))
+    ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
+       SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, source = EXCLUDED.source
+     WHERE s.status <> EXCLUDED.status
+    RETURNING true INTO changed;
+    RETURN coalesce(changed, false);
+END
+$$;
+
+-- Erasure (GDPR art. 17, CCPA): deletes what pg_nudge holds about a user in
+-- one transaction and keeps only a hash of their addresses on the suppression
+-- list, so they are never mailed again. Rows in the application's own source
+-- tables are the application's: listed, not touched.
+CREATE FUNCTION nudge.forget(user_id text)
+RETURNS TABLE (relation text, deleted bigint, note text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    who text := forget.user_id;
+    addresses text[];
+    n bigint;
+BEGIN
+    IF coalesce(who, '') = '' THEN
+        RAISE EXCEPTION 'forget: user_id must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- every address we hold for them, as the suppression list keys it
+    SELECT coalesce(array_agg(DISTINCT a), '{}') INTO addresses FROM (
+        SELECT lower(btrim(p.email)) AS a FROM nudge.profiles p WHERE p.user_id = who AND p.email IS NOT NULL
+        UNION SELECT lower(btrim(o.recipient)) FROM nudge.outbox o WHERE o.user_id = who
+        UNION SELECT s.email FROM nudge.suppressions s WHERE s.user_id = who AND s.email NOT LIKE 'sha256:%') x
+     WHERE a <> '';
+    DELETE FROM nudge.suppressions s WHERE s.user_id = who OR s.email = ANY (addresses);
+    INSERT INTO nudge.suppressions (email, user_id, reason)
+    SELECT nudge._address_hash(a), '', 'erased' FROM unnest(addresses) a
+    ON CONFLICT (email) DO NOTHING;
+    relation := 'nudge.suppressions'; deleted := 0;
+    note := cardinality(addresses) || ' address(es) kept as a hash only';
+    RETURN NEXT;
+    note := NULL;
+    DELETE FROM nudge.events e WHERE e.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.events';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.capture_queue q WHERE q.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.capture_queue'; deleted := n; RETURN NEXT;
+    DELETE FROM nudge.profiles p WHERE p.user_id = who;          GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.profiles';      deleted := n; RETURN NEXT;
+    DELETE FROM nudge.enrollments e WHERE e.user_id = who;       GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.enrollments';   deleted := n; RETURN NEXT;
+    DELETE FROM nudge.journal j WHERE j.user_id = who;           GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.journal';       deleted := n; RETURN NEXT;
+    DELETE FROM nudge.outbox o WHERE o.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.outbox';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.subscriptions s WHERE s.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.subscriptions'; deleted := n; RETURN NEXT;
+    FOR relation IN SELECT s.source::text FROM nudge.sources s WHERE s.source <> 'nudge.events'::regclass ORDER BY 1 LOOP
+        deleted := NULL;
+        note := 'the application''s table: its rows for this user are not touched';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- How an erased address is kept: nothing readable, still comparable.
+CREATE FUNCTION nudge._address_hash(address text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT 'sha256:' || encode(sha256(convert_to(lower(btrim(address)), 'UTF8')), 'hex')
+$$;
+
 -- Capture runs as the inserting role (so that whatever converting its rows
 -- calls runs with that role's rights) and switches to the extension's owner,
 -- with a pinned search path, only for pg_nudge's own statements
@@ -278,6 +359,8 @@ SELECT pg_catalog.pg_extension_config_dump('nudge.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.suppressions', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.allocations', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.settings', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql_id', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.events_id_seq', '');
@@ -421,6 +504,8 @@ GRANT INSERT, UPDATE, DELETE ON
 TO nudge_admin;
 -- journeys, journal and messages are the engine's: an admin may cancel a message
 GRANT DELETE ON nudge.outbox TO nudge_admin;
+-- the key that signs unsubscribe links: whoever reads it can unsubscribe anyone
+REVOKE ALL ON nudge.secrets FROM nudge_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
 -- the 0.1.0 capture functions' entry point: capture as the caller, for them only
 REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]) FROM nudge_admin;
@@ -435,6 +520,8 @@ REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;
+-- an application records the choices its users make in their preferences
+GRANT EXECUTE ON FUNCTION nudge.subscribe(text, text, text), nudge.unsubscribe(text, text, text) TO nudge_writer;
 GRANT INSERT ON nudge.events TO nudge_writer;
 GRANT SELECT (id) ON nudge.events TO nudge_writer;  -- track's INSERT ... RETURNING id
 
@@ -447,5 +534,6 @@ GRANT EXECUTE ON FUNCTION
     nudge.fail(bigint, text, boolean),
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
+    nudge.unsubscribe(text),
     nudge.outbox_metrics()
 TO nudge_mailer;

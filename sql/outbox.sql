@@ -15,7 +15,8 @@ LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''
 --
 -- Right before a message is handed out, what can have changed since it was
 -- written is looked at again (docs/reference.md, "Claim"): a suppressed
--- address or user cancels it (rule 'suppression'), a dropped trigger cancels
+-- address or user cancels it (rule 'suppression'), so does a user who
+-- unsubscribed from its topic ('consent'), a dropped trigger cancels
 -- it ('trigger_dropped'), a paused trigger holds it. A message is claimable
 -- only when its exit events were checked in the last 5 minutes: one held for
 -- later (quiet hours, a retry) or waiting in a backlog is re-checked by
@@ -43,20 +44,31 @@ BEGIN
         UPDATE nudge.outbox o
            SET status = 'cancelled', rule = x.rule, last_error = x.why
           FROM (SELECT c.ctid AS row_id,
-                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppression' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped'
+                            WHEN s.reason IS NOT NULL THEN 'suppression' ELSE 'consent' END AS rule,
                        CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
-                            ELSE 'on the suppression list: ' || s.reason END AS why
+                            WHEN s.reason IS NOT NULL THEN 'on the suppression list: ' || s.reason
+                            ELSE u.why END AS why
                   FROM nudge.outbox c
                   LEFT JOIN nudge.triggers t ON t.name = c.trigger
                   LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
-                                      WHERE s.email = lower(btrim(c.recipient)) OR s.user_id = c.user_id
+                                      WHERE s.email IN (lower(btrim(c.recipient)), nudge._address_hash(c.recipient))
+                                         OR s.user_id = c.user_id
                                       LIMIT 1) s ON true
+                  -- consent: a transactional message has no topic
+                  LEFT JOIN LATERAL (SELECT CASE WHEN u.topic = 'all' THEN 'unsubscribed from all topics'
+                                                 ELSE 'unsubscribed from topic ' || u.topic END AS why
+                                       FROM nudge.subscriptions u
+                                      WHERE u.user_id = c.user_id AND u.status = 'unsubscribed'
+                                        AND u.topic IN (c.topic, 'all') AND NOT c.transactional
+                                      ORDER BY u.topic = 'all' DESC
+                                      LIMIT 1) u ON true
                  WHERE c.ctid = ANY (candidates)
-                   AND (t.name IS NULL OR s.reason IS NOT NULL)) x
+                   AND (t.name IS NULL OR s.reason IS NOT NULL OR u.why IS NOT NULL)) x
          WHERE o.ctid = x.row_id
         RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
     UPDATE nudge.enrollments e
-       SET state = CASE WHEN x.rule = 'suppression' THEN 'suppressed' ELSE 'cancelled' END,
+       SET state = CASE WHEN x.rule = 'trigger_dropped' THEN 'cancelled' ELSE 'suppressed' END,
            rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
       FROM x
      WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
@@ -161,8 +173,10 @@ $$;
 
 -- What happened to a message after it left: an event of its user
 -- (email_delivered, email_opened, ...), usable by triggers; the first time of
--- each kind on the message; and, for a hard bounce, a complaint or an
--- unsubscribe, a suppression of the address.
+-- each kind on the message; for a hard bounce or a complaint, a suppression
+-- of the address (no mail at all); for an unsubscribe, the user's consent
+-- withdrawn from meta's "topic", or from all topics (transactional mail still
+-- goes).
 CREATE FUNCTION nudge.record_engagement(
     message_key text, kind text, occurred_at timestamptz DEFAULT now(), meta jsonb DEFAULT '{}'
 ) RETURNS void
@@ -177,7 +191,7 @@ BEGIN
     IF meta IS NOT NULL AND jsonb_typeof(meta) <> 'object' THEN
         RAISE EXCEPTION 'record_engagement: meta must be a JSON object';
     END IF;
-    SELECT o.user_id, o.id, o.recipient, o.trigger, o.variant INTO m
+    SELECT o.user_id, o.id, o.recipient, o.trigger, o.variant, o.topic INTO m
       FROM nudge.outbox o WHERE o.message_key = record_engagement.message_key;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'record_engagement: no message with key %', coalesce(quote_literal(record_engagement.message_key), 'NULL');
@@ -195,7 +209,11 @@ BEGIN
            unsubscribed_at = CASE WHEN kind = 'unsubscribed' THEN coalesce(o.unsubscribed_at, record_engagement.occurred_at) ELSE o.unsubscribed_at END
      WHERE o.user_id = m.user_id AND o.id = m.id;
     -- a bounce is hard unless the provider says it is soft
-    IF kind IN ('complained', 'unsubscribed') OR (kind = 'bounced' AND coalesce(meta->>'type', 'hard') <> 'soft') THEN
+    IF kind = 'unsubscribed' THEN
+        PERFORM nudge._set_subscription(m.user_id, coalesce(meta->>'topic', 'all'), 'unsubscribed',
+                                        coalesce(meta->>'source', 'engagement'));
+    END IF;
+    IF kind = 'complained' OR (kind = 'bounced' AND coalesce(meta->>'type', 'hard') <> 'soft') THEN
         INSERT INTO nudge.suppressions (email, user_id, reason, message_key)
         VALUES (lower(m.recipient), m.user_id, CASE kind WHEN 'bounced' THEN 'hard bounce' ELSE kind END,
                 record_engagement.message_key)

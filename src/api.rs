@@ -566,6 +566,7 @@ fn preview(
             );
             let answers = due::answers_for(c, vec![(&t, vec![user_id.to_owned()])]);
             let suppressed = due::suppressions(c, vec![user_id.to_owned()], &profiles);
+            let consent = due::consent_of(c, vec![user_id.to_owned()]);
             let answer = answers
                 .get(&(
                     t.name.clone(),
@@ -593,6 +594,7 @@ fn preview(
                     _ => Ok(false),
                 }),
                 suppressions: &suppressed,
+                consent: &consent,
             };
             let (profile, recipient) = nudge_core::decision::screen(&t, user_id, &facts)
                 .unwrap_or_else(|s| {
@@ -616,6 +618,11 @@ fn preview(
                     recipient,
                     context,
                     context_error,
+                    // a preview carries no working link: it would unsubscribe
+                    unsubscribe_url: (!t.transactional)
+                        .then(|| due::settings(c).unsubscribe_url)
+                        .flatten()
+                        .map(|u| nudge_core::consent::unsubscribe_url(&u, "preview")),
                 },
             ) {
                 compose::Composed::Message { message, .. } => message,

@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 mod all_events;
 mod api;
 mod catalog;
+mod consent;
 mod engine;
 mod experiments;
 mod isolate;

@@ -24,6 +24,8 @@ pub enum Rule {
     AudienceSqlError,
     /// The address or user is on the suppression list.
     Suppression,
+    /// The user unsubscribed from the trigger's topic, or from all.
+    Consent,
     /// The template said `{% abort %}` and there is no fallback.
     Abort,
     Priority,
@@ -46,13 +48,14 @@ pub enum Rule {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 20] = [
+    pub const ALL: [Rule; 21] = [
         Rule::Exit,
         Rule::Expired,
         Rule::Audience,
         Rule::AudienceSql,
         Rule::AudienceSqlError,
         Rule::Suppression,
+        Rule::Consent,
         Rule::Abort,
         Rule::Priority,
         Rule::Cap,
@@ -78,6 +81,7 @@ impl Rule {
             Rule::AudienceSql => "audience_sql",
             Rule::AudienceSqlError => "audience_sql_error",
             Rule::Suppression => "suppression",
+            Rule::Consent => "consent",
             Rule::Abort => "abort",
             Rule::Priority => "priority",
             Rule::Cap => "cap",
@@ -105,6 +109,7 @@ impl Rule {
             Rule::Audience
             | Rule::AudienceSql
             | Rule::Suppression
+            | Rule::Consent
             | Rule::Abort
             | Rule::Priority
             | Rule::Cap => "suppressed",
@@ -151,6 +156,14 @@ pub fn address_key(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+/// How an erased user's address stays on the suppression list: a hash that
+/// matches the address and reveals nothing (`nudge._address_hash` in SQL).
+pub fn address_hash(email: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(address_key(email).as_bytes());
+    format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 /// The suppression list entries that touch a batch: by address key and by
 /// user id, each with the reason it was added for.
 #[derive(Debug, Default)]
@@ -158,7 +171,9 @@ pub struct Suppressions(HashMap<String, String>);
 
 impl Suppressions {
     pub fn add(&mut self, email: &str, user_id: Option<&str>, reason: &str) {
-        self.0.insert(address_key(email), reason.to_owned());
+        // a hashed entry is kept as it is
+        let key = if email.starts_with("sha256:") { email.to_owned() } else { address_key(email) };
+        self.0.insert(key, reason.to_owned());
         if let Some(u) = user_id.filter(|u| !u.is_empty()) {
             self.0.insert(format!("\u{1f}{u}"), reason.to_owned());
         }
@@ -167,6 +182,7 @@ impl Suppressions {
     pub fn find(&self, email: &str, user_id: &str) -> Option<&str> {
         self.0
             .get(&address_key(email))
+            .or_else(|| self.0.get(&address_hash(email)))
             .or_else(|| self.0.get(&format!("\u{1f}{user_id}")))
             .map(String::as_str)
     }
@@ -195,10 +211,13 @@ pub struct Facts<'a> {
     /// Ok(true) lets it through.
     pub audience_sql: Option<Result<bool, &'a str>>,
     pub suppressions: &'a Suppressions,
+    pub consent: &'a crate::consent::Consent,
 }
 
 /// The per-message checks, in order: exit, expiry, a retry, the profile,
-/// audience, audience_sql, the address, the suppression list. Ok gives the
+/// audience, audience_sql, the address, the suppression list, consent (a
+/// transactional message has no topic: it goes to an unsubscribed user, never
+/// to a suppressed address). Ok gives the
 /// profile and the recipient address (trimmed); rendering, the send schedule,
 /// caps, priority and the holdout follow.
 pub fn screen<'a>(
@@ -261,6 +280,12 @@ pub fn screen<'a>(
             format!("on the suppression list: {why}"),
         ));
     }
+    if let Some(why) = (!t.transactional)
+        .then(|| f.consent.refuses(user_id, &t.topic))
+        .flatten()
+    {
+        return Err(Stop::new(Rule::Consent, why));
+    }
     Ok((profile, recipient))
 }
 
@@ -287,6 +312,7 @@ mod tests {
             profile,
             audience_sql: None,
             suppressions: s,
+            consent: Box::leak(Box::default()),
         }
     }
 
@@ -367,5 +393,26 @@ mod tests {
             rule(facts(Profile::Found(&ok), &s), "u9"),
             Some(Rule::Suppression)
         );
+        // an erased user's address, kept as its hash only
+        let mut erased = Suppressions::default();
+        erased.add(&address_hash(" Eve@Example.com"), None, "erased");
+        let eve = json!({"email": "eve@example.com"});
+        assert_eq!(rule(facts(Profile::Found(&eve), &erased), "new-id"), Some(Rule::Suppression));
+        assert_eq!(
+            address_hash("x"),
+            "sha256:2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
+        );
+        // consent: the trigger's topic or all; transactional mail has no topic
+        let mut c = crate::consent::Consent::default();
+        c.unsubscribed("u1", "marketing");
+        let f = Facts { consent: &c, ..facts(Profile::Found(&ok), &s) };
+        assert_eq!(screen(&t, "u1", &f).unwrap_err().rule, Rule::Consent);
+        let receipt = trigger(json!({"transactional": true}));
+        assert!(screen(&receipt, "u1", &f).is_ok());
+        let news = trigger(json!({"topic": "newsletter"}));
+        assert!(screen(&news, "u1", &f).is_ok());
+        // a transactional message still never goes to a suppressed address
+        let f = Facts { consent: &c, ..facts(Profile::Found(&bob), &s) };
+        assert_eq!(screen(&receipt, "u2", &f).unwrap_err().rule, Rule::Suppression);
     }
 }

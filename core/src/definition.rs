@@ -34,6 +34,11 @@ pub struct Definition {
     /// Transactional messages bypass every cap and arbitration.
     #[serde(default)]
     pub transactional: bool,
+    /// What the message is about, for consent: a user unsubscribed from it
+    /// (or from "all") gets none of it. Default "marketing"; transactional
+    /// messages have none.
+    #[serde(default)]
+    pub topic: Option<String>,
     /// Importance when several triggers come due for one user at once.
     #[serde(default)]
     pub priority: i32,
@@ -136,6 +141,7 @@ pub struct Trigger {
     pub reentry: Reentry,
     pub caps: Vec<Cap>,
     pub transactional: bool,
+    pub topic: String,
     pub priority: i32,
     pub defer_on_conflict: bool,
     pub schedule: Schedule,
@@ -278,6 +284,7 @@ impl Definition {
         }
         self.wait_us()?;
         self.expire_after_us()?;
+        self.topic()?;
         self.policies()?;
         if let Some(q) = &self.audience_sql {
             non_empty(q, AUDIENCE_SQL)?;
@@ -377,6 +384,17 @@ impl Definition {
         }
     }
 
+    fn topic(&self) -> Result<String, String> {
+        match self.topic.as_deref().map(str::trim) {
+            None => Ok(crate::consent::DEFAULT_TOPIC.into()),
+            Some("") => Err("topic: must not be empty".into()),
+            Some(crate::consent::ALL_TOPICS) => {
+                Err("topic: \"all\" is reserved (unsubscribing from it covers every topic)".into())
+            }
+            Some(t) => Ok(t.into()),
+        }
+    }
+
     fn expire_after_us(&self) -> Result<Option<i64>, String> {
         let Some(e) = self.expire_after.as_deref() else {
             // transactional mail (a receipt) is owed however late; the rest
@@ -444,6 +462,7 @@ impl Definition {
             reentry: p.reentry,
             caps: p.caps,
             transactional: self.transactional,
+            topic: self.topic()?,
             priority: self.priority,
             defer_on_conflict: p.defer_on_conflict,
             schedule: p.schedule,

@@ -3,6 +3,7 @@
 //! and template rendering. The extension crate is a thin SQL layer over this.
 
 pub mod backtest;
+pub mod consent;
 pub mod decision;
 pub mod definition;
 pub mod experiment;

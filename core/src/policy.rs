@@ -485,6 +485,13 @@ pub struct SettingsSpec {
     /// The zone of recipients whose profile names none (else UTC).
     #[serde(default)]
     pub default_timezone: Option<String>,
+    /// Where one-click unsubscribe links point: `<url>/u/<token>` (the
+    /// gateway's address, https). Without it messages carry no https link.
+    #[serde(default)]
+    pub unsubscribe_url: Option<String>,
+    /// An address for `List-Unsubscribe: <mailto:...>`, the token as subject.
+    #[serde(default)]
+    pub unsubscribe_mailto: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -496,6 +503,8 @@ pub struct Settings {
     /// so that `priority` in a definition works without another setting.
     pub same_instant_only: bool,
     pub default_timezone: Option<String>,
+    pub unsubscribe_url: Option<String>,
+    pub unsubscribe_mailto: Option<String>,
 }
 
 impl Settings {
@@ -529,11 +538,23 @@ impl Settings {
             z.parse::<Tz>()
                 .map_err(|_| format!("default_timezone: unknown time zone {z:?}"))?;
         }
+        if let Some(u) = &spec.unsubscribe_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) || u.contains(char::is_whitespace) {
+                return Err(format!("unsubscribe_url: {u:?} is not an http(s) URL (RFC 8058 wants https)"));
+            }
+        }
+        if let Some(m) = &spec.unsubscribe_mailto {
+            if !m.contains('@') || m.contains(|c: char| c.is_whitespace() || "<>,?".contains(c)) {
+                return Err(format!("unsubscribe_mailto: {m:?} is not an email address"));
+            }
+        }
         Ok(Settings {
             caps,
             arbitration_us,
             same_instant_only: spec.arbitration_window.is_none(),
             default_timezone: spec.default_timezone.clone(),
+            unsubscribe_url: spec.unsubscribe_url.clone(),
+            unsubscribe_mailto: spec.unsubscribe_mailto.clone(),
         })
     }
 }

@@ -4,7 +4,7 @@
 //! journeys come from the same rules as live capture (`nudge_core::backtest`),
 //! and the due ones go through the same send-time policies as run_due.
 
-use crate::engine::run_due::{profiles_of, settings, suppressions};
+use crate::engine::run_due::{consent_of, profiles_of, settings, suppressions};
 use crate::privilege::as_definer;
 use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
@@ -258,7 +258,8 @@ impl Run<'_> {
             return;
         }
         let profiles = profiles_of(c, users.clone());
-        let suppressed = suppressions(c, users, &profiles);
+        let suppressed = suppressions(c, users.clone(), &profiles);
+        let consent = consent_of(c, users);
         let settings = settings(c);
         let mut candidates = vec![];
         let mut moved = vec![];
@@ -282,6 +283,7 @@ impl Run<'_> {
                 },
                 audience_sql: None,
                 suppressions: &suppressed,
+                consent: &consent,
             };
             let profile = match decision::screen(t, &d.user, &facts) {
                 Ok((profile, _)) => profile,

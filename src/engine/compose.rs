@@ -33,6 +33,8 @@ pub struct Inputs<'a> {
     /// `context.<name>` values, and the first context query that failed.
     pub context: Map<String, Value>,
     pub context_error: Option<String>,
+    /// The one-click unsubscribe link, when one is configured.
+    pub unsubscribe_url: Option<String>,
 }
 
 /// A template by name as the catalog returned it: missing or unparseable is an Err.
@@ -47,6 +49,7 @@ pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) ->
         "user_id": i.user_id,
         "trigger": i.trigger,
         "message_key": i.message_key,
+        "unsubscribe_url": i.unsubscribe_url.unwrap_or_default(),
     });
     let failed = |rule: Rule, why: String| Composed::Stopped(Stop::new(rule, why));
     let use_fallback = |why: String, otherwise: Composed| match &fallback {

@@ -6,6 +6,7 @@ use crate::catalog::{live_triggers, templates};
 use crate::engine::compose::{compose, Composed, Inputs, Loaded};
 use crate::isolate;
 use crate::spi_util::{distinct, micros, run, ts};
+use nudge_core::consent::{self, Consent};
 use nudge_core::decision::{self, Facts, Profile, Rule, Stop, Suppressions};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
@@ -209,7 +210,9 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 .chain(t.arms.iter().map(|a| a.template.clone()))
         })),
     );
-    let suppressed = suppressions(c, users, &profiles);
+    let suppressed = suppressions(c, users.clone(), &profiles);
+    let consent = consent_of(c, users);
+    let secret = unsubscribe_secret(c);
     let answers = user_sql_answers(c, &due, &exits, &triggers);
 
     let settings = settings(c);
@@ -217,12 +220,8 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
 
     // First the per-message checks; what survives them is a candidate.
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
-    let mut ready: Vec<(
-        usize,
-        crate::engine::compose::Message,
-        Micros,
-        Option<String>,
-    )> = vec![];
+    let mut ready: Vec<(usize, (crate::engine::compose::Message, Headers), Micros, Option<String>)> =
+        vec![];
     for (i, d) in due.iter().enumerate() {
         let t = &triggers[&d.trigger];
         let profile = profiles.get(&d.user_id);
@@ -259,6 +258,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 _ => Ok(false),
             }),
             suppressions: &suppressed,
+            consent: &consent,
         };
         let (profile, recipient) = match decision::screen(t, &d.user_id, &facts) {
             Ok(ok) => ok,
@@ -274,6 +274,17 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             }
         };
         let (context, context_error) = context_of(t, &d.user_id, &answers);
+        // a message with a topic carries its one-click unsubscribe link
+        let (headers, unsubscribe_url) = if t.transactional {
+            (vec![], None)
+        } else {
+            let token = consent::token(&secret, &d.message_key, &d.user_id, &t.topic);
+            consent::headers(
+                settings.unsubscribe_url.as_deref(),
+                settings.unsubscribe_mailto.as_deref(),
+                &token,
+            )
+        };
         let composed = compose(
             loaded(&tpls, t.template_of(d.variant.as_deref())),
             t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
@@ -286,6 +297,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 recipient,
                 context,
                 context_error,
+                unsubscribe_url,
             },
         );
         let (m, fallback_note) = match composed {
@@ -312,7 +324,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             (Some(f), Some(m)) => Some(format!("{f}; {m}")),
             (f, m) => f.or(m),
         };
-        ready.push((i, m, send_at, moved));
+        ready.push((i, (m, headers), send_at, moved));
         outcomes.push(None);
     }
 
@@ -708,7 +720,7 @@ pub fn suppressions(
     let emails: Vec<String> = profiles
         .values()
         .filter_map(|p| p.as_ref().ok()?.get("email").and_then(Value::as_str))
-        .map(decision::address_key)
+        .flat_map(|e| [decision::address_key(e), decision::address_hash(e)])
         .collect();
     let rows = run(
         c,
@@ -727,6 +739,42 @@ pub fn suppressions(
         );
     }
     out
+}
+
+/// The topics the batch's users unsubscribed from.
+pub fn consent_of(c: &SpiClient<'_>, users: Vec<String>) -> Consent {
+    let mut out = Consent::default();
+    for r in run(
+        c,
+        "SELECT user_id, topic FROM nudge.subscriptions WHERE user_id = ANY ($1) AND status = 'unsubscribed'",
+        &[users.into()],
+        "reading consent",
+    ) {
+        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+        out.unsubscribed(&s(1), &s(2));
+    }
+    out
+}
+
+/// The key that signs unsubscribe links, made on first use (a restored
+/// dump brings the old one back, and the links in mail already sent work).
+pub fn unsubscribe_secret(c: &SpiClient<'_>) -> Vec<u8> {
+    run(
+        c,
+        "WITH made AS (
+             INSERT INTO nudge.secrets (name, value)
+             VALUES ('unsubscribe', decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'))
+             ON CONFLICT (name) DO NOTHING
+             RETURNING value)
+         SELECT value FROM made UNION ALL SELECT value FROM nudge.secrets WHERE name = 'unsubscribe' LIMIT 1",
+        &[],
+        "reading the unsubscribe key",
+    )
+    .first()
+    .get::<Vec<u8>>(1)
+    .ok()
+    .flatten()
+    .expect("the unsubscribe key exists")
 }
 
 fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
@@ -916,10 +964,22 @@ struct OutboxRows {
     priority: Vec<i32>,
     transactional: Vec<bool>,
     variant: Vec<Option<String>>,
+    topic: Vec<Option<String>>,
+    headers: Vec<JsonB>,
 }
 
+/// Extra headers of a message (the unsubscribe ones), besides its Message-ID.
+type Headers = Vec<(&'static str, String)>;
+
 impl OutboxRows {
-    fn push(&mut self, d: &Due, t: &Trigger, m: crate::engine::compose::Message, at: Micros) {
+    fn push(&mut self, d: &Due, t: &Trigger, (m, headers): (crate::engine::compose::Message, Headers), at: Micros) {
+        let mut h = serde_json::Map::new();
+        h.insert("Message-ID".into(), Value::String(format!("<{}@pg_nudge>", d.message_key)));
+        for (name, value) in headers {
+            h.insert(name.into(), Value::String(value));
+        }
+        self.headers.push(JsonB(Value::Object(h)));
+        self.topic.push((!t.transactional).then(|| t.topic.clone()));
         self.key.push(d.message_key.clone());
         self.trigger.push(d.trigger.clone());
         self.version.push(t.version);
@@ -942,12 +1002,12 @@ impl OutboxRows {
         }
         let rows = run(c, "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
                                            recipient, subject, html, text_body, available_at, scheduled_at,
-                                           priority, transactional, variant, headers)
-                 SELECT k, t, v, e, u, r, s, h, x, a, a, p, tx, va, jsonb_build_object('Message-ID', '<' || k || '@pg_nudge>')
+                                           priority, transactional, variant, topic, headers)
+                 SELECT k, t, v, e, u, r, s, h, x, a, a, p, tx, va, tp, hd
                    FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
                                $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[],
-                               $13::text[])
-                     AS m(k, t, v, e, u, r, s, h, x, a, p, tx, va)
+                               $13::text[], $14::text[], $15::jsonb[])
+                     AS m(k, t, v, e, u, r, s, h, x, a, p, tx, va, tp, hd)
                  ON CONFLICT (message_key, user_id) DO NOTHING
                  RETURNING 1", &[
                     self.key.into(),
@@ -963,6 +1023,8 @@ impl OutboxRows {
                     self.priority.into(),
                     self.transactional.into(),
                     self.variant.into(),
+                    self.topic.into(),
+                    self.headers.into(),
                 ], "writing the outbox");
         rows.len() as i32
     }

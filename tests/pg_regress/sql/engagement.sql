@@ -1,5 +1,5 @@
 -- Engagement flows back: events of the user, first-seen times on the message,
--- suppressions for hard bounces, complaints and unsubscribes.
+-- suppressions for hard bounces and complaints, withdrawn consent for unsubscribes.
 DROP EXTENSION IF EXISTS pg_nudge CASCADE;
 CREATE EXTENSION pg_nudge;
 SET timezone = 'UTC';
@@ -29,6 +29,9 @@ SELECT nudge.record_engagement(message_key, 'bounced', '2026-01-05 10:03+00', '{
 SELECT nudge.record_engagement(message_key, 'bounced', '2026-01-05 10:03+00', '{"type": "soft"}') FROM nudge.outbox WHERE user_id = 'cat';
 SELECT nudge.record_engagement(message_key, 'unsubscribed', '2026-01-06 09:00+00') FROM nudge.outbox WHERE user_id = 'dan';
 SELECT email, user_id, reason FROM nudge.suppressions ORDER BY email;
+-- an unsubscribe withdraws consent (from all topics unless meta names one):
+-- marketing stops, a receipt still goes
+SELECT user_id, topic, status, source FROM nudge.subscriptions ORDER BY user_id;
 
 -- three days later: ben is suppressed, cat is not, dan's follow-up exited on his unsubscribe
 SELECT nudge.run_due('2026-01-08 11:00+00') AS written;
