@@ -201,7 +201,8 @@ CREATE TABLE nudge.outbox (
 CREATE INDEX outbox_claimable ON nudge.outbox (priority DESC, available_at, id) WHERE status IN ('pending', 'claimed');
 CREATE INDEX outbox_id ON nudge.outbox (id);
 
--- Addresses that must not receive mail: hard bounces, complaints, unsubscribes.
+-- Addresses that must not receive mail: hard bounces, complaints, manual
+-- entries, and erased users' addresses as a hash (unsubscribes are consent).
 CREATE TABLE nudge.suppressions (
     email       text        NOT NULL,
     user_id     text        NOT NULL,

@@ -11,6 +11,15 @@
 --   'audience_sql'), an exit ('exit'), a retry, a cancellation.
 -- - explain returns the rule as a fourth column.
 -- - nudge.compare_arms(): each variant against each other variant.
+-- - Consent by topic (issue 13): nudge.subscriptions, nudge.subscribe /
+--   nudge.unsubscribe(user_id, topic), outbox.topic, the definition key
+--   "topic" (default "marketing"); run_due and claim check it. An unsubscribe
+--   recorded by record_engagement withdraws consent (from meta's "topic", or
+--   all) instead of suppressing the address, so receipts still go: 0.5.0's
+--   suppressions for unsubscribes become consent rows.
+-- - One-click unsubscribe: nudge.secrets (the key, made on first use),
+--   nudge.unsubscribe(token), the List-Unsubscribe headers.
+-- - Erasure: nudge.forget(user_id), nudge._address_hash.
 -- - claim hands out a message only when its exit events were checked in the
 --   last 5 minutes; run_due re-checks the held and the backlog.
 
@@ -76,20 +85,31 @@ BEGIN
         UPDATE nudge.outbox o
            SET status = 'cancelled', rule = x.rule, last_error = x.why
           FROM (SELECT c.ctid AS row_id,
-                       CASE WHEN t.name IS NULL THEN 'trigger_dropped' ELSE 'suppression' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped'
+                            WHEN s.reason IS NOT NULL THEN 'suppression' ELSE 'consent' END AS rule,
                        CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
-                            ELSE 'on the suppression list: ' || s.reason END AS why
+                            WHEN s.reason IS NOT NULL THEN 'on the suppression list: ' || s.reason
+                            ELSE u.why END AS why
                   FROM nudge.outbox c
                   LEFT JOIN nudge.triggers t ON t.name = c.trigger
                   LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
-                                      WHERE s.email = lower(btrim(c.recipient)) OR s.user_id = c.user_id
+                                      WHERE s.email IN (lower(btrim(c.recipient)), nudge._address_hash(c.recipient))
+                                         OR s.user_id = c.user_id
                                       LIMIT 1) s ON true
+                  -- consent: a transactional message has no topic
+                  LEFT JOIN LATERAL (SELECT CASE WHEN u.topic = 'all' THEN 'unsubscribed from all topics'
+                                                 ELSE 'unsubscribed from topic ' || u.topic END AS why
+                                       FROM nudge.subscriptions u
+                                      WHERE u.user_id = c.user_id AND u.status = 'unsubscribed'
+                                        AND u.topic IN (c.topic, 'all') AND NOT c.transactional
+                                      ORDER BY u.topic = 'all' DESC
+                                      LIMIT 1) u ON true
                  WHERE c.ctid = ANY (candidates)
-                   AND (t.name IS NULL OR s.reason IS NOT NULL)) x
+                   AND (t.name IS NULL OR s.reason IS NOT NULL OR u.why IS NOT NULL)) x
          WHERE o.ctid = x.row_id
         RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
     UPDATE nudge.enrollments e
-       SET state = CASE WHEN x.rule = 'suppression' THEN 'suppressed' ELSE 'cancelled' END,
+       SET state = CASE WHEN x.rule = 'trigger_dropped' THEN 'cancelled' ELSE 'suppressed' END,
            rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
       FROM x
      WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
@@ -226,3 +246,231 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION nudge.compare_arms(timestamptz, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nudge.compare_arms(timestamptz, timestamptz) TO nudge_admin;
+
+-- Consent by topic, one-click unsubscribe, erasure
+CREATE TABLE nudge.subscriptions (
+    user_id    text        NOT NULL,
+    topic      text        NOT NULL,
+    status     text        NOT NULL CHECK (status IN ('subscribed', 'unsubscribed')),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    source     text        NOT NULL DEFAULT 'api',
+    PRIMARY KEY (user_id, topic)
+);
+CREATE TABLE nudge.secrets (
+    name  text PRIMARY KEY,
+    value bytea NOT NULL
+);
+SELECT pg_catalog.pg_extension_config_dump('nudge.subscriptions', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.secrets', '');
+GRANT SELECT ON nudge.subscriptions TO nudge_admin;
+ALTER TABLE nudge.outbox ADD COLUMN topic text;
+-- what 0.5.0 wrote had the default topic
+UPDATE nudge.outbox SET topic = 'marketing' WHERE NOT transactional;
+
+CREATE FUNCTION nudge._address_hash(address text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT 'sha256:' || encode(sha256(convert_to(lower(btrim(address)), 'UTF8')), 'hex')
+$$;
+
+CREATE FUNCTION nudge._set_subscription(user_id text, topic text, status text, source text)
+RETURNS boolean LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    changed boolean;
+BEGIN
+    IF coalesce(btrim(user_id), '') = '' OR coalesce(btrim(topic), '') = '' THEN
+        RAISE EXCEPTION 'subscriptions: user_id and topic must not be empty'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO nudge.subscriptions AS s (user_id, topic, status, updated_at, source)
+    VALUES (_set_subscription.user_id, _set_subscription.topic, _set_subscription.status, now(),
+            coalesce(_set_subscription.source, 'api'))
+    ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
+       SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, source = EXCLUDED.source
+     WHERE s.status <> EXCLUDED.status
+    RETURNING true INTO changed;
+    RETURN coalesce(changed, false);
+END
+$$;
+
+CREATE FUNCTION nudge.subscribe(user_id text, topic text DEFAULT 'marketing', source text DEFAULT 'api')
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT nudge._set_subscription(subscribe.user_id, subscribe.topic, 'subscribed', subscribe.source)
+$$;
+
+CREATE FUNCTION nudge.unsubscribe(user_id text, topic text, source text DEFAULT 'api')
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT nudge._set_subscription(unsubscribe.user_id, unsubscribe.topic, 'unsubscribed', unsubscribe.source)
+$$;
+
+CREATE FUNCTION nudge.forget(user_id text)
+RETURNS TABLE (relation text, deleted bigint, note text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    who text := forget.user_id;
+    addresses text[];
+    n bigint;
+BEGIN
+    IF coalesce(who, '') = '' THEN
+        RAISE EXCEPTION 'forget: user_id must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- every address we hold for them, as the suppression list keys it
+    SELECT coalesce(array_agg(DISTINCT a), '{}') INTO addresses FROM (
+        SELECT lower(btrim(p.email)) AS a FROM nudge.profiles p WHERE p.user_id = who AND p.email IS NOT NULL
+        UNION SELECT lower(btrim(o.recipient)) FROM nudge.outbox o WHERE o.user_id = who
+        UNION SELECT s.email FROM nudge.suppressions s WHERE s.user_id = who AND s.email NOT LIKE 'sha256:%') x
+     WHERE a <> '';
+    DELETE FROM nudge.suppressions s WHERE s.user_id = who OR s.email = ANY (addresses);
+    INSERT INTO nudge.suppressions (email, user_id, reason)
+    SELECT nudge._address_hash(a), '', 'erased' FROM unnest(addresses) a
+    ON CONFLICT (email) DO NOTHING;
+    relation := 'nudge.suppressions'; deleted := 0;
+    note := cardinality(addresses) || ' address(es) kept as a hash only';
+    RETURN NEXT;
+    note := NULL;
+    DELETE FROM nudge.events e WHERE e.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.events';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.capture_queue q WHERE q.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.capture_queue'; deleted := n; RETURN NEXT;
+    DELETE FROM nudge.profiles p WHERE p.user_id = who;          GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.profiles';      deleted := n; RETURN NEXT;
+    DELETE FROM nudge.enrollments e WHERE e.user_id = who;       GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.enrollments';   deleted := n; RETURN NEXT;
+    DELETE FROM nudge.journal j WHERE j.user_id = who;           GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.journal';       deleted := n; RETURN NEXT;
+    DELETE FROM nudge.outbox o WHERE o.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.outbox';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.subscriptions s WHERE s.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.subscriptions'; deleted := n; RETURN NEXT;
+    FOR relation IN SELECT s.source::text FROM nudge.sources s WHERE s.source <> 'nudge.events'::regclass ORDER BY 1 LOOP
+        deleted := NULL;
+        note := 'the application''s table: its rows for this user are not touched';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+CREATE FUNCTION nudge."unsubscribe"(
+	"token" TEXT /* & str */
+) RETURNS TABLE (
+	"user_id" TEXT,  /* String */
+	"topic" TEXT,  /* String */
+	"changed" bool  /* bool */
+)
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'unsubscribe_wrapper';
+
+REVOKE ALL ON FUNCTION nudge._address_hash(text), nudge._set_subscription(text, text, text, text),
+    nudge.subscribe(text, text, text), nudge.unsubscribe(text, text, text), nudge.forget(text),
+    nudge.unsubscribe(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge._address_hash(text), nudge._set_subscription(text, text, text, text),
+    nudge.subscribe(text, text, text), nudge.unsubscribe(text, text, text), nudge.forget(text),
+    nudge.unsubscribe(text) TO nudge_admin;
+GRANT EXECUTE ON FUNCTION nudge.subscribe(text, text, text), nudge.unsubscribe(text, text, text) TO nudge_writer;
+GRANT EXECUTE ON FUNCTION nudge.unsubscribe(text) TO nudge_mailer;
+
+CREATE OR REPLACE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
+RETURNS SETOF nudge.outbox
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    candidates tid[];
+BEGIN
+    candidates := ARRAY(
+        SELECT c.ctid
+          FROM nudge.outbox c
+         WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
+           AND (c.status = 'claimed' OR c.checked_at >= now() - interval '5 minutes')
+           AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
+         ORDER BY c.priority DESC, c.available_at, c.id
+         LIMIT greatest(coalesce(batch, 0), 0)
+           FOR UPDATE SKIP LOCKED);
+    -- a cancelled row's old version is gone for the claim below; its journey
+    -- says why (trigger_stats does not count it as sent). A batch that was all
+    -- cancelled comes back short: drop_trigger cancels its own messages in
+    -- one statement, so a long run of them is not left to claim.
+    WITH x AS (
+        UPDATE nudge.outbox o
+           SET status = 'cancelled', rule = x.rule, last_error = x.why
+          FROM (SELECT c.ctid AS row_id,
+                       CASE WHEN t.name IS NULL THEN 'trigger_dropped'
+                            WHEN s.reason IS NOT NULL THEN 'suppression' ELSE 'consent' END AS rule,
+                       CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
+                            WHEN s.reason IS NOT NULL THEN 'on the suppression list: ' || s.reason
+                            ELSE u.why END AS why
+                  FROM nudge.outbox c
+                  LEFT JOIN nudge.triggers t ON t.name = c.trigger
+                  LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
+                                      WHERE s.email IN (lower(btrim(c.recipient)), nudge._address_hash(c.recipient))
+                                         OR s.user_id = c.user_id
+                                      LIMIT 1) s ON true
+                  -- consent: a transactional message has no topic
+                  LEFT JOIN LATERAL (SELECT CASE WHEN u.topic = 'all' THEN 'unsubscribed from all topics'
+                                                 ELSE 'unsubscribed from topic ' || u.topic END AS why
+                                       FROM nudge.subscriptions u
+                                      WHERE u.user_id = c.user_id AND u.status = 'unsubscribed'
+                                        AND u.topic IN (c.topic, 'all') AND NOT c.transactional
+                                      ORDER BY u.topic = 'all' DESC
+                                      LIMIT 1) u ON true
+                 WHERE c.ctid = ANY (candidates)
+                   AND (t.name IS NULL OR s.reason IS NOT NULL OR u.why IS NOT NULL)) x
+         WHERE o.ctid = x.row_id
+        RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
+    UPDATE nudge.enrollments e
+       SET state = CASE WHEN x.rule = 'trigger_dropped' THEN 'cancelled' ELSE 'suppressed' END,
+           rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
+      FROM x
+     WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
+    RETURN QUERY
+    UPDATE nudge.outbox o
+       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
+           available_at = now() + greatest(lease, interval '0')
+     WHERE o.ctid = ANY (candidates)
+    RETURNING o.*;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION nudge.record_engagement(
+    message_key text, kind text, occurred_at timestamptz DEFAULT now(), meta jsonb DEFAULT '{}'
+) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    m record;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('delivered', 'opened', 'clicked', 'bounced', 'complained', 'unsubscribed') THEN
+        RAISE EXCEPTION 'record_engagement: unknown kind %', coalesce(quote_literal(kind), 'NULL')
+            USING HINT = 'kind is one of delivered, opened, clicked, bounced, complained, unsubscribed';
+    END IF;
+    IF meta IS NOT NULL AND jsonb_typeof(meta) <> 'object' THEN
+        RAISE EXCEPTION 'record_engagement: meta must be a JSON object';
+    END IF;
+    SELECT o.user_id, o.id, o.recipient, o.trigger, o.variant, o.topic INTO m
+      FROM nudge.outbox o WHERE o.message_key = record_engagement.message_key;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'record_engagement: no message with key %', coalesce(quote_literal(record_engagement.message_key), 'NULL');
+    END IF;
+    INSERT INTO nudge.events (user_id, event, occurred_at, props)
+    VALUES (m.user_id, 'email_' || kind, record_engagement.occurred_at,
+            coalesce(meta, '{}') || jsonb_build_object('message_key', record_engagement.message_key,
+                                                      'trigger', m.trigger, 'variant', m.variant));
+    UPDATE nudge.outbox o
+       SET delivered_at    = CASE WHEN kind = 'delivered'    THEN coalesce(o.delivered_at, record_engagement.occurred_at)    ELSE o.delivered_at END,
+           opened_at       = CASE WHEN kind = 'opened'       THEN coalesce(o.opened_at, record_engagement.occurred_at)       ELSE o.opened_at END,
+           clicked_at      = CASE WHEN kind = 'clicked'      THEN coalesce(o.clicked_at, record_engagement.occurred_at)      ELSE o.clicked_at END,
+           bounced_at      = CASE WHEN kind = 'bounced'      THEN coalesce(o.bounced_at, record_engagement.occurred_at)      ELSE o.bounced_at END,
+           complained_at   = CASE WHEN kind = 'complained'   THEN coalesce(o.complained_at, record_engagement.occurred_at)   ELSE o.complained_at END,
+           unsubscribed_at = CASE WHEN kind = 'unsubscribed' THEN coalesce(o.unsubscribed_at, record_engagement.occurred_at) ELSE o.unsubscribed_at END
+     WHERE o.user_id = m.user_id AND o.id = m.id;
+    -- a bounce is hard unless the provider says it is soft
+    IF kind = 'unsubscribed' THEN
+        PERFORM nudge._set_subscription(m.user_id, coalesce(meta->>'topic', 'all'), 'unsubscribed',
+                                        coalesce(meta->>'source', 'engagement'));
+    END IF;
+    IF kind = 'complained' OR (kind = 'bounced' AND coalesce(meta->>'type', 'hard') <> 'soft') THEN
+        INSERT INTO nudge.suppressions (email, user_id, reason, message_key)
+        VALUES (lower(m.recipient), m.user_id, CASE kind WHEN 'bounced' THEN 'hard bounce' ELSE kind END,
+                record_engagement.message_key)
+        ON CONFLICT (email) DO NOTHING;
+    END IF;
+END
+$$;
+
+-- 0.5.0 suppressed an address for an unsubscribe; it is consent now
+INSERT INTO nudge.subscriptions (user_id, topic, status, updated_at, source)
+SELECT DISTINCT ON (s.user_id) s.user_id, 'all', 'unsubscribed', s.created_at, 'engagement'
+  FROM nudge.suppressions s WHERE s.reason = 'unsubscribed' AND s.user_id <> ''
+ ORDER BY s.user_id, s.created_at
+ON CONFLICT DO NOTHING;
+DELETE FROM nudge.suppressions s WHERE s.reason = 'unsubscribed' AND s.user_id <> '';

@@ -471,7 +471,9 @@ fn upgrade_from_0_5_0_keeps_capturing_and_gives_every_journey_its_rule() {
     c.batch_execute(
         "UPDATE nudge.enrollments SET state = 'suppressed', reason = 'cap: 1 per 1 day (global)' WHERE user_id = 'u2';
          INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id, recipient, subject, html, status, rule)
-         SELECT 'k', 'cart', 1, id, 'u2', 'u2@example.com', 'Hi', 'x', 'cancelled', 'suppressed' FROM nudge.enrollments WHERE user_id = 'u2';",
+         SELECT 'k', 'cart', 1, id, 'u2', 'u2@example.com', 'Hi', 'x', 'cancelled', 'suppressed' FROM nudge.enrollments WHERE user_id = 'u2';
+         -- 0.5.0 suppressed an address for an unsubscribe
+         INSERT INTO nudge.suppressions (email, user_id, reason) VALUES ('u1@example.com', 'u1', 'unsubscribed');",
     )
     .unwrap();
     assert_eq!(
@@ -509,6 +511,12 @@ fn upgrade_from_0_5_0_keeps_capturing_and_gives_every_journey_its_rule() {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<Vec<_>>()
     );
+    // that unsubscribe is consent now: receipts would still reach u1
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.subscriptions WHERE user_id = 'u1' AND topic = 'all' AND status = 'unsubscribed'"),
+        1
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.suppressions"), 0);
     // and capture now writes the rule itself
     c.batch_execute("INSERT INTO nudge.profiles (user_id, email) VALUES ('u3', 'u3@example.com');
                      SELECT nudge.track('u3', 'cart_added', '{}', now() - interval '20 minutes');
