@@ -702,3 +702,69 @@ fn an_admin_sees_another_definers_query_results_neither_in_messages_nor_in_previ
     let mut m = connect_as(&db, "sec_l_mailer");
     assert_eq!(count(&mut m, "SELECT count(*) FROM nudge.outbox"), 1);
 }
+
+/// The key that signs unsubscribe links is the extension's alone: with it,
+/// anyone could unsubscribe anyone. An admin cannot read it, a writer cannot
+/// use the token function, and a mailer (the gateway's role) can unsubscribe
+/// only with a token that pg_nudge made; the roles that record preferences
+/// change consent, nobody else.
+#[test]
+fn only_a_token_pg_nudge_made_unsubscribes_and_nobody_reads_the_key() {
+    let db = with_roles("consent");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"SELECT nudge.configure('{"unsubscribe_url": "https://g.example"}');
+           SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+           SELECT nudge.define_trigger('news', '{"on": {"event": "read"}, "topic": "newsletter", "template": "t"}');
+           INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+           SELECT nudge.track(u, 'read', '{}', now() - interval '1 minute') FROM unnest(ARRAY['u1', 'u2']) u;
+           SELECT nudge.run_due();"#,
+    )
+    .unwrap();
+    let token: String = c
+        .query_one(
+            "SELECT substring(headers->>'List-Unsubscribe' FROM '/u/([^>]+)>') FROM nudge.outbox WHERE user_id = 'u1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut admin = connect_as(&db, "consent_admin");
+    assert_eq!(sqlstate(admin.query("SELECT value FROM nudge.secrets", &[])), "42501");
+    assert_eq!(
+        sqlstate(admin.query("SELECT * FROM nudge.secrets", &[])),
+        "42501",
+        "an admin read the unsubscribe key"
+    );
+    let mut writer = connect_as(&db, "consent_writer");
+    assert_eq!(sqlstate(writer.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])), "42501");
+    assert_eq!(sqlstate(writer.query("SELECT value FROM nudge.secrets", &[])), "42501");
+    // a writer records its users' choices
+    assert_eq!(sqlstate(writer.execute("SELECT nudge.unsubscribe('u2', 'newsletter', 'preferences')", &[])), "ok");
+    let mut plain = connect_as(&db, "consent_plain");
+    assert_eq!(sqlstate(plain.execute("SELECT nudge.unsubscribe('u1', 'all')", &[])), "42501");
+    assert_eq!(sqlstate(plain.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])), "42501");
+    // the mailer: a made-up token for u2's address, and u1's token altered to
+    // another topic, are refused with 22023; u1's own token works
+    let mut mailer = connect_as(&db, "consent_mailer");
+    let (payload, mac) = token.split_once('.').unwrap();
+    let forged = [
+        "bm1fMR91MR9uZXdzbGV0dGVy.AAAA".to_string(),
+        format!("{payload}x.{mac}"),
+        format!("{payload}.{}", mac.chars().rev().collect::<String>()),
+    ];
+    for f in &forged {
+        assert_eq!(sqlstate(mailer.query("SELECT * FROM nudge.unsubscribe($1)", &[f])), "22023", "{f}");
+    }
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.subscriptions WHERE user_id = 'u1'"),
+        0,
+        "a forged token changed consent"
+    );
+    let row = mailer.query_one("SELECT user_id, topic, changed FROM nudge.unsubscribe($1)", &[&token]).unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, bool>(2)),
+        ("u1".to_string(), "newsletter".to_string(), true)
+    );
+    // and the mailer cannot set consent any other way
+    assert_eq!(sqlstate(mailer.execute("SELECT nudge.subscribe('u1', 'newsletter')", &[])), "42501");
+}
