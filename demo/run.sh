@@ -55,7 +55,15 @@ echo "$(ls "$MAILDIR/new" | wc -l) emails arrived at the SMTP server in $(ms "$s
 
 echo "== One email as the SMTP server received it =="
 first=$(grep -l "Still thinking" "$MAILDIR"/new/* | head -1 || true)
-sed -n '1,/^$/p' "$first" | grep -E '^(From|To|Subject|Message-ID|X-Nudge-Message-Key|Content-Type):'
+# the header block, folded lines joined
+header=$(sed -n '1,/^$/p' "$first" | awk '/^[ \t]/ {sub(/^[ \t]+/, " "); line = line $0; next} {if (line != "") print line; line = $0} END {if (line != "") print line}')
+grep -E '^(From|To|Subject|Message-ID|X-Nudge-Message-Key|List-Unsubscribe|List-Unsubscribe-Post|Content-Type):' <<<"$header"
+
+echo
+echo "== One click on its unsubscribe link (what the gateway's POST /u/<token> calls) =="
+token=$(grep -E '^List-Unsubscribe:' <<<"$header" | sed -E 's|.*/u/([^>]+)>.*|\1|')
+"${psql[@]}" -c "SELECT * FROM nudge.unsubscribe('$token')"
+"${psql[@]}" -c "SELECT user_id, topic, status, source FROM nudge.subscriptions"
 
 if [[ $KEEP == 1 ]]; then
   echo

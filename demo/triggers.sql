@@ -28,7 +28,9 @@ SELECT nudge.define_template('browse_reminder',
 
 -- Smart sending: at most one marketing email per customer per 16 hours; when
 -- several are due within half an hour, the most important one goes.
-SELECT nudge.configure('{"caps": [{"max": 1, "per": "16 hours"}], "arbitration_window": "30 minutes"}');
+SELECT nudge.configure('{"caps": [{"max": 1, "per": "16 hours"}], "arbitration_window": "30 minutes",
+                         "unsubscribe_url": "https://mail.shop.example",
+                         "unsubscribe_mailto": "unsubscribe@shop.example"}');
 
 SELECT nudge.define_template('cart_reminder_short',
   'Your {{ event.product_name }} is waiting',
