@@ -27,7 +27,8 @@ pub struct Unsubscribe {
 }
 
 fn mac(secret: &[u8], payload: &[u8]) -> Hmac<Sha256> {
-    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    let mut m =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes a key of any length");
     m.update(payload);
     m
 }
@@ -44,7 +45,9 @@ pub fn verify(secret: &[u8], token: &str) -> Result<Unsubscribe, String> {
     let (payload, tag) = token.trim().split_once('.').ok_or_else(bad)?;
     let payload = B64.decode(payload).map_err(|_| bad())?;
     let tag = B64.decode(tag).map_err(|_| bad())?;
-    mac(secret, &payload).verify_slice(&tag).map_err(|_| bad())?;
+    mac(secret, &payload)
+        .verify_slice(&tag)
+        .map_err(|_| bad())?;
     let text = String::from_utf8(payload).map_err(|_| bad())?;
     let mut parts = text.split('\u{1f}');
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
@@ -83,7 +86,10 @@ pub fn headers(
     }
     // one-click needs the https link: a POST to it unsubscribes
     if link.is_some() {
-        out.push(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click".to_string()));
+        out.push((
+            "List-Unsubscribe-Post",
+            "List-Unsubscribe=One-Click".to_string(),
+        ));
     }
     (out, link)
 }
@@ -122,7 +128,10 @@ mod tests {
         let secret = b"0123456789abcdef0123456789abcdef";
         let t = token(secret, "nm_1", "u42", "marketing");
         let u = verify(secret, &t).unwrap();
-        assert_eq!((u.message_key.as_str(), u.user_id.as_str(), u.topic.as_str()), ("nm_1", "u42", "marketing"));
+        assert_eq!(
+            (u.message_key.as_str(), u.user_id.as_str(), u.topic.as_str()),
+            ("nm_1", "u42", "marketing")
+        );
         // another secret, an altered payload, an altered mac, garbage
         assert!(verify(b"another secret", &t).is_err());
         let (p, m) = t.split_once('.').unwrap();
@@ -134,7 +143,10 @@ mod tests {
         for junk in ["", ".", "abc", "a.b.c", "%%%.%%%"] {
             assert!(verify(secret, junk).is_err(), "{junk}");
         }
-        assert_eq!(unsubscribe_url("https://x.example/", &t), format!("https://x.example/u/{t}"));
+        assert_eq!(
+            unsubscribe_url("https://x.example/", &t),
+            format!("https://x.example/u/{t}")
+        );
     }
 
     #[test]
@@ -144,8 +156,15 @@ mod tests {
         assert_eq!(
             h,
             vec![
-                ("List-Unsubscribe", "<https://g.example/u/T>, <mailto:unsub@shop.example?subject=unsubscribe%20T>".to_string()),
-                ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click".to_string()),
+                (
+                    "List-Unsubscribe",
+                    "<https://g.example/u/T>, <mailto:unsub@shop.example?subject=unsubscribe%20T>"
+                        .to_string()
+                ),
+                (
+                    "List-Unsubscribe-Post",
+                    "List-Unsubscribe=One-Click".to_string()
+                ),
             ]
         );
         // a mailto alone is no one-click

@@ -161,7 +161,13 @@ pub fn address_key(email: &str) -> String {
 pub fn address_hash(email: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(address_key(email).as_bytes());
-    format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 /// The suppression list entries that touch a batch: by address key and by
@@ -172,7 +178,11 @@ pub struct Suppressions(HashMap<String, String>);
 impl Suppressions {
     pub fn add(&mut self, email: &str, user_id: Option<&str>, reason: &str) {
         // a hashed entry is kept as it is
-        let key = if email.starts_with("sha256:") { email.to_owned() } else { address_key(email) };
+        let key = if email.starts_with("sha256:") {
+            email.to_owned()
+        } else {
+            address_key(email)
+        };
         self.0.insert(key, reason.to_owned());
         if let Some(u) = user_id.filter(|u| !u.is_empty()) {
             self.0.insert(format!("\u{1f}{u}"), reason.to_owned());
@@ -397,7 +407,10 @@ mod tests {
         let mut erased = Suppressions::default();
         erased.add(&address_hash(" Eve@Example.com"), None, "erased");
         let eve = json!({"email": "eve@example.com"});
-        assert_eq!(rule(facts(Profile::Found(&eve), &erased), "new-id"), Some(Rule::Suppression));
+        assert_eq!(
+            rule(facts(Profile::Found(&eve), &erased), "new-id"),
+            Some(Rule::Suppression)
+        );
         assert_eq!(
             address_hash("x"),
             "sha256:2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
@@ -405,14 +418,23 @@ mod tests {
         // consent: the trigger's topic or all; transactional mail has no topic
         let mut c = crate::consent::Consent::default();
         c.unsubscribed("u1", "marketing");
-        let f = Facts { consent: &c, ..facts(Profile::Found(&ok), &s) };
+        let f = Facts {
+            consent: &c,
+            ..facts(Profile::Found(&ok), &s)
+        };
         assert_eq!(screen(&t, "u1", &f).unwrap_err().rule, Rule::Consent);
         let receipt = trigger(json!({"transactional": true}));
         assert!(screen(&receipt, "u1", &f).is_ok());
         let news = trigger(json!({"topic": "newsletter"}));
         assert!(screen(&news, "u1", &f).is_ok());
         // a transactional message still never goes to a suppressed address
-        let f = Facts { consent: &c, ..facts(Profile::Found(&bob), &s) };
-        assert_eq!(screen(&receipt, "u2", &f).unwrap_err().rule, Rule::Suppression);
+        let f = Facts {
+            consent: &c,
+            ..facts(Profile::Found(&bob), &s)
+        };
+        assert_eq!(
+            screen(&receipt, "u2", &f).unwrap_err().rule,
+            Rule::Suppression
+        );
     }
 }

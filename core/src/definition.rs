@@ -746,10 +746,16 @@ mod tests {
             .unwrap_err()
             .starts_with("expire_after:"));
         // without it: a day, never for transactional mail, "never" on request
-        let t = Definition::parse(&cart()).unwrap().compile("cart", 1).unwrap();
+        let t = Definition::parse(&cart())
+            .unwrap()
+            .compile("cart", 1)
+            .unwrap();
         assert_eq!(t.expired(0, 24 * h), None);
         assert!(t.expired(0, 25 * h).is_some());
-        for (key, value) in [("transactional", json!(true)), ("expire_after", json!("never"))] {
+        for (key, value) in [
+            ("transactional", json!(true)),
+            ("expire_after", json!("never")),
+        ] {
             let mut v = cart();
             v[key] = value;
             let t = Definition::parse(&v).unwrap().compile("cart", 1).unwrap();

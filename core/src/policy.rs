@@ -539,8 +539,12 @@ impl Settings {
                 .map_err(|_| format!("default_timezone: unknown time zone {z:?}"))?;
         }
         if let Some(u) = &spec.unsubscribe_url {
-            if !(u.starts_with("https://") || u.starts_with("http://")) || u.contains(char::is_whitespace) {
-                return Err(format!("unsubscribe_url: {u:?} is not an http(s) URL (RFC 8058 wants https)"));
+            if !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.contains(char::is_whitespace)
+            {
+                return Err(format!(
+                    "unsubscribe_url: {u:?} is not an http(s) URL (RFC 8058 wants https)"
+                ));
             }
         }
         if let Some(m) = &spec.unsubscribe_mailto {

@@ -47,7 +47,8 @@ pub fn backtest(
     to: TimestampWithTimeZone,
     trigger_name: Option<&str>,
 ) -> Vec<(String, i64, Vec<String>)> {
-    let d = Definition::parse(definition).unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
+    let d = Definition::parse(definition)
+        .unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
     let name = trigger_name.unwrap_or("backtest");
     if trigger_name.is_none()
         && d.experiment.is_none()

@@ -220,8 +220,12 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
 
     // First the per-message checks; what survives them is a candidate.
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(due.len());
-    let mut ready: Vec<(usize, (crate::engine::compose::Message, Headers), Micros, Option<String>)> =
-        vec![];
+    let mut ready: Vec<(
+        usize,
+        (crate::engine::compose::Message, Headers),
+        Micros,
+        Option<String>,
+    )> = vec![];
     for (i, d) in due.iter().enumerate() {
         let t = &triggers[&d.trigger];
         let profile = profiles.get(&d.user_id);
@@ -972,9 +976,18 @@ struct OutboxRows {
 type Headers = Vec<(&'static str, String)>;
 
 impl OutboxRows {
-    fn push(&mut self, d: &Due, t: &Trigger, (m, headers): (crate::engine::compose::Message, Headers), at: Micros) {
+    fn push(
+        &mut self,
+        d: &Due,
+        t: &Trigger,
+        (m, headers): (crate::engine::compose::Message, Headers),
+        at: Micros,
+    ) {
         let mut h = serde_json::Map::new();
-        h.insert("Message-ID".into(), Value::String(format!("<{}@pg_nudge>", d.message_key)));
+        h.insert(
+            "Message-ID".into(),
+            Value::String(format!("<{}@pg_nudge>", d.message_key)),
+        );
         for (name, value) in headers {
             h.insert(name.into(), Value::String(value));
         }

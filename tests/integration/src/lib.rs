@@ -118,6 +118,15 @@ impl SmtpServer {
         }
     }
 
+    /// Every message received, as the SMTP server wrote it.
+    pub fn messages(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.maildir.join("new")) else {
+            return vec![];
+        };
+        dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .collect()
+    }
+
     /// The Message-ID of every message received, one entry per delivery.
     pub fn message_ids(&self) -> Vec<String> {
         let Ok(dir) = std::fs::read_dir(self.maildir.join("new")) else {

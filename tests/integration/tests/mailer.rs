@@ -261,3 +261,57 @@ fn a_message_sent_before_the_cut_is_acked_by_the_next_session() {
     assert!(sent.is_some(), "the owed ack was not recorded");
     assert_eq!(smtp.message_ids().len(), 1, "delivered twice");
 }
+
+/// RFC 8058 end to end: the message as the SMTP server received it carries
+/// the one-click headers the row holds, and the token in its link
+/// unsubscribes its recipient from its topic, once.
+#[test]
+fn a_delivered_message_carries_a_working_one_click_unsubscribe() {
+    let db = fresh_db("nudge_it_mail_unsub");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"SELECT nudge.configure('{"unsubscribe_url": "https://mail.shop.example"}');
+           SELECT nudge.define_template('t', 'News', '<p>news</p>', 'news');
+           SELECT nudge.define_trigger('news', '{"on": {"event": "read"}, "topic": "newsletter", "template": "t"}');
+           INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+           SELECT nudge.track('u1', 'read', '{}', now() - interval '1 minute');
+           SELECT nudge.run_due();"#,
+    )
+    .unwrap();
+    let smtp = SmtpServer::start("unsub");
+    assert!(mailer(&db, &smtp, &["--once"]).wait().unwrap().success());
+    let received = smtp.messages();
+    assert_eq!(received.len(), 1);
+    // the header block, folded lines joined
+    let head = received[0]
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .replace("\n ", " ")
+        .replace("\n\t", " ");
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {name} header in:\n{head}"))
+    };
+    assert_eq!(
+        header("List-Unsubscribe-Post"),
+        "List-Unsubscribe=One-Click"
+    );
+    let link = header("List-Unsubscribe");
+    let token = link
+        .strip_prefix("<https://mail.shop.example/u/")
+        .and_then(|t| t.strip_suffix('>'))
+        .unwrap_or_else(|| panic!("not an https link: {link}"));
+    let unsubscribed = |c: &mut Client| -> bool {
+        c.query_one("SELECT changed FROM nudge.unsubscribe($1)", &[&token])
+            .unwrap()
+            .get(0)
+    };
+    assert!(unsubscribed(&mut c));
+    assert!(!unsubscribed(&mut c), "a second click changes nothing");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.subscriptions WHERE user_id = 'u1' AND topic = 'newsletter' AND status = 'unsubscribed'"),
+        1
+    );
+}

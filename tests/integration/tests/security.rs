@@ -729,20 +729,41 @@ fn only_a_token_pg_nudge_made_unsubscribes_and_nobody_reads_the_key() {
         .unwrap()
         .get(0);
     let mut admin = connect_as(&db, "consent_admin");
-    assert_eq!(sqlstate(admin.query("SELECT value FROM nudge.secrets", &[])), "42501");
+    assert_eq!(
+        sqlstate(admin.query("SELECT value FROM nudge.secrets", &[])),
+        "42501"
+    );
     assert_eq!(
         sqlstate(admin.query("SELECT * FROM nudge.secrets", &[])),
         "42501",
         "an admin read the unsubscribe key"
     );
     let mut writer = connect_as(&db, "consent_writer");
-    assert_eq!(sqlstate(writer.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])), "42501");
-    assert_eq!(sqlstate(writer.query("SELECT value FROM nudge.secrets", &[])), "42501");
+    assert_eq!(
+        sqlstate(writer.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(writer.query("SELECT value FROM nudge.secrets", &[])),
+        "42501"
+    );
     // a writer records its users' choices
-    assert_eq!(sqlstate(writer.execute("SELECT nudge.unsubscribe('u2', 'newsletter', 'preferences')", &[])), "ok");
+    assert_eq!(
+        sqlstate(writer.execute(
+            "SELECT nudge.unsubscribe('u2', 'newsletter', 'preferences')",
+            &[]
+        )),
+        "ok"
+    );
     let mut plain = connect_as(&db, "consent_plain");
-    assert_eq!(sqlstate(plain.execute("SELECT nudge.unsubscribe('u1', 'all')", &[])), "42501");
-    assert_eq!(sqlstate(plain.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])), "42501");
+    assert_eq!(
+        sqlstate(plain.execute("SELECT nudge.unsubscribe('u1', 'all')", &[])),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(plain.query("SELECT * FROM nudge.unsubscribe($1)", &[&token])),
+        "42501"
+    );
     // the mailer: a made-up token for u2's address, and u1's token altered to
     // another topic, are refused with 22023; u1's own token works
     let mut mailer = connect_as(&db, "consent_mailer");
@@ -753,18 +774,37 @@ fn only_a_token_pg_nudge_made_unsubscribes_and_nobody_reads_the_key() {
         format!("{payload}.{}", mac.chars().rev().collect::<String>()),
     ];
     for f in &forged {
-        assert_eq!(sqlstate(mailer.query("SELECT * FROM nudge.unsubscribe($1)", &[f])), "22023", "{f}");
+        assert_eq!(
+            sqlstate(mailer.query("SELECT * FROM nudge.unsubscribe($1)", &[f])),
+            "22023",
+            "{f}"
+        );
     }
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM nudge.subscriptions WHERE user_id = 'u1'"),
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.subscriptions WHERE user_id = 'u1'"
+        ),
         0,
         "a forged token changed consent"
     );
-    let row = mailer.query_one("SELECT user_id, topic, changed FROM nudge.unsubscribe($1)", &[&token]).unwrap();
+    let row = mailer
+        .query_one(
+            "SELECT user_id, topic, changed FROM nudge.unsubscribe($1)",
+            &[&token],
+        )
+        .unwrap();
     assert_eq!(
-        (row.get::<_, String>(0), row.get::<_, String>(1), row.get::<_, bool>(2)),
+        (
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, bool>(2)
+        ),
         ("u1".to_string(), "newsletter".to_string(), true)
     );
     // and the mailer cannot set consent any other way
-    assert_eq!(sqlstate(mailer.execute("SELECT nudge.subscribe('u1', 'newsletter')", &[])), "42501");
+    assert_eq!(
+        sqlstate(mailer.execute("SELECT nudge.subscribe('u1', 'newsletter')", &[])),
+        "42501"
+    );
 }
