@@ -381,7 +381,11 @@ mod tests {
         let blocked = json!({"email": "ann@example.com", "tier": "blocked"});
         let stop = screen(&t, "u1", &facts(Profile::Found(&blocked), &s)).unwrap_err();
         assert_eq!(stop.rule, Rule::Audience);
-        assert!(stop.why.contains(r#"tier is "blocked""#), "{}", stop.why);
+        assert!(
+            stop.why.contains(r#"tier: wanted ne "blocked""#),
+            "{}",
+            stop.why
+        );
         let no_sql = Facts {
             audience_sql: Some(Ok(false)),
             ..facts(Profile::Found(&ok), &s)

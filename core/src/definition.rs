@@ -584,17 +584,25 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// The watched names that are not known but within two edits of a known
-/// one, each with the nearest known name: most likely misspelled.
+/// The watched names that are not known but close to a known one (one edit
+/// apart, two for names of 8 characters or more), each with the nearest
+/// known name: most likely misspelled. Short names and a name that extends
+/// another (`view`, `viewed`) are left alone: they are often meant.
 pub fn likely_typos(watched: &[String], known: &[String]) -> Vec<(String, String)> {
     watched
         .iter()
-        .filter(|w| !known.contains(w))
+        .filter(|w| !known.contains(w) && w.chars().count() >= 5)
         .filter_map(|w| {
+            let lw = w.to_lowercase();
+            let reach = if lw.chars().count() >= 8 { 2 } else { 1 };
             known
                 .iter()
-                .map(|k| (edits(&w.to_lowercase(), &k.to_lowercase()), k))
-                .filter(|(d, _)| *d <= 2)
+                .filter(|k| {
+                    let lk = k.to_lowercase();
+                    lk == lw || !(lk.starts_with(&lw) || lw.starts_with(&lk))
+                })
+                .map(|k| (edits(&lw, &k.to_lowercase()), k))
+                .filter(|(d, _)| *d <= reach)
                 .min()
                 .map(|(_, k)| (w.clone(), k.clone()))
         })
@@ -636,6 +644,12 @@ mod tests {
             ]
         );
         assert_eq!(edits("kitten", "sitting"), 3);
+        // names that are often meant
+        let known: Vec<String> = ["a", "viewed", "signup"].map(String::from).to_vec();
+        assert!(
+            likely_typos(&w(&["e1", "s", "view", "viewed_product", "signal"]), &known).is_empty()
+        );
+        assert_eq!(likely_typos(&w(&["sigmup"]), &known).len(), 1);
     }
     use serde_json::json;
 

@@ -26,6 +26,8 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
           WHERE o.status = 'pending' AND o.available_at <= now() + interval '1 minute'
             -- claim wants a check in the last 5 minutes: renewed a minute early
             AND o.checked_at < now() - interval '4 minutes'
+            -- a paused trigger's messages wait for its resume, not for a check
+            AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = o.trigger AND t.status = 'paused')
           ORDER BY o.available_at
           LIMIT $1
             FOR UPDATE OF o SKIP LOCKED",

@@ -84,10 +84,15 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         if let Err(e) = isolate::subtransaction(|| super::recheck::held_messages(c)) {
             warning!("pg_nudge: re-checking held messages failed: {e}");
         }
-        let due = claim_due(c, as_of, max_messages);
-        let claimed = due.len();
+        // `claimed` counts the batch taken, with the journeys left for a
+        // later pass (a user's earlier message elsewhere): a full batch tells
+        // the worker there is more to do
+        let (due, claimed) = claim_due(c, as_of, max_messages);
         if due.is_empty() {
-            return Pass::default();
+            return Pass {
+                claimed,
+                ..Pass::default()
+            };
         }
         // One statement per step for the whole batch; only when that fails
         // is each enrollment decided alone, so that the one whose data the
@@ -361,7 +366,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         due.iter()
             .enumerate()
             .filter(|(i, _)| !in_batch.contains(i))
-            .filter_map(|(_, d)| {
+            .filter_map(|(i, d)| {
                 let t = triggers.get(&d.trigger).filter(|t| !t.transactional)?;
                 Some(Upcoming {
                     user: d.user_id.clone(),
@@ -369,7 +374,8 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                     priority: t.priority,
                     entered_at: micros(d.entered_at),
                     due_at: micros(d.due_at),
-                    exited_at: None,
+                    // an exit found at send time ended it then
+                    exited_at: exits.get(&i).map(|(at, _)| micros(*at)),
                     send_at: t.schedule.send_time(
                         micros(d.due_at),
                         profile_of(&profiles, &d.user_id),
@@ -678,8 +684,11 @@ fn upcoming(
         c,
         "SELECT e.user_id, e.trigger, e.entered_at, e.due_at, e.exited_at
            FROM nudge.enrollments e
-          WHERE e.user_id = ANY ($1) AND e.id <> ALL ($2) AND e.due_at > $3 AND e.due_at <= $4
-            AND e.entered_at <= $5 AND (e.state = 'waiting' OR e.exited_at > $3)",
+          WHERE e.user_id = ANY ($1) AND e.due_at > $3 AND e.due_at <= $4
+            AND e.entered_at <= $5 AND (e.state = 'waiting' OR e.exited_at > $3)
+            AND NOT EXISTS (SELECT 1 FROM unnest($2::bigint[]) AS x(id) WHERE x.id = e.id)
+            -- a paused trigger's journey goes nowhere until it is resumed
+            AND e.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')",
         &[
             users.into(),
             ids.into(),
@@ -781,7 +790,7 @@ pub fn unsubscribe_secret(c: &SpiClient<'_>) -> Vec<u8> {
     .expect("the unsubscribe key exists")
 }
 
-fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> Vec<Due> {
+fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (Vec<Due>, usize) {
     let rows = run(
         c,
         "WITH b AS (
@@ -808,35 +817,39 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> V
                     SELECT 1 FROM nudge.enrollments o
                      WHERE o.user_id = b.user_id AND o.state = 'waiting' AND o.due_at <= b.due_at
                        AND o.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')
-                       AND o.id <> ALL (ARRAY(SELECT id FROM b))))
-         SELECT * FROM k
+                       AND NOT EXISTS (SELECT 1 FROM b b2 WHERE b2.id = o.id)))
+         SELECT *, (SELECT count(*) FROM b) FROM k
          UNION ALL
          -- a user with more messages at one instant than a batch holds
-         SELECT * FROM b WHERE NOT EXISTS (SELECT 1 FROM k)
+         SELECT *, (SELECT count(*) FROM b) FROM b WHERE NOT EXISTS (SELECT 1 FROM k)
          ORDER BY 6",
         &[as_of.into(), max.max(0).into()],
         "claiming due enrollments",
     );
-    rows.map(|r| {
-        let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
-        Due {
-            id: r.get(1).ok().flatten().unwrap_or_default(),
-            trigger: s(2),
-            user_id: s(3),
-            key: s(4),
-            entered_at: r.get(5).ok().flatten().expect("entered_at is NOT NULL"),
-            due_at: r.get(6).ok().flatten().expect("due_at is NOT NULL"),
-            anchor: r
-                .get::<JsonB>(7)
-                .ok()
-                .flatten()
-                .map_or(Value::Null, |j| j.0),
-            message_key: s(8),
-            variant: r.get::<String>(9).ok().flatten(),
-            attempts: r.get::<i32>(10).ok().flatten().unwrap_or_default(),
-        }
-    })
-    .collect()
+    let mut locked = 0;
+    let due = rows
+        .map(|r| {
+            locked = r.get::<i64>(11).ok().flatten().unwrap_or_default() as usize;
+            let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
+            Due {
+                id: r.get(1).ok().flatten().unwrap_or_default(),
+                trigger: s(2),
+                user_id: s(3),
+                key: s(4),
+                entered_at: r.get(5).ok().flatten().expect("entered_at is NOT NULL"),
+                due_at: r.get(6).ok().flatten().expect("due_at is NOT NULL"),
+                anchor: r
+                    .get::<JsonB>(7)
+                    .ok()
+                    .flatten()
+                    .map_or(Value::Null, |j| j.0),
+                message_key: s(8),
+                variant: r.get::<String>(9).ok().flatten(),
+                attempts: r.get::<i32>(10).ok().flatten().unwrap_or_default(),
+            }
+        })
+        .collect();
+    (due, locked)
 }
 
 /// The first exit event of each due enrollment in [entered_at, due_at),

@@ -34,8 +34,11 @@ SELECT user_id, state, reason FROM nudge.enrollments WHERE user_id = 'h1';
 -- the claim: h4 goes; h2 and h3 are cancelled; h5 and h6 (paused) wait
 SELECT user_id FROM nudge.claim(10) ORDER BY user_id;
 SELECT user_id, status, rule FROM nudge.outbox ORDER BY user_id;
--- a paused trigger's messages go when it is resumed; a dropped one's never
+-- a paused trigger's messages go when it is resumed (after the re-check
+-- they waited for: a pause is not a check); a dropped one's never
 SELECT nudge.resume_trigger('other');
+SELECT count(*) AS claimable_before_recheck FROM nudge.claim(1);
+SELECT nudge.run_due() AS written;
 SELECT user_id FROM nudge.claim(1);
 SELECT nudge.drop_trigger('other');
 SELECT count(*) AS claimed FROM nudge.claim(10);

@@ -68,3 +68,12 @@ SELECT nudge.define_trigger('receipt', '{"on": {"event": "old_news"}, "transacti
 SELECT nudge.track('u7', 'old_news', '{}', '2026-05-10 10:00+00') > 0 AS tracked;
 SELECT nudge.run_due('2026-05-12 12:00+00') AS written;
 SELECT trigger, state, rule, reason FROM nudge.enrollments WHERE trigger IN ('stale', 'receipt') ORDER BY trigger;
+
+-- a paused trigger's journey, more important and due soon, does not take
+-- the message of an active one: it goes nowhere until resumed
+SELECT nudge.define_trigger('hi', '{"on": {"event": "ping"}, "wait": "10 minutes", "priority": 9, "template": "t"}');
+SELECT nudge.define_trigger('lo', '{"on": {"event": "ping"}, "priority": 1, "template": "t"}');
+SELECT nudge.track('u9', 'ping', '{}', '2026-05-20 10:00+00') > 0 AS tracked;
+SELECT nudge.pause_trigger('hi');
+SELECT nudge.run_due('2026-05-20 10:01+00') AS written;
+SELECT trigger, state, rule FROM nudge.enrollments WHERE user_id = 'u9' AND trigger IN ('hi', 'lo') ORDER BY trigger;
