@@ -99,7 +99,11 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
         // database refuses is set aside with the error and the rest go on.
         let pass = match isolate::subtransaction(|| decide(c, due.clone(), as_of)) {
             Ok(pass) => pass,
-            Err(_) => {
+            Err(e) => {
+                warning!(
+                    "pg_nudge: deciding a batch of {} failed, deciding one by one: {e}",
+                    due.len()
+                );
                 // the batch's slots, in order, before deciding one by one
                 // (each in its own order would deadlock with another pass)
                 lock_for_deciding(c, distinct(due.iter().map(|d| d.user_id.clone())));
@@ -772,22 +776,33 @@ pub fn consent_of(c: &SpiClient<'_>, users: Vec<String>) -> Consent {
 /// The key that signs unsubscribe links, made on first use (a restored
 /// dump brings the old one back, and the links in mail already sent work).
 pub fn unsubscribe_secret(c: &SpiClient<'_>) -> Vec<u8> {
+    let read = || {
+        run(
+            c,
+            "SELECT value FROM nudge.secrets WHERE name = 'unsubscribe'",
+            &[],
+            "reading the unsubscribe key",
+        )
+        .first()
+        .get::<Vec<u8>>(1)
+        .ok()
+        .flatten()
+    };
+    if let Some(key) = read() {
+        return key;
+    }
+    // two first passes at once: one key wins, and the loser's INSERT waits for
+    // it; a statement of its own then sees it (a statement's snapshot that
+    // began before the winner committed would not)
     run(
         c,
-        "WITH made AS (
-             INSERT INTO nudge.secrets (name, value)
-             VALUES ('unsubscribe', decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'))
-             ON CONFLICT (name) DO NOTHING
-             RETURNING value)
-         SELECT value FROM made UNION ALL SELECT value FROM nudge.secrets WHERE name = 'unsubscribe' LIMIT 1",
+        "INSERT INTO nudge.secrets (name, value)
+         VALUES ('unsubscribe', decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'))
+         ON CONFLICT (name) DO NOTHING",
         &[],
-        "reading the unsubscribe key",
-    )
-    .first()
-    .get::<Vec<u8>>(1)
-    .ok()
-    .flatten()
-    .expect("the unsubscribe key exists")
+        "making the unsubscribe key",
+    );
+    read().expect("the unsubscribe key was just made")
 }
 
 fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (Vec<Due>, usize) {
@@ -807,21 +822,32 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
               ORDER BY e.due_at
               LIMIT $2
                 FOR UPDATE OF e SKIP LOCKED),
-          -- a user's messages are decided in due order, as one pass would:
-          -- one that has an earlier (or same-instant) message outside this
-          -- batch (another pass holds it, or the limit cut it off) waits for
-          -- a later pass, which sees what that one became
+          -- the batch's users' other due messages that the limit cut off:
+          -- taken too, so that a user's messages up to the batch's last due
+          -- time are decided together, as one pass would
+          more AS (
+             SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
+                    'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
+                                 || extract(epoch FROM e.entered_at)::text),
+                    e.variant, e.attempts
+               FROM nudge.enrollments e
+              WHERE e.user_id IN (SELECT user_id FROM b) AND e.state = 'waiting'
+                AND e.due_at <= (SELECT max(due_at) FROM b)
+                AND e.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')
+                AND NOT EXISTS (SELECT 1 FROM b WHERE b.id = e.id)
+                FOR UPDATE OF e SKIP LOCKED),
+          a AS (SELECT * FROM b UNION ALL SELECT * FROM more),
+          -- and in due order: a message whose user has an earlier (or
+          -- same-instant) one in another pass's hands waits for a later
+          -- pass, which sees what that one became
           k AS (
-             SELECT b.* FROM b
+             SELECT a.* FROM a
               WHERE NOT EXISTS (
                     SELECT 1 FROM nudge.enrollments o
-                     WHERE o.user_id = b.user_id AND o.state = 'waiting' AND o.due_at <= b.due_at
+                     WHERE o.user_id = a.user_id AND o.state = 'waiting' AND o.due_at <= a.due_at
                        AND o.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')
-                       AND NOT EXISTS (SELECT 1 FROM b b2 WHERE b2.id = o.id)))
+                       AND NOT EXISTS (SELECT 1 FROM a a2 WHERE a2.id = o.id)))
          SELECT *, (SELECT count(*) FROM b) FROM k
-         UNION ALL
-         -- a user with more messages at one instant than a batch holds
-         SELECT *, (SELECT count(*) FROM b) FROM b WHERE NOT EXISTS (SELECT 1 FROM k)
          ORDER BY 6",
         &[as_of.into(), max.max(0).into()],
         "claiming due enrollments",
