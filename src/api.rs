@@ -573,26 +573,14 @@ fn preview(
                     nudge_core::definition::AUDIENCE_SQL.to_string(),
                 ))
                 .and_then(|a| a.get(user_id));
-            let failure = match (profiles.get(user_id), answer) {
-                (Some(Err(f)), _) | (_, Some(Err(f))) => f.to_string(),
-                _ => String::new(),
-            };
             // the same checks as run_due, but for the journey's own (exit, expiry)
             let facts = nudge_core::decision::Facts {
                 due_at: 0,
                 now: 0,
                 exit: None,
                 retry: None,
-                profile: match profiles.get(user_id) {
-                    None => nudge_core::decision::Profile::Missing,
-                    Some(Err(_)) => nudge_core::decision::Profile::Failed(&failure),
-                    Some(Ok(p)) => nudge_core::decision::Profile::Found(p),
-                },
-                audience_sql: t.has_audience_sql.then(|| match answer {
-                    Some(Ok(serde_json::Value::Bool(true))) => Ok(true),
-                    Some(Err(_)) => Err(failure.as_str()),
-                    _ => Ok(false),
-                }),
+                profile: due::profile_fact(profiles.get(user_id)),
+                audience_sql: due::audience_sql_fact(&t, answer),
                 suppressions: &suppressed,
                 consent: &consent,
             };

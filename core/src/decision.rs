@@ -177,13 +177,8 @@ pub struct Suppressions(HashMap<String, String>);
 
 impl Suppressions {
     pub fn add(&mut self, email: &str, user_id: Option<&str>, reason: &str) {
-        // a hashed entry is kept as it is
-        let key = if email.starts_with("sha256:") {
-            email.to_owned()
-        } else {
-            address_key(email)
-        };
-        self.0.insert(key, reason.to_owned());
+        // an erased user's `sha256:` hash is lower case: its own key
+        self.0.insert(address_key(email), reason.to_owned());
         if let Some(u) = user_id.filter(|u| !u.is_empty()) {
             self.0.insert(format!("\u{1f}{u}"), reason.to_owned());
         }
@@ -199,10 +194,10 @@ impl Suppressions {
 }
 
 /// The profile lookup for one user.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Profile<'a> {
     Missing,
-    Failed(&'a str),
+    Failed(String),
     Found(&'a Value),
 }
 
@@ -219,7 +214,7 @@ pub struct Facts<'a> {
     pub profile: Profile<'a>,
     /// audience_sql's answer for the user, when the trigger has one:
     /// Ok(true) lets it through.
-    pub audience_sql: Option<Result<bool, &'a str>>,
+    pub audience_sql: Option<Result<bool, String>>,
     pub suppressions: &'a Suppressions,
     pub consent: &'a crate::consent::Consent,
 }
@@ -244,7 +239,7 @@ pub fn screen<'a>(
     if let Some(why) = f.retry {
         return Err(Stop::new(Rule::Retry, why));
     }
-    let profile = match f.profile {
+    let profile = match &f.profile {
         Profile::Missing => {
             return Err(Stop::new(
                 Rule::NoProfile,
@@ -257,7 +252,7 @@ pub fn screen<'a>(
                 format!("profile query failed: {e}"),
             ))
         }
-        Profile::Found(p) => p,
+        Profile::Found(p) => *p,
     };
     if let Some(why) = t.audience.as_ref().and_then(|a| a.why_not(profile)) {
         return Err(Stop::new(
@@ -265,7 +260,7 @@ pub fn screen<'a>(
             format!("audience: the profile does not match: {why}"),
         ));
     }
-    match f.audience_sql {
+    match &f.audience_sql {
         None | Some(Ok(true)) => {}
         Some(Ok(false)) => {
             return Err(Stop::new(
@@ -375,7 +370,7 @@ mod tests {
             Some(Rule::NoProfile)
         );
         assert_eq!(
-            rule(facts(Profile::Failed("boom"), &s), "u1"),
+            rule(facts(Profile::Failed("boom".into()), &s), "u1"),
             Some(Rule::ProfileQuery)
         );
         let blocked = json!({"email": "ann@example.com", "tier": "blocked"});

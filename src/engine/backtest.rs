@@ -4,11 +4,11 @@
 //! journeys come from the same rules as live capture (`nudge_core::backtest`),
 //! and the due ones go through the same send-time policies as run_due.
 
-use crate::engine::run_due::{consent_of, profiles_of, settings, suppressions};
+use crate::engine::run_due::{consent_of, profile_fact, profiles_of, settings, suppressions};
 use crate::privilege::as_definer;
 use crate::spi_util::{distinct, micros, or_raise, ts};
 use nudge_core::backtest::{replay_user, Event};
-use nudge_core::decision::{self, Facts, Profile, Stop};
+use nudge_core::decision::{self, Facts, Rule};
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::experiment::HOLDOUT;
 use nudge_core::policy::{self, Candidate, Upcoming, Verdict};
@@ -128,10 +128,10 @@ pub fn backtest(
         .collect()
 }
 
-/// A journey stopped by a rule counts under its state and rule:
-/// `suppressed: cap`, `failed: no_email`.
-fn label(stop: &Stop) -> String {
-    format!("{}: {}", stop.rule.state(), stop.rule)
+/// A journey stopped (or an entry turned away) by a rule counts under its
+/// state and rule: `suppressed: cap`, `not entered: reentry`.
+fn label(rule: Rule) -> String {
+    format!("{}: {}", rule.state(), rule)
 }
 
 /// One owner's sources, read a page at a time.
@@ -222,8 +222,7 @@ impl Run<'_> {
     fn replay(&mut self, user: &str, events: &[Event]) {
         let r = replay_user(self.t, events, self.from, self.to);
         for b in &r.blocked {
-            self.tally
-                .add(&format!("{}: {}", b.rule.state(), b.rule), user, 1);
+            self.tally.add(&label(b.rule), user, 1);
         }
         for j in r.journeys {
             self.tally.add("entered", user, 1);
@@ -266,10 +265,6 @@ impl Run<'_> {
         let mut moved = vec![];
         let mut ahead: Vec<(&Due, Option<i64>)> = vec![];
         for d in &self.due {
-            let failure = match profiles.get(&d.user) {
-                Some(Err(f)) => f.to_string(),
-                _ => String::new(),
-            };
             // run_due's checks, as a live pass at the due time would run them
             // (audience_sql and context are the live trigger's and not run here)
             let facts = Facts {
@@ -277,11 +272,7 @@ impl Run<'_> {
                 now: d.due_at,
                 exit: None,
                 retry: None,
-                profile: match profiles.get(&d.user) {
-                    None => Profile::Missing,
-                    Some(Err(_)) => Profile::Failed(&failure),
-                    Some(Ok(p)) => Profile::Found(p),
-                },
+                profile: profile_fact(profiles.get(&d.user)),
                 audience_sql: None,
                 suppressions: &suppressed,
                 consent: &consent,
@@ -289,7 +280,7 @@ impl Run<'_> {
             let profile = match decision::screen(t, &d.user, &facts) {
                 Ok((profile, _)) => profile,
                 Err(stop) => {
-                    self.tally.add(&label(&stop), &d.user, 1);
+                    self.tally.add(&label(stop.rule), &d.user, 1);
                     ahead.push((d, None));
                     continue;
                 }
@@ -334,7 +325,7 @@ impl Run<'_> {
         let verdicts = policy::decide(&candidates, &[], &upcoming, &settings);
         for ((c, v), later) in candidates.iter().zip(verdicts).zip(moved) {
             match v {
-                Verdict::Suppress(stop) => self.tally.add(&label(&stop), c.user, 1),
+                Verdict::Suppress(stop) => self.tally.add(&label(stop.rule), c.user, 1),
                 _ if t.arm_of(c.user).as_deref() == Some(HOLDOUT) => {
                     self.tally.add("held out", c.user, 1)
                 }

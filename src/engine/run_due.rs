@@ -247,29 +247,13 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 .get(&(t.name.clone(), part.to_string()))
                 .and_then(|a| a.get(&d.user_id))
         };
-        let failure = match profile {
-            Some(Err(f)) => f.to_string(),
-            _ => String::new(),
-        };
-        let sql_failure = match answer(AUDIENCE_SQL) {
-            Some(Err(f)) => f.to_string(),
-            _ => String::new(),
-        };
         let facts = Facts {
             due_at: micros(d.due_at),
             now: micros(as_of),
             exit: exits.get(&i).map(|(_, event)| event.as_str()),
             retry: retry.as_ref().map(|(why, _)| why.as_str()),
-            profile: match profile {
-                None => Profile::Missing,
-                Some(Err(_)) => Profile::Failed(&failure),
-                Some(Ok(p)) => Profile::Found(p),
-            },
-            audience_sql: t.has_audience_sql.then(|| match answer(AUDIENCE_SQL) {
-                Some(Ok(Value::Bool(true))) => Ok(true),
-                Some(Err(_)) => Err(sql_failure.as_str()),
-                _ => Ok(false),
-            }),
+            profile: profile_fact(profile),
+            audience_sql: audience_sql_fact(t, answer(AUDIENCE_SQL)),
             suppressions: &suppressed,
             consent: &consent,
         };
@@ -756,6 +740,28 @@ pub fn suppressions(
         );
     }
     out
+}
+
+/// A profile lookup as `decision::screen` takes it.
+pub fn profile_fact(lookup: Option<&Result<Value, crate::isolate::Failure>>) -> Profile<'_> {
+    match lookup {
+        None => Profile::Missing,
+        Some(Err(f)) => Profile::Failed(f.to_string()),
+        Some(Ok(p)) => Profile::Found(p),
+    }
+}
+
+/// A trigger's audience_sql answer for a user as `decision::screen` takes it:
+/// None when the trigger has none; anything but `true` keeps the user out.
+pub fn audience_sql_fact(
+    t: &Trigger,
+    answer: Option<&Result<Value, crate::isolate::Failure>>,
+) -> Option<Result<bool, String>> {
+    t.has_audience_sql.then(|| match answer {
+        Some(Ok(Value::Bool(true))) => Ok(true),
+        Some(Err(f)) => Err(f.to_string()),
+        _ => Ok(false),
+    })
 }
 
 /// The topics the batch's users unsubscribed from.
