@@ -25,7 +25,7 @@ install: setup
 test: setup test-unit test-pgrx test-server
 
 test-unit:
-	cargo test -p nudge-core -p nudge-mailer
+	cargo test -p nudge-core -p nudge-mailer -p nudge-gateway
 
 test-pgrx:
 	install -d -o postgres /tmp/pg_nudge-test 2>/dev/null || mkdir -p /tmp/pg_nudge-test
@@ -33,7 +33,7 @@ test-pgrx:
 
 # pg_regress and the integration tests against one real server of our own
 test-server: install
-	cargo build -p nudge-mailer
+	cargo build -p nudge-mailer -p nudge-gateway
 	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) shared_preload_libraries=pg_nudge nudge.database=nudge_it_worker
 	@trap 'scripts/cluster.sh stop $(TEST_DIR)' EXIT; \
 	  $(MAKE) --no-print-directory regress tour integration
@@ -51,7 +51,7 @@ integration:
 
 ## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
 demo: install
-	cargo build -p nudge-mailer
+	cargo build -p nudge-mailer -p nudge-gateway
 	@DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) KEEP=$(KEEP) demo/run.sh
 
 ## benchmarks against baselines on a cluster of its own (release build); writes bench/RESULTS.md

@@ -21,10 +21,16 @@ $SUDO pg_ctlcluster 15 main stop >/dev/null 2>&1 || true
 if ! command -v python3 >/dev/null; then
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-pip >/dev/null
 fi
-if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
-  echo "setup: installing aiosmtpd"
-  python3 -m pip install -q --disable-pip-version-check aiosmtpd 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages aiosmtpd
+# and the analytics vendors' official SDKs, pointed at nudge-gateway in its tests
+need_py=()
+python3 -c 'import aiosmtpd' 2>/dev/null || need_py+=(aiosmtpd)
+python3 -c 'import segment.analytics' 2>/dev/null || need_py+=(segment-analytics-python)
+python3 -c 'import amplitude' 2>/dev/null || need_py+=(amplitude-analytics)
+python3 -c 'import mixpanel' 2>/dev/null || need_py+=(mixpanel)
+if ((${#need_py[@]})); then
+  echo "setup: installing ${need_py[*]}"
+  python3 -m pip install -q --disable-pip-version-check "${need_py[@]}" 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "${need_py[@]}"
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -362,6 +362,7 @@ SELECT pg_catalog.pg_extension_config_dump('nudge.allocations', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.subscriptions', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.settings', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.received', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.user_sql_id', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.events_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments_id_seq', '');
@@ -473,6 +474,14 @@ BEGIN
         SELECT x.ctid FROM nudge.capture_queue x WHERE x.queued_at < cutoff LIMIT batch));
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;
+
+    -- a sender's ids are kept a week: replays come within hours, not months
+    relation := 'received';
+    DELETE FROM nudge.received r WHERE r.ctid = ANY (ARRAY(
+        SELECT x.ctid FROM nudge.received x
+         WHERE x.received_at < greatest(cutoff, now() - interval '7 days') LIMIT batch));
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN NEXT;
 END
 $$;
 
@@ -512,7 +521,8 @@ REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]
 -- the outbox protocol is the mailer's: run as the owner, it would read every message
 REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, text),
     nudge.ack_many(bigint[], text[]), nudge.fail(bigint, text, boolean), nudge.release(bigint[]),
-    nudge.record_engagement(text, text, timestamptz, jsonb) FROM nudge_admin;
+    nudge.record_engagement(text, text, timestamptz, jsonb),
+    nudge.record_webhook(text, text, text, text, timestamptz, jsonb) FROM nudge_admin;
 -- the upgrade's own step
 REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
 -- the worker's (or a superuser's): it deletes the engine's history
@@ -524,6 +534,9 @@ GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_w
 GRANT EXECUTE ON FUNCTION nudge.subscribe(text, text, text), nudge.unsubscribe(text, text, text) TO nudge_writer;
 GRANT INSERT ON nudge.events TO nudge_writer;
 GRANT SELECT (id) ON nudge.events TO nudge_writer;  -- track's INSERT ... RETURNING id
+-- nudge-gateway's way in: batches of events and profiles, de-duplicated
+GRANT EXECUTE ON FUNCTION nudge.ingest(text, text[], text[], text[], timestamptz[], jsonb[]),
+    nudge.identify(text[], text[], text[], jsonb[], jsonb[]) TO nudge_writer;
 
 -- nudge_mailer: claims, acks, fails, records engagement, reads the outbox.
 GRANT SELECT ON nudge.outbox TO nudge_mailer;
@@ -535,5 +548,7 @@ GRANT EXECUTE ON FUNCTION
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
     nudge.unsubscribe(text),
-    nudge.outbox_metrics()
+    nudge.record_webhook(text, text, text, text, timestamptz, jsonb),
+    nudge.outbox_metrics(),
+    nudge.worker_status()
 TO nudge_mailer;

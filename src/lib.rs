@@ -40,6 +40,7 @@ extension_sql_file!(
     name = "outbox",
     requires = ["bootstrap"]
 );
+extension_sql_file!("../sql/ingest.sql", name = "ingest", requires = ["outbox"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -33,6 +33,15 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
         HeaderName::new_from_ascii_str("X-Nudge-Message-Key"),
         row.message_key.clone(),
     ));
+    // Providers' ways of handing a value back in their webhooks, so that
+    // nudge-gateway finds the message a report is about (docs/gateway.md).
+    // A server that knows none of them ignores them.
+    for (name, value) in provider_headers(&row.message_key) {
+        b = b.raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str(name),
+            value,
+        ));
+    }
     if let Some(headers) = row.headers.as_object() {
         for (name, value) in headers {
             let value = value
@@ -55,6 +64,24 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
         None => b.singlepart(SinglePart::html(row.html.clone())),
     };
     body.map_err(|e| format!("building the message: {e}"))
+}
+
+/// The key as SendGrid (a unique argument), Mailgun (a user variable),
+/// Postmark (metadata) and SES (a message tag) carry it back. Keys are
+/// `nm_` and hex, so they need no quoting in any of these.
+fn provider_headers(key: &str) -> [(&'static str, String); 4] {
+    [
+        (
+            "X-SMTPAPI",
+            format!(r#"{{"unique_args":{{"nudge_message_key":"{key}"}}}}"#),
+        ),
+        (
+            "X-Mailgun-Variables",
+            format!(r#"{{"nudge_message_key":"{key}"}}"#),
+        ),
+        ("X-PM-Metadata-nudge_message_key", key.to_owned()),
+        ("X-SES-MESSAGE-TAGS", format!("nudge_message_key={key}")),
+    ]
 }
 
 #[cfg(test)]
@@ -84,6 +111,14 @@ mod tests {
         .unwrap();
         assert!(m.contains("Message-ID: <nm_abc@pg_nudge>"), "{m}");
         assert!(m.contains("X-Nudge-Message-Key: nm_abc"), "{m}");
+        assert!(
+            m.contains(r#"X-Mailgun-Variables: {"nudge_message_key":"nm_abc"}"#),
+            "{m}"
+        );
+        assert!(
+            m.contains("X-SES-MESSAGE-TAGS: nudge_message_key=nm_abc"),
+            "{m}"
+        );
         assert!(m.contains("List-Unsubscribe: <https://x/u>"), "{m}");
         assert!(m.contains("multipart/alternative"), "{m}");
     }

@@ -65,7 +65,7 @@ fn version_of(c: &mut Client) -> String {
     .get(0)
 }
 
-const CURRENT: &str = "0.6.0";
+const CURRENT: &str = "0.7.0";
 
 /// Prints only the differences.
 fn assert_same_schema(upgraded: &mut Client, fresh: &mut Client) {
@@ -528,5 +528,42 @@ fn upgrade_from_0_5_0_keeps_capturing_and_gives_every_journey_its_rule() {
             "SELECT count(*) FROM nudge.enrollments WHERE user_id = 'u3' AND rule = 'exit'"
         ),
         1
+    );
+}
+
+#[test]
+fn upgrade_from_0_6_0_takes_gateway_batches_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh6");
+    let mut f = connect(&fresh);
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade6 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade6")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade6", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.6.0';
+         SELECT nudge.track('u1', 'cart_added', '{}', now() - interval '1 hour');",
+    )
+    .unwrap();
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+    // the new way in works on the upgraded schema, and a replay changes nothing
+    let ingest = "SELECT stored, replayed FROM nudge.ingest('segment', ARRAY['m1', 'm1', NULL], ARRAY['u1', 'u1', 'u2'],
+                      ARRAY['viewed', 'viewed', 'viewed'], ARRAY[now(), now(), now()], ARRAY['{}', '{}', '{}']::jsonb[])";
+    let row = c.query_one(ingest, &[]).unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (2, 1));
+    let row = c.query_one(ingest, &[]).unwrap();
+    assert_eq!((row.get::<_, i32>(0), row.get::<_, i32>(1)), (1, 2));
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.events WHERE event = 'viewed'"
+        ),
+        3
     );
 }

@@ -1,0 +1,67 @@
+//! The small pages a person sees behind an unsubscribe link.
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title></head>\
+         <body style=\"font-family:sans-serif;max-width:32em;margin:3em auto\"><h1>{title}</h1>{body}</body></html>"
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// The button posts to the same address: the token never leaves the URL it came in.
+pub fn confirm(token: &str) -> String {
+    page(
+        "Unsubscribe",
+        &format!(
+            "<p>Stop receiving these emails?</p><form method=\"post\" action=\"/u/{}\">\
+             <button type=\"submit\">Unsubscribe</button></form>",
+            escape(token)
+        ),
+    )
+}
+
+pub fn done(topic: &str) -> String {
+    let what = if topic == "all" {
+        "any emails".to_owned()
+    } else {
+        format!("emails about {}", escape(topic))
+    };
+    page(
+        "Unsubscribed",
+        &format!("<p>You will not receive {what} from us any more.</p>"),
+    )
+}
+
+pub fn refused(why: &str) -> String {
+    page(
+        "This link does not work",
+        &format!(
+            "<p>{}</p><p>Use the link in the latest email, or reply to it.</p>",
+            escape(why)
+        ),
+    )
+}
+
+pub fn unavailable() -> String {
+    page(
+        "Please try again",
+        "<p>We could not record this just now. Please try again in a minute.</p>",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nothing_from_the_url_is_markup() {
+        let p = super::confirm("\"><script>x</script>");
+        assert!(!p.contains("<script>"), "{p}");
+    }
+}

@@ -1,0 +1,140 @@
+-- The way in for nudge-gateway (docs/gateway.md): events and profiles in
+-- batches, de-duplicated by the id their sender gave them, and provider
+-- webhooks, which a provider delivers at least once.
+
+-- What arrived with an id, per source ('segment', 'amplitude', 'mixpanel',
+-- 'ses', ...): a second delivery of the same id is a replay and changes nothing.
+CREATE TABLE nudge.received (
+    source      text        NOT NULL,
+    id          text        NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source, id)
+);
+CREATE INDEX received_at ON nudge.received (received_at);
+
+-- Events, one array element each. ids may hold NULLs (nothing to de-duplicate
+-- by); an id seen before for this source, or twice in the batch, is dropped.
+-- Returns how many were stored and how many were replays.
+CREATE FUNCTION nudge.ingest(
+    source text, ids text[], user_ids text[], events text[], occurred_at timestamptz[], props jsonb[]
+) RETURNS TABLE (stored int, replayed int)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int := coalesce(cardinality(user_ids), 0);
+    bad int;
+BEGIN
+    IF coalesce(btrim(source), '') = '' THEN
+        RAISE EXCEPTION 'ingest: source must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF coalesce(cardinality(ids), 0) <> n OR coalesce(cardinality(events), 0) <> n
+       OR coalesce(cardinality(occurred_at), 0) <> n OR coalesce(cardinality(props), 0) <> n THEN
+        RAISE EXCEPTION 'ingest: ids, user_ids, events, occurred_at and props must have one element per event'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT min(i.ord) INTO bad FROM unnest(user_ids, events, occurred_at, props) WITH ORDINALITY
+        AS i(user_id, event, at, p, ord)
+     WHERE coalesce(i.user_id, '') = '' OR coalesce(i.event, '') = '' OR i.at IS NULL
+        OR NOT i.at BETWEEN '1900-01-01' AND '9999-12-31' OR jsonb_typeof(i.p) IS DISTINCT FROM 'object';
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'ingest: event % (from 1) needs a user id, an event name, a time between 1900 and 9999 and props that are a JSON object', bad
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH input AS (
+        SELECT i.*, row_number() OVER (PARTITION BY i.id ORDER BY i.ord) AS nth
+          FROM unnest(ids, user_ids, events, occurred_at, props) WITH ORDINALITY AS i(id, user_id, event, at, p, ord)
+    ), fresh AS (
+        INSERT INTO nudge.received (source, id)
+        SELECT ingest.source, i.id FROM input i WHERE i.id IS NOT NULL AND i.nth = 1
+        ON CONFLICT DO NOTHING
+        RETURNING id
+    ), stored AS (
+        INSERT INTO nudge.events (user_id, event, occurred_at, props)
+        SELECT i.user_id, i.event, i.at, i.p FROM input i
+         WHERE i.id IS NULL OR (i.nth = 1 AND i.id IN (SELECT f.id FROM fresh f))
+         ORDER BY i.ord
+        RETURNING 1
+    )
+    SELECT count(*)::int, n - count(*)::int FROM stored;
+END
+$$;
+
+-- Profiles: email and timezone replace what is there when given; set_attrs
+-- overwrite attributes, set_once_attrs fill only the ones not yet set.
+CREATE FUNCTION nudge.identify(
+    user_ids text[], emails text[], timezones text[], set_attrs jsonb[], set_once_attrs jsonb[]
+) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int := coalesce(cardinality(user_ids), 0);
+    bad int;
+    zone text;
+    done int;
+BEGIN
+    IF coalesce(cardinality(emails), 0) <> n OR coalesce(cardinality(timezones), 0) <> n
+       OR coalesce(cardinality(set_attrs), 0) <> n OR coalesce(cardinality(set_once_attrs), 0) <> n THEN
+        RAISE EXCEPTION 'identify: user_ids, emails, timezones, set_attrs and set_once_attrs must have one element per profile'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT min(i.ord) INTO bad FROM unnest(user_ids, set_attrs, set_once_attrs) WITH ORDINALITY AS i(user_id, s, o, ord)
+     WHERE coalesce(i.user_id, '') = '' OR jsonb_typeof(coalesce(i.s, '{}')) <> 'object'
+        OR jsonb_typeof(coalesce(i.o, '{}')) <> 'object';
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'identify: profile % (from 1) needs a user id, and attributes that are JSON objects', bad
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOR zone IN SELECT DISTINCT z FROM unnest(timezones) z WHERE z IS NOT NULL LOOP
+        BEGIN
+            PERFORM now() AT TIME ZONE zone;
+        EXCEPTION WHEN invalid_parameter_value THEN
+            RAISE EXCEPTION 'identify: % is not a time zone', quote_literal(zone)
+                  USING ERRCODE = 'invalid_parameter_value', HINT = 'an IANA name such as Europe/Paris';
+        END;
+    END LOOP;
+    -- the last of a user's rows in the batch wins, as if they came one by one
+    WITH input AS (
+        SELECT DISTINCT ON (i.user_id) i.user_id, nullif(btrim(i.email), '') AS email, i.zone,
+               coalesce(i.s, '{}') AS s, coalesce(i.o, '{}') AS o
+          FROM unnest(user_ids, emails, timezones, set_attrs, set_once_attrs) WITH ORDINALITY
+               AS i(user_id, email, zone, s, o, ord)
+         ORDER BY i.user_id, i.ord DESC
+    ), up AS (
+        INSERT INTO nudge.profiles AS p (user_id, email, timezone, attrs)
+        SELECT i.user_id, i.email, i.zone, i.o || i.s FROM input i
+        ON CONFLICT (user_id) DO UPDATE
+           SET email = coalesce(EXCLUDED.email, p.email),
+               timezone = coalesce(EXCLUDED.timezone, p.timezone),
+               attrs = (SELECT i.o FROM input i WHERE i.user_id = p.user_id) || p.attrs
+                       || (SELECT i.s FROM input i WHERE i.user_id = p.user_id)
+        RETURNING 1
+    )
+    SELECT count(*)::int INTO done FROM up;
+    RETURN done;
+END
+$$;
+
+-- A provider's report of what happened to a message. A report id seen before
+-- for this provider is a replay (providers deliver at least once); a report
+-- about a message that is not ours (the account sends other mail too) is
+-- ignored. Returns 'recorded', 'replayed' or 'unknown message'.
+CREATE FUNCTION nudge.record_webhook(
+    provider text, report_id text, message_key text, kind text, occurred_at timestamptz, meta jsonb DEFAULT '{}'
+) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF coalesce(btrim(provider), '') = '' OR coalesce(report_id, '') = '' THEN
+        RAISE EXCEPTION 'record_webhook: provider and report_id must not be empty'
+              USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM nudge.outbox o WHERE o.message_key = record_webhook.message_key) THEN
+        RETURN 'unknown message';
+    END IF;
+    INSERT INTO nudge.received (source, id) VALUES ('webhook:' || provider, report_id) ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN 'replayed';
+    END IF;
+    PERFORM nudge.record_engagement(message_key, kind, coalesce(occurred_at, now()),
+                                    coalesce(meta, '{}') || jsonb_build_object('provider', provider));
+    RETURN 'recorded';
+END
+$$;
