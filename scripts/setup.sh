@@ -6,7 +6,7 @@ PGRX_VERSION=0.18.1
 SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
 
 need_apt=()
-for pkg in postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev sudo pkg-config bc; do
+for pkg in postgresql-15 postgresql-server-dev-15 postgresql-contrib clang libclang-dev sudo pkg-config bc curl openssl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then
