@@ -475,11 +475,13 @@ BEGIN
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;
 
-    -- a sender's ids are kept a week: replays come within hours, not months
+    -- a sender's ids are kept a week, whatever the retention: SDKs and
+    -- providers retry within hours, and signed webhooks older than
+    -- --webhook-max-age are refused before their ids are looked up
     relation := 'received';
     DELETE FROM nudge.received r WHERE r.ctid = ANY (ARRAY(
         SELECT x.ctid FROM nudge.received x
-         WHERE x.received_at < greatest(cutoff, now() - interval '7 days') LIMIT batch));
+         WHERE x.received_at < now() - interval '7 days' LIMIT batch));
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;
 END
@@ -522,7 +524,7 @@ REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]
 REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, text),
     nudge.ack_many(bigint[], text[]), nudge.fail(bigint, text, boolean), nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
-    nudge.record_webhook(text, text, text, text, timestamptz, jsonb) FROM nudge_admin;
+    nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text) FROM nudge_admin;
 -- the upgrade's own step
 REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
 -- the worker's (or a superuser's): it deletes the engine's history
@@ -548,7 +550,7 @@ GRANT EXECUTE ON FUNCTION
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
     nudge.unsubscribe(text),
-    nudge.record_webhook(text, text, text, text, timestamptz, jsonb),
+    nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text),
     nudge.outbox_metrics(),
     nudge.worker_status()
 TO nudge_mailer;

@@ -27,21 +27,25 @@ DECLARE
     n int := coalesce(cardinality(user_ids), 0);
     bad int;
 BEGIN
-    IF coalesce(btrim(source), '') = '' THEN
-        RAISE EXCEPTION 'ingest: source must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    -- 'webhook:…' is record_webhook's: a writer must not mark a provider's report as seen
+    IF source IS NULL OR source !~ '^[a-z0-9_-]{1,63}$' THEN
+        RAISE EXCEPTION 'ingest: source % is not a name of lower-case letters, digits, _ and -', coalesce(quote_literal(source), 'NULL')
+              USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF coalesce(cardinality(ids), 0) <> n OR coalesce(cardinality(events), 0) <> n
        OR coalesce(cardinality(occurred_at), 0) <> n OR coalesce(cardinality(props), 0) <> n THEN
         RAISE EXCEPTION 'ingest: ids, user_ids, events, occurred_at and props must have one element per event'
               USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT min(i.ord) INTO bad FROM unnest(user_ids, events, occurred_at, props) WITH ORDINALITY
-        AS i(user_id, event, at, p, ord)
+    SELECT min(i.ord) INTO bad FROM unnest(ids, user_ids, events, occurred_at, props) WITH ORDINALITY
+        AS i(id, user_id, event, at, p, ord)
      WHERE coalesce(i.user_id, '') = '' OR coalesce(i.event, '') = '' OR i.at IS NULL
-        OR NOT i.at BETWEEN '1900-01-01' AND '9999-12-31' OR jsonb_typeof(i.p) IS DISTINCT FROM 'object';
+        OR NOT i.at BETWEEN '1900-01-01' AND '9999-12-31' OR jsonb_typeof(i.p) IS DISTINCT FROM 'object'
+        OR length(i.user_id) > 255 OR length(i.event) > 255 OR length(i.id) > 255;
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'ingest: event % (from 1) needs a user id, an event name, a time between 1900 and 9999 and props that are a JSON object', bad
-              USING ERRCODE = 'invalid_parameter_value';
+              USING ERRCODE = 'invalid_parameter_value',
+                    DETAIL = 'ids, user ids and event names have at most 255 characters';
     END IF;
     RETURN QUERY
     WITH input AS (
@@ -95,21 +99,29 @@ BEGIN
                   USING ERRCODE = 'invalid_parameter_value', HINT = 'an IANA name such as Europe/Paris';
         END;
     END LOOP;
-    -- the last of a user's rows in the batch wins, as if they came one by one
+    -- a user's rows in the batch apply in order, as if they came one by one
     WITH input AS (
-        SELECT DISTINCT ON (i.user_id) i.user_id, nullif(btrim(i.email), '') AS email, i.zone,
-               coalesce(i.s, '{}') AS s, coalesce(i.o, '{}') AS o
-          FROM unnest(user_ids, emails, timezones, set_attrs, set_once_attrs) WITH ORDINALITY
+        SELECT i.* FROM unnest(user_ids, emails, timezones, set_attrs, set_once_attrs) WITH ORDINALITY
                AS i(user_id, email, zone, s, o, ord)
-         ORDER BY i.user_id, i.ord DESC
+    ), per_user AS (
+        SELECT i.user_id,
+               (array_agg(nullif(btrim(i.email), '') ORDER BY i.ord DESC)
+                    FILTER (WHERE nullif(btrim(i.email), '') IS NOT NULL))[1] AS email,
+               (array_agg(i.zone ORDER BY i.ord DESC) FILTER (WHERE i.zone IS NOT NULL))[1] AS zone,
+               coalesce((SELECT jsonb_object_agg(e.key, e.value ORDER BY x.ord)
+                           FROM input x, jsonb_each(coalesce(x.s, '{}')) e WHERE x.user_id = i.user_id), '{}') AS s,
+               -- set-once: the first value given wins
+               coalesce((SELECT jsonb_object_agg(e.key, e.value ORDER BY x.ord DESC)
+                           FROM input x, jsonb_each(coalesce(x.o, '{}')) e WHERE x.user_id = i.user_id), '{}') AS o
+          FROM input i GROUP BY i.user_id
     ), up AS (
         INSERT INTO nudge.profiles AS p (user_id, email, timezone, attrs)
-        SELECT i.user_id, i.email, i.zone, i.o || i.s FROM input i
+        SELECT u.user_id, u.email, u.zone, u.o || u.s FROM per_user u
         ON CONFLICT (user_id) DO UPDATE
            SET email = coalesce(EXCLUDED.email, p.email),
                timezone = coalesce(EXCLUDED.timezone, p.timezone),
-               attrs = (SELECT i.o FROM input i WHERE i.user_id = p.user_id) || p.attrs
-                       || (SELECT i.s FROM input i WHERE i.user_id = p.user_id)
+               attrs = (SELECT u.o FROM per_user u WHERE u.user_id = p.user_id) || p.attrs
+                       || (SELECT u.s FROM per_user u WHERE u.user_id = p.user_id)
         RETURNING 1
     )
     SELECT count(*)::int INTO done FROM up;
@@ -120,9 +132,12 @@ $$;
 -- A provider's report of what happened to a message. A report id seen before
 -- for this provider is a replay (providers deliver at least once); a report
 -- about a message that is not ours (the account sends other mail too) is
--- ignored. Returns 'recorded', 'replayed' or 'unknown message'.
+-- ignored. A nonce (a value the provider signs once per request, Mailgun's
+-- token) seen before makes the report a replay whatever its id. Returns
+-- 'recorded', 'replayed' or 'unknown message'.
 CREATE FUNCTION nudge.record_webhook(
-    provider text, report_id text, message_key text, kind text, occurred_at timestamptz, meta jsonb DEFAULT '{}'
+    provider text, report_id text, message_key text, kind text, occurred_at timestamptz,
+    meta jsonb DEFAULT '{}', nonce text DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -132,6 +147,12 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM nudge.outbox o WHERE o.message_key = record_webhook.message_key) THEN
         RETURN 'unknown message';
+    END IF;
+    IF nonce IS NOT NULL THEN
+        INSERT INTO nudge.received (source, id) VALUES ('webhook-nonce:' || provider, nonce) ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'replayed';
+        END IF;
     END IF;
     INSERT INTO nudge.received (source, id) VALUES ('webhook:' || provider, report_id) ON CONFLICT DO NOTHING;
     IF NOT FOUND THEN
@@ -205,11 +226,13 @@ BEGIN
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;
 
-    -- a sender's ids are kept a week: replays come within hours, not months
+    -- a sender's ids are kept a week, whatever the retention: SDKs and
+    -- providers retry within hours, and signed webhooks older than
+    -- --webhook-max-age are refused before their ids are looked up
     relation := 'received';
     DELETE FROM nudge.received r WHERE r.ctid = ANY (ARRAY(
         SELECT x.ctid FROM nudge.received x
-         WHERE x.received_at < greatest(cutoff, now() - interval '7 days') LIMIT batch));
+         WHERE x.received_at < now() - interval '7 days' LIMIT batch));
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN NEXT;
 END
@@ -221,8 +244,8 @@ REVOKE ALL ON nudge.received FROM PUBLIC;
 GRANT SELECT ON nudge.received TO nudge_admin;
 REVOKE ALL ON FUNCTION nudge.ingest(text, text[], text[], text[], timestamptz[], jsonb[]),
     nudge.identify(text[], text[], text[], jsonb[], jsonb[]),
-    nudge.record_webhook(text, text, text, text, timestamptz, jsonb) FROM PUBLIC;
+    nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nudge.ingest(text, text[], text[], text[], timestamptz[], jsonb[]),
     nudge.identify(text[], text[], text[], jsonb[], jsonb[]) TO nudge_admin, nudge_writer;
-GRANT EXECUTE ON FUNCTION nudge.record_webhook(text, text, text, text, timestamptz, jsonb),
+GRANT EXECUTE ON FUNCTION nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text),
     nudge.worker_status() TO nudge_mailer;

@@ -120,15 +120,24 @@ fn basic_user(headers: &HeaderMap) -> Option<String> {
     )
 }
 
-fn key_ok(g: &Gateway, key: Option<&str>) -> Result<(), (StatusCode, String)> {
-    if g.cfg.write_keys.is_empty() {
+/// Whose key a request carries: a server's may set profiles, a public one
+/// (readable in any browser or app) only send events.
+#[derive(Clone, Copy, PartialEq)]
+enum Trust {
+    Server,
+    Public,
+}
+
+fn key_ok(g: &Gateway, key: Option<&str>) -> Result<Trust, (StatusCode, String)> {
+    if g.cfg.write_keys.is_empty() && g.cfg.public_keys.is_empty() {
         return Err((
             StatusCode::UNAUTHORIZED,
             "this gateway takes no events: no write key is configured (--write-keys)".into(),
         ));
     }
     match key {
-        Some(k) if g.cfg.write_keys.contains(k) => Ok(()),
+        Some(k) if g.cfg.write_keys.contains(k) => Ok(Trust::Server),
+        Some(k) if g.cfg.public_keys.contains(k) => Ok(Trust::Public),
         Some(_) => Err((
             StatusCode::UNAUTHORIZED,
             "the write key is not one this gateway takes".into(),
@@ -137,8 +146,19 @@ fn key_ok(g: &Gateway, key: Option<&str>) -> Result<(), (StatusCode, String)> {
     }
 }
 
+/// A public key's profile updates are dropped, not refused: the events of
+/// the same batch still count, and an SDK would retry a refused batch.
+fn trusted(mut b: Batch, trust: Trust) -> Batch {
+    if trust == Trust::Public {
+        b.ignored += b.profiles.len();
+        b.profiles.clear();
+    }
+    b
+}
+
 /// Stores a parsed batch; (stored, replayed) or the error as a status and text.
 async fn store(g: &Gateway, source: &str, b: Batch) -> Result<(i32, i32), (StatusCode, String)> {
+    b.check_lengths().map_err(invalid)?;
     let (stored, replayed) = db::ingest(&g.pool, source, &b.events, &b.profiles)
         .await
         .map_err(|e| match e {
@@ -175,9 +195,9 @@ async fn segment_call(
         let v = json_body(&bytes)?;
         let key = basic_user(&headers)
             .or_else(|| v.get("writeKey").and_then(Value::as_str).map(str::to_owned));
-        key_ok(&g, key.as_deref())?;
+        let trust = key_ok(&g, key.as_deref())?;
         let b = segment::parse(&call, &v, &limits(&g), Utc::now()).map_err(invalid)?;
-        store(&g, "segment", b).await
+        store(&g, "segment", trusted(b, trust)).await
     }
     .await;
     match result {
@@ -194,8 +214,11 @@ async fn amplitude_call(State(g): App, headers: HeaderMap, body: Bytes) -> Respo
     let result = async {
         let bytes = body_bytes(&g, &headers, body)?;
         let v = json_body(&bytes)?;
-        key_ok(&g, v.get("api_key").and_then(Value::as_str))?;
-        let b = amplitude::parse(&v, &limits(&g), Utc::now()).map_err(invalid)?;
+        let trust = key_ok(&g, v.get("api_key").and_then(Value::as_str))?;
+        let b = trusted(
+            amplitude::parse(&v, &limits(&g), Utc::now()).map_err(invalid)?,
+            trust,
+        );
         let n = b.events.len() + b.profiles.len();
         store(&g, "amplitude", b).await.map(|_| (n, bytes.len()))
     }
@@ -252,18 +275,28 @@ async fn mixpanel_call(
             _ => mixpanel::events(&records, &limits(&g), Utc::now()),
         }
         .map_err(invalid)?;
-        // /import authenticates by HTTP Basic; otherwise every record names its token
-        let basic = matches!(endpoint, Mixpanel::Import)
-            .then(|| basic_user(&headers))
-            .flatten();
-        match basic {
-            Some(secret) => key_ok(&g, Some(&secret))?,
-            None => {
-                for t in &tokens {
-                    key_ok(&g, t.as_deref())?;
+        // /import takes only a server's secret, by HTTP Basic, as Mixpanel's
+        // does; /track and /engage name the project token in every record
+        let trust = if matches!(endpoint, Mixpanel::Import) {
+            match key_ok(&g, basic_user(&headers).as_deref())? {
+                Trust::Server => Trust::Server,
+                Trust::Public => {
+                    return Err((
+                        StatusCode::UNAUTHORIZED,
+                        "/import takes a server key (--write-keys), not a public token".into(),
+                    ))
                 }
             }
-        }
+        } else {
+            let mut trust = Trust::Server;
+            for t in &tokens {
+                if key_ok(&g, t.as_deref())? == Trust::Public {
+                    trust = Trust::Public;
+                }
+            }
+            trust
+        };
+        let b = trusted(b, trust);
         store(&g, "mixpanel", b).await
     }
     .await;
@@ -290,11 +323,16 @@ async fn webhook(
             header_text(sendgrid::SIGNATURE),
             header_text(sendgrid::TIMESTAMP),
             &body,
+            g.cfg.webhook_max_age,
         )
         .and_then(|v| sendgrid::reports(&v)),
-        "mailgun" => mailgun::verify(g.cfg.mailgun_signing_key.as_deref(), &body)
-            .and_then(|v| mailgun::report(&v))
-            .map(|r| r.into_iter().collect()),
+        "mailgun" => mailgun::verify(
+            g.cfg.mailgun_signing_key.as_deref(),
+            &body,
+            g.cfg.webhook_max_age,
+        )
+        .and_then(|v| mailgun::report(&v))
+        .map(|r| r.into_iter().collect()),
         "postmark" => postmark::verify(
             g.cfg.postmark_credentials.as_deref(),
             header_text("authorization"),
@@ -363,8 +401,8 @@ async fn webhook(
 
 /// A mail scanner that follows links must not unsubscribe anyone: GET only
 /// shows the button.
-async fn unsubscribe_page(Path(token): Path<String>) -> Html<String> {
-    Html(pages::confirm(&token))
+async fn unsubscribe_page() -> Html<String> {
+    Html(pages::confirm())
 }
 
 async fn unsubscribe(State(g): App, Path(token): Path<String>) -> Response {
@@ -407,7 +445,9 @@ async fn healthz(State(g): App) -> Response {
     match db::healthy(&g.pool).await {
         Ok(()) => (StatusCode::OK, "ok\n").into_response(),
         Err(DbError::Refused(m) | DbError::Unavailable(m)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("database: {m}\n")).into_response()
+            // the error stays in the log: it may name hosts and roles
+            eprintln!("nudge-gateway: healthz: {m}");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
         }
     }
 }

@@ -13,6 +13,13 @@ pub struct Config {
     /// Keys an ingestion request may carry: Segment's write key, Amplitude's
     /// api_key, Mixpanel's project token.
     pub write_keys: HashSet<String>,
+    /// Keys that ship inside browsers and apps (a Segment browser write key,
+    /// a Mixpanel project token): anyone can read them, so they may send
+    /// events but not change a profile (an address would redirect mail).
+    pub public_keys: HashSet<String>,
+    /// How old a signed webhook's timestamp may be (SendGrid, Mailgun): an
+    /// older one is a replay, whatever its ids.
+    pub webhook_max_age: std::time::Duration,
     pub max_body: usize,
     pub max_event: usize,
     pub max_events: usize,
@@ -32,8 +39,9 @@ pub const USAGE: &str = "nudge-gateway: the HTTP edge of pg_nudge (docs/gateway.
   --listen ADDR              NUDGE_LISTEN               (default 127.0.0.1:8080)
   --database-url URL         NUDGE_DATABASE_URL         (default host=127.0.0.1 user=postgres)
   --pool-size N              NUDGE_POOL_SIZE            database connections (default 8)
-  --write-keys K1,K2         NUDGE_WRITE_KEYS           Segment write keys, Amplitude api keys,
-                                                        Mixpanel tokens that may send events
+  --write-keys K1,K2         NUDGE_WRITE_KEYS           server-side keys (Segment write keys, Amplitude
+                                                        api keys, Mixpanel tokens/secrets): events, profiles
+  --public-keys K1,K2        NUDGE_PUBLIC_KEYS          keys shipped in browsers and apps: events only
   --max-body BYTES           NUDGE_MAX_BODY             per request (default 1048576)
   --max-event BYTES          NUDGE_MAX_EVENT            per event (default 32768)
   --max-events N             NUDGE_MAX_EVENTS           per request (default 2000)
@@ -41,7 +49,10 @@ pub const USAGE: &str = "nudge-gateway: the HTTP edge of pg_nudge (docs/gateway.
   --mailgun-signing-key KEY  NUDGE_MAILGUN_SIGNING_KEY  the HTTP webhook signing key
   --postmark-credentials U:P NUDGE_POSTMARK_CREDENTIALS basic auth the Postmark webhook URL carries
   --sns-certs DIR            NUDGE_SNS_CERTS            PEM certificates SNS signs with
-  --sns-topics ARN1,ARN2     NUDGE_SNS_TOPICS           topics whose notifications are taken
+  --sns-topics ARN1,ARN2     NUDGE_SNS_TOPICS           the topics whose notifications are taken
+                                                        (required with --sns-certs)
+  --webhook-max-age SECONDS  NUDGE_WEBHOOK_MAX_AGE      oldest signed SendGrid/Mailgun timestamp taken
+                                                        (default 900)
 ";
 
 impl Config {
@@ -107,20 +118,35 @@ impl Config {
                 return Err("--postmark-credentials: give user:password".into());
             }
         }
+        let sns_certs = get("sns-certs").map(PathBuf::from);
+        let sns_topics = list("sns-topics");
+        // SNS signs what any AWS account publishes: only a topic of ours proves the sender
+        if sns_certs.is_some() && sns_topics.is_empty() {
+            return Err(
+                "--sns-certs needs --sns-topics: any AWS account's topic is signed by SNS".into(),
+            );
+        }
+        let write_keys = list("write-keys");
+        let public_keys = list("public-keys");
+        if let Some(k) = write_keys.intersection(&public_keys).next() {
+            return Err(format!("{k:?} is in both --write-keys and --public-keys"));
+        }
         Ok(Config {
             listen,
             database_url: get("database-url")
                 .unwrap_or_else(|| "host=127.0.0.1 user=postgres".into()),
             pool_size: number("pool-size", 8)?,
-            write_keys: list("write-keys"),
+            write_keys,
+            public_keys,
+            webhook_max_age: std::time::Duration::from_secs(number("webhook-max-age", 900)? as u64),
             max_body: number("max-body", 1 << 20)?,
             max_event: number("max-event", 32 << 10)?,
             max_events: number("max-events", 2000)?,
             sendgrid_public_key: get("sendgrid-public-key"),
             mailgun_signing_key: get("mailgun-signing-key"),
             postmark_credentials,
-            sns_certs: get("sns-certs").map(PathBuf::from),
-            sns_topics: list("sns-topics"),
+            sns_certs,
+            sns_topics,
         })
     }
 }
@@ -130,6 +156,8 @@ const KNOWN: &[&str] = &[
     "database-url",
     "pool-size",
     "write-keys",
+    "public-keys",
+    "webhook-max-age",
     "max-body",
     "max-event",
     "max-events",
@@ -167,5 +195,12 @@ mod tests {
         assert!(e.contains("unknown flag --nope"), "{e}");
         let e = Config::from_args(&args(&["--listen", "here"]), |_| None).unwrap_err();
         assert!(e.contains("--listen"), "{e}");
+        let e = Config::from_args(&args(&["--sns-certs", "/x"]), |_| None).unwrap_err();
+        assert!(e.contains("--sns-topics"), "{e}");
+        let e = Config::from_args(&args(&["--write-keys", "a", "--public-keys", "a"]), |_| {
+            None
+        })
+        .unwrap_err();
+        assert!(e.contains("both"), "{e}");
     }
 }

@@ -19,7 +19,8 @@ pub enum DbError {
 impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            Some(db) if db.code().code().starts_with("22") => {
+            // 22: a value pg_nudge refuses; 54: one too large to index
+            Some(db) if ["22", "54"].iter().any(|c| db.code().code().starts_with(c)) => {
                 DbError::Refused(db.message().to_owned())
             }
             Some(db) if *db.code() == SqlState::RAISE_EXCEPTION => {
@@ -91,7 +92,7 @@ pub async fn webhook(pool: &Pool, provider: &str, reports: &[Report]) -> Result<
     let c = pool.get().await?;
     let stmt = c
         .prepare(
-            "SELECT nudge.record_webhook($1, $2, $3, $4, $5::text::timestamptz, $6::text::jsonb)",
+            "SELECT nudge.record_webhook($1, $2, $3, $4, $5::text::timestamptz, $6::text::jsonb, $7)",
         )
         .await?;
     let mut recorded = 0;
@@ -101,7 +102,15 @@ pub async fn webhook(pool: &Pool, provider: &str, reports: &[Report]) -> Result<
         let row = c
             .query_one(
                 &stmt,
-                &[&provider, &r.id, &r.message_key, &r.kind.name(), &at, &meta],
+                &[
+                    &provider,
+                    &r.id,
+                    &r.message_key,
+                    &r.kind.name(),
+                    &at,
+                    &meta,
+                    &r.nonce,
+                ],
             )
             .await?;
         recorded += usize::from(row.get::<_, &str>(0) == "recorded");

@@ -15,6 +15,7 @@ mod webhooks;
 
 use config::Config;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[tokio::main]
 async fn main() {
@@ -30,10 +31,18 @@ async fn main() {
 }
 
 async fn serve(cfg: Config) -> Result<(), String> {
-    let pg: tokio_postgres::Config = cfg
+    let mut pg: tokio_postgres::Config = cfg
         .database_url
         .parse()
         .map_err(|e| format!("--database-url: {e}"))?;
+    // a stuck statement must not hold a connection of the pool for good
+    let options = pg.get_options().unwrap_or_default().to_owned();
+    if !options.contains("statement_timeout") {
+        pg.options(format!("{options} -c statement_timeout=30s").trim());
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(5));
+    }
     let manager = deadpool_postgres::Manager::from_config(
         pg,
         tokio_postgres::NoTls,
@@ -43,6 +52,10 @@ async fn serve(cfg: Config) -> Result<(), String> {
     );
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(cfg.pool_size)
+        // a request waits this long for a connection, then gets 503
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| format!("database pool: {e}"))?;
     let sendgrid_key = cfg

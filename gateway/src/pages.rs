@@ -16,15 +16,13 @@ fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// The button posts to the same address: the token never leaves the URL it came in.
-pub fn confirm(token: &str) -> String {
+/// The button posts back to the address the page came from (whatever
+/// prefix a proxy puts before /u/), so the token never leaves its URL.
+pub fn confirm() -> String {
     page(
         "Unsubscribe",
-        &format!(
-            "<p>Stop receiving these emails?</p><form method=\"post\" action=\"/u/{}\">\
-             <button type=\"submit\">Unsubscribe</button></form>",
-            escape(token)
-        ),
+        "<p>Stop receiving these emails?</p><form method=\"post\" action=\"\">\
+         <button type=\"submit\">Unsubscribe</button></form>",
     )
 }
 
@@ -60,8 +58,12 @@ pub fn unavailable() -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn nothing_from_the_url_is_markup() {
-        let p = super::confirm("\"><script>x</script>");
-        assert!(!p.contains("<script>"), "{p}");
+    fn nothing_from_the_request_is_markup() {
+        for p in [
+            super::done("\"><script>x</script>"),
+            super::refused("<script>x</script>"),
+        ] {
+            assert!(!p.contains("<script>"), "{p}");
+        }
     }
 }

@@ -4,6 +4,7 @@
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{MultiPart, SinglePart};
 use lettre::Message;
+use serde_json::{json, Value};
 
 pub struct Row {
     pub id: i64,
@@ -33,28 +34,32 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
         HeaderName::new_from_ascii_str("X-Nudge-Message-Key"),
         row.message_key.clone(),
     ));
+    let row_headers = row.headers.as_object().cloned().unwrap_or_default();
     // Providers' ways of handing a value back in their webhooks, so that
-    // nudge-gateway finds the message a report is about (docs/gateway.md).
-    // A server that knows none of them ignores them.
-    for (name, value) in provider_headers(&row.message_key) {
+    // nudge-gateway finds the message a report is about (docs/gateway.md),
+    // merged into the row's own header of the same name. A server that
+    // knows none of them ignores them.
+    let provider = provider_headers(&row.message_key, &row_headers);
+    for (name, value) in &provider {
         b = b.raw_header(HeaderValue::new(
             HeaderName::new_from_ascii_str(name),
-            value,
+            value.clone(),
         ));
     }
-    if let Some(headers) = row.headers.as_object() {
-        for (name, value) in headers {
-            let value = value
-                .as_str()
-                .map_or_else(|| value.to_string(), str::to_owned);
-            if name.eq_ignore_ascii_case("message-id") {
-                b = b.message_id(Some(value));
-                continue;
-            }
-            let name = HeaderName::new_from_ascii(name.clone())
-                .map_err(|e| format!("header {name:?}: {e}"))?;
-            b = b.raw_header(HeaderValue::new(name, value));
+    for (name, value) in &row_headers {
+        let value = value
+            .as_str()
+            .map_or_else(|| value.to_string(), str::to_owned);
+        if name.eq_ignore_ascii_case("message-id") {
+            b = b.message_id(Some(value));
+            continue;
         }
+        if provider.iter().any(|(p, _)| p.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        let name = HeaderName::new_from_ascii(name.clone())
+            .map_err(|e| format!("header {name:?}: {e}"))?;
+        b = b.raw_header(HeaderValue::new(name, value));
     }
     let body = match &row.text_body {
         Some(text) => b.multipart(MultiPart::alternative_plain_html(
@@ -67,27 +72,50 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
 }
 
 /// The key as SendGrid (a unique argument), Mailgun (a user variable),
-/// Postmark (metadata) and SES (a message tag) carry it back. Keys are
-/// `nm_` and hex, so they need no quoting in any of these.
-fn provider_headers(key: &str) -> [(&'static str, String); 4] {
-    [
-        (
-            "X-SMTPAPI",
-            format!(r#"{{"unique_args":{{"nudge_message_key":"{key}"}}}}"#),
-        ),
-        (
-            "X-Mailgun-Variables",
-            format!(r#"{{"nudge_message_key":"{key}"}}"#),
-        ),
+/// Postmark (metadata) and SES (a message tag) carry it back, each merged
+/// with what the row's headers (a template's) already put there: a header
+/// set twice would keep only one of the two. Keys are `nm_` and hex, so
+/// they need no quoting in any of these.
+fn provider_headers(
+    key: &str,
+    row: &serde_json::Map<String, Value>,
+) -> Vec<(&'static str, String)> {
+    let given = |name: &str| {
+        row.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+    };
+    // a JSON object header with our key added at `path`
+    let json_with = |name: &str, path: &[&str]| {
+        let mut v = given(name)
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .filter(Value::is_object)
+            .unwrap_or_else(|| json!({}));
+        let mut at = &mut v;
+        for p in path {
+            if !at.get(*p).is_some_and(Value::is_object) {
+                at[*p] = json!({});
+            }
+            at = &mut at[*p];
+        }
+        at["nudge_message_key"] = json!(key);
+        v.to_string()
+    };
+    let tags = match given("X-SES-MESSAGE-TAGS") {
+        Some(t) if !t.trim().is_empty() => format!("{t}, nudge_message_key={key}"),
+        _ => format!("nudge_message_key={key}"),
+    };
+    vec![
+        ("X-SMTPAPI", json_with("X-SMTPAPI", &["unique_args"])),
+        ("X-Mailgun-Variables", json_with("X-Mailgun-Variables", &[])),
         ("X-PM-Metadata-nudge_message_key", key.to_owned()),
-        ("X-SES-MESSAGE-TAGS", format!("nudge_message_key={key}")),
+        ("X-SES-MESSAGE-TAGS", tags),
     ]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn row() -> Row {
         Row {
@@ -121,6 +149,25 @@ mod tests {
         );
         assert!(m.contains("List-Unsubscribe: <https://x/u>"), "{m}");
         assert!(m.contains("multipart/alternative"), "{m}");
+    }
+
+    #[test]
+    fn a_templates_provider_headers_keep_what_they_had_and_gain_the_key() {
+        let mut r = row();
+        r.headers = json!({"X-SMTPAPI": r#"{"category": ["cart"], "unique_args": {"shop": "1"}}"#,
+                           "x-ses-message-tags": "campaign=cart"});
+        let m = String::from_utf8(build(&r, "shop@example.com").unwrap().formatted()).unwrap();
+        let smtpapi = m.lines().find(|l| l.starts_with("X-SMTPAPI: ")).unwrap();
+        let v: Value = serde_json::from_str(&smtpapi["X-SMTPAPI: ".len()..]).unwrap();
+        assert_eq!(
+            v,
+            json!({"category": ["cart"], "unique_args": {"shop": "1", "nudge_message_key": "nm_abc"}})
+        );
+        assert!(
+            m.contains("X-SES-MESSAGE-TAGS: campaign=cart, nudge_message_key=nm_abc"),
+            "{m}"
+        );
+        assert_eq!(m.matches("X-SMTPAPI").count(), 1, "{m}");
     }
 
     #[test]

@@ -38,6 +38,40 @@ pub struct Batch {
     pub ignored: usize,
 }
 
+/// Longest user id, event name or sender's id taken: longer ones are
+/// mistakes (a whole JSON document as an id), and an index has a limit.
+pub const MAX_ID: usize = 255;
+
+impl Batch {
+    pub fn check_lengths(&self) -> Result<(), Invalid> {
+        let too_long = |what: &str, n: usize, v: &str| {
+            (v.chars().count() > MAX_ID).then(|| {
+                Invalid(format!(
+                    "item {}: {what} has {} characters; at most {MAX_ID} are taken",
+                    n + 1,
+                    v.chars().count()
+                ))
+            })
+        };
+        for (n, e) in self.events.iter().enumerate() {
+            let checks = [
+                too_long("the user id", n, &e.user_id),
+                too_long("the event name", n, &e.name),
+                e.id.as_deref().and_then(|id| too_long("the id", n, id)),
+            ];
+            if let Some(bad) = checks.into_iter().flatten().next() {
+                return Err(bad);
+            }
+        }
+        for (n, p) in self.profiles.iter().enumerate() {
+            if let Some(bad) = too_long("the user id", n, &p.user_id) {
+                return Err(bad);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The request is wrong: the text names the part (`batch[3].timestamp`).
 #[derive(Debug, PartialEq)]
 pub struct Invalid(pub String);

@@ -9,7 +9,11 @@ use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
-pub fn verify(key: Option<&str>, body: &[u8]) -> Result<Value, Refused> {
+pub fn verify(
+    key: Option<&str>,
+    body: &[u8],
+    max_age: std::time::Duration,
+) -> Result<Value, Refused> {
     let key = key.ok_or(Refused::NotConfigured)?;
     let v = parse_json(body)?;
     let (Some(ts), Some(token), Some(sig)) = (
@@ -30,6 +34,9 @@ pub fn verify(key: Option<&str>, body: &[u8]) -> Result<Value, Refused> {
             "signature: does not match the signing key".into(),
         ));
     }
+    // the signature covers the timestamp and token, not the event: a recent
+    // timestamp and a token used once are what tie the event to this request
+    super::fresh(ts, max_age, Utc::now())?;
     Ok(v)
 }
 
@@ -68,6 +75,7 @@ pub fn report(v: &Value) -> Result<Option<Report>, Refused> {
         kind,
         at,
         meta,
+        nonce: text(v, "/signature/token").map(str::to_owned),
     }))
 }
 
@@ -76,15 +84,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn signed(key: &str, event: Value) -> Vec<u8> {
+    const MAX: std::time::Duration = std::time::Duration::from_secs(900);
+
+    fn signed_at(key: &str, ts: i64, event: Value) -> Vec<u8> {
         let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
-        mac.update(b"1767261600tok");
+        mac.update(format!("{ts}tok").as_bytes());
         let sig = hex::encode(mac.finalize().into_bytes());
         serde_json::to_vec(
-            &json!({"signature": {"timestamp": "1767261600", "token": "tok", "signature": sig},
+            &json!({"signature": {"timestamp": ts.to_string(), "token": "tok", "signature": sig},
                                    "event-data": event}),
         )
         .unwrap()
+    }
+
+    fn signed(key: &str, event: Value) -> Vec<u8> {
+        signed_at(key, Utc::now().timestamp(), event)
     }
 
     #[test]
@@ -94,24 +108,33 @@ mod tests {
             json!({"id": "e1", "event": "failed", "severity": "permanent",
                                       "timestamp": 1767261600.5, "user-variables": {"nudge_message_key": "nm_1"}}),
         );
-        let v = verify(Some("k"), &body).unwrap();
+        let v = verify(Some("k"), &body, MAX).unwrap();
         let r = report(&v).unwrap().unwrap();
         assert_eq!(
             (r.kind, r.message_key.as_str(), r.id.as_str()),
             (Kind::Bounced, "nm_1", "e1")
         );
+        assert_eq!(r.nonce.as_deref(), Some("tok"));
+        let stale = signed_at("k", Utc::now().timestamp() - 3600, json!({"id": "e1"}));
         assert!(matches!(
-            verify(Some("other"), &body),
+            verify(Some("k"), &stale, MAX),
             Err(Refused::Unsigned(_))
         ));
-        assert_eq!(verify(None, &body).unwrap_err(), Refused::NotConfigured);
+        assert!(matches!(
+            verify(Some("other"), &body, MAX),
+            Err(Refused::Unsigned(_))
+        ));
+        assert_eq!(
+            verify(None, &body, MAX).unwrap_err(),
+            Refused::NotConfigured
+        );
         let temporary = signed(
             "k",
             json!({"id": "e2", "event": "failed", "severity": "temporary",
                                            "user-variables": {"nudge_message_key": "nm_1"}}),
         );
         assert_eq!(
-            report(&verify(Some("k"), &temporary).unwrap()).unwrap(),
+            report(&verify(Some("k"), &temporary, MAX).unwrap()).unwrap(),
             None
         );
     }

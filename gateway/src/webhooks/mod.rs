@@ -44,6 +44,9 @@ pub struct Report {
     pub at: Option<DateTime<Utc>>,
     /// `type: soft` keeps a bounce off the suppression list; `url` for clicks.
     pub meta: Map<String, Value>,
+    /// A value the provider signs once per request (Mailgun's token): a
+    /// second request with it is a replay even under another report id.
+    pub nonce: Option<String>,
 }
 
 /// Why a webhook request is refused.
@@ -74,4 +77,37 @@ fn text<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
     v.pointer(pointer)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
+}
+
+/// A signed timestamp (seconds since 1970) must be recent: a signature
+/// captured once cannot be replayed later under new ids.
+pub fn fresh(ts: &str, max_age: std::time::Duration, now: DateTime<Utc>) -> Result<(), Refused> {
+    let secs = ts
+        .trim()
+        .parse::<f64>()
+        .map_err(|_| Refused::Unsigned(format!("timestamp: {ts:?} is not seconds since 1970")))?;
+    let age = now.timestamp() as f64 - secs;
+    if age.abs() > max_age.as_secs_f64() {
+        return Err(Refused::Unsigned(format!(
+            "timestamp: {ts} is {:.0} s from now; at most {} s are taken (--webhook-max-age)",
+            age.abs(),
+            max_age.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_or_future_timestamp_is_refused() {
+        let now = Utc::now();
+        let max = std::time::Duration::from_secs(900);
+        assert!(fresh(&now.timestamp().to_string(), max, now).is_ok());
+        assert!(fresh(&(now.timestamp() - 901).to_string(), max, now).is_err());
+        assert!(fresh(&(now.timestamp() + 901).to_string(), max, now).is_err());
+        assert!(fresh("soon", max, now).is_err());
+    }
 }

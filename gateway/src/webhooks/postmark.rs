@@ -44,8 +44,11 @@ pub fn report(v: &Value) -> Result<Option<Report>, Refused> {
             (Kind::Clicked, "/ReceivedAt")
         }
         "Bounce" => {
-            // HardBounce is permanent; the other types (SoftBounce, Transient, ...) are not
-            if text(v, "/Type") != Some("HardBounce") {
+            // the permanent types; the others (SoftBounce, Transient, ...) may pass later
+            if !matches!(
+                text(v, "/Type"),
+                Some("HardBounce" | "BadEmailAddress" | "ManuallyDeactivated")
+            ) {
                 meta.insert("type".into(), "soft".into());
             }
             (Kind::Bounced, "/BouncedAt")
@@ -59,10 +62,16 @@ pub fn report(v: &Value) -> Result<Option<Report>, Refused> {
     let Some(key) = text(v, &format!("/Metadata/{KEY_FIELD}")) else {
         return Ok(None);
     };
-    // a bounce has an ID of its own; other records are one per message and kind
+    // a bounce has an ID of its own; a message is delivered once, but opened,
+    // clicked (per link) and resubscribed many times: those carry their time
     let id = match v.get("ID") {
         Some(Value::Number(n)) => format!("{record}:{n}"),
-        _ => format!("{record}:{message}"),
+        _ if kind == Kind::Delivered => format!("{record}:{message}"),
+        _ => format!(
+            "{record}:{message}:{}:{}",
+            text(v, when).unwrap_or_default(),
+            text(v, "/OriginalLink").unwrap_or_default()
+        ),
     };
     Ok(Some(Report {
         id,
@@ -72,6 +81,7 @@ pub fn report(v: &Value) -> Result<Option<Report>, Refused> {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc)),
         meta,
+        nonce: None,
     }))
 }
 

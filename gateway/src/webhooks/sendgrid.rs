@@ -29,6 +29,7 @@ pub fn verify(
     signature: Option<&str>,
     timestamp: Option<&str>,
     body: &[u8],
+    max_age: std::time::Duration,
 ) -> Result<Value, Refused> {
     let key = key.ok_or(Refused::NotConfigured)?;
     let (Some(sig), Some(ts)) = (signature, timestamp) else {
@@ -47,6 +48,7 @@ pub fn verify(
     signed.extend_from_slice(body);
     key.verify(&signed, &sig)
         .map_err(|_| Refused::Unsigned("signature: does not match the verification key".into()))?;
+    super::fresh(ts, max_age, Utc::now())?;
     parse_json(body)
 }
 
@@ -91,6 +93,7 @@ pub fn reports(v: &Value) -> Result<Vec<Report>, Refused> {
                 .and_then(Value::as_i64)
                 .and_then(|s| Utc.timestamp_opt(s, 0).single()),
             meta,
+            nonce: None,
         });
     }
     Ok(out)
@@ -121,21 +124,33 @@ mod tests {
             {"event": "open", "sg_event_id": "e3"}
         ]))
         .unwrap();
-        let mut signed = b"1767261600".to_vec();
-        signed.extend_from_slice(&body);
-        let sig: Signature = signing.sign(&signed);
-        let sig = base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes());
-        let v = verify(Some(&key), Some(&sig), Some("1767261600"), &body).unwrap();
+        let max = std::time::Duration::from_secs(900);
+        let now = Utc::now().timestamp().to_string();
+        let later = (Utc::now().timestamp() + 1).to_string();
+        let sign = |ts: &str| {
+            let mut signed = ts.as_bytes().to_vec();
+            signed.extend_from_slice(&body);
+            let sig: Signature = signing.sign(&signed);
+            base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes())
+        };
+        let sig = sign(&now);
+        let v = verify(Some(&key), Some(&sig), Some(&now), &body, max).unwrap();
         let r = reports(&v).unwrap();
         assert_eq!(r.len(), 1);
         assert_eq!((r[0].kind, r[0].id.as_str()), (Kind::Complained, "e1"));
         // another time, or another body, under the same signature
         assert!(matches!(
-            verify(Some(&key), Some(&sig), Some("1767261601"), &body),
+            verify(Some(&key), Some(&sig), Some(&later), &body, max),
             Err(Refused::Unsigned(_))
         ));
         assert!(matches!(
-            verify(Some(&key), Some(&sig), Some("1767261600"), b"[]"),
+            verify(Some(&key), Some(&sig), Some(&now), b"[]", max),
+            Err(Refused::Unsigned(_))
+        ));
+        // rightly signed, long ago
+        let old = (Utc::now().timestamp() - 3600).to_string();
+        assert!(matches!(
+            verify(Some(&key), Some(&sign(&old)), Some(&old), &body, max),
             Err(Refused::Unsigned(_))
         ));
         assert!(key_fails("bm90IGEga2V5"));

@@ -219,6 +219,7 @@ pub fn report(id: &str, message: &Value) -> Result<Option<Report>, Refused> {
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc)),
         meta,
+        nonce: None,
     }))
 }
 

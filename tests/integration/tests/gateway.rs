@@ -210,6 +210,7 @@ fn a_bad_request_gets_a_4xx_that_names_the_problem_and_stores_nothing() {
         ("/v1/track", "{not json".into(), 400, "body: not JSON"),
         ("/2/httpapi", format!(r#"{{"api_key": "{KEY}", "events": [{{"user_id": "u", "event_type": "x", "time": "noon"}}]}}"#), 400, "events[0].time: a time is a number"),
         ("/2/httpapi", r#"{"api_key": "nope", "events": []}"#.into(), 401, "not one this gateway takes"),
+        ("/v1/track", format!(r#"{{"userId": "u", "event": "x", "messageId": "{}"}}"#, "m".repeat(3000)), 400, "item 1: the id has 3000 characters"),
     ];
     for (path, body, status, says) in cases {
         let (got, reply) = g.post(path, &json, body.as_bytes());
@@ -230,8 +231,82 @@ fn a_bad_request_gets_a_4xx_that_names_the_problem_and_stores_nothing() {
     let (got, reply) = g.post("/track", &[], b"data=%7B%22event%22%3A%22x%22%2C%22properties%22%3A%7B%22token%22%3A%22nope%22%2C%22distinct_id%22%3A%22u%22%7D%7D");
     assert_eq!(got, 401, "{reply}");
     assert!(reply.contains("\"status\":0"), "{reply}");
+    // /import takes a server key by HTTP Basic only, not a token in the record
+    let import = format!(
+        r#"[{{"event": "x", "properties": {{"token": "{KEY}", "distinct_id": "u", "time": 1767261600}}}}]"#
+    );
+    let (got, reply) = g.post(
+        "/import",
+        &[("Content-Type", "application/json")],
+        import.as_bytes(),
+    );
+    assert_eq!(got, 401, "{reply}");
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.events"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.profiles"), 0);
+    // and in SQL: a writer cannot write into a webhook's ledger
+    let e = c
+        .query_one("SELECT * FROM nudge.ingest('webhook:sendgrid', ARRAY['sg-1'], ARRAY['u'], ARRAY['x'], ARRAY[now()], ARRAY['{}'::jsonb])", &[])
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{e}");
+}
+
+#[test]
+fn a_public_key_sends_events_but_changes_no_profile_and_a_batch_merges_a_users_traits() {
+    let (db, as_gateway) = setup("nudge_it_gw_public");
+    let g = Gateway::start(&as_gateway, &["--public-keys", "browser-key"]);
+    let mut c = connect(&db);
+    let basic = |k: &str| format!("Basic {}", B64.encode(format!("{k}:")));
+    let batch = br#"{"batch": [
+        {"type": "identify", "userId": "u1", "traits": {"email": "u1@example.com"}},
+        {"type": "identify", "userId": "u1", "traits": {"plan": "pro"}},
+        {"type": "track", "userId": "u1", "event": "viewed", "messageId": "p1"}]}"#;
+    let browser = basic("browser-key");
+    let (status, reply) = g.post(
+        "/v1/batch",
+        &[
+            ("Authorization", &browser),
+            ("Content-Type", "application/json"),
+        ],
+        batch,
+    );
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.events WHERE user_id = 'u1'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.profiles"),
+        0,
+        "a browser's key set a profile"
+    );
+    let server = basic(KEY);
+    let (status, reply) = g.post(
+        "/v1/batch",
+        &[
+            ("Authorization", &server),
+            ("Content-Type", "application/json"),
+        ],
+        batch,
+    );
+    assert_eq!(status, 200, "{reply}");
+    // both identifies of the batch apply, in order; the event was a replay
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT email || ' ' || (attrs->>'plan') FROM nudge.profiles WHERE user_id = 'u1'"
+        ),
+        "u1@example.com pro"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.events WHERE user_id = 'u1'"
+        ),
+        1
+    );
 }
 
 /// One message in the outbox of a database the gateway serves; returns its key.
@@ -366,6 +441,8 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
             "hook:pm-secret",
             "--sns-certs",
             store.join("certs").to_str().unwrap(),
+            "--sns-topics",
+            "arn:aws:sns:us-east-1:1:ses",
         ],
     );
 
@@ -398,7 +475,7 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
         (200, "1 of 1 recorded\n".into())
     );
 
-    // SendGrid: ECDSA over timestamp + body
+    // SendGrid: ECDSA over timestamp + body, the timestamp recent
     let events = format!(
         r#"[{{"event": "open", "sg_event_id": "sg-1", "timestamp": 1767261600, "nudge_message_key": "{key}"}}]"#
     );
@@ -406,17 +483,26 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
         let sig: p256::ecdsa::Signature = sendgrid.sign(format!("{ts}{body}").as_bytes());
         B64.encode(sig.to_der().as_bytes())
     };
-    let good = sign("1767261600", &events);
-    let forged = sign("1767261600", &events.replace("open", "spamreport"));
-    for (sig, ts) in [
-        (forged.as_str(), "1767261600"),
-        (good.as_str(), "1767261601"),
+    let now = unix_now();
+    let (ts, ts_later, ts_old) = (
+        now.to_string(),
+        (now + 1).to_string(),
+        (now - 3600).to_string(),
+    );
+    let good = sign(&ts, &events);
+    let forged = sign(&ts, &events.replace("open", "spamreport"));
+    let stale = sign(&ts_old, &events);
+    // another body; another time under the same signature; a true signature from an hour ago
+    for (sig, at) in [
+        (forged.as_str(), ts.as_str()),
+        (good.as_str(), ts_later.as_str()),
+        (stale.as_str(), ts_old.as_str()),
     ] {
         let (status, _) = g.post(
             "/webhooks/sendgrid",
             &[
                 ("X-Twilio-Email-Event-Webhook-Signature", sig),
-                ("X-Twilio-Email-Event-Webhook-Timestamp", ts),
+                ("X-Twilio-Email-Event-Webhook-Timestamp", at),
             ],
             events.as_bytes(),
         );
@@ -425,7 +511,7 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
     assert_eq!(engagement(&mut c), "delivered events=1 suppressed=0");
     let headers = [
         ("X-Twilio-Email-Event-Webhook-Signature", good.as_str()),
-        ("X-Twilio-Email-Event-Webhook-Timestamp", "1767261600"),
+        ("X-Twilio-Email-Event-Webhook-Timestamp", ts.as_str()),
     ];
     assert_eq!(
         g.post("/webhooks/sendgrid", &headers, events.as_bytes()).0,
@@ -438,66 +524,95 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
     );
     assert_eq!(engagement(&mut c), "delivered,opened events=2 suppressed=0");
 
-    // Mailgun: HMAC-SHA256 of timestamp + token
-    let mailgun = |signing_key: &str| {
+    // Mailgun: HMAC-SHA256 of timestamp + token; the event itself is not signed
+    let mailgun = |signing_key: &str, ts: i64, token: &str, id: &str, event: &str| {
         let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(signing_key.as_bytes()).unwrap();
-        mac.update(b"1767261600tok-1");
+        mac.update(format!("{ts}{token}").as_bytes());
         let sig = hex::encode(mac.finalize().into_bytes());
         format!(
-            r#"{{"signature": {{"timestamp": "1767261600", "token": "tok-1", "signature": "{sig}"}},
-                    "event-data": {{"id": "mg-1", "event": "failed", "severity": "permanent", "timestamp": 1767261600.5,
+            r#"{{"signature": {{"timestamp": "{ts}", "token": "{token}", "signature": "{sig}"}},
+                    "event-data": {{"id": "{id}", "event": "{event}", "severity": "permanent", "timestamp": 1767261600.5,
                                     "user-variables": {{"nudge_message_key": "{key}"}}}}}}"#
         )
     };
+    let post_mailgun = |body: String| g.post("/webhooks/mailgun", &[], body.as_bytes());
     assert_eq!(
-        g.post("/webhooks/mailgun", &[], mailgun("guessed").as_bytes())
-            .0,
+        post_mailgun(mailgun("guessed", now, "tok-1", "mg-1", "failed")).0,
+        401
+    );
+    assert_eq!(
+        post_mailgun(mailgun(
+            "mg-signing-key",
+            now - 3600,
+            "tok-0",
+            "mg-0",
+            "failed"
+        ))
+        .0,
         401
     );
     assert_eq!(engagement(&mut c), "delivered,opened events=2 suppressed=0");
     assert_eq!(
-        g.post(
-            "/webhooks/mailgun",
-            &[],
-            mailgun("mg-signing-key").as_bytes()
-        )
-        .0,
+        post_mailgun(mailgun("mg-signing-key", now, "tok-1", "mg-1", "failed")).0,
         200
     );
     assert_eq!(
         engagement(&mut c),
         "delivered,opened,bounced events=3 suppressed=1"
     );
+    // a captured timestamp, token and signature around another event: the token was used
+    assert_eq!(
+        post_mailgun(mailgun(
+            "mg-signing-key",
+            now,
+            "tok-1",
+            "mg-forged",
+            "complained"
+        )),
+        (200, "0 of 1 recorded\n".into())
+    );
+    assert_eq!(
+        engagement(&mut c),
+        "delivered,opened,bounced events=3 suppressed=1"
+    );
 
-    // SES through SNS: RSA under a certificate from the trust store
+    // SES through SNS: RSA under a certificate from the trust store, from one of our topics
     let cert_url = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
     let complaint = format!(
         r#"{{"eventType": "Complaint", "complaint": {{"timestamp": "2026-01-01T11:00:00Z"}}, "mail": {{"tags": {{"nudge_message_key": ["{key}"]}}}}}}"#
     );
-    let fields = |id: &str| {
+    let fields = |id: &str, topic: &str| {
         vec![
             ("Type", "Notification".to_owned()),
             ("MessageId", id.to_owned()),
-            ("TopicArn", "arn:aws:sns:us-east-1:1:ses".to_owned()),
+            ("TopicArn", topic.to_owned()),
             ("Message", complaint.clone()),
             ("Timestamp", "2026-01-01T11:00:01.000Z".to_owned()),
         ]
     };
-    let by_other = sns_message(&other_key, cert_url, &fields("sns-1"));
+    let ours = "arn:aws:sns:us-east-1:1:ses";
+    let by_other = sns_message(&other_key, cert_url, &fields("sns-1", ours));
     let elsewhere = sns_message(
         &sns_key,
         "https://sns.us-east-1.amazonaws.com.example.org/SimpleNotificationService-test.pem",
-        &fields("sns-1"),
+        &fields("sns-1", ours),
     );
     let not_stored = sns_message(
         &sns_key,
         "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-other.pem",
-        &fields("sns-1"),
+        &fields("sns-1", ours),
+    );
+    // SNS signs any account's topic: a topic that is not ours proves nothing
+    let other_topic = sns_message(
+        &sns_key,
+        cert_url,
+        &fields("sns-1", "arn:aws:sns:us-east-1:666:someone-elses"),
     );
     for (body, why) in [
         (&by_other, "does not match"),
         (&elsewhere, "not an SNS host"),
         (&not_stored, "not in the trust store"),
+        (&other_topic, "not a topic this gateway takes"),
     ] {
         let (status, reply) = g.post("/webhooks/ses", &[], body);
         assert_eq!(status, 401, "{reply}");
@@ -507,7 +622,7 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
         engagement(&mut c),
         "delivered,opened,bounced events=3 suppressed=1"
     );
-    let signed = sns_message(&sns_key, cert_url, &fields("sns-1"));
+    let signed = sns_message(&sns_key, cert_url, &fields("sns-1", ours));
     assert_eq!(
         g.post("/webhooks/ses", &[], &signed),
         (200, "1 of 1 recorded\n".into())
@@ -528,7 +643,7 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
             ("Type", "SubscriptionConfirmation".to_owned()),
             ("MessageId", "sns-2".to_owned()),
             ("Token", "t".to_owned()),
-            ("TopicArn", "arn:aws:sns:us-east-1:1:ses".to_owned()),
+            ("TopicArn", ours.to_owned()),
             ("Message", "You have chosen to subscribe".to_owned()),
             (
                 "SubscribeURL",
@@ -549,12 +664,19 @@ fn each_provider_webhook_is_taken_only_with_a_valid_signature_and_a_replay_chang
         bare.post(
             "/webhooks/mailgun",
             &[],
-            mailgun("mg-signing-key").as_bytes()
+            mailgun("mg-signing-key", now, "tok-9", "mg-9", "failed").as_bytes()
         )
         .0,
         404
     );
     assert_eq!(bare.post("/webhooks/mandrill", &[], b"{}").0, 404);
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[test]
