@@ -550,6 +550,8 @@ GRANT EXECUTE ON FUNCTION
     nudge.release(bigint[]),
     nudge.record_engagement(text, text, timestamptz, jsonb),
     nudge.unsubscribe(text),
+    nudge.follow(text),
+    nudge.opened(text),
     nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text),
     nudge.outbox_metrics(),
     nudge.worker_status()

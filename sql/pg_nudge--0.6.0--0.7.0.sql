@@ -2,7 +2,8 @@
 -- nudge.ingest and nudge.identify (batches of events and profiles,
 -- de-duplicated by the sender's id), nudge.record_webhook (provider reports,
 -- replays harmless), the ledger nudge.received, and worker_status for the
--- mailer role (the gateway's /metrics).
+-- mailer role (the gateway's /metrics); nudge.follow and nudge.opened for
+-- open and click tracking.
 \echo Use "ALTER EXTENSION pg_nudge UPDATE TO '0.7.0'" to load this file. \quit
 
 
@@ -249,3 +250,19 @@ GRANT EXECUTE ON FUNCTION nudge.ingest(text, text[], text[], text[], timestamptz
     nudge.identify(text[], text[], text[], jsonb[], jsonb[]) TO nudge_admin, nudge_writer;
 GRANT EXECUTE ON FUNCTION nudge.record_webhook(text, text, text, text, timestamptz, jsonb, text),
     nudge.worker_status() TO nudge_mailer;
+
+-- open and click tracking (nudge-gateway's GET /o/{token} and /c/{token})
+CREATE FUNCTION nudge."follow"(
+	"token" TEXT /* & str */
+) RETURNS TEXT /* String */
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'follow_wrapper';
+CREATE FUNCTION nudge."opened"(
+	"token" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'opened_wrapper';
+REVOKE ALL ON FUNCTION nudge.follow(text), nudge.opened(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.follow(text), nudge.opened(text) TO nudge_admin, nudge_mailer;

@@ -594,6 +594,7 @@ fn preview(
                     )
                 });
             let (context, context_error) = due::context_of(&t, user_id, &answers);
+            let settings = due::settings(c);
             match compose::compose(
                 due::loaded(&tpls, &t.template),
                 t.fallback_template
@@ -610,9 +611,18 @@ fn preview(
                     context_error,
                     // a preview carries no working link: it would unsubscribe
                     unsubscribe_url: (!t.transactional)
-                        .then(|| due::settings(c).unsubscribe_url)
+                        .then(|| settings.unsubscribe_url.clone())
                         .flatten()
                         .map(|u| nudge_core::consent::unsubscribe_url(&u, "preview")),
+                    // the links a message would carry, under no key: they track nothing
+                    links: settings
+                        .tracking_base()
+                        .filter(|_| t.track.any())
+                        .map(|base| compose::Links {
+                            base,
+                            secret: b"preview",
+                            track: t.track,
+                        }),
                 },
             ) {
                 compose::Composed::Message { message, .. } => message,

@@ -18,6 +18,7 @@ mod privilege;
 mod settings;
 mod sources;
 mod spi_util;
+mod tracking;
 mod user_sql;
 mod worker;
 

@@ -4,7 +4,9 @@
 use crate::experiment::{assign, Arm, Assignment, OptimizeSpec, VariantSpec, HOLDOUT, METRICS};
 use crate::policy::{Cap, CapSpec, QuietHoursSpec, Schedule, SendWindowSpec};
 use crate::predicate::Predicate;
+use crate::sender::Sender;
 use crate::time::parse_duration;
+use crate::tracking::Tracking;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -82,6 +84,17 @@ pub struct Definition {
     /// Automatic winner: new entries go to a variant once it is significantly best.
     #[serde(default)]
     pub optimize: Option<OptimizeSpec>,
+    /// Sender identity: the From and Reply-To of its messages (a mailer's
+    /// own From otherwise), and extra headers.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub reply_to: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Open and click tracking through the gateway (`tracking_url`).
+    #[serde(default)]
+    pub track: Option<Tracking>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +166,8 @@ pub struct Trigger {
     pub holdout: f64,
     pub experiment: String,
     pub optimize: Option<OptimizeSpec>,
+    pub sender: Sender,
+    pub track: Tracking,
 }
 
 impl Trigger {
@@ -285,6 +300,7 @@ impl Definition {
         self.wait_us()?;
         self.expire_after_us()?;
         self.topic()?;
+        self.sender()?;
         self.policies()?;
         if let Some(q) = &self.audience_sql {
             non_empty(q, AUDIENCE_SQL)?;
@@ -384,6 +400,14 @@ impl Definition {
         }
     }
 
+    fn sender(&self) -> Result<Sender, String> {
+        Sender::parse(
+            self.from.as_deref(),
+            self.reply_to.as_deref(),
+            &self.headers,
+        )
+    }
+
     fn topic(&self) -> Result<String, String> {
         match self.topic.as_deref().map(str::trim) {
             None => Ok(crate::consent::DEFAULT_TOPIC.into()),
@@ -463,6 +487,8 @@ impl Definition {
             caps: p.caps,
             transactional: self.transactional,
             topic: self.topic()?,
+            sender: self.sender()?,
+            track: self.track.unwrap_or_default(),
             priority: self.priority,
             defer_on_conflict: p.defer_on_conflict,
             schedule: p.schedule,

@@ -11,6 +11,8 @@ pub mod policy;
 pub mod predicate;
 pub mod render;
 pub mod retry;
+pub mod sender;
 pub mod sequence;
 pub mod sql;
 pub mod time;
+pub mod tracking;

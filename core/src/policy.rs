@@ -492,6 +492,10 @@ pub struct SettingsSpec {
     /// An address for `List-Unsubscribe: <mailto:...>`, the token as subject.
     #[serde(default)]
     pub unsubscribe_mailto: Option<String>,
+    /// Where tracked opens and clicks go (`<url>/o/…`, `<url>/c/…`): the
+    /// gateway's address; `unsubscribe_url` when left out.
+    #[serde(default)]
+    pub tracking_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -505,9 +509,17 @@ pub struct Settings {
     pub default_timezone: Option<String>,
     pub unsubscribe_url: Option<String>,
     pub unsubscribe_mailto: Option<String>,
+    pub tracking_url: Option<String>,
 }
 
 impl Settings {
+    /// The gateway address tracked links point at, if any.
+    pub fn tracking_base(&self) -> Option<&str> {
+        self.tracking_url
+            .as_deref()
+            .or(self.unsubscribe_url.as_deref())
+    }
+
     /// Parses and validates; errors name the JSON path.
     pub fn parse(v: &serde_json::Value) -> Result<(SettingsSpec, Settings), String> {
         if !v.is_object() {
@@ -547,6 +559,13 @@ impl Settings {
                 ));
             }
         }
+        if let Some(u) = &spec.tracking_url {
+            if !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.contains(|c: char| c.is_whitespace() || "\"'<>".contains(c))
+            {
+                return Err(format!("tracking_url: {u:?} is not an http(s) URL"));
+            }
+        }
         if let Some(m) = &spec.unsubscribe_mailto {
             if !m.contains('@') || m.contains(|c: char| c.is_whitespace() || "<>,?".contains(c)) {
                 return Err(format!("unsubscribe_mailto: {m:?} is not an email address"));
@@ -559,6 +578,7 @@ impl Settings {
             default_timezone: spec.default_timezone.clone(),
             unsubscribe_url: spec.unsubscribe_url.clone(),
             unsubscribe_mailto: spec.unsubscribe_mailto.clone(),
+            tracking_url: spec.tracking_url.clone(),
         })
     }
 }

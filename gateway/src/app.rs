@@ -43,6 +43,8 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .route("/engage", post(mixpanel_engage))
         .route("/webhooks/{provider}", post(webhook))
         .route("/u/{token}", get(unsubscribe_page).post(unsubscribe))
+        .route("/c/{token}", get(click))
+        .route("/o/{token}", get(open))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(max_body))
@@ -419,6 +421,58 @@ async fn unsubscribe(State(g): App, Path(token): Path<String>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Html(pages::unavailable())).into_response()
         }
     }
+}
+
+// --- open and click tracking ---
+
+/// Redirects only to a URL pg_nudge signed: no open redirect.
+async fn click(State(g): App, Path(token): Path<String>) -> Response {
+    match db::follow(&g.pool, &token).await {
+        Ok(url) => {
+            g.metrics.counted("click", "stored", 1);
+            (
+                StatusCode::FOUND,
+                [
+                    (header::LOCATION, url.as_str()),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+            )
+                .into_response()
+        }
+        Err(DbError::Refused(m)) => {
+            (StatusCode::BAD_REQUEST, Html(pages::refused(&m))).into_response()
+        }
+        Err(DbError::Unavailable(m)) => {
+            eprintln!("nudge-gateway: click: {m}");
+            (StatusCode::SERVICE_UNAVAILABLE, Html(pages::unavailable())).into_response()
+        }
+    }
+}
+
+/// The smallest transparent GIF.
+const PIXEL: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+/// The pixel comes back whatever happened: a mail client shows no broken image.
+async fn open(State(g): App, Path(token): Path<String>) -> Response {
+    match db::opened(&g.pool, &token).await {
+        Ok(first) => g
+            .metrics
+            .counted("open", if first { "stored" } else { "replayed" }, 1),
+        Err(DbError::Refused(_)) => g.metrics.counted("open", "refused", 1),
+        Err(DbError::Unavailable(m)) => eprintln!("nudge-gateway: open: {m}"),
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "image/gif"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PIXEL,
+    )
+        .into_response()
 }
 
 // --- operations ---

@@ -130,6 +130,22 @@ pub async fn unsubscribe(pool: &Pool, token: &str) -> Result<(String, bool), DbE
     Ok((row.get(0), row.get(1)))
 }
 
+/// A click: the URL its token was signed for.
+pub async fn follow(pool: &Pool, token: &str) -> Result<String, DbError> {
+    let c = pool.get().await?;
+    Ok(c.query_one("SELECT nudge.follow($1)", &[&token])
+        .await?
+        .get(0))
+}
+
+/// An open: whether it was the message's first.
+pub async fn opened(pool: &Pool, token: &str) -> Result<bool, DbError> {
+    let c = pool.get().await?;
+    Ok(c.query_one("SELECT nudge.opened($1)", &[&token])
+        .await?
+        .get(0))
+}
+
 pub async fn healthy(pool: &Pool) -> Result<(), DbError> {
     let c = pool.get().await?;
     c.query_one("SELECT 1", &[]).await?;

@@ -18,6 +18,15 @@ pub struct Row {
 
 /// Builds the email; an error here is permanent (retrying cannot fix it).
 pub fn build(row: &Row, from: &str) -> Result<Message, String> {
+    let row_headers = row.headers.as_object().cloned().unwrap_or_default();
+    let given = |name: &str| {
+        row_headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+    };
+    // a trigger's own sender (its "from"), else the mailer's
+    let from = given("From").unwrap_or(from);
     let mut b = Message::builder()
         .from(
             from.parse()
@@ -34,7 +43,12 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
         HeaderName::new_from_ascii_str("X-Nudge-Message-Key"),
         row.message_key.clone(),
     ));
-    let row_headers = row.headers.as_object().cloned().unwrap_or_default();
+    if let Some(r) = given("Reply-To") {
+        b = b.reply_to(
+            r.parse()
+                .map_err(|e| format!("reply-to address {r:?}: {e}"))?,
+        );
+    }
     // Providers' ways of handing a value back in their webhooks, so that
     // nudge-gateway finds the message a report is about (docs/gateway.md),
     // merged into the row's own header of the same name. A server that
@@ -52,6 +66,9 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
             .map_or_else(|| value.to_string(), str::to_owned);
         if name.eq_ignore_ascii_case("message-id") {
             b = b.message_id(Some(value));
+            continue;
+        }
+        if name.eq_ignore_ascii_case("from") || name.eq_ignore_ascii_case("reply-to") {
             continue;
         }
         if provider.iter().any(|(p, _)| p.eq_ignore_ascii_case(name)) {
@@ -168,6 +185,18 @@ mod tests {
             "{m}"
         );
         assert_eq!(m.matches("X-SMTPAPI").count(), 1, "{m}");
+    }
+
+    #[test]
+    fn a_triggers_sender_replaces_the_mailers() {
+        let mut r = row();
+        r.headers = json!({"From": "Trailhead <hello@shop.example>", "Reply-To": "care@shop.example", "X-Campaign": "cart"});
+        let m = String::from_utf8(build(&r, "pg_nudge <nudge@localhost>").unwrap().formatted())
+            .unwrap();
+        assert!(m.contains("From: Trailhead <hello@shop.example>"), "{m}");
+        assert!(m.contains("Reply-To: care@shop.example"), "{m}");
+        assert!(m.contains("X-Campaign: cart"), "{m}");
+        assert!(!m.contains("nudge@localhost"), "{m}");
     }
 
     #[test]

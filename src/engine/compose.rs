@@ -4,6 +4,7 @@
 
 use nudge_core::decision::{Rule, Stop};
 use nudge_core::render::{RenderError, Rendered, Template};
+use nudge_core::tracking::{self, Tracking};
 use serde_json::{json, Map, Value};
 
 pub struct Message {
@@ -35,12 +36,43 @@ pub struct Inputs<'a> {
     pub context_error: Option<String>,
     /// The one-click unsubscribe link, when one is configured.
     pub unsubscribe_url: Option<String>,
+    /// Open and click tracking, when the trigger asks and a base is configured.
+    pub links: Option<Links<'a>>,
+}
+
+pub struct Links<'a> {
+    pub base: &'a str,
+    pub secret: &'a [u8],
+    pub track: Tracking,
 }
 
 /// A template by name as the catalog returned it: missing or unparseable is an Err.
 pub type Loaded<'a> = Result<&'a Template, String>;
 
 pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) -> Composed {
+    let (links, message_key) = (
+        i.links.as_ref().map(|l| (l.base, l.secret, l.track)),
+        i.message_key,
+    );
+    match render(main, fallback, i) {
+        // what was rendered, its links pointed at the gateway
+        Composed::Message { mut message, note } => match links {
+            Some((base, secret, track)) => {
+                match tracking::rewrite(&message.rendered.html, base, secret, message_key, track) {
+                    Ok(html) => {
+                        message.rendered.html = html;
+                        Composed::Message { message, note }
+                    }
+                    Err(e) => Composed::Stopped(Stop::new(Rule::Template, e)),
+                }
+            }
+            None => Composed::Message { message, note },
+        },
+        stopped => stopped,
+    }
+}
+
+fn render(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) -> Composed {
     let recipient = i.recipient;
     let vars = json!({
         "event": i.anchor,

@@ -3,7 +3,7 @@
 //! outbox, the enrollments and the journal with one statement each.
 
 use crate::catalog::{live_triggers, templates};
-use crate::engine::compose::{compose, Composed, Inputs, Loaded};
+use crate::engine::compose::{compose, Composed, Inputs, Links, Loaded};
 use crate::isolate;
 use crate::spi_util::{distinct, micros, run, ts};
 use nudge_core::consent::{self, Consent};
@@ -272,16 +272,21 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         };
         let (context, context_error) = context_of(t, &d.user_id, &answers);
         // a message with a topic carries its one-click unsubscribe link
-        let (headers, unsubscribe_url) = if t.transactional {
+        let (mut headers, unsubscribe_url): (Headers, _) = if t.transactional {
             (vec![], None)
         } else {
             let token = consent::token(&secret, &d.message_key, &d.user_id, &t.topic);
-            consent::headers(
+            let (h, link) = consent::headers(
                 settings.unsubscribe_url.as_deref(),
                 settings.unsubscribe_mailto.as_deref(),
                 &token,
+            );
+            (
+                h.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                link,
             )
         };
+        headers.extend(t.sender.outbox_headers());
         let composed = compose(
             loaded(&tpls, t.template_of(d.variant.as_deref())),
             t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
@@ -295,6 +300,14 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 context,
                 context_error,
                 unsubscribe_url,
+                links: settings
+                    .tracking_base()
+                    .filter(|_| t.track.any())
+                    .map(|base| Links {
+                        base,
+                        secret: &secret,
+                        track: t.track,
+                    }),
             },
         );
         let (m, fallback_note) = match composed {
@@ -1018,7 +1031,7 @@ struct OutboxRows {
 }
 
 /// Extra headers of a message (the unsubscribe ones), besides its Message-ID.
-type Headers = Vec<(&'static str, String)>;
+type Headers = Vec<(String, String)>;
 
 impl OutboxRows {
     fn push(
@@ -1034,7 +1047,7 @@ impl OutboxRows {
             Value::String(format!("<{}@pg_nudge>", d.message_key)),
         );
         for (name, value) in headers {
-            h.insert(name.into(), Value::String(value));
+            h.insert(name, Value::String(value));
         }
         self.headers.push(JsonB(Value::Object(h)));
         self.topic.push((!t.transactional).then(|| t.topic.clone()));

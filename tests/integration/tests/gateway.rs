@@ -766,3 +766,109 @@ fn metrics_report_the_outbox_the_worker_and_the_gateway_and_healthz_the_database
     assert_eq!(status, 503, "{reply}");
     assert_eq!(down.get("/metrics").0, 200);
 }
+
+#[test]
+fn tracked_clicks_redirect_only_where_pg_nudge_signed_and_the_triggers_sender_reaches_the_smtp_server(
+) {
+    let (db, as_gateway) = setup("nudge_it_gw_track");
+    let g = Gateway::start(&as_gateway, &[]);
+    let mut c = connect(&db);
+    c.batch_execute(&format!(
+        r#"SELECT nudge.configure('{{"tracking_url": "{}"}}');
+           SELECT nudge.define_template('t', 'Your cart', '<html><body><p><a href="https://shop.example/cart?a=1&amp;b=2">Back to your cart</a></p></body></html>');
+           SELECT nudge.define_trigger('cart', '{{"on": {{"event": "cart_added"}}, "template": "t",
+               "from": "Trailhead <hello@shop.example>", "reply_to": "care@shop.example",
+               "headers": {{"X-Campaign": "cart"}}, "track": {{"opens": true, "clicks": true}}}}');
+           INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+           SELECT nudge.track('u1', 'cart_added', '{{}}', now() - interval '1 minute');
+           SELECT nudge.run_due();"#,
+        g.base
+    ))
+    .unwrap();
+    let html = text(&mut c, "SELECT html FROM nudge.outbox");
+    let token_after = |path: &str| {
+        html.split(&format!("{}/{path}/", g.base))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no /{path}/ link in {html}"))
+            .split('"')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (click, open) = (token_after("c"), token_after("o"));
+    assert!(!html.contains("href=\"https://shop.example"), "{html}");
+
+    let agent = ureq::AgentBuilder::new().redirects(0).build();
+    let res = agent.get(&g.url(&format!("/c/{click}"))).call().unwrap();
+    assert_eq!(res.status(), 302);
+    assert_eq!(
+        res.header("Location"),
+        Some("https://shop.example/cart?a=1&b=2")
+    );
+    // the same token with another URL in it: no redirect, nothing recorded
+    let (payload, mac) = click.split_once('.').unwrap();
+    let forged_payload = {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        let text = String::from_utf8(raw)
+            .unwrap()
+            .replace("https://shop.example", "https://evil.example");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    };
+    match agent
+        .get(&g.url(&format!("/c/{forged_payload}.{mac}")))
+        .call()
+    {
+        Err(ureq::Error::Status(400, res)) => assert_eq!(res.header("Location"), None),
+        other => panic!(
+            "a forged click was answered: {:?}",
+            other.map(|r| r.status())
+        ),
+    }
+    for _ in 0..2 {
+        let res = agent.get(&g.url(&format!("/o/{open}"))).call().unwrap();
+        assert_eq!(res.content_type(), "image/gif");
+    }
+    assert_eq!(
+        text(
+            &mut c,
+            "SELECT (clicked_at IS NOT NULL) || ' ' || (opened_at IS NOT NULL)
+                    || ' ' || (SELECT string_agg(event || coalesce(':' || (props->>'url'), ''), ',' ORDER BY event)
+                                 FROM nudge.events WHERE event LIKE 'email_%')
+               FROM nudge.outbox"
+        ),
+        "true true email_clicked:https://shop.example/cart?a=1&b=2,email_opened"
+    );
+
+    // the trigger's sender, as the SMTP server receives it
+    let smtp = nudge_integration::SmtpServer::start("gw_track");
+    c.batch_execute(
+        "UPDATE nudge.outbox SET status = 'pending', available_at = now(), checked_at = now()",
+    )
+    .unwrap();
+    let status = Command::new(nudge_integration::mailer_bin())
+        .args([
+            "--database-url",
+            &db,
+            "--smtp-port",
+            &smtp.port.to_string(),
+            "--once",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let received = smtp.messages();
+    assert_eq!(received.len(), 1);
+    for header in [
+        "From: Trailhead <hello@shop.example>",
+        "Reply-To: care@shop.example",
+        "X-Campaign: cart",
+    ] {
+        assert!(
+            received[0].contains(header),
+            "no {header:?} in:\n{}",
+            received[0]
+        );
+    }
+}
