@@ -11,7 +11,7 @@ SOAK_MINUTES ?= 10
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
-.PHONY: bench soak setup install test test-unit test-pgrx test-server regress tour integration demo demo-stop clean
+.PHONY: bench soak setup install test test-unit test-pgrx test-server test-package package regress tour integration demo demo-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -21,8 +21,9 @@ install: setup
 	@# released install scripts, so that upgrades from them can be tested
 	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 
-## the whole suite: unit tests, in-server pgrx tests, SQL regression and integration tests
-test: setup test-unit test-pgrx test-server
+## the whole suite: unit tests, in-server pgrx tests, SQL regression and integration tests,
+## then the Debian package installed with apt and toured
+test: setup test-unit test-pgrx test-server test-package
 
 test-unit:
 	cargo test -p nudge-core -p nudge-mailer -p nudge-gateway
@@ -48,6 +49,14 @@ tour:
 
 integration:
 	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration --tests -- --test-threads=1
+
+## a Debian package for PostgreSQL 15 (extension, nudge-mailer, nudge-gateway, systemd units)
+package: setup
+	@scripts/package.sh
+
+## installs that package with apt and runs the README tour against it on a cluster of its own
+test-package: package
+	@scripts/package-test.sh
 
 ## a realistic scenario on a cluster of its own; `make demo-stop` stops it when kept
 demo: install

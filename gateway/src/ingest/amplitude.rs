@@ -1,9 +1,7 @@
 //! Amplitude's HTTP V2 API (`POST /2/httpapi`): `{api_key, events: [...]}`,
 //! times in milliseconds, `$identify` events and `user_properties` for profiles.
 
-use super::{
-    epoch_time, id_text, kind, object, profile_from, Batch, EpochUnit, Event, Invalid, Limits,
-};
+use super::{epoch_time, id_text, object, profile_from, Batch, EpochUnit, Event, Invalid, Limits};
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
@@ -12,18 +10,9 @@ pub fn parse(body: &Value, limits: &Limits, now: DateTime<Utc>) -> Result<Batch,
         .get("events")
         .and_then(Value::as_array)
         .ok_or_else(|| Invalid("events: should be an array of events".into()))?;
-    limits.check_count(events.len())?;
     let mut out = Batch::default();
-    for (i, e) in events.iter().enumerate() {
-        let path = format!("events[{i}]");
+    for (path, e) in limits.items("events", events)? {
         let at = |f: &str| format!("{path}.{f}");
-        if !e.is_object() {
-            return Err(Invalid(format!(
-                "{path}: should be an object, got {}",
-                kind(e)
-            )));
-        }
-        limits.check_size(&path, e)?;
         let name = e
             .get("event_type")
             .and_then(Value::as_str)

@@ -2,9 +2,7 @@
 //! profile updates; each is one object or an array, posted as JSON or as the
 //! form field `data` (plain or base64 JSON, as older libraries send it).
 
-use super::{
-    epoch_time, id_text, kind, object, profile_from, Batch, EpochUnit, Event, Invalid, Limits,
-};
+use super::{epoch_time, id_text, object, profile_from, Batch, EpochUnit, Event, Invalid, Limits};
 use base64::Engine;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -41,18 +39,9 @@ pub fn events(
     limits: &Limits,
     now: DateTime<Utc>,
 ) -> Result<(Batch, Vec<Option<String>>), Invalid> {
-    limits.check_count(records.len())?;
     let mut out = Batch::default();
     let mut tokens = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        let path = format!("data[{i}]");
-        if !r.is_object() {
-            return Err(Invalid(format!(
-                "{path}: should be an object, got {}",
-                kind(r)
-            )));
-        }
-        limits.check_size(&path, r)?;
+    for (path, r) in limits.items("data", records)? {
         let name = r
             .get("event")
             .and_then(Value::as_str)
@@ -100,18 +89,9 @@ pub fn profiles(
     records: &[Value],
     limits: &Limits,
 ) -> Result<(Batch, Vec<Option<String>>), Invalid> {
-    limits.check_count(records.len())?;
     let mut out = Batch::default();
     let mut tokens = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        let path = format!("data[{i}]");
-        if !r.is_object() {
-            return Err(Invalid(format!(
-                "{path}: should be an object, got {}",
-                kind(r)
-            )));
-        }
-        limits.check_size(&path, r)?;
+    for (path, r) in limits.items("data", records)? {
         tokens.push(r.get("$token").and_then(Value::as_str).map(str::to_owned));
         let user = id_text(r.get("$distinct_id"))
             .ok_or_else(|| Invalid(format!("{path}.$distinct_id: missing")))?;

@@ -104,6 +104,33 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// The items of a request's list with their paths (`events[3]`), each
+    /// checked to be an object within the size limit, the list within the count.
+    pub fn items<'a>(
+        &self,
+        list: &str,
+        items: &'a [Value],
+    ) -> Result<Vec<(String, &'a Value)>, Invalid> {
+        self.check_count(items.len())?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let path = format!("{list}[{i}]");
+                if !v.is_object() {
+                    return Err(Invalid(format!(
+                        "{path}: should be an object, got {}",
+                        kind(v)
+                    )));
+                }
+                self.check_size(&path, v)?;
+                Ok((path, v))
+            })
+            .collect()
+    }
+}
+
 /// An ISO 8601 time with an offset, as the SDKs send it.
 pub fn iso_time(path: &str, v: &Value) -> Result<DateTime<Utc>, Invalid> {
     let text = v
