@@ -11,7 +11,8 @@ PORT=${PACKAGE_TEST_PORT:-28817}
 DIR=/tmp/pg_nudge-package
 deb=$(ls -t target/package/pg-nudge_*.deb | head -1)
 echo "package test: apt install ./$deb"
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall "./$deb" >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall "./$deb" >/tmp/pg_nudge-apt.log 2>&1 \
+  || { cat /tmp/pg_nudge-apt.log; exit 1; }
 owner=$(dpkg -S "$(pg_config --pkglibdir)/pg_nudge.so" | cut -d: -f1)
 [[ $owner == pg-nudge ]] || { echo "package test: pg_nudge.so belongs to $owner"; exit 1; }
 for f in /usr/bin/nudge-mailer /usr/bin/nudge-gateway /lib/systemd/system/nudge-gateway.service /etc/default/nudge-mailer; do
@@ -34,5 +35,6 @@ gw_port=$((PORT + 1))
 gateway_pid=$!
 for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$gw_port/healthz" >/dev/null && break; sleep 0.1; done
 [[ $(curl -sf "http://127.0.0.1:$gw_port/healthz") == ok ]] || { echo "package test: the packaged gateway does not answer"; exit 1; }
-/usr/bin/nudge-mailer --help 2>&1 | grep -q -- '--smtp-host' || { echo "package test: nudge-mailer does not run"; exit 1; }
+help=$(/usr/bin/nudge-mailer --help 2>&1 || true)
+grep -q -- '--smtp-host' <<<"$help" || { echo "package test: nudge-mailer does not run"; exit 1; }
 echo "package test: ok (tour, upgrade from 0.6.0, gateway, mailer from the package)"
