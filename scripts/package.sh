@@ -30,8 +30,8 @@ done
 echo "package: building nudge-mailer and nudge-gateway (release)"
 cargo build --release -p nudge-mailer -p nudge-gateway >/dev/null 2>&1 \
   || cargo build --release -p nudge-mailer -p nudge-gateway
-install -D -m 755 target/release/nudge-mailer "$root/usr/bin/nudge-mailer"
-install -D -m 755 target/release/nudge-gateway "$root/usr/bin/nudge-gateway"
+install -D -m 755 "${CARGO_TARGET_DIR:-target}/release/nudge-mailer" "$root/usr/bin/nudge-mailer"
+install -D -m 755 "${CARGO_TARGET_DIR:-target}/release/nudge-gateway" "$root/usr/bin/nudge-gateway"
 strip "$root/usr/bin/nudge-mailer" "$root/usr/bin/nudge-gateway" "$root$("$PG_CONFIG" --pkglibdir)/pg_nudge.so"
 for s in nudge-mailer nudge-gateway; do
   install -D -m 644 "packaging/$s.service" "$root/lib/systemd/system/$s.service"
