@@ -67,7 +67,7 @@ demo: install
 bench: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
 	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
-	cargo build --release -p nudge-bench
+	cargo build --release -p nudge-bench -p nudge-mailer
 	@bench/run.sh
 
 ## fault injection under steady load on a cluster of its own (port 28830), SOAK_MINUTES long;

@@ -185,6 +185,47 @@ done
 
 fi
 
+if only mailer; then
+# 4. nudge-mailer against Postfix's own load generator: smtp-sink receives for
+#    both; smtp-source sends the same count and size with as many sessions.
+MAIL_N=${BENCH_MAIL:-20000}
+MAIL_C=${BENCH_MAIL_CONCURRENCY:-4}
+SINK=127.0.0.1:$((PORT + 7))
+if ! command -v smtp-sink >/dev/null; then
+  echo "bench: installing Postfix for smtp-sink and smtp-source (it is not started)"
+  SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postfix >/dev/null
+fi
+sink_user=(); [[ $(id -u) == 0 ]] && sink_user=(-u postfix)
+smtp-sink "${sink_user[@]}" "$SINK" 256 &
+sink_pid=$!
+trap 'kill $sink_pid 2>/dev/null; scripts/cluster.sh stop "$DIR"' EXIT
+for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/${SINK%:*}/${SINK#*:}") 2>/dev/null && break; sleep 0.1; done
+q "SELECT bench.fill('nudge', $MAIL_N)" >/dev/null
+# the size of what the mailer sends: the html part and about 700 bytes of headers
+size=$(q "SELECT avg(length(html))::int + 700 FROM nudge.outbox")
+r=()
+for round in $(seq 1 "$ROUNDS"); do
+  t=$(now); smtp-source -s "$MAIL_C" -m "$MAIL_N" -l "$size" -f bench@shop.example -t u1@shop.example "$SINK"
+  r+=("$(echo "$MAIL_N / $(since "$t")" | bc -l)")
+done
+base=$(best "${r[@]}")
+r=()
+for round in $(seq 1 "$ROUNDS"); do
+  q "UPDATE nudge.outbox SET status = 'pending', available_at = now(), checked_at = now(), attempts = 0, claimed_by = NULL" >/dev/null
+  "${psql[@]}" -c "VACUUM ANALYZE nudge.outbox" >/dev/null
+  t=$(now)
+  target/release/nudge-mailer --once --concurrency "$MAIL_C" --batch 50 --smtp-host "${SINK%:*}" --smtp-port "${SINK#*:}" \
+    --database-url "host=127.0.0.1 port=$PORT user=postgres dbname=bench" 2>/dev/null
+  r+=("$(echo "$MAIL_N / $(since "$t")" | bc -l)")
+  sent=$(q "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'")
+  [[ $sent == "$MAIL_N" ]] || { echo "bench: the mailer sent $sent of $MAIL_N"; exit 1; }
+done
+ours=$(best "${r[@]}")
+row "mailer: $(fmt "$MAIL_N") messages of $size bytes into smtp-sink, $MAIL_C sessions (msg/s)" "$(fmt "$base")" "$(fmt "$ours")" "$(ratio "$ours" "$base")" ">= 0.5, >= 2,000/s"
+kill $sink_pid 2>/dev/null || true
+fi
+
 {
   echo "# pg_nudge benchmark results"
   echo
@@ -192,6 +233,7 @@ fi
   echo "Machine: $(nproc) cores ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr)."
   echo "Server: $(q 'SELECT version()' | cut -d, -f1), one cluster for baseline and pg_nudge, settings:"
   echo "\`fsync=off $(printf '%s ' "${SETTINGS[@]}")\` (fsync off: the ratios show CPU cost, not disk flushes)."
+  echo "The mailer part: nudge-mailer (release) and Postfix's smtp-source (the baseline) into one smtp-sink."
   echo "Data: $(fmt "$EVENTS") events, Zipf (s = 1.07) over $(fmt "$USERS") users, fixed seed (bench/gen_events.py);"
   echo "the COPY left $(fmt "$enrolled") enrollments. Figures are the best of $ROUNDS rounds where rounds are run."
   [[ -z ${BENCH_ONLY:-} ]] || echo "Only these parts were run: $BENCH_ONLY."

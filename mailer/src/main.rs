@@ -6,13 +6,13 @@
 
 mod config;
 mod envelope;
+mod smtp;
 
-use config::{Config, Tls};
+use config::Config;
 use envelope::Row;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::{SmtpTransport, Transport};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
+use smtp::Smtp;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,21 +48,6 @@ fn main() {
     std::process::exit(i32::from(failed));
 }
 
-fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
-    let b = match cfg.smtp_tls {
-        Tls::None => SmtpTransport::builder_dangerous(&cfg.smtp_host),
-        Tls::StartTls => {
-            SmtpTransport::starttls_relay(&cfg.smtp_host).map_err(|e| e.to_string())?
-        }
-        Tls::Wrapper => SmtpTransport::relay(&cfg.smtp_host).map_err(|e| e.to_string())?,
-    };
-    let mut b = b.port(cfg.smtp_port).timeout(Some(Duration::from_secs(30)));
-    if let (Some(u), Some(p)) = (&cfg.smtp_user, &cfg.smtp_password) {
-        b = b.credentials(Credentials::new(u.clone(), p.clone()));
-    }
-    Ok(b.build())
-}
-
 /// One worker thread: its own SMTP transport, and a database session that
 /// is opened again (with backoff) whenever the server goes away: a restart
 /// or a crash of the server must not need a supervisor to bring mail back.
@@ -70,14 +55,14 @@ fn transport(cfg: &Config) -> Result<SmtpTransport, String> {
 /// lease ends; what was sent but not acked is acked by the next session, so a
 /// server restart between the two does not send it twice.
 fn run(cfg: &Config, thread: usize, stop: &AtomicBool) -> Result<u64, String> {
-    let smtp = transport(cfg)?;
+    let mut smtp = Smtp::new(cfg)?;
     let consumer = format!("{}/{thread}", cfg.consumer);
     let mut sent = 0u64;
     let mut owed = Owed::default();
     let mut backoff = RECONNECT_MIN;
     while !stop.load(Ordering::Relaxed) {
         let before = sent;
-        match session(cfg, &smtp, &consumer, stop, &mut sent, &mut owed) {
+        match session(cfg, &mut smtp, &consumer, stop, &mut sent, &mut owed) {
             Ok(()) => break,
             Err(e) if cfg.once => return Err(e),
             Err(e) => {
@@ -129,7 +114,7 @@ impl Owed {
 /// Claims and sends until stopped (Ok) or the database fails (Err).
 fn session(
     cfg: &Config,
-    smtp: &SmtpTransport,
+    smtp: &mut Smtp,
     consumer: &str,
     stop: &AtomicBool,
     sent: &mut u64,
@@ -205,14 +190,14 @@ fn claim(db: &mut Client, cfg: &Config, consumer: &str) -> Result<Vec<Row>, Stri
 /// session (`run` connects again); an SMTP error is the message's (`nudge.fail`, retried or dead).
 fn deliver(
     db: &mut Client,
-    smtp: &SmtpTransport,
+    smtp: &mut Smtp,
     cfg: &Config,
     row: &Row,
     owed: &mut Owed,
 ) -> Result<(), String> {
     let outcome = envelope::build(row, &cfg.from)
         .map_err(|e| (e, true))
-        .and_then(|m| smtp.send(&m).map_err(|e| (e.to_string(), e.is_permanent())));
+        .and_then(|m| smtp.send(&m).map_err(|f| (f.text, f.permanent)));
     match outcome {
         Ok(resp) => {
             let provider_id = resp.message().collect::<Vec<_>>().join(" ");
