@@ -39,10 +39,16 @@ BEGIN
         SELECT 'u' || i % 100000, 'u' || i % 100000 || '@shop.example', 'Still thinking about it?', body
           FROM generate_series(1, n) i;
     ELSE
+        -- claim hands out only messages of a trigger that exists (a dropped
+        -- trigger's are cancelled): the rows belong to a real one
+        IF NOT EXISTS (SELECT 1 FROM nudge.triggers WHERE name = 'bench') THEN
+            PERFORM nudge.define_template('bench', 'Still thinking about it?', body);
+            PERFORM nudge.define_trigger('bench', '{"on": {"event": "bench_outbox"}, "template": "bench"}');
+        END IF;
         TRUNCATE nudge.outbox;
-        INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id, recipient, subject, html)
+        INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id, recipient, subject, html, checked_at)
         SELECT md5(i::text), 'bench', 1, i, 'u' || i % 100000, 'u' || i % 100000 || '@shop.example',
-               'Still thinking about it?', body
+               'Still thinking about it?', body, now()
           FROM generate_series(1, n) i;
     END IF;
 END

@@ -199,7 +199,7 @@ fi
 sink_user=(); [[ $(id -u) == 0 ]] && sink_user=(-u postfix)
 smtp-sink "${sink_user[@]}" "$SINK" 256 &
 sink_pid=$!
-trap 'kill $sink_pid 2>/dev/null; scripts/cluster.sh stop "$DIR"' EXIT
+trap 'kill $sink_pid 2>/dev/null || true; scripts/cluster.sh stop "$DIR"' EXIT
 for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/${SINK%:*}/${SINK#*:}") 2>/dev/null && break; sleep 0.1; done
 q "SELECT bench.fill('nudge', $MAIL_N)" >/dev/null
 # the size of what the mailer sends: the html part and about 700 bytes of headers
