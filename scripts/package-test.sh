@@ -15,6 +15,9 @@ DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall "./$deb"
   || { cat /tmp/pg_nudge-apt.log; exit 1; }
 owner=$(dpkg -S "$(pg_config --pkglibdir)/pg_nudge.so" | cut -d: -f1)
 [[ $owner == pg-nudge ]] || { echo "package test: pg_nudge.so belongs to $owner"; exit 1; }
+for f in /etc/default/nudge-mailer /etc/default/nudge-gateway; do
+  [[ $(stat -c %a "$f") == 600 ]] || { echo "package test: $f is readable by others"; exit 1; }
+done
 for f in /usr/bin/nudge-mailer /usr/bin/nudge-gateway /lib/systemd/system/nudge-gateway.service /etc/default/nudge-mailer; do
   [[ $(dpkg -S "$f" | cut -d: -f1) == pg-nudge ]] || { echo "package test: $f is not the package's"; exit 1; }
 done

@@ -35,7 +35,8 @@ install -D -m 755 "${CARGO_TARGET_DIR:-target}/release/nudge-gateway" "$root/usr
 strip "$root/usr/bin/nudge-mailer" "$root/usr/bin/nudge-gateway" "$root$("$PG_CONFIG" --pkglibdir)/pg_nudge.so"
 for s in nudge-mailer nudge-gateway; do
   install -D -m 644 "packaging/$s.service" "$root/lib/systemd/system/$s.service"
-  install -D -m 644 "packaging/$s.default" "$root/etc/default/$s"
+  # it will hold passwords and signing keys: systemd (root) reads it, nobody else
+  install -D -m 600 "packaging/$s.default" "$root/etc/default/$s"
 done
 doc=$root/usr/share/doc/pg-nudge
 install -D -m 644 README.md "$doc/README.md"
@@ -56,7 +57,7 @@ glibc=$(objdump -T "$root/usr/bin/nudge-mailer" "$root/usr/bin/nudge-gateway" "$
   | grep -oE 'GLIBC_[0-9]+\.[0-9]+' | sed 's/GLIBC_//' | sort -V | tail -1)
 
 mkdir -p "$root/DEBIAN"
-install -m 755 packaging/postinst packaging/postrm "$root/DEBIAN/"
+install -m 755 packaging/postinst packaging/prerm packaging/postrm "$root/DEBIAN/"
 printf '/etc/default/nudge-mailer\n/etc/default/nudge-gateway\n' > "$root/DEBIAN/conffiles"
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat > "$root/DEBIAN/control" <<CONTROL

@@ -1,8 +1,8 @@
 //! Open and click tracking: `nudge.follow(token)` and `nudge.opened(token)`
 //! are what the gateway's `GET /c/{token}` and `GET /o/{token}` call. The
 //! token is checked against the database's key (nudge_core::tracking); a
-//! click records `clicked` with its URL each time and gives the URL back to
-//! redirect to, an open records `opened` once per message. Tracking is in
+//! click records `clicked` with its URL (once per message and URL) and gives
+//! the URL back to redirect to, an open records `opened` once per message. Tracking is in
 //! docs/reference.md, "Sender identity and tracking".
 
 use crate::privilege::as_extension;
@@ -28,10 +28,15 @@ fn follow(token: &str) -> String {
     };
     as_extension(|| {
         Spi::connect_mut(|c| {
+            // a link followed again (or a token replayed) adds nothing
             run(
                 c,
                 "SELECT nudge.record_engagement(o.message_key, 'clicked', now(), jsonb_build_object('url', $2::text))
-                   FROM nudge.outbox o WHERE o.message_key = $1",
+                   FROM nudge.outbox o
+                  WHERE o.message_key = $1
+                    AND NOT EXISTS (SELECT 1 FROM nudge.events e
+                                     WHERE e.user_id = o.user_id AND e.event = 'email_clicked'
+                                       AND e.props->>'message_key' = $1 AND e.props->>'url' = $2)",
                 &[message_key.clone().into(), url.clone().into()],
                 "recording the click",
             );

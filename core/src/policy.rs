@@ -550,9 +550,10 @@ impl Settings {
             z.parse::<Tz>()
                 .map_err(|_| format!("default_timezone: unknown time zone {z:?}"))?;
         }
+        // both go into headers and html attributes as they are
         if let Some(u) = &spec.unsubscribe_url {
             if !(u.starts_with("https://") || u.starts_with("http://"))
-                || u.contains(char::is_whitespace)
+                || u.contains(|c: char| c.is_whitespace() || "\"'<>".contains(c))
             {
                 return Err(format!(
                     "unsubscribe_url: {u:?} is not an http(s) URL (RFC 8058 wants https)"

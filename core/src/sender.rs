@@ -21,6 +21,11 @@ const RESERVED: &[&str] = &[
     "return-path",
     "from",
     "reply-to",
+    // the envelope sender: bounces would go elsewhere than the provider reports
+    "sender",
+    // provider instructions: SendGrid's can add recipients, SES's reroute events
+    "x-smtpapi",
+    "x-ses-configuration-set",
 ];
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,9 +48,9 @@ impl Sender {
             let path = format!("headers.{name}");
             let field_name =
                 !name.is_empty() && name.bytes().all(|b| (33..=126).contains(&b) && b != b':');
-            if !field_name {
+            if !field_name || name.len() > 76 {
                 return Err(format!(
-                    "{path}: a header name is printable ASCII without spaces or ':'"
+                    "{path}: a header name is printable ASCII without spaces or ':', at most 76 characters"
                 ));
             }
             if RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
@@ -95,15 +100,22 @@ fn one_line(path: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `addr@host` or `Name <addr@host>`.
+/// `addr@host`, `Name <addr@host>` or `"Name, with: specials" <addr@host>`:
+/// what a mailer's address parser takes (an unquoted name with `,:;()` is not).
 fn mailbox(path: &str, text: &str) -> Result<String, String> {
     one_line(path, text)?;
     let t = text.trim();
     let addr = match (t.rfind('<'), t.ends_with('>')) {
         (Some(i), true) => {
             let name = t[..i].trim();
-            if name.contains(['<', '>']) {
-                return Err(format!("{path}: {text:?} is not an address"));
+            let quoted = name.len() >= 2
+                && name.starts_with('"')
+                && name.ends_with('"')
+                && !name[1..name.len() - 1].contains(['"', '\\']);
+            if !quoted && name.contains(|c: char| "<>,:;()[]@\"\\".contains(c)) {
+                return Err(format!(
+                    "{path}: {text:?}: a display name with any of , : ; ( ) [ ] @ is written in quotes: \"Acme, Inc.\" <hello@acme.example>"
+                ));
             }
             &t[i + 1..t.len() - 1]
         }
@@ -170,5 +182,15 @@ mod tests {
         assert!(e(None, &[("Bad Name", "x")]).contains("printable ASCII"));
         assert!(e(None, &[("subject", "x")]).contains("sets this header itself"));
         assert!(e(None, &[("From", "a@b.example")]).contains("use the key \"from\""));
+        assert!(e(None, &[("Sender", "a@b.example")]).contains("sets this header itself"));
+        assert!(e(None, &[("X-SMTPAPI", "{\"to\": [\"x@y.example\"]}")])
+            .contains("sets this header itself"));
+        assert!(e(Some("Acme, Inc. <a@acme.example>"), &[]).contains("written in quotes"));
+        assert!(Sender::parse(
+            Some("\"Acme, Inc.\" <a@acme.example>"),
+            None,
+            &BTreeMap::new()
+        )
+        .is_ok());
     }
 }

@@ -81,50 +81,84 @@ pub fn verify(secret: &[u8], token: &str) -> Result<Link, String> {
     }
 }
 
-/// The characters an attribute value may hold encoded (templates escape
-/// `&` in what they output).
-fn attribute_text(raw: &str) -> String {
-    raw.replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&#x27;", "'")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&amp;", "&")
+/// `scheme://host[:port]`, lower-cased, of an absolute http(s) URL.
+fn origin(url: &str) -> Option<String> {
+    let lower = url.trim().to_ascii_lowercase();
+    let (scheme, rest) = match lower.strip_prefix("https://") {
+        Some(rest) => ("https", rest),
+        None => ("http", lower.strip_prefix("http://")?),
+    };
+    let host = &rest[..rest.find(|c: char| "/?#".contains(c)).unwrap_or(rest.len())];
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || "\"'<>{}@\\".contains(c)) {
+        return None;
+    }
+    Some(format!("{scheme}://{host}"))
 }
 
-/// The html with its http(s) links pointed at `<base>/c/…` (not the
-/// unsubscribe link, which must stay one click) and a pixel at the end of
-/// its body, as `t` asks.
-pub fn rewrite(
-    html: &str,
-    base: &str,
-    secret: &[u8],
-    message_key: &str,
-    t: Tracking,
-) -> Result<String, String> {
+/// The origins the template's author wrote: `https://shop.example` in
+/// `href="https://shop.example/cart/{{ event.cart_id }}"`. Only links to
+/// these are tracked, so that a URL that came from data (an event's prop)
+/// never gets a signed redirect: that would make the gateway an open
+/// redirect for whoever can send an event.
+pub fn author_origins(template_html: &str) -> Vec<String> {
+    let lower = template_html.to_ascii_lowercase();
+    let mut out: Vec<String> = ["http://", "https://"]
+        .iter()
+        .flat_map(|scheme| {
+            lower
+                .match_indices(scheme)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|i| {
+            let tail = &lower[i..];
+            let end = tail
+                .find(|c: char| c.is_whitespace() || "\"'<>".contains(c))
+                .unwrap_or(tail.len());
+            origin(&tail[..end])
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What decides which links are rewritten, besides the trigger's `track`.
+pub struct Rewrite<'a> {
+    /// The gateway's address.
+    pub base: &'a str,
+    pub secret: &'a [u8],
+    pub message_key: &'a str,
+    /// [`author_origins`] of the template that rendered the message.
+    pub origins: &'a [String],
+    /// The message's one-click unsubscribe link: it stays one click.
+    pub unsubscribe: Option<&'a str>,
+}
+
+/// The html with the links the author wrote pointed at `<base>/c/…` and a
+/// pixel at the end of its body, as `t` asks.
+pub fn rewrite(html: &str, r: &Rewrite<'_>, t: Tracking) -> Result<String, String> {
     if !t.any() {
         return Ok(html.to_owned());
     }
-    let base = base.trim_end_matches('/');
-    let unsubscribe = format!("{base}/u/");
+    let (secret, message_key) = (r.secret, r.message_key);
+    let base = r.base.trim_end_matches('/');
     let pixel = format!(
-        r#"<img src="{base}/o/{}" width="1" height="1" alt="" style="display:none">"#,
+        r#"<img src="{}/o/{}" width="1" height="1" alt="" style="display:none">"#,
+        html_escape::encode_double_quoted_attribute(base),
         open_token(secret, message_key)
     );
     let body_seen = Cell::new(false);
     let mut handlers = vec![];
     if t.clicks {
         handlers.push(lol_html::element!("a[href]", |el| {
-            let href = attribute_text(&el.get_attribute("href").unwrap_or_default());
-            let lower = href.trim_start().to_ascii_lowercase();
-            if (lower.starts_with("https://") || lower.starts_with("http://"))
-                && !href.starts_with(&unsubscribe)
-            {
-                let url = href.trim().to_owned();
-                el.set_attribute(
-                    "href",
-                    &format!("{base}/c/{}", click_token(secret, message_key, &url)),
-                )?;
+            let raw = el.get_attribute("href").unwrap_or_default();
+            let url = html_escape::decode_html_entities(&raw).trim().to_owned();
+            let authored = origin(&url).is_some_and(|o| r.origins.contains(&o));
+            let unsubscribe = r.unsubscribe.is_some_and(|u| u.trim() == url);
+            if authored && !unsubscribe {
+                let link = format!("{base}/c/{}", click_token(secret, message_key, &url));
+                el.set_attribute("href", &html_escape::encode_double_quoted_attribute(&link))?;
             }
             Ok(())
         }));
@@ -167,11 +201,30 @@ mod tests {
             .collect()
     }
 
+    fn r<'a>(origins: &'a [String], unsubscribe: Option<&'a str>) -> Rewrite<'a> {
+        Rewrite {
+            base: BASE,
+            secret: b"k",
+            message_key: "nm_1",
+            origins,
+            unsubscribe,
+        }
+    }
+
     #[test]
     fn links_point_at_the_gateway_and_carry_their_url() {
         let html = r#"<html><body><p><a href="https://shop.example/cart?a=1&amp;b=2">cart</a>
-            <a href="mailto:care@shop.example">mail</a> <a href="https://gw.example/u/TOKEN">unsubscribe</a></p></body></html>"#;
-        let out = rewrite(html, BASE, b"k", "nm_1", BOTH).unwrap();
+            <a href="mailto:care@shop.example">mail</a> <a href=" https://unsub.example/u/TOKEN">unsubscribe</a></p></body></html>"#;
+        let origins = author_origins(
+            r#"<a href="https://shop.example/cart?a={{ a }}&amp;b=2"> <a href="{{ unsubscribe_url }}">"#,
+        );
+        assert_eq!(origins, vec!["https://shop.example".to_owned()]);
+        let out = rewrite(
+            html,
+            &r(&origins, Some("https://unsub.example/u/TOKEN")),
+            BOTH,
+        )
+        .unwrap();
         let clicks = tokens(&out, "c");
         assert_eq!(clicks.len(), 1, "{out}");
         assert_eq!(
@@ -182,7 +235,8 @@ mod tests {
             }
         );
         assert!(
-            out.contains("mailto:care@shop.example") && out.contains("https://gw.example/u/TOKEN"),
+            out.contains("mailto:care@shop.example")
+                && out.contains(" https://unsub.example/u/TOKEN"),
             "{out}"
         );
         let opens = tokens(&out, "o");
@@ -200,32 +254,34 @@ mod tests {
 
     #[test]
     fn a_fragment_gets_its_pixel_at_the_end_and_nothing_changes_untracked() {
-        let out = rewrite(
-            "<p>hi</p>",
-            BASE,
-            b"k",
-            "nm_1",
-            Tracking {
-                opens: true,
-                clicks: false,
-            },
-        )
-        .unwrap();
+        let opens = Tracking {
+            opens: true,
+            clicks: false,
+        };
+        let out = rewrite("<p>hi</p>", &r(&[], None), opens).unwrap();
         assert!(
             out.starts_with("<p>hi</p><img src=\"https://gw.example/o/"),
             "{out}"
         );
-        assert_eq!(
-            rewrite(
-                "<a href=\"https://x\">x</a>",
-                BASE,
-                b"k",
-                "nm_1",
-                Tracking::default()
-            )
-            .unwrap(),
-            "<a href=\"https://x\">x</a>"
+        let x = vec!["https://x".to_owned()];
+        let untracked = rewrite(
+            "<a href=\"https://x\">x</a>",
+            &r(&x, None),
+            Tracking::default(),
+        )
+        .unwrap();
+        assert_eq!(untracked, "<a href=\"https://x\">x</a>");
+    }
+
+    #[test]
+    fn a_link_that_came_from_data_gets_no_signed_redirect() {
+        // the template: href="{{ event.product_url }}"; the event: an attacker's URL
+        let origins = author_origins(
+            r#"<a href="{{ event.product_url }}">see</a> <a href="https://shop.example/">shop</a>"#,
         );
+        let html = r#"<a href="https://evil.example/x">see</a> <a href="https://shop.example.evil.example/">x</a> <a href="javascript:alert(1)">j</a>"#;
+        let out = rewrite(html, &r(&origins, None), BOTH).unwrap();
+        assert!(!out.contains("/c/"), "{out}");
     }
 
     #[test]

@@ -433,8 +433,8 @@ async fn click(State(g): App, Path(token): Path<String>) -> Response {
             (
                 StatusCode::FOUND,
                 [
-                    (header::LOCATION, url.as_str()),
-                    (header::CACHE_CONTROL, "no-store"),
+                    (header::LOCATION, location(&url)),
+                    (header::CACHE_CONTROL, "no-store".to_owned()),
                 ],
             )
                 .into_response()
@@ -447,6 +447,23 @@ async fn click(State(g): App, Path(token): Path<String>) -> Response {
             (StatusCode::SERVICE_UNAVAILABLE, Html(pages::unavailable())).into_response()
         }
     }
+}
+
+/// A URL as a Location header holds it: what is not visible ASCII (`grün`,
+/// a space) percent-encoded as UTF-8, as a browser would send it.
+fn location(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    for c in url.chars() {
+        if c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
 }
 
 /// The smallest transparent GIF.
@@ -473,6 +490,17 @@ async fn open(State(g): App, Path(token): Path<String>) -> Response {
         PIXEL,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_location_is_visible_ascii() {
+        assert_eq!(
+            super::location("https://shop.example/grün?q=a b"),
+            "https://shop.example/gr%C3%BCn?q=a%20b"
+        );
+    }
 }
 
 // --- operations ---

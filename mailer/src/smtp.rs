@@ -15,12 +15,17 @@ use lettre::transport::smtp::response::Response;
 use lettre::Message;
 use std::time::{Duration, Instant};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-/// A connection idle this long is checked (NOOP) before it carries a message:
-/// servers close idle sessions, and a message must not fail for that.
+/// Opening a connection (TCP, greeting, EHLO, STARTTLS, AUTH): a server that
+/// stops answering must not hold a thread.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection idle this long is asked (NOOP) whether it is still there
+/// before it carries a message; the answer must come within NOOP_TIMEOUT.
 const IDLE_CHECK: Duration = Duration::from_secs(10);
+const NOOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// One message, from MAIL FROM to the reply to its final ".".
+const SEND_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Why a message was not sent; `permanent` (a 5xx reply) is not retried.
+/// Why a message was not sent; `permanent` (a 5xx reply to it) is not retried.
 #[derive(Debug)]
 pub struct Failure {
     pub text: String,
@@ -73,72 +78,122 @@ impl Smtp {
     }
 
     /// Sends one message on the open connection, opening one first when
-    /// there is none. Any error closes the connection: the next message
+    /// there is none. An error closes the connection: the next message
     /// starts on a new one.
     pub fn send(&mut self, message: &Message) -> Result<Response, Failure> {
-        let mut conn = match self.conn.take() {
-            Some((mut c, last)) => {
-                let alive = last.elapsed() < IDLE_CHECK || self.rt.block_on(c.test_connected());
-                if alive && !c.has_broken() {
-                    c
-                } else {
-                    self.open()?
-                }
-            }
-            None => self.open()?,
-        };
         let bytes = message.formatted();
-        let sent = self.rt.block_on(async {
-            match tokio::time::timeout(TIMEOUT, conn.send(message.envelope(), &bytes)).await {
-                Ok(r) => r.map_err(Failure::from),
-                Err(_) => Err(transient("the SMTP server did not answer within 30 s")),
-            }
-        });
+        let (mut conn, reused) = match self.conn.take() {
+            Some((c, last)) => match self.still_open(c, last) {
+                Some(c) => (c, true),
+                None => (self.open()?, false),
+            },
+            None => (self.open()?, false),
+        };
+        let mut sent = self.transaction(&mut conn, message, &bytes);
+        // A kept connection that the server closed since (an idle timeout, a
+        // restart) fails before any reply: the message was not taken, so it
+        // goes once more on a new connection instead of costing an attempt.
+        if reused && matches!(&sent, Err((false, _))) {
+            conn = self.open()?;
+            sent = self.transaction(&mut conn, message, &bytes);
+        }
         if sent.is_ok() && !conn.has_broken() {
             self.conn = Some((conn, Instant::now()));
         }
-        sent
+        sent.map_err(|(_, f)| f)
     }
 
-    fn open(&self) -> Result<AsyncSmtpConnection, Failure> {
+    /// The kept connection, unless it broke or, idle for a while, does not
+    /// answer a NOOP.
+    fn still_open(&self, mut c: AsyncSmtpConnection, last: Instant) -> Option<AsyncSmtpConnection> {
+        if c.has_broken() {
+            return None;
+        }
+        if last.elapsed() < IDLE_CHECK {
+            return Some(c);
+        }
+        let alive = self
+            .rt
+            .block_on(async { tokio::time::timeout(NOOP_TIMEOUT, c.test_connected()).await })
+            .unwrap_or(false);
+        alive.then_some(c)
+    }
+
+    /// One SMTP transaction; the error says whether the server replied.
+    fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        message: &Message,
+        bytes: &[u8],
+    ) -> Result<Response, (bool, Failure)> {
         self.rt.block_on(async {
-            let hello = ClientId::default();
-            let mut conn = match self.tls {
-                Tls::Wrapper => {
-                    let params = TlsParameters::new(self.host.clone())?;
-                    AsyncSmtpConnection::connect_tokio1(
-                        (self.host.as_str(), self.port),
-                        Some(TIMEOUT),
-                        &hello,
-                        Some(params),
-                        None,
-                    )
-                    .await?
-                }
-                Tls::None | Tls::StartTls => {
-                    let tcp = tokio::time::timeout(
-                        TIMEOUT,
-                        tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-                    )
-                    .await
-                    .map_err(|_| transient("connecting to the SMTP server timed out"))?
-                    .map_err(|e| transient(format!("connecting to the SMTP server: {e}")))?;
-                    tcp.set_nodelay(true)
-                        .map_err(|e| transient(format!("TCP_NODELAY: {e}")))?;
-                    let mut conn =
-                        AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello).await?;
-                    if self.tls == Tls::StartTls {
-                        conn.starttls(TlsParameters::new(self.host.clone())?, &hello)
-                            .await?;
-                    }
-                    conn
-                }
-            };
-            if let Some(c) = &self.credentials {
-                conn.auth(&[Mechanism::Plain, Mechanism::Login], c).await?;
+            match tokio::time::timeout(SEND_TIMEOUT, conn.send(message.envelope(), bytes)).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err((e.is_response(), Failure::from(e))),
+                // the server may have taken it: it is not sent again at once
+                Err(_) => Err((
+                    true,
+                    transient("the SMTP server did not answer within 120 s"),
+                )),
             }
-            Ok(conn)
         })
+    }
+
+    /// A failure to open is never the message's fault: a wrong password or
+    /// a server refusing us (5xx) must not mark every message dead, so it is
+    /// transient and the message is tried again later.
+    fn open(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let opened = self
+            .rt
+            .block_on(async { tokio::time::timeout(OPEN_TIMEOUT, self.connect()).await });
+        match opened {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(transient(format!("connecting to the SMTP server: {e}"))),
+            Err(_) => Err(transient(
+                "the SMTP server did not answer within 30 s while connecting",
+            )),
+        }
+    }
+
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let hello = ClientId::default();
+        let err = |e: lettre::transport::smtp::Error| e.to_string();
+        let mut conn = match self.tls {
+            Tls::Wrapper => {
+                let params = TlsParameters::new(self.host.clone()).map_err(err)?;
+                let server = (self.host.as_str(), self.port);
+                AsyncSmtpConnection::connect_tokio1(
+                    server,
+                    Some(OPEN_TIMEOUT),
+                    &hello,
+                    Some(params),
+                    None,
+                )
+                .await
+                .map_err(err)?
+            }
+            Tls::None | Tls::StartTls => {
+                let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true)
+                    .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+                let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello)
+                    .await
+                    .map_err(err)?;
+                if self.tls == Tls::StartTls {
+                    let params = TlsParameters::new(self.host.clone()).map_err(err)?;
+                    conn.starttls(params, &hello).await.map_err(err)?;
+                }
+                conn
+            }
+        };
+        if let Some(c) = &self.credentials {
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], c)
+                .await
+                .map_err(err)?;
+        }
+        Ok(conn)
     }
 }
 

@@ -54,11 +54,28 @@ pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) ->
         i.links.as_ref().map(|l| (l.base, l.secret, l.track)),
         i.message_key,
     );
+    let unsubscribe = i.unsubscribe_url.clone();
+    // the links their authors wrote, in either template that may render
+    let origins: Vec<String> = [
+        main.as_ref().ok(),
+        fallback.as_ref().and_then(|f| f.as_ref().ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .flat_map(|t| t.link_origins().iter().cloned())
+    .collect();
     match render(main, fallback, i) {
         // what was rendered, its links pointed at the gateway
         Composed::Message { mut message, note } => match links {
             Some((base, secret, track)) => {
-                match tracking::rewrite(&message.rendered.html, base, secret, message_key, track) {
+                let rewrite = tracking::Rewrite {
+                    base,
+                    secret,
+                    message_key,
+                    origins: &origins,
+                    unsubscribe: unsubscribe.as_deref(),
+                };
+                match tracking::rewrite(&message.rendered.html, &rewrite, track) {
                     Ok(html) => {
                         message.rendered.html = html;
                         Composed::Message { message, note }

@@ -73,6 +73,8 @@ pub struct Template {
     subject: liquid::Template,
     html: liquid::Template,
     text: Option<liquid::Template>,
+    /// Where the html part's author-written links point (tracking).
+    link_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,7 +202,13 @@ impl Template {
             text: text
                 .map(|t| parse_part("text_body", t, false))
                 .transpose()?,
+            link_origins: crate::tracking::author_origins(html),
         })
+    }
+
+    /// The origins of the links written into the html part (not interpolated).
+    pub fn link_origins(&self) -> &[String] {
+        &self.link_origins
     }
 
     /// Renders with `context` (a JSON object whose keys are the template's

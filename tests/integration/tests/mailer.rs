@@ -315,3 +315,40 @@ fn a_delivered_message_carries_a_working_one_click_unsubscribe() {
         1
     );
 }
+
+#[test]
+fn a_server_that_refuses_the_session_marks_no_message_dead() {
+    let db = fresh_db("nudge_it_mail_refused");
+    let mut c = outbox_with(&db, 3);
+    // a server that greets with 554 and hangs up: a 5xx, but not about a message
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::Write;
+            let mut s = stream;
+            let _ = s.write_all(b"554 5.7.1 no service for you\r\n");
+        }
+    });
+    let status = Command::new(mailer_bin())
+        .args([
+            "--database-url",
+            &db,
+            "--smtp-port",
+            &port.to_string(),
+            "--once",
+            "--batch",
+            "10",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'pending' AND attempts = 1 AND last_error LIKE 'connecting to the SMTP server%'"
+        ),
+        3,
+        "every message is kept for a later try"
+    );
+}
