@@ -862,13 +862,19 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
           -- and in due order: a message whose user has an earlier (or
           -- same-instant) one in another pass's hands waits for a later
           -- pass, which sees what that one became
+          -- (one index probe per message, LIMIT 1 keeping it one: as an anti
+          -- join the planner hashed every waiting journey, 110 ms a pass)
+          mine AS (SELECT a.user_id, array_agg(a.id) AS ids FROM a GROUP BY a.user_id),
           k AS (
              SELECT a.* FROM a
-              WHERE NOT EXISTS (
-                    SELECT 1 FROM nudge.enrollments o
+               JOIN mine ON mine.user_id = a.user_id
+               LEFT JOIN LATERAL (
+                    SELECT 1 AS held FROM nudge.enrollments o
                      WHERE o.user_id = a.user_id AND o.state = 'waiting' AND o.due_at <= a.due_at
+                       AND o.id <> ALL (mine.ids)
                        AND o.trigger IN (SELECT name FROM nudge.triggers WHERE status = 'active')
-                       AND NOT EXISTS (SELECT 1 FROM a a2 WHERE a2.id = o.id)))
+                     LIMIT 1) other ON true
+              WHERE other.held IS NULL)
          SELECT *, (SELECT count(*) FROM b) FROM k
          ORDER BY 6",
         &[as_of.into(), max.max(0).into()],
