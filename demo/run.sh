@@ -52,7 +52,7 @@ python3 -m aiosmtpd -n -l "127.0.0.1:$SMTP_PORT" -c aiosmtpd.handlers.Mailbox "$
 smtp_pid=$!
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$SMTP_PORT") 2>/dev/null && break; sleep 0.1; done
 start=$(date +%s%N)
-# 8 connections: lettre 0.11.23 leaves Nagle on, so one connection waits ~40 ms per message
+# 8 threads, each with one SMTP connection kept open (aiosmtpd, in Python, is the slow side here)
 target/debug/nudge-mailer --once --concurrency 8 --batch 50 --smtp-port "$SMTP_PORT" \
   --from "Trailhead Outfitters <hello@shop.example>" \
   --database-url "host=127.0.0.1 port=$DEMO_PORT user=postgres dbname=shop" 2>/dev/null
