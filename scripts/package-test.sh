@@ -10,6 +10,11 @@ SUDO=; [[ $(id -u) == 0 ]] || SUDO=sudo
 PORT=${PACKAGE_TEST_PORT:-28817}
 DIR=/tmp/pg_nudge-package
 deb=$(ls -t target/package/pg-nudge_*.deb | head -1)
+# a first install, as on a new server: a pg-nudge installed before (an earlier
+# run here) would keep its conffiles, modes included
+if dpkg -s pg-nudge >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get purge -y -qq pg-nudge >/dev/null 2>&1
+fi
 echo "package test: apt install ./$deb"
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --reinstall "./$deb" >/tmp/pg_nudge-apt.log 2>&1 \
   || { cat /tmp/pg_nudge-apt.log; exit 1; }
