@@ -78,6 +78,7 @@ DECLARE
     n int := coalesce(cardinality(user_ids), 0);
     bad int;
     zone text;
+    parts jsonb;
     done int;
 BEGIN
     IF coalesce(cardinality(emails), 0) <> n OR coalesce(cardinality(timezones), 0) <> n
@@ -100,32 +101,40 @@ BEGIN
                   USING ERRCODE = 'invalid_parameter_value', HINT = 'an IANA name such as Europe/Paris';
         END;
     END LOOP;
-    -- a user's rows in the batch apply in order, as if they came one by one
+    -- A user's rows in the batch apply in order, as if they came one by one.
+    -- One pass makes `parts`, user -> [set-once, set, email, time zone]; the
+    -- upsert looks a conflicting user up in it (a binary search, where a
+    -- lookup into a CTE would scan it for every row).
     WITH input AS (
         SELECT i.* FROM unnest(user_ids, emails, timezones, set_attrs, set_once_attrs) WITH ORDINALITY
                AS i(user_id, email, zone, s, o, ord)
+    ), kv AS (
+        SELECT i.user_id, 's' AS part, e.key, e.value, i.ord FROM input i, jsonb_each(coalesce(i.s, '{}')) e
+        UNION ALL
+        -- set-once: the first value given wins, so it is aggregated last
+        SELECT i.user_id, 'o', e.key, e.value, -i.ord FROM input i, jsonb_each(coalesce(i.o, '{}')) e
+    ), merged AS (
+        SELECT kv.user_id,
+               jsonb_object_agg(kv.key, kv.value ORDER BY kv.ord) FILTER (WHERE kv.part = 'o') AS o,
+               jsonb_object_agg(kv.key, kv.value ORDER BY kv.ord) FILTER (WHERE kv.part = 's') AS s
+          FROM kv GROUP BY kv.user_id
     ), per_user AS (
         SELECT i.user_id,
                (array_agg(nullif(btrim(i.email), '') ORDER BY i.ord DESC)
                     FILTER (WHERE nullif(btrim(i.email), '') IS NOT NULL))[1] AS email,
-               (array_agg(i.zone ORDER BY i.ord DESC) FILTER (WHERE i.zone IS NOT NULL))[1] AS zone,
-               coalesce((SELECT jsonb_object_agg(e.key, e.value ORDER BY x.ord)
-                           FROM input x, jsonb_each(coalesce(x.s, '{}')) e WHERE x.user_id = i.user_id), '{}') AS s,
-               -- set-once: the first value given wins
-               coalesce((SELECT jsonb_object_agg(e.key, e.value ORDER BY x.ord DESC)
-                           FROM input x, jsonb_each(coalesce(x.o, '{}')) e WHERE x.user_id = i.user_id), '{}') AS o
+               (array_agg(i.zone ORDER BY i.ord DESC) FILTER (WHERE i.zone IS NOT NULL))[1] AS zone
           FROM input i GROUP BY i.user_id
-    ), up AS (
-        INSERT INTO nudge.profiles AS p (user_id, email, timezone, attrs)
-        SELECT u.user_id, u.email, u.zone, u.o || u.s FROM per_user u
-        ON CONFLICT (user_id) DO UPDATE
-           SET email = coalesce(EXCLUDED.email, p.email),
-               timezone = coalesce(EXCLUDED.timezone, p.timezone),
-               attrs = (SELECT u.o FROM per_user u WHERE u.user_id = p.user_id) || p.attrs
-                       || (SELECT u.s FROM per_user u WHERE u.user_id = p.user_id)
-        RETURNING 1
     )
-    SELECT count(*)::int INTO done FROM up;
+    SELECT jsonb_object_agg(u.user_id, jsonb_build_array(coalesce(m.o, '{}'), coalesce(m.s, '{}'), u.email, u.zone))
+      INTO parts
+      FROM per_user u LEFT JOIN merged m ON m.user_id = u.user_id;
+    INSERT INTO nudge.profiles AS p (user_id, email, timezone, attrs)
+    SELECT e.key, e.value->>2, e.value->>3, (e.value->0) || (e.value->1) FROM jsonb_each(parts) e
+    ON CONFLICT (user_id) DO UPDATE
+       SET email = coalesce(EXCLUDED.email, p.email),
+           timezone = coalesce(EXCLUDED.timezone, p.timezone),
+           attrs = (parts -> p.user_id -> 0) || p.attrs || (parts -> p.user_id -> 1);
+    GET DIAGNOSTICS done = ROW_COUNT;
     RETURN done;
 END
 $$;

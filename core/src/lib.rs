@@ -13,6 +13,7 @@ pub mod render;
 pub mod retry;
 pub mod sender;
 pub mod sequence;
+pub mod signed;
 pub mod sql;
 pub mod time;
 pub mod tracking;

@@ -9,11 +9,7 @@ fn page(title: &str, body: &str) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
+    html_escape::encode_safe(s).into_owned()
 }
 
 /// The button posts back to the address the page came from (whatever

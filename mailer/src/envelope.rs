@@ -19,14 +19,9 @@ pub struct Row {
 /// Builds the email; an error here is permanent (retrying cannot fix it).
 pub fn build(row: &Row, from: &str) -> Result<Message, String> {
     let row_headers = row.headers.as_object().cloned().unwrap_or_default();
-    let given = |name: &str| {
-        row_headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| v.as_str())
-    };
     // a trigger's own sender (its "from"), else the mailer's
-    let from = given("From").unwrap_or(from);
+    let from_row = header(&row_headers, "From");
+    let from = from_row.as_deref().unwrap_or(from);
     let mut b = Message::builder()
         .from(
             from.parse()
@@ -43,7 +38,7 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
         HeaderName::new_from_ascii_str("X-Nudge-Message-Key"),
         row.message_key.clone(),
     ));
-    if let Some(r) = given("Reply-To") {
+    if let Some(r) = header(&row_headers, "Reply-To") {
         b = b.reply_to(
             r.parse()
                 .map_err(|e| format!("reply-to address {r:?}: {e}"))?,
@@ -88,6 +83,13 @@ pub fn build(row: &Row, from: &str) -> Result<Message, String> {
     body.map_err(|e| format!("building the message: {e}"))
 }
 
+/// A row's header by name, whatever its case.
+fn header(row: &serde_json::Map<String, Value>, name: &str) -> Option<String> {
+    row.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+}
+
 /// The key as SendGrid (a unique argument), Mailgun (a user variable),
 /// Postmark (metadata) and SES (a message tag) carry it back, each merged
 /// with what the row's headers (a template's) already put there: a header
@@ -97,11 +99,7 @@ fn provider_headers(
     key: &str,
     row: &serde_json::Map<String, Value>,
 ) -> Vec<(&'static str, String)> {
-    let given = |name: &str| {
-        row.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
-    };
+    let given = |name: &str| header(row, name);
     // a JSON object header with our key added at `path`
     let json_with = |name: &str, path: &[&str]| {
         let mut v = given(name)

@@ -54,16 +54,22 @@ pub fn compose(main: Loaded<'_>, fallback: Option<Loaded<'_>>, i: Inputs<'_>) ->
         i.links.as_ref().map(|l| (l.base, l.secret, l.track)),
         i.message_key,
     );
-    let unsubscribe = i.unsubscribe_url.clone();
-    // the links their authors wrote, in either template that may render
-    let origins: Vec<String> = [
-        main.as_ref().ok(),
-        fallback.as_ref().and_then(|f| f.as_ref().ok()),
-    ]
-    .into_iter()
-    .flatten()
-    .flat_map(|t| t.link_origins().iter().cloned())
-    .collect();
+    // only a tracked message pays for these: the unsubscribe link it must
+    // keep, and the origins written in either template that may render
+    let (unsubscribe, origins) = match links {
+        Some(_) => (
+            i.unsubscribe_url.clone(),
+            [
+                main.as_ref().ok(),
+                fallback.as_ref().and_then(|f| f.as_ref().ok()),
+            ]
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t.link_origins().iter().cloned())
+            .collect(),
+        ),
+        None => (None, Vec::new()),
+    };
     match render(main, fallback, i) {
         // what was rendered, its links pointed at the gateway
         Composed::Message { mut message, note } => match links {
