@@ -35,7 +35,7 @@ test-pgrx:
 # pg_regress and the integration tests against one real server of our own
 test-server: install
 	cargo build -p nudge-mailer -p nudge-gateway
-	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) shared_preload_libraries=pg_nudge nudge.database=nudge_it_worker
+	@scripts/cluster.sh start $(TEST_DIR) $(TEST_PORT) shared_preload_libraries=pg_nudge nudge.database=nudge_it_worker wal_level=logical output_plugin_libraries=pgoutput,test_decoding,pg_nudge
 	@trap 'scripts/cluster.sh stop $(TEST_DIR)' EXIT; \
 	  $(MAKE) --no-print-directory regress tour integration
 

@@ -19,7 +19,13 @@ start)
   [[ $(id -u) == 0 ]] && chown postgres "$dir"
   "${as[@]}" "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >/dev/null
   opts="-p $port -c listen_addresses=127.0.0.1 -c unix_socket_directories=/tmp -c fsync=off -c timezone=UTC"
-  for o in "$@"; do opts+=" -c $o"; done
+  # output_plugin_libraries (which logical decoding plugins the server
+  # allows, for WAL capture) exists only in some builds of PostgreSQL 15
+  known=$("${as[@]}" "$bin/postgres" --describe-config 2>/dev/null | cut -f1)
+  for o in "$@"; do
+    if [[ $o == output_plugin_libraries=* ]] && ! grep -qx output_plugin_libraries <<<"$known"; then continue; fi
+    opts+=" -c $o"
+  done
   "${as[@]}" "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -o "$opts" -w start >/dev/null
   ;;
 stop)

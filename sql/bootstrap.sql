@@ -79,7 +79,10 @@ CREATE TABLE nudge.sources (
     time_column  text,
     props_column text,
     event_name   text,
-    added_at     timestamptz NOT NULL DEFAULT now()
+    added_at     timestamptz NOT NULL DEFAULT now(),
+    -- added while in WAL capture (sql/wal.sql): inserts that committed
+    -- before this position were not its events
+    wal_from     pg_lsn
 );
 
 CREATE TABLE nudge.enrollments (

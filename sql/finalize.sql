@@ -349,6 +349,7 @@ SELECT nudge.add_source('nudge.events', 'user_id', 'event', 'occurred_at', 'prop
 -- messages, suppressions (the rows CREATE EXTENSION makes itself excepted).
 SELECT pg_catalog.pg_extension_config_dump('nudge.events', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.profiles', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.wal_capture', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.triggers', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.trigger_versions', '');

@@ -314,11 +314,79 @@ fn drop_trigger(name: &str) {
     }
 }
 
-/// Enrolls events queued by deferred capture (`nudge.deferred_capture`),
-/// at most `max_events`; returns how many. The worker does this by itself.
+/// Enrolls events that capture has not enrolled yet: those the WAL slot holds
+/// (`set_capture('wal')`) and those queued by deferred capture
+/// (`nudge.deferred_capture`), at most about `max_events` (the slot gives
+/// whole transactions); returns how many. The worker does this by itself.
 #[pg_extern]
 fn capture_pending(max_events: default!(i64, 1000000)) -> i64 {
-    as_extension(|| crate::engine::deferred::capture_pending(max_events))
+    as_extension(|| pending(max_events))
+}
+
+fn pending(max: i64) -> i64 {
+    let from_wal = crate::engine::wal::capture_from_wal(max);
+    from_wal + crate::engine::deferred::capture_pending((max - from_wal).max(0))
+}
+
+/// How inserts into sources are captured from now on: `immediate` (the
+/// inserting statement enrolls), `deferred` (it queues; the worker enrolls)
+/// or `wal` (it runs nothing of ours; the worker reads the inserts from a
+/// logical replication slot). `immediate` and `deferred` set the database's
+/// default of `nudge.deferred_capture` (sessions and roles may still choose).
+#[pg_extern]
+fn set_capture(mode: &str) -> String {
+    let deferred = match mode {
+        "wal" => return as_extension(crate::engine::wal::enter),
+        "immediate" => false,
+        "deferred" => true,
+        _ => invalid(format!(
+            "set_capture: mode must be 'immediate', 'deferred' or 'wal', not {mode:?}"
+        )),
+    };
+    as_extension(|| {
+        let left = crate::engine::wal::leave();
+        let setting = if deferred {
+            "SET nudge.deferred_capture = on"
+        } else {
+            "RESET nudge.deferred_capture"
+        };
+        let db = one::<String>(
+            "SELECT pg_catalog.current_database()::text",
+            &[],
+            "set_capture",
+        )
+        .unwrap_or_default();
+        Spi::run(&format!(
+            "ALTER DATABASE {} {setting}",
+            nudge_core::sql::ident(&db)
+        ))
+        .unwrap_or_else(|e| error!("set_capture: {e}"));
+        let now = format!(
+            "new sessions capture {mode} (nudge.deferred_capture = {}, the database default)",
+            if deferred { "on" } else { "off" }
+        );
+        match left {
+            Some(l) => format!("{now}; {l}"),
+            None => now,
+        }
+    })
+}
+
+/// How this session's inserts into sources are captured: `wal`, `leaving
+/// wal` (the triggers capture again; the slot is still being read up to the
+/// switch), `deferred` or `immediate`.
+#[pg_extern]
+fn capture_mode() -> String {
+    as_extension(crate::engine::wal::mode)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            if crate::settings::DEFERRED_CAPTURE.get() {
+                "deferred"
+            } else {
+                "immediate"
+            }
+            .to_string()
+        })
 }
 
 #[pg_extern]
@@ -336,7 +404,7 @@ fn run_due(
 /// extension's owner, whoever calls): events queued by deferred capture
 /// first, as they may open or close journeys.
 fn engine_pass(as_of: TimestampWithTimeZone, max_messages: i32) -> due::Pass {
-    crate::engine::deferred::capture_pending(i64::MAX);
+    pending(i64::MAX);
     due::run_due(as_of, max_messages)
 }
 
@@ -404,12 +472,15 @@ fn worker_status() -> TableIterator<
         name!(queued, i64),
         name!(failed, i64),
         name!(retried, i64),
+        name!(capture, String),
+        name!(wal_lag_bytes, Option<i64>),
+        name!(wal_lag, Option<Interval>),
     ),
 > {
     let s = crate::worker::status();
     // two aggregates, no row: the mailer role reads them for nudge-gateway's
     // /metrics without a grant on the journeys themselves
-    let (lag, queued) = as_extension(|| {
+    let (lag, queued, wal) = as_extension(|| {
         (
             one::<Interval>(
                 "SELECT now() - min(e.due_at) FROM nudge.enrollments e
@@ -425,13 +496,26 @@ fn worker_status() -> TableIterator<
                 "worker_status",
             )
             .unwrap_or_default(),
+            crate::engine::wal::lag(),
         )
     });
+    let (capture, wal_lag_bytes, wal_lag) = wal.unwrap_or_else(|| (capture_mode(), None, None));
     let last = s
         .last_pass_us
         .and_then(|us| TimestampWithTimeZone::try_from(us).ok());
     TableIterator::once((
-        s.running, last, s.passes, s.messages, s.errors, lag, queued, s.failed, s.retried,
+        s.running,
+        last,
+        s.passes,
+        s.messages,
+        s.errors,
+        lag,
+        queued,
+        s.failed,
+        s.retried,
+        capture,
+        wal_lag_bytes,
+        wal_lag,
     ))
 }
 

@@ -42,6 +42,7 @@ extension_sql_file!(
     requires = ["bootstrap"]
 );
 extension_sql_file!("../sql/ingest.sql", name = "ingest", requires = ["outbox"]);
+extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["ingest"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -94,6 +94,7 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                     c.update(&map.capture_trigger(&table), None, &[]),
                     "creating the capture trigger",
                 );
+                in_wal_mode(c, source, &table);
             } else {
                 // the database's pg_nudge is still 0.1.0: its own kind of trigger
                 let f = function_name(source);
@@ -113,6 +114,45 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             }
         })
     })
+}
+
+/// In WAL capture the trigger stays off and the slot reads the table's
+/// inserts from the moment it became a source: CREATE TRIGGER has waited for
+/// the transactions inserting into it, so what committed before this
+/// position was inserted before it was one.
+fn in_wal_mode(c: &mut SpiClient<'_>, source: pg_sys::Oid, table: &str) {
+    let wal = or_raise(
+        c.select(
+            "SELECT to_regclass('nudge.wal_capture') IS NOT NULL AND EXISTS (SELECT 1 FROM nudge.wal_capture WHERE until IS NULL)",
+            None,
+            &[],
+        ),
+        "reading the capture mode",
+    )
+    .first()
+    .get_one::<bool>()
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if !wal {
+        return;
+    }
+    or_raise(
+        c.update(
+            &format!("ALTER TABLE {table} DISABLE TRIGGER nudge_capture"),
+            None,
+            &[],
+        ),
+        "switching the capture trigger off (WAL capture)",
+    );
+    or_raise(
+        c.update(
+            "UPDATE nudge.sources SET wal_from = pg_catalog.pg_current_wal_insert_lsn() WHERE source = $1",
+            None,
+            &[source.into()],
+        ),
+        "recording where WAL capture starts for the source",
+    );
 }
 
 /// Refuses a table that privileged code could not read without running a

@@ -128,13 +128,15 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
         .store(unsafe { (*pg_sys::MyProc).pgprocno }, Ordering::Release);
     log!("pg_nudge worker started for database {db}");
 
-    let (mut experiments_checked, mut retention_applied) = (0, 0);
+    let (mut experiments_checked, mut retention_applied, mut wal_checked) = (0, 0, 0);
     loop {
-        if settings::ENABLED.get() && extension_present() {
+        let present = extension_present();
+        if settings::ENABLED.get() && present {
             drain(s);
             check_experiments(&mut experiments_checked);
             apply_retention(&mut retention_applied);
         }
+        check_wal(present, &mut wal_checked);
         let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
         if stopping() || !BackgroundWorker::wait_latch(Some(nap)) || stopping() {
             break;
@@ -162,9 +164,25 @@ fn stopping() -> bool {
 /// Events queued by deferred capture enrolled per transaction.
 const QUEUE_CHUNK: i64 = 100_000;
 
+/// Inserts read from the WAL slot per transaction (whole transactions).
+const WAL_CHUNK: i64 = 50_000;
+
 /// Batches until one comes back short: everything due now is written.
 fn drain(s: &Shared) {
-    // queued events first: they may open or close the journeys due now
+    // captured events first: they may open or close the journeys due now
+    loop {
+        match guarded(|| as_extension(|| crate::engine::wal::capture_from_wal(WAL_CHUNK))) {
+            Ok(n) if n >= WAL_CHUNK && !stopping() => continue,
+            Ok(_) => break,
+            Err(e) => {
+                s.errors.fetch_add(1, Ordering::Relaxed);
+                warning!(
+                    "pg_nudge worker: capture from the WAL failed, retrying after naptime: {e}"
+                );
+                break;
+            }
+        }
+    }
     loop {
         match guarded(|| as_extension(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK))) {
             Ok(n) if n == QUEUE_CHUNK && !stopping() => continue,
@@ -293,6 +311,34 @@ fn apply_retention(last: &mut i64) {
     }
     if total > 0 {
         log!("pg_nudge worker: retention deleted {total} rows past nudge.retention");
+    }
+}
+
+/// How often the worker looks at what WAL capture's slot keeps.
+const WAL_CHECK_US: i64 = 60_000_000;
+/// WAL kept beyond what capture has read that is worth a warning.
+const WAL_WARN_BYTES: i64 = 1 << 30;
+
+/// Warns when WAL capture's slot keeps much WAL; drops the slot of a
+/// database whose pg_nudge is gone.
+fn check_wal(present: bool, last: &mut i64) {
+    let now = unsafe { pg_sys::GetCurrentTimestamp() };
+    if now - *last < WAL_CHECK_US {
+        return;
+    }
+    *last = now;
+    let found = guarded(|| {
+        if present {
+            as_extension(|| crate::engine::wal::retention_warning(WAL_WARN_BYTES))
+        } else {
+            crate::engine::wal::drop_orphaned_slot()
+                .map(|slot| format!("pg_nudge worker: dropped replication slot {slot}: pg_nudge is no longer installed here"))
+        }
+    });
+    match found {
+        Ok(Some(w)) => warning!("{w}"),
+        Ok(None) => {}
+        Err(e) => warning!("pg_nudge worker: checking WAL capture's slot failed: {e}"),
     }
 }
 

@@ -17,3 +17,4 @@ pub mod signed;
 pub mod sql;
 pub mod time;
 pub mod tracking;
+pub mod wal;

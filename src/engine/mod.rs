@@ -8,4 +8,6 @@ pub mod compose;
 pub mod deferred;
 pub mod recheck;
 pub mod run_due;
+pub mod source_row;
 pub mod transition;
+pub mod wal;

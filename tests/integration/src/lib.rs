@@ -13,8 +13,13 @@ pub fn dsn() -> String {
 pub fn fresh_db(name: &str) -> String {
     let mut admin = Client::connect(&dsn(), NoTls)
         .expect("connect to the test server (is it running? see `make test-server`)");
+    // a database with a replication slot (WAL capture) cannot be dropped
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
+               JOIN pg_database d ON d.oid = s.database WHERE d.datname = '{name}';
+             DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        ))
         .unwrap();
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -166,8 +171,13 @@ pub fn mailer_bin() -> std::path::PathBuf {
 pub fn with_roles(tag: &str) -> String {
     let name = format!("nudge_it_{tag}");
     let mut admin = Client::connect(&dsn(), NoTls).expect("connect to the test server");
+    // a database with a replication slot (WAL capture) cannot be dropped
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
+               JOIN pg_database d ON d.oid = s.database WHERE d.datname = '{name}';
+             DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        ))
         .unwrap();
     for r in ["admin", "admin2", "writer", "mailer", "plain", "owner"] {
         admin
