@@ -238,6 +238,7 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
 pub fn drop(source: pg_sys::Oid) {
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "drop_source");
+    as_extension(|| enroll_from_wal_before_drop(&table));
     as_extension(|| {
         Spi::connect_mut(|c| {
             let gone = or_raise(
@@ -279,6 +280,19 @@ pub fn drop(source: pg_sys::Oid) {
             }
         })
     })
+}
+
+/// In WAL capture, what the table's inserts committed before it stops being
+/// a source are still its events: with no insert into it running (the lock),
+/// the slot is read to its end before the source goes.
+fn enroll_from_wal_before_drop(table: &str) {
+    if crate::engine::wal::mode().is_some() {
+        or_raise(
+            Spi::run(&format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")),
+            "locking the table",
+        );
+        crate::engine::wal::capture_from_wal(i64::from(i32::MAX));
+    }
 }
 
 fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {

@@ -35,15 +35,26 @@ fn lsn(s: Option<String>) -> Lsn {
     s.as_deref().and_then(Lsn::parse).unwrap_or_default()
 }
 
+/// The state as the last pass committed it. Read with the latest snapshot,
+/// not the statement's: a pass that waited for the lock must see where the
+/// pass it waited for got to (a repeatable-read transaction that then writes
+/// the row fails to serialize instead of enrolling twice).
 fn state(c: &SpiClient<'_>) -> Option<State> {
-    let rows = or_raise(
-        c.select(
-            "SELECT slot::text, wal_from::text, until::text, position::text FROM nudge.wal_capture",
-            None,
-            &[],
-        ),
-        "reading the WAL capture state",
+    // a library newer than the database's SQL (before ALTER EXTENSION UPDATE)
+    text(
+        c,
+        "SELECT pg_catalog.to_regclass('nudge.wal_capture')::text",
+        &[],
+        "finding the WAL capture state",
+    )?;
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let rows = c.select(
+        "SELECT slot::text, wal_from::text, until::text, position::text FROM nudge.wal_capture",
+        None,
+        &[],
     );
+    unsafe { pg_sys::PopActiveSnapshot() };
+    let rows = or_raise(rows, "reading the WAL capture state");
     let r = rows.into_iter().next()?;
     Some(State {
         slot: r.get::<String>(1).ok().flatten()?,
@@ -487,6 +498,7 @@ fn pass_options(c: &SpiClient<'_>, s: &State) -> String {
 /// enrolled (bytes) and since when the slot has not been read to its end.
 pub fn lag() -> Option<(String, Option<i64>, Option<pgrx::datum::Interval>)> {
     Spi::connect(|c| {
+        state(c)?;
         let rows = or_raise(
             c.select(
                 "SELECT CASE WHEN until IS NULL THEN 'wal' ELSE 'leaving wal' END,
@@ -513,6 +525,7 @@ pub fn lag() -> Option<(String, Option<i64>, Option<pgrx::datum::Interval>)> {
 /// disk (or lose the slot) silently.
 pub fn retention_warning(limit: i64) -> Option<String> {
     Spi::connect(|c| {
+        state(c)?;
         let rows = or_raise(
             c.select(
                 "SELECT s.slot_name::text, pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::bigint, s.wal_status

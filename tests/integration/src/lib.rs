@@ -14,12 +14,9 @@ pub fn fresh_db(name: &str) -> String {
     let mut admin = Client::connect(&dsn(), NoTls)
         .expect("connect to the test server (is it running? see `make test-server`)");
     // a database with a replication slot (WAL capture) cannot be dropped
+    drop_slots(name);
     admin
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
-               JOIN pg_database d ON d.oid = s.database WHERE d.datname = '{name}';
-             DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .unwrap();
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -29,6 +26,17 @@ pub fn fresh_db(name: &str) -> String {
     c.batch_execute("CREATE EXTENSION pg_nudge; SET timezone = 'UTC'")
         .unwrap();
     db
+}
+
+/// Drops the replication slots of database `name` (WAL capture's): a slot
+/// keeps WAL until it is dropped, and a server has a few.
+pub fn drop_slots(name: &str) {
+    let mut admin = Client::connect(&dsn(), NoTls).expect("connect");
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{name}'"
+        ))
+        .unwrap();
 }
 
 pub fn connect(db: &str) -> Client {
@@ -171,13 +179,8 @@ pub fn mailer_bin() -> std::path::PathBuf {
 pub fn with_roles(tag: &str) -> String {
     let name = format!("nudge_it_{tag}");
     let mut admin = Client::connect(&dsn(), NoTls).expect("connect to the test server");
-    // a database with a replication slot (WAL capture) cannot be dropped
     admin
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots s
-               JOIN pg_database d ON d.oid = s.database WHERE d.datname = '{name}';
-             DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .unwrap();
     for r in ["admin", "admin2", "writer", "mailer", "plain", "owner"] {
         admin

@@ -1,7 +1,7 @@
 //! The engine against a real server, through a real client: event time,
 //! concurrency and idempotency.
 
-use nudge_integration::{connect, count, fresh_db, outbox_uniqueness, Rng};
+use nudge_integration::{connect, count, drop_slots, fresh_db, outbox_uniqueness, Rng};
 use std::collections::BTreeSet;
 
 const SETUP: &str = r#"
@@ -108,9 +108,42 @@ fn shop(db: &str, setup: &str) -> postgres::Client {
     c
 }
 
+/// How a test's inserts are captured (`nudge.set_capture`).
+#[derive(Clone, Copy, PartialEq)]
+enum Capture {
+    Immediate,
+    Deferred,
+    Wal,
+}
+
+impl Capture {
+    /// Switches `c`'s database (and session) to this mode, in a transaction
+    /// of its own as WAL capture needs.
+    fn apply(self, c: &mut postgres::Client) {
+        match self {
+            Capture::Immediate => {}
+            Capture::Deferred => c.batch_execute("SET nudge.deferred_capture = on").unwrap(),
+            Capture::Wal => {
+                c.query_one("SELECT nudge.set_capture('wal')", &[]).unwrap();
+            }
+        }
+    }
+}
+
 /// Loads the month at once and lives through it event by event, with the
 /// triggers of `setup`; both must write the same messages and journeys.
-fn month_twice(setup: &str, bulk_db: &str, live_db: &str, deferred: bool) -> String {
+/// The bulk load is captured by `bulk_mode`, living through by `live_mode`.
+fn month_twice(setup: &str, bulk_db: &str, live_db: &str, mode: Capture) -> String {
+    month_with(setup, bulk_db, live_db, mode, mode)
+}
+
+fn month_with(
+    setup: &str,
+    bulk_db: &str,
+    live_db: &str,
+    bulk_mode: Capture,
+    live_mode: Capture,
+) -> String {
     let events = history();
     let end = events.last().unwrap().3 + 4 * 86_400;
 
@@ -121,9 +154,7 @@ fn month_twice(setup: &str, bulk_db: &str, live_db: &str, deferred: bool) -> Str
     let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
     let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
     let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
-    if deferred {
-        c.batch_execute("SET nudge.deferred_capture = on").unwrap();
-    }
+    bulk_mode.apply(&mut c);
     c.execute(
         "INSERT INTO nudge.events (user_id, event, props, occurred_at)
          SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
@@ -131,9 +162,11 @@ fn month_twice(setup: &str, bulk_db: &str, live_db: &str, deferred: bool) -> Str
         &[&users, &names, &props, &secs, &START],
     )
     .unwrap();
-    if deferred {
+    if bulk_mode == Capture::Deferred {
         // queued, not yet enrolled: run_due enrolls them first
         assert!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue") > 1000);
+    }
+    if bulk_mode != Capture::Immediate {
         assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 0);
     }
     let written: i32 = c
@@ -147,6 +180,7 @@ fn month_twice(setup: &str, bulk_db: &str, live_db: &str, deferred: bool) -> Str
     // Lived through: one event at a time, the engine running at each instant.
     let live = fresh_db(live_db);
     let mut c = shop(&live, setup);
+    live_mode.apply(&mut c);
     let mut live_written: i32 = 0;
     for (u, e, p, s) in &events {
         let at = *s as f64;
@@ -186,12 +220,34 @@ fn month_twice(setup: &str, bulk_db: &str, live_db: &str, deferred: bool) -> Str
     same("journeys", &bulk_journeys, &live_journeys);
     assert_eq!(written, live_written);
     assert_eq!(written as usize, bulk_msgs.len());
+    drop_slots(bulk_db);
+    drop_slots(live_db);
     bulk
 }
 
 #[test]
 fn a_month_loaded_in_one_statement_sends_what_living_through_it_sends() {
-    month_twice(SETUP, "nudge_it_bulk", "nudge_it_live", false);
+    month_twice(SETUP, "nudge_it_bulk", "nudge_it_live", Capture::Immediate);
+}
+
+#[test]
+fn wal_capture_enrolls_the_month_as_immediate_capture_does() {
+    // loaded in one transaction and read back from the slot; lived through
+    // with each event read from the slot by the next run_due
+    month_twice(
+        SETUP_WITH_POLICIES,
+        "nudge_it_bulk_w",
+        "nudge_it_live_w",
+        Capture::Wal,
+    );
+    // and the slot's month gives what immediate capture of it gives
+    month_with(
+        SETUP,
+        "nudge_it_bulk_w2",
+        "nudge_it_live_w2",
+        Capture::Wal,
+        Capture::Immediate,
+    );
 }
 
 #[test]
@@ -202,7 +258,7 @@ fn deferred_capture_enrolls_the_month_as_immediate_capture_does() {
         SETUP_WITH_POLICIES,
         "nudge_it_bulk_d",
         "nudge_it_live_d",
-        true,
+        Capture::Deferred,
     );
 }
 
@@ -212,7 +268,7 @@ fn with_every_event_time_policy_too() {
         SETUP_WITH_POLICIES,
         "nudge_it_bulk_p",
         "nudge_it_live_p",
-        false,
+        Capture::Immediate,
     );
     // and every policy did act on that month
     let mut c = connect(&bulk);
