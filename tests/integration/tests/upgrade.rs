@@ -3,7 +3,7 @@
 //! EXTENSION, ends with the same schema as a fresh install (functions with
 //! their bodies, settings and grants, columns, constraints, views, grants),
 //! and its data keeps working.
-use nudge_integration::{connect, count, dsn, fresh_db};
+use nudge_integration::{connect, count, drop_slots, dsn, fresh_db};
 use postgres::Client;
 
 /// Everything in schema nudge that an install defines, as comparable text:
@@ -65,7 +65,7 @@ fn version_of(c: &mut Client) -> String {
     .get(0)
 }
 
-const CURRENT: &str = "0.7.0";
+const CURRENT: &str = "0.8.0";
 
 /// Prints only the differences.
 fn assert_same_schema(upgraded: &mut Client, fresh: &mut Client) {
@@ -566,4 +566,59 @@ fn upgrade_from_0_6_0_takes_gateway_batches_and_matches_a_fresh_install() {
         ),
         3
     );
+}
+
+#[test]
+fn upgrade_from_0_7_0_captures_from_the_wal_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh7");
+    let mut f = connect(&fresh);
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade7 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade7")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade7", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.7.0';
+         CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
+         SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+         SELECT nudge.define_template('t', 'Hi', 'cart {{ event.cart }}');
+         SELECT nudge.define_trigger('cart', '{\"on\": {\"event\": \"cart_added\", \"key\": \"cart\"}, \"wait\": \"1 hour\",
+             \"unless\": [{\"event\": \"purchased\", \"same_key\": true}], \"template\": \"t\"}');
+         SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '2 hours');",
+    )
+    .unwrap();
+    // the library is already 0.8.0: before the update, its worker passes and
+    // capture find no WAL state and go on as before
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 0);
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+    // the upgraded database captures from the WAL: the order closes the
+    // journey 0.7.0 opened, through the slot
+    c.query_one("SELECT nudge.set_capture('wal')", &[]).unwrap();
+    c.batch_execute(
+        "SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now() - interval '2 hours');
+         INSERT INTO public.orders (customer, cart, at) VALUES ('u1', 'k1', now() - interval '90 minutes');",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 2);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'waiting'"
+        ),
+        1
+    );
+    drop_slots("nudge_it_upgrade7");
 }
