@@ -131,13 +131,20 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
     let (mut experiments_checked, mut retention_applied, mut wal_checked) = (0, 0, 0);
     loop {
         let present = extension_present();
+        let mut wal = false;
         if settings::ENABLED.get() && present {
-            drain(s);
+            wal = drain(s);
             check_experiments(&mut experiments_checked);
             apply_retention(&mut retention_applied);
         }
         check_wal(present, &mut wal_checked);
-        let nap = Duration::from_millis(settings::NAPTIME_MS.get().max(10) as u64);
+        // no commit wakes the worker in WAL capture (the inserting statement
+        // runs nothing of ours): it looks at the slot often instead
+        let mut nap = settings::NAPTIME_MS.get().max(10);
+        if wal {
+            nap = nap.min(WAL_POLL_MS);
+        }
+        let nap = Duration::from_millis(nap as u64);
         if stopping() || !BackgroundWorker::wait_latch(Some(nap)) || stopping() {
             break;
         }
@@ -164,16 +171,30 @@ fn stopping() -> bool {
 /// Events queued by deferred capture enrolled per transaction.
 const QUEUE_CHUNK: i64 = 100_000;
 
+/// How often the worker reads the slot in WAL capture, at most.
+const WAL_POLL_MS: i32 = 100;
+
 /// Inserts read from the WAL slot per transaction (whole transactions).
 const WAL_CHUNK: i64 = 50_000;
 
 /// Batches until one comes back short: everything due now is written.
-fn drain(s: &Shared) {
+/// Returns whether the database captures from the WAL.
+fn drain(s: &Shared) -> bool {
+    let mut wal = false;
     // captured events first: they may open or close the journeys due now
     loop {
-        match guarded(|| as_extension(|| crate::engine::wal::capture_from_wal(WAL_CHUNK))) {
-            Ok(n) if n >= WAL_CHUNK && !stopping() => continue,
-            Ok(_) => break,
+        let pass = guarded(|| {
+            as_extension(|| {
+                let n = crate::engine::wal::capture_from_wal(WAL_CHUNK);
+                (n, crate::engine::wal::mode().is_some())
+            })
+        });
+        match pass {
+            Ok((n, _)) if n >= WAL_CHUNK && !stopping() => continue,
+            Ok((_, active)) => {
+                wal = active;
+                break;
+            }
             Err(e) => {
                 s.errors.fetch_add(1, Ordering::Relaxed);
                 warning!(
@@ -215,7 +236,7 @@ fn drain(s: &Shared) {
         s.last_pass_us
             .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
         if claimed < batch as usize || stopping() {
-            return;
+            return wal;
         }
     }
 }

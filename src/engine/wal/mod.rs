@@ -300,17 +300,23 @@ pub fn capture_from_wal(max: i64) -> i64 {
     let Some((batch, upto, last_end, rows, s)) = Spi::connect_mut(|c| {
         lock(c);
         let s = state(c)?;
-        let slot = or_raise(
-            c.select(
-                "SELECT wal_status, confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                None,
-                &[s.slot.clone().into()],
-            ),
-            "reading the replication slot",
-        )
-        .into_iter()
-        .next()
-        .map(|r| (r.get::<String>(1).ok().flatten(), lsn(r.get(2).ok().flatten())));
+        // a restored dump names the slot of the database it was taken from
+        let slot = (s.slot == slot_name())
+            .then(|| {
+                or_raise(
+                    c.select(
+                        "SELECT wal_status, confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
+                          WHERE slot_name = $1 AND database = pg_catalog.current_database()",
+                        None,
+                        &[s.slot.clone().into()],
+                    ),
+                    "reading the replication slot",
+                )
+                .into_iter()
+                .next()
+                .map(|r| (r.get::<String>(1).ok().flatten(), lsn(r.get(2).ok().flatten())))
+            })
+            .flatten();
         let usable = matches!(&slot, Some((status, _)) if status.as_deref() != Some("lost"));
         if !usable {
             recover(c, &s, slot.is_some(), fresh);

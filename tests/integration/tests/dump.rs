@@ -143,3 +143,90 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+/// A dump of a database in WAL capture keeps the mode (and the sources'
+/// triggers off); the restored database has no slot of its own yet (and the
+/// dump names the original's): its first pass makes one, says so, and
+/// captures from there, never reading the original's slot.
+#[test]
+fn a_restored_wal_capture_makes_a_slot_of_its_own() {
+    let db = fresh_db("nudge_it_dump_wal");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"CREATE TABLE public.orders (id serial, customer text, cart text, at timestamptz);
+           SELECT nudge.add_source('public.orders', 'customer', time_column => 'at', event_name => 'purchased');
+           SELECT nudge.define_template('t', 'Cart {{ event.cart }}', '<p>cart</p>');
+           SELECT nudge.define_trigger('cart', '{"on": {"event": "cart_added", "key": "cart"}, "wait": "1 hour",
+               "unless": [{"event": "purchased", "same_key": true}], "template": "t"}');"#,
+    )
+    .unwrap();
+    c.query_one("SELECT nudge.set_capture('wal')", &[]).unwrap();
+    c.batch_execute(
+        "SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '2 hours')",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 1);
+    let file = std::env::temp_dir().join("nudge_it_dump_wal.pgdump");
+    let status = Command::new(pg_bin("pg_dump"))
+        .args(conn_flags())
+        .args(["--format=custom", "--dbname=nudge_it_dump_wal", "--file"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump failed");
+    nudge_integration::drop_slots("nudge_it_restored_wal");
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_restored_wal WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_restored_wal")
+        .unwrap();
+    let restored = format!("{} dbname=nudge_it_restored_wal", dsn());
+    let out = Command::new(pg_bin("pg_restore"))
+        .args(conn_flags())
+        .args(["--dbname=nudge_it_restored_wal", "--exit-on-error"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = connect(&restored);
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM nudge.wal_capture"),
+        1,
+        "the mode is kept"
+    );
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM pg_trigger WHERE tgname = 'nudge_capture' AND tgrelid = 'public.orders'::regclass AND tgenabled = 'D'"),
+        1
+    );
+    // the first pass makes the restored database's own slot
+    assert_eq!(count(&mut r, "SELECT nudge.capture_pending()"), 0);
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ),
+        1
+    );
+    r.batch_execute("INSERT INTO public.orders (customer, cart, at) VALUES ('u1', 'k1', now() - interval '90 minutes')")
+        .unwrap();
+    assert_eq!(count(&mut r, "SELECT nudge.capture_pending()"), 1);
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited'"
+        ),
+        1
+    );
+    // the original's slot was left alone: its database still reads it
+    c.batch_execute("SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now())")
+        .unwrap();
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 1);
+    nudge_integration::drop_slots("nudge_it_dump_wal");
+    nudge_integration::drop_slots("nudge_it_restored_wal");
+}

@@ -316,3 +316,84 @@ fn sigterm_during_a_drain_stops_the_worker() {
     );
     assert_eq!(outbox_uniqueness(&mut c), (20000, 20000, 20000));
 }
+
+/// WAL capture with the worker: no commit wakes it, it reads the slot by
+/// itself. Terminated while it reads and enrolls the slot's transactions,
+/// the worker that replaces it takes up where the last committed pass got
+/// to: every insert enrolled once, none lost.
+#[test]
+fn the_worker_captures_from_the_wal_once_across_a_sigterm() {
+    let db = fresh_db(DB);
+    let mut c = setup(&db);
+    c.query_one("SELECT nudge.set_capture('wal')", &[]).unwrap();
+    set_setting("nudge.naptime", Some("600000"));
+    std::thread::sleep(Duration::from_millis(500));
+    c.batch_execute(
+        "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'ping', now(), '{\"n\": 1}' FROM generate_series(1, 200) i",
+    )
+    .unwrap();
+    let done = wait_for(10, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") == 200).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "the worker wrote {} of 200 from the slot, with a naptime of 10 minutes",
+        count(&mut c, "SELECT count(*) FROM nudge.outbox")
+    );
+    let row = c
+        .query_one("SELECT capture, wal_lag_bytes, wal_lag < interval '10 seconds' FROM nudge.worker_status()", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "wal");
+    assert!(row.get::<_, Option<i64>>(1).is_some());
+    assert!(
+        row.get::<_, bool>(2),
+        "the slot was read to its end moments ago"
+    );
+
+    // many transactions, then SIGTERMs while the worker works through them
+    for b in 0..40 {
+        c.batch_execute(&format!(
+            "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+             SELECT 'u' || ({b} * 500 + i), 'pong', now() - interval '10 minutes', '{{\"n\": 2}}' FROM generate_series(1, 500) i"
+        ))
+        .unwrap();
+    }
+    let worker = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_nudge worker'";
+    for _ in 0..3 {
+        if let Some(pid) = c
+            .query_opt(worker, &[])
+            .unwrap()
+            .map(|r| r.get::<_, i32>(0))
+        {
+            c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let finished = wait_for(120, || {
+        (count(&mut c, "SELECT count(*) FROM nudge.outbox") >= 20200).then_some(())
+    });
+    set_setting("nudge.naptime", None);
+    assert!(
+        finished.is_some(),
+        "the workers wrote {} of 20,200",
+        count(&mut c, "SELECT count(*) FROM nudge.outbox")
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments"),
+        20200
+    );
+    assert_eq!(outbox_uniqueness(&mut c), (20200, 20200, 20200));
+    c.query_one("SELECT nudge.set_capture('immediate')", &[])
+        .unwrap();
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 0);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ),
+        0
+    );
+}
