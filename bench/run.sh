@@ -20,7 +20,10 @@ OUTBOX_SECONDS=${BENCH_OUTBOX_SECONDS:-5}
 ROUNDS=${BENCH_ROUNDS:-2}
 RESULTS=${BENCH_RESULTS:-bench/RESULTS.md}
 # (nudge.enabled is switched with ALTER SYSTEM: a -c option would override it)
+# wal_level = logical for every part: WAL capture's ratios are against a plain
+# table under the same wal_level (output_plugin_libraries exists only in some builds)
 SETTINGS=(shared_preload_libraries=pg_nudge nudge.database=bench nudge.naptime=100
+          wal_level=logical output_plugin_libraries=pgoutput,test_decoding,pg_nudge
           track_commit_timestamp=on shared_buffers=1GB max_wal_size=8GB checkpoint_timeout=30min
           max_connections=100)
 if [[ $(id -u) == 0 ]]; then as=(runuser -u postgres --); else as=(); fi
@@ -108,6 +111,55 @@ done
 p=$(best "${plain[@]}") n=$(best "${nudged[@]}") d=$(best "${deferred[@]}")
 row "capture: single-row INSERT, $INSERT_CLIENTS clients (rows/s)" "$(fmt "$p")" "$(fmt "$n")" "$(ratio "$n" "$p")" ">= 0.8"
 row "capture: the same inserts, deferred capture (rows/s)" "$(fmt "$p")" "$(fmt "$d")" "$(ratio "$d" "$p")" ">= 0.8"
+q "SELECT nudge.capture_pending(100000000)" >/dev/null
+
+# WAL capture (nudge.set_capture('wal')): the sources' triggers are off; the
+# slot is read afterwards, as the worker would, and timed on its own. The
+# plain table is measured again in the same rounds, side by side.
+q "SELECT nudge.set_capture('wal')" >/dev/null
+plain=() wal=() walenroll=()
+for _ in $(seq "$ROUNDS"); do
+  plain+=("$(copy_rate plain off)"); wal+=("$(copy_rate events off)")
+  t0=$(now); n=$(q "SELECT nudge.capture_pending(100000000)")
+  walenroll+=("$(echo "$n / $(since "$t0")" | bc -l)")
+done
+p=$(best "${plain[@]}") w=$(best "${wal[@]}")
+row "capture: the same COPY, WAL capture (rows/s)" "$(fmt "$p")" "$(fmt "$w")" "$(ratio "$w" "$p")" ">= 0.95"
+row "capture: WAL, $(fmt "$EVENTS") inserts read from the slot and enrolled (events/s)" "-" \
+    "$(fmt "$(best "${walenroll[@]}")")" "-" "-"
+"${psql[@]}" -c "VACUUM ANALYZE" >/dev/null
+plain=() wal=()
+for _ in $(seq "$ROUNDS"); do
+  plain+=("$(insert_tps plain off)"); wal+=("$(insert_tps events off)")
+  q "SELECT nudge.capture_pending(100000000)" >/dev/null
+done
+p=$(best "${plain[@]}") w=$(best "${wal[@]}")
+row "capture: the same inserts, WAL capture (rows/s)" "$(fmt "$p")" "$(fmt "$w")" "$(ratio "$w" "$p")" ">= 0.95"
+
+# enrollment lag from the slot at a steady rate, with the worker reading it:
+# event commit to enrollment commit (each event its own journey)
+WAL_RATE=${BENCH_WAL_RATE:-5000}
+WAL_SECONDS=${BENCH_WAL_SECONDS:-10}
+pause_all
+reset_nudge
+q "SELECT nudge.define_trigger('wal_lag', '{\"on\": {\"event\": \"wping\", \"key\": \"n\"}, \"wait\": \"1 day\", \"template\": \"ping\"}')" >/dev/null
+q "TRUNCATE bench.events" >/dev/null
+worker on
+sleep 1
+pgbench -n -M prepared -h 127.0.0.1 -p "$PORT" -U postgres -c "$INSERT_CLIENTS" -j 2 -R "$WAL_RATE" -T "$WAL_SECONDS" \
+  -f bench/wal_ping.sql bench >/dev/null 2>&1
+sent=$(q "SELECT count(DISTINCT (user_id, props->>'n')) FROM bench.events WHERE event = 'wping'")
+wait_for "SELECT count(*) >= $sent FROM nudge.enrollments WHERE trigger = 'wal_lag'" 120
+worker off
+read -r p50 p99 < <(q "SELECT round(1000 * percentile_cont(0.5) WITHIN GROUP (ORDER BY s)::numeric, 1),
+                              round(1000 * percentile_cont(0.99) WITHIN GROUP (ORDER BY s)::numeric, 1)
+                         FROM (SELECT extract(epoch FROM pg_xact_commit_timestamp(n.xmin) - pg_xact_commit_timestamp(e.xmin)) s
+                                 FROM nudge.enrollments n JOIN bench.events e
+                                   ON e.user_id = n.user_id AND e.event = 'wping' AND e.props->>'n' = n.key
+                                WHERE n.trigger = 'wal_lag') l" | tr '|' ' ')
+row "capture: WAL, $(fmt "$sent") events at $WAL_RATE/s, commit to enrollment (ms)" "-" "p50 $p50, p99 $p99" "-" "p99 < 1000"
+q "SELECT nudge.drop_trigger('wal_lag')" >/dev/null
+q "SELECT nudge.set_capture('immediate')" >/dev/null
 q "SELECT nudge.capture_pending(100000000)" >/dev/null
 fi
 
