@@ -145,7 +145,9 @@ reset_nudge
 q "SELECT nudge.define_trigger('wal_lag', '{\"on\": {\"event\": \"wping\", \"key\": \"n\"}, \"wait\": \"1 day\", \"template\": \"ping\"}')" >/dev/null
 q "TRUNCATE bench.events" >/dev/null
 worker on
-sleep 1
+# steady state: the worker's first loop after it is enabled also looks for
+# experiment winners and applies retention over what the parts above loaded
+sleep 3
 pgbench -n -M prepared -h 127.0.0.1 -p "$PORT" -U postgres -c "$INSERT_CLIENTS" -j 2 -R "$WAL_RATE" -T "$WAL_SECONDS" \
   -f bench/wal_ping.sql bench >/dev/null 2>&1
 sent=$(q "SELECT count(DISTINCT (user_id, props->>'n')) FROM bench.events WHERE event = 'wping'")
