@@ -9,9 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${BENCH_DIR:-/tmp/pg_nudge-bench}
 PORT=${BENCH_PORT:-28818}
-EVENTS=${BENCH_EVENTS:-1000000}
-USERS=${BENCH_USERS:-100000}
-DUE=${BENCH_DUE:-200000}
+# BENCH_SCALE=10: ten times the events, users and due journeys (10M events),
+# to see that the cost per event stays flat
+SCALE=${BENCH_SCALE:-1}
+EVENTS=${BENCH_EVENTS:-$((1000000 * SCALE))}
+USERS=${BENCH_USERS:-$((100000 * SCALE))}
+DUE=${BENCH_DUE:-$((200000 * SCALE))}
+WHALE=${BENCH_WHALE:-1000000}
 PINGS=${BENCH_PINGS:-10000}
 PING_RATE=${BENCH_PING_RATE:-500}
 INSERT_SECONDS=${BENCH_INSERT_SECONDS:-15}
@@ -174,6 +178,38 @@ secs=$(since "$t0")
 replayed=$(q "SELECT count(*) FROM bench.events")
 row "backtest: $(fmt "$replayed") events replayed (events/s; s)" "-" "$(fmt "$(echo "$replayed / $secs" | bc -l)")" "-" \
     "< 10 s: $(printf '%.1f' "$secs") s"
+
+# one user with WHALE events: a backtest holds one user's history at a time,
+# so its peak memory is that user's. The backend's peak resident size
+# (VmHWM) before and after, in one session.
+"${psql[@]}" -c "SET nudge.deferred_capture = on" \
+  -c "INSERT INTO bench.events (user_id, event, occurred_at, props)
+      SELECT 'whale', CASE WHEN i % 10 = 0 THEN 'cart_added' ELSE 'product_viewed' END,
+             '2026-01-01'::timestamptz + (i % 2592000) * interval '1 second',
+             jsonb_build_object('cart_id', 'w' || (i % 1000), 'product_id', i % 500)
+        FROM generate_series(1, $WHALE) i" -c "TRUNCATE nudge.capture_queue" >/dev/null
+rm -f /tmp/pg_nudge-bench-pid /tmp/pg_nudge-bench-done
+"${psql[@]}" -t -A >/dev/null <<SQL &
+\\o /tmp/pg_nudge-bench-pid
+SELECT pg_backend_pid();
+\\o /dev/null
+SELECT pg_sleep(1);
+SELECT count(*) FROM nudge.backtest((SELECT v.definition FROM nudge.trigger_versions v WHERE v.trigger = 'cart_abandonment'),
+                                    '2026-01-01', '2026-02-01');
+\\o /tmp/pg_nudge-bench-done
+SELECT 1;
+\\o /dev/null
+SELECT pg_sleep(3);
+SQL
+hwm() { grep VmHWM "/proc/$1/status" | tr -s ' ' | cut -d' ' -f2; }
+until [[ -s /tmp/pg_nudge-bench-pid ]]; do sleep 0.1; done
+pid=$(tr -d ' \n' < /tmp/pg_nudge-bench-pid); before=$(hwm "$pid"); t0=$(now)
+until [[ -s /tmp/pg_nudge-bench-done ]]; do sleep 0.1; done
+wsecs=$(echo "$(since "$t0") - 1" | bc -l); after=$(hwm "$pid")
+wait
+row "backtest: one user with $(fmt "$WHALE") events, backend peak memory (MB; s)" "$((before / 1024))" "$((after / 1024))" "-" \
+    "bounded: $(printf '%.1f' "$wsecs") s"
+q "DELETE FROM bench.events WHERE user_id = 'whale'" >/dev/null
 
 fi
 

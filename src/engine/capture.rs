@@ -28,6 +28,7 @@ const MAX_USER_LOCKS: usize = 32;
 /// one slot only wait for each other's capture.
 pub(super) const USER_LOCK_SLOTS: i32 = 256;
 
+#[derive(Default)]
 pub struct Batch {
     pub users: Vec<Option<String>>,
     pub events: Vec<Option<String>>,

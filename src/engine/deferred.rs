@@ -90,9 +90,26 @@ pub unsafe fn jsonb_in(text: &str) -> pg_sys::Datum {
     )
 }
 
+/// Queued events taken and enrolled at a time: memory stays bounded however
+/// many a call is asked to take.
+const CHUNK: i64 = 100_000;
+
 /// Enrolls up to `max` queued events (any order: capture sorts each user's
 /// events by time) and removes them from the queue. Returns how many.
 pub fn capture_pending(max: i64) -> i64 {
+    let mut taken = 0;
+    while taken < max {
+        let asked = (max - taken).min(CHUNK);
+        let n = capture_chunk(asked);
+        taken += n;
+        if n < asked {
+            break;
+        }
+    }
+    taken
+}
+
+fn capture_chunk(max: i64) -> i64 {
     let batch = Spi::connect_mut(|c| {
         let rows = run(
             c,

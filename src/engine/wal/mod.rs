@@ -20,6 +20,10 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 
+/// Inserts enrolled per call of `capture` (the slot's answer is read in
+/// chunks of this many lines).
+const CHUNK: i64 = 20_000;
+
 /// Serializes passes over the slot (a slot is read by one backend at a
 /// time): a transaction-level advisory lock, which takes no transaction id.
 const LOCK_KEY: i64 = 0x6e75_6467_655f_7761; // "nudge_wa"
@@ -297,7 +301,7 @@ pub fn mode() -> Option<&'static str> {
 pub fn capture_from_wal(max: i64) -> i64 {
     let fresh = fresh_transaction();
     let max = max.clamp(1, i32::MAX as i64);
-    let Some((batch, upto, last_end, rows, s)) = Spi::connect_mut(|c| {
+    let Some((taken, upto, last_end, rows, s)) = Spi::connect_mut(|c| {
         lock(c);
         let s = state(c)?;
         // a restored dump names the slot of the database it was taken from
@@ -340,58 +344,62 @@ pub fn capture_from_wal(max: i64) -> i64 {
         ));
         let upto = s.until.map_or(flushed, |u| u.min(flushed));
         let options = pass_options(c, &s);
-        let lines = or_raise(
-            c.select(
-                "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, 'pass', $4)",
-                None,
-                &[s.slot.clone().into(), upto.to_string().into(), (max as i32).into(), options.into()],
-            ),
-            "reading the replication slot",
+        // read through a cursor and enrolled a chunk at a time: one
+        // transaction of millions of inserts is taken whole (a pass never
+        // stops inside a transaction), but never held in memory whole
+        let mut cursor = c.open_cursor(
+            "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, 'pass', $4)",
+            &[s.slot.clone().into(), upto.to_string().into(), (max as i32).into(), options.into()],
         );
-        let mut batch = Batch {
-            users: vec![],
-            events: vec![],
-            times: vec![],
-            props: vec![],
-        };
-        let (mut rows, mut last_end, mut unreadable) = (0usize, None, 0usize);
-        for r in lines {
-            rows += 1;
-            let Some(data) = r.get::<String>(1).ok().flatten() else {
-                continue;
-            };
-            match serde_json::from_str::<Line>(&data) {
-                Ok(Line::Captured(e)) => {
-                    last_end = Some(Lsn(e.x));
-                    batch.users.push(Some(e.u));
-                    batch.events.push(Some(e.e));
-                    batch.times.push(Some(ts(e.t)));
-                    batch.props.push(Some(JsonB(e.p)));
-                }
-                Ok(Line::Unreadable(u)) => {
-                    last_end = Some(Lsn(u.x));
-                    unreadable += 1;
-                    if unreadable <= 10 {
-                        warning!(
-                            "pg_nudge: WAL capture skipped an insert committed at {}: {}",
-                            Lsn(u.c),
-                            u.bad
-                        );
+        let mut batch = Batch::default();
+        let (mut rows, mut last_end, mut unreadable, mut taken) = (0usize, None, 0usize, 0i64);
+        loop {
+            let lines = or_raise(cursor.fetch(CHUNK), "reading the replication slot");
+            if lines.is_empty() {
+                break;
+            }
+            for r in lines {
+                rows += 1;
+                let Some(data) = r.get::<String>(1).ok().flatten() else {
+                    continue;
+                };
+                match serde_json::from_str::<Line>(&data) {
+                    Ok(Line::Captured(e)) => {
+                        last_end = Some(Lsn(e.x));
+                        batch.users.push(Some(e.u));
+                        batch.events.push(Some(e.e));
+                        batch.times.push(Some(ts(e.t)));
+                        batch.props.push(Some(JsonB(e.p)));
                     }
+                    Ok(Line::Unreadable(u)) => {
+                        last_end = Some(Lsn(u.x));
+                        unreadable += 1;
+                        if unreadable <= 10 {
+                            warning!(
+                                "pg_nudge: WAL capture skipped an insert committed at {}: {}",
+                                Lsn(u.c),
+                                u.bad
+                            );
+                        }
+                    }
+                    Err(e) => warning!(
+                        "pg_nudge: WAL capture skipped a line it cannot read ({e}): {data:.200}"
+                    ),
                 }
-                Err(e) => warning!(
-                    "pg_nudge: WAL capture skipped a line it cannot read ({e}): {data:.200}"
-                ),
+            }
+            if batch.users.len() >= CHUNK as usize {
+                taken += batch.users.len() as i64;
+                capture(std::mem::take(&mut batch));
             }
         }
-        Some((batch, upto, last_end, rows, s))
+        taken += batch.users.len() as i64;
+        if !batch.users.is_empty() {
+            capture(batch);
+        }
+        Some((taken, upto, last_end, rows, s))
     }) else {
         return 0;
     };
-    let taken = batch.users.len() as i64;
-    if taken > 0 {
-        capture(batch);
-    }
     // Decoding restarts from the slot's restart point, which moves only at a
     // record of the running transactions; the server writes one every 15 s,
     // and every pass until the next would decode those 15 s again (at 5,000

@@ -373,3 +373,35 @@ fn two_passes_at_once_take_each_insert_once() {
     );
     drop_slots("nudge_it_wal_race");
 }
+
+#[test]
+fn a_transaction_larger_than_a_pass_is_taken_whole_a_chunk_at_a_time() {
+    let (_db, mut c) = wal_db("nudge_it_wal_big");
+    set_wal(&mut c);
+    c.batch_execute(
+        "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+         SELECT 'u' || i, 'cart_added', '2026-01-01 10:00+00', jsonb_build_object('cart', 'k' || i)
+           FROM generate_series(1, 50000) i",
+    )
+    .unwrap();
+    c.batch_execute(
+        "SELECT nudge.track('late', 'cart_added', '{\"cart\": \"k\"}', '2026-01-01 11:00+00')",
+    )
+    .unwrap();
+    // a pass asked for 1,000 takes the whole first transaction (enrolled in
+    // chunks), and stops at its end
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending(1000)"), 50000);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments"),
+        50000
+    );
+    assert_eq!(capture(&mut c), 1);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(DISTINCT user_id) FROM nudge.enrollments"
+        ),
+        50001
+    );
+    drop_slots("nudge_it_wal_big");
+}
