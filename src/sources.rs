@@ -121,10 +121,34 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
 /// the transactions inserting into it, so what committed before this
 /// position was inserted before it was one.
 fn in_wal_mode(c: &mut SpiClient<'_>, source: pg_sys::Oid, table: &str) {
+    // under the lock set_capture holds while it switches the triggers: a
+    // source added meanwhile is switched with the others or after them
     // (mode() reads no state from a database whose SQL is older)
+    crate::engine::wal::lock(c);
     let wal = crate::engine::wal::mode() == Some("wal");
     if !wal {
         return;
+    }
+    let unlogged = or_raise(
+        c.select(
+            "SELECT relpersistence = 'u' FROM pg_catalog.pg_class WHERE oid = $1",
+            None,
+            &[source.into()],
+        ),
+        "checking the table",
+    )
+    .first()
+    .get_one::<bool>()
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if unlogged {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("add_source: {table} is unlogged, and this database captures from the WAL, to which an unlogged table writes nothing"),
+            "ALTER TABLE ... SET LOGGED first"
+        );
     }
     or_raise(
         c.update(
@@ -276,10 +300,15 @@ pub fn drop(source: pg_sys::Oid) {
 /// the slot is read to its end before the source goes.
 fn enroll_from_wal_before_drop(table: &str) {
     if crate::engine::wal::mode().is_some() {
+        // the pass's lock first, as set_capture takes them
+        Spi::connect(|c| crate::engine::wal::lock(c));
         or_raise(
             Spi::run(&format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")),
             "locking the table",
         );
+        // an insert committed with synchronous_commit off may not be flushed
+        // yet, and a pass reads up to what is
+        unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
         crate::engine::wal::capture_from_wal(i64::from(i32::MAX));
     }
 }

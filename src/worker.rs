@@ -349,11 +349,17 @@ fn check_wal(present: bool, last: &mut i64) {
     }
     *last = now;
     let found = guarded(|| {
-        if present {
-            as_extension(|| crate::engine::wal::retention_warning(WAL_WARN_BYTES))
+        let dropped = if present {
+            as_extension(|| crate::engine::wal::drop_orphaned_slot(true))
         } else {
-            crate::engine::wal::drop_orphaned_slot()
-                .map(|slot| format!("pg_nudge worker: dropped replication slot {slot}: pg_nudge is no longer installed here"))
+            crate::engine::wal::drop_orphaned_slot(false)
+        };
+        match dropped {
+            Some(slot) => Some(format!(
+                "pg_nudge worker: dropped replication slot {slot}: no WAL capture of this database uses it"
+            )),
+            None if present => as_extension(|| crate::engine::wal::retention_warning(WAL_WARN_BYTES)),
+            None => None,
         }
     });
     match found {

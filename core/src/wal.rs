@@ -78,6 +78,13 @@ pub struct Captured {
     pub p: serde_json::Value,
 }
 
+/// Where a line's transaction commits and ends, whatever else the line holds.
+#[derive(Debug, Deserialize, PartialEq)]
+pub struct Position {
+    pub c: u64,
+    pub x: u64,
+}
+
 /// A row the plugin could not read: it is skipped, with this reason logged,
 /// and the rows after it are captured.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]

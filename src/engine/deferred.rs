@@ -15,7 +15,7 @@ use pgrx::JsonB;
 pub struct Queue {
     rel: pg_sys::Relation,
     queued_at: pg_sys::Datum,
-    empty: Option<pg_sys::Datum>,
+    empty: pg_sys::Datum,
     rows: usize,
 }
 
@@ -36,13 +36,15 @@ impl Queue {
         Queue {
             rel: pg_sys::table_open(relid, pg_sys::NoLock as pg_sys::LOCKMODE),
             queued_at: pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp()),
-            empty: None,
+            // made here, in the statement's memory: rows are read in a
+            // context of their own that is reset row by row
+            empty: jsonb_in("{}"),
             rows: 0,
         }
     }
 
     pub unsafe fn empty_props(&mut self) -> pg_sys::Datum {
-        *self.empty.get_or_insert_with(|| jsonb_in("{}"))
+        self.empty
     }
 
     pub unsafe fn push(

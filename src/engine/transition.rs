@@ -57,7 +57,21 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     let reader = pg_sys::tuplestore_alloc_read_pointer(store, pg_sys::EXEC_FLAG_REWIND as i32);
     pg_sys::tuplestore_select_read_pointer(store, reader);
     pg_sys::tuplestore_rescan(store);
+    // what reading a row allocates (its values as text, its props as jsonb)
+    // goes when the next row is read: a statement of ten million rows held it
+    // all until the statement ended, and ran the server out of memory
+    let outer = pg_sys::CurrentMemoryContext;
+    let row_cx = pg_sys::AllocSetContextCreateInternal(
+        outer,
+        c"pg_nudge capture row".as_ptr(),
+        0,
+        8 * 1024,
+        8 * 1024 * 1024,
+    );
     while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+        pg_sys::MemoryContextSwitchTo(outer);
+        pg_sys::MemoryContextReset(row_cx);
+        pg_sys::MemoryContextSwitchTo(row_cx);
         pg_sys::slot_getsomeattrs_int(slot, natts);
         let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
         let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
@@ -102,6 +116,8 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         batch.times.push(at);
         batch.props.push(Some(JsonB(p)));
     }
+    pg_sys::MemoryContextSwitchTo(outer);
+    pg_sys::MemoryContextDelete(row_cx);
     pg_sys::ExecDropSingleTupleTableSlot(slot);
     if let Some(q) = queue {
         q.close();

@@ -15,7 +15,7 @@ mod plugin;
 
 use crate::engine::capture::{capture, Batch};
 use crate::spi_util::{or_raise, ts};
-use nudge_core::wal::{next_position, Line, Lsn, PluginOptions, SourceOption};
+use nudge_core::wal::{next_position, Line, Lsn, PluginOptions, Position, SourceOption};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
@@ -104,7 +104,7 @@ fn text(
     rows.first().get::<String>(1).ok().flatten()
 }
 
-fn lock(c: &SpiClient<'_>) {
+pub fn lock(c: &SpiClient<'_>) {
     text(
         c,
         "SELECT pg_catalog.pg_advisory_xact_lock($1)::text",
@@ -131,6 +131,15 @@ fn switch_triggers(c: &mut SpiClient<'_>, enable: bool) -> Lsn {
     .filter_map(|r| r.get::<String>(1).ok().flatten())
     .collect();
     let verb = if enable { "ENABLE" } else { "DISABLE" };
+    // Locking the sources one after the other can deadlock with an
+    // application transaction that inserts into two of them in the other
+    // order. Whichever waits deadlock_timeout first gives up: make it us.
+    exec(
+        c,
+        "SET LOCAL deadlock_timeout = '20ms'",
+        &[],
+        "setting deadlock_timeout",
+    );
     for t in tables {
         exec(
             c,
@@ -218,6 +227,20 @@ pub fn enter() -> String {
             );
         }
         lock(c);
+        if let Some(t) = text(
+            c,
+            "SELECT string_agg(source::text, ', ') FROM nudge.sources s JOIN pg_catalog.pg_class r ON r.oid = s.source
+              WHERE r.relpersistence = 'u'",
+            &[],
+            "reading the sources",
+        ) {
+            ereport!(
+                ERROR,
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("set_capture('wal'): {t} is unlogged, and an unlogged table writes nothing to the WAL"),
+                "ALTER TABLE ... SET LOGGED, or nudge.drop_source it first"
+            );
+        }
         match state(c) {
             Some(s) if s.until.is_none() => {
                 format!("already capturing from the WAL (slot {})", s.slot)
@@ -301,7 +324,7 @@ pub fn mode() -> Option<&'static str> {
 pub fn capture_from_wal(max: i64) -> i64 {
     let fresh = fresh_transaction();
     let max = max.clamp(1, i32::MAX as i64);
-    let Some((taken, upto, last_end, rows, s)) = Spi::connect_mut(|c| {
+    let Some((taken, upto, last_end, rows)) = Spi::connect_mut(|c| {
         lock(c);
         let s = state(c)?;
         // a restored dump names the slot of the database it was taken from
@@ -324,6 +347,24 @@ pub fn capture_from_wal(max: i64) -> i64 {
         let usable = matches!(&slot, Some((status, _)) if status.as_deref() != Some("lost"));
         if !usable {
             recover(c, &s, slot.is_some(), fresh);
+            return None;
+        }
+        if fresh && s.until.is_some_and(|u| s.position >= u) {
+            // every insert before the switch back is enrolled, and that is
+            // committed: only now may the slot go (dropping it is not undone
+            // by a rollback)
+            exec(
+                c,
+                "DELETE FROM nudge.wal_capture",
+                &[],
+                "ending WAL capture",
+            );
+            text(
+                c,
+                "SELECT pg_catalog.pg_drop_replication_slot($1)::text",
+                &[s.slot.clone().into()],
+                "dropping the replication slot",
+            );
             return None;
         }
         let confirmed = slot.map(|(_, l)| l).unwrap_or_default();
@@ -355,6 +396,8 @@ pub fn capture_from_wal(max: i64) -> i64 {
         let (mut rows, mut last_end, mut unreadable, mut taken) = (0usize, None, 0usize, 0i64);
         loop {
             let lines = or_raise(cursor.fetch(CHUNK), "reading the replication slot");
+            // pgrx frees a cursor's chunks only when the SPI connection ends
+            let chunk = unsafe { pg_sys::SPI_tuptable };
             if lines.is_empty() {
                 break;
             }
@@ -363,16 +406,19 @@ pub fn capture_from_wal(max: i64) -> i64 {
                 let Some(data) = r.get::<String>(1).ok().flatten() else {
                     continue;
                 };
+                // where the line's transaction ends is read on its own, so
+                // that a line read no further still moves the position
+                if let Ok(p) = serde_json::from_str::<Position>(&data) {
+                    last_end = Some(Lsn(p.x));
+                }
                 match serde_json::from_str::<Line>(&data) {
                     Ok(Line::Captured(e)) => {
-                        last_end = Some(Lsn(e.x));
                         batch.users.push(Some(e.u));
                         batch.events.push(Some(e.e));
                         batch.times.push(Some(ts(e.t)));
                         batch.props.push(Some(JsonB(e.p)));
                     }
                     Ok(Line::Unreadable(u)) => {
-                        last_end = Some(Lsn(u.x));
                         unreadable += 1;
                         if unreadable <= 10 {
                             warning!(
@@ -387,6 +433,7 @@ pub fn capture_from_wal(max: i64) -> i64 {
                     ),
                 }
             }
+            unsafe { pg_sys::SPI_freetuptable(chunk) };
             if batch.users.len() >= CHUNK as usize {
                 taken += batch.users.len() as i64;
                 capture(std::mem::take(&mut batch));
@@ -396,7 +443,7 @@ pub fn capture_from_wal(max: i64) -> i64 {
         if !batch.users.is_empty() {
             capture(batch);
         }
-        Some((taken, upto, last_end, rows, s))
+        Some((taken, upto, last_end, rows))
     }) else {
         return 0;
     };
@@ -418,21 +465,6 @@ pub fn capture_from_wal(max: i64) -> i64 {
             &[position.to_string().into(), caught_up.into()],
             "recording what WAL capture enrolled",
         );
-        if s.until.is_some_and(|u| position >= u) {
-            // every insert before the switch back is enrolled
-            exec(
-                c,
-                "DELETE FROM nudge.wal_capture",
-                &[],
-                "ending WAL capture",
-            );
-            text(
-                c,
-                "SELECT pg_catalog.pg_drop_replication_slot($1)::text",
-                &[s.slot.clone().into()],
-                "dropping the replication slot",
-            );
-        }
     });
     taken
 }
@@ -486,17 +518,30 @@ fn pass_options(c: &SpiClient<'_>, s: &State) -> String {
         until: s.until.map(|u| u.0),
         ..Default::default()
     };
-    let rows = or_raise(
-        c.select(
-            "SELECT source::oid, user_column, coalesce(event_column, ''), coalesce(time_column, ''),
-                    coalesce(props_column, ''), coalesce(event_name, ''), wal_from::text
-               FROM nudge.sources",
-            None,
-            &[],
-        ),
-        "reading the sources",
+    // Read after `upto`, with the latest snapshot and the definitions as
+    // they are now: a source or a trigger that committed before an insert
+    // the pass takes is known to it. An insert into a partitioned source is
+    // decoded as its leaf partition's: every leaf maps to its source.
+    unsafe {
+        pg_sys::AcceptInvalidationMessages();
+        pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot());
+    }
+    let rows = c.select(
+        "SELECT coalesce(p.relid, s.source)::oid, s.user_column, coalesce(s.event_column, ''),
+                coalesce(s.time_column, ''), coalesce(s.props_column, ''), coalesce(s.event_name, ''),
+                s.wal_from::text
+           FROM nudge.sources s
+           LEFT JOIN LATERAL pg_catalog.pg_partition_tree(s.source) p ON p.isleaf",
+        None,
+        &[],
     );
-    for r in rows {
+    let watched: Vec<String> = crate::catalog::live_triggers(c)
+        .watched
+        .iter()
+        .cloned()
+        .collect();
+    unsafe { pg_sys::PopActiveSnapshot() };
+    for r in or_raise(rows, "reading the sources") {
         let Some(oid) = r.get::<pg_sys::Oid>(1).ok().flatten() else {
             continue;
         };
@@ -511,8 +556,7 @@ fn pass_options(c: &SpiClient<'_>, s: &State) -> String {
             },
         );
     }
-    let catalog = crate::catalog::cached().unwrap_or_else(|| crate::catalog::live_triggers(c));
-    o.watched = catalog.watched.iter().cloned().collect();
+    o.watched = watched;
     serde_json::to_string(&o).expect("JSON")
 }
 
@@ -524,7 +568,8 @@ pub fn lag() -> Option<(String, Option<i64>, Option<pgrx::datum::Interval>)> {
         let rows = or_raise(
             c.select(
                 "SELECT CASE WHEN until IS NULL THEN 'wal' ELSE 'leaving wal' END,
-                        pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), position)::bigint,
+                        CASE WHEN NOT pg_catalog.pg_is_in_recovery()
+                             THEN pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), position)::bigint END,
                         now() - coalesce(caught_up_at, since)
                    FROM nudge.wal_capture",
                 None,
@@ -567,15 +612,23 @@ pub fn retention_warning(limit: i64) -> Option<String> {
     })
 }
 
-/// A slot whose database no longer has pg_nudge (DROP EXTENSION) would keep
-/// WAL forever and stop DROP DATABASE: the worker drops it.
-pub fn drop_orphaned_slot() -> Option<String> {
+/// A slot of this database's name that no WAL capture owns: left by a
+/// `set_capture('wal')` that rolled back after making it, or by pg_nudge
+/// dropped (DROP EXTENSION). It would keep WAL forever: the worker drops it.
+pub fn drop_orphaned_slot(present: bool) -> Option<String> {
     let slot = slot_name();
     Spi::connect(|c| {
+        if present {
+            // set_capture('wal') makes its slot under the lock
+            lock(c);
+            if state(c).is_some() {
+                return None;
+            }
+        }
         let dropped = text(
             c,
             "WITH d AS (SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_catalog.pg_replication_slots
-                         WHERE slot_name = $1 AND NOT active)
+                         WHERE slot_name = $1 AND database = pg_catalog.current_database() AND NOT active)
              SELECT count(*)::text FROM d",
             &[slot.clone().into()],
             "dropping the replication slot",

@@ -62,21 +62,30 @@ unsafe extern "C-unwind" fn startup(
         8 * 1024 * 1024,
     );
     let watched = options.watched.iter().cloned().collect();
-    (*ctx).output_plugin_private = Box::into_raw(Box::new(State {
+    let state = Box::into_raw(Box::new(State {
         options,
         watched,
         context,
-    }))
-    .cast();
+    }));
+    (*ctx).output_plugin_private = state.cast();
+    // freed with the decoding context, which an ERROR also frees (the
+    // shutdown callback is not called then)
+    let cb = pg_sys::MemoryContextAlloc(
+        (*ctx).context,
+        std::mem::size_of::<pg_sys::MemoryContextCallback>(),
+    ) as *mut pg_sys::MemoryContextCallback;
+    (*cb).func = Some(free_state);
+    (*cb).arg = state.cast();
+    pg_sys::MemoryContextRegisterResetCallback((*ctx).context, cb);
+}
+
+unsafe extern "C-unwind" fn free_state(arg: *mut std::ffi::c_void) {
+    drop(Box::from_raw(arg as *mut State));
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shutdown(ctx: *mut pg_sys::LogicalDecodingContext) {
-    let state = (*ctx).output_plugin_private as *mut State;
-    if !state.is_null() {
-        drop(Box::from_raw(state));
-        (*ctx).output_plugin_private = std::ptr::null_mut();
-    }
+    (*ctx).output_plugin_private = std::ptr::null_mut();
 }
 
 // decoding requires begin and commit callbacks; a line per insert is enough
@@ -132,6 +141,19 @@ unsafe extern "C-unwind" fn change(
         )
     })
     .catch_others(|e| {
+        // a value that cannot be read (class 22, data exception) makes the
+        // row unreadable; anything else (a cancel, out of memory) is the
+        // pass's, and ends it
+        let data_error = match &e {
+            pg_sys::panic::CaughtError::PostgresError(r)
+            | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                is_data_exception(r.sql_error_code() as i32)
+            }
+            _ => false,
+        };
+        if !data_error {
+            e.rethrow();
+        }
         let table = CStr::from_ptr((*(*relation).rd_rel).relname.data.as_ptr()).to_string_lossy();
         Some(unreadable_line(
             commit,
@@ -147,6 +169,13 @@ unsafe extern "C-unwind" fn change(
     }
     pg_sys::MemoryContextSwitchTo(old);
     pg_sys::MemoryContextReset(state.context);
+}
+
+/// SQLSTATE class 22 (data exception): PostgreSQL packs the five characters
+/// six bits each, the class in the lowest twelve.
+fn is_data_exception(code: i32) -> bool {
+    let class = |c: u8| ((c - b'0') & 0x3F) as i32;
+    code & 0xFFF == class(b'2') | (class(b'2') << 6)
 }
 
 /// The line of one inserted row, or None when it is not a watched event.
@@ -202,6 +231,12 @@ unsafe fn read_insert(
         }
         None => row_json_text(pg_sys::heap_copy_tuple_as_datum(tuple, desc)),
     };
+    // what capture stores is jsonb: JSON that jsonb refuses (a \u0000, a
+    // number past numeric's range) must fail here, on its row, and not in
+    // the pass that enrolls it (which would fail on it again and again)
+    if !matches!(&map.props, Some(col) if col.type_oid == pg_sys::JSONBOID) {
+        crate::engine::deferred::jsonb_in(&props);
+    }
     let micros: i64 = at.into_inner();
     Some(captured_line(commit, end, &user, &name, micros, &props))
 }

@@ -13,7 +13,8 @@ pub fn dsn() -> String {
 pub fn fresh_db(name: &str) -> String {
     let mut admin = Client::connect(&dsn(), NoTls)
         .expect("connect to the test server (is it running? see `make test-server`)");
-    // a database with a replication slot (WAL capture) cannot be dropped
+    // (DROP DATABASE drops a database's inactive slots too; a test's slot
+    // is dropped first all the same, as a pass may still hold it)
     drop_slots(name);
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

@@ -218,6 +218,20 @@ fn an_unreadable_row_never_fails_the_insert_nor_stops_the_rows_after_it() {
          INSERT INTO public.clicks VALUES ('u3', 'cart_added', '2026-01-01 10:00+00', '{\"cart\": \"k3\"}');",
     )
     .unwrap();
+    // JSON that serde reads and jsonb refuses, in a json column and in a
+    // whole row taken as props
+    c.batch_execute(
+        "CREATE TABLE public.raw (who text, what text, body json);
+         SELECT nudge.add_source('public.raw', 'who', event_column => 'what', props_column => 'body');
+         CREATE TABLE public.rows (who text, what text, body json);
+         SELECT nudge.add_source('public.rows', 'who', event_column => 'what');",
+    )
+    .unwrap();
+    c.batch_execute(
+        r#"INSERT INTO public.raw VALUES ('u4', 'cart_added', '{"cart": "a\u0000b"}');
+           INSERT INTO public.rows VALUES ('u5', 'cart_added', '{"n": 1e1000000}');"#,
+    )
+    .unwrap();
     assert_eq!(capture(&mut c), 1);
     let users: Vec<String> = c
         .query("SELECT user_id FROM nudge.enrollments", &[])
@@ -256,9 +270,24 @@ fn leaving_wal_mode_hands_capture_back_to_the_triggers_without_a_gap() {
     )
     .unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 1);
-    // the slot gives the rest, then goes
+    // the slot gives the rest; a pass that does so and rolls back loses
+    // nothing (the slot is dropped only by a later pass)
+    let mut t = c.transaction().unwrap();
+    let n: i64 = t
+        .query_one("SELECT nudge.capture_pending()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    t.rollback().unwrap();
     assert_eq!(capture(&mut c), 1);
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 2);
+    let mode: String = c
+        .query_one("SELECT nudge.capture_mode()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "leaving wal");
+    // the next pass sees that committed, and drops the slot
+    assert_eq!(capture(&mut c), 0);
     assert_eq!(
         c.query_one("SELECT nudge.capture_mode()", &[])
             .unwrap()
@@ -404,4 +433,42 @@ fn a_transaction_larger_than_a_pass_is_taken_whole_a_chunk_at_a_time() {
         50001
     );
     drop_slots("nudge_it_wal_big");
+}
+
+#[test]
+fn a_partitioned_source_is_read_through_its_partitions_and_unlogged_ones_are_refused() {
+    let (_db, mut c) = wal_db("nudge_it_wal_parts");
+    c.batch_execute(
+        "CREATE TABLE public.clicks (who text, what text, at timestamptz, cart text) PARTITION BY RANGE (at);
+         CREATE TABLE public.clicks_jan PARTITION OF public.clicks FOR VALUES FROM ('2026-01-01') TO ('2026-02-01');
+         SELECT nudge.add_source('public.clicks', 'who', event_column => 'what', time_column => 'at');",
+    )
+    .unwrap();
+    set_wal(&mut c);
+    c.batch_execute(
+        "INSERT INTO public.clicks VALUES ('u1', 'cart_added', '2026-01-02 10:00+00', 'k1')",
+    )
+    .unwrap();
+    c.batch_execute(
+        "CREATE TABLE public.clicks_feb PARTITION OF public.clicks FOR VALUES FROM ('2026-02-01') TO ('2026-03-01')",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO public.clicks VALUES ('u2', 'cart_added', '2026-02-02 10:00+00', 'k2')",
+    )
+    .unwrap();
+    assert_eq!(
+        capture(&mut c),
+        2,
+        "both partitions, the one made after the switch too"
+    );
+    c.batch_execute("CREATE UNLOGGED TABLE public.scratch (who text, what text)")
+        .unwrap();
+    assert_eq!(
+        sqlstate(c.batch_execute(
+            "SELECT nudge.add_source('public.scratch', 'who', event_column => 'what')"
+        )),
+        "55000"
+    );
+    drop_slots("nudge_it_wal_parts");
 }
