@@ -69,52 +69,56 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         8 * 1024 * 1024,
     );
     while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
-        pg_sys::MemoryContextSwitchTo(outer);
+        // the tuple just read (from a spilled tuplestore, palloc'd now) is
+        // the slot's to free at the next read: read it in the outer context
         pg_sys::MemoryContextReset(row_cx);
         pg_sys::MemoryContextSwitchTo(row_cx);
-        pg_sys::slot_getsomeattrs_int(slot, natts);
-        let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
-        let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
-        let Some(name) = map
-            .event_name(values, nulls)
-            .filter(|n| catalog.watched.contains(n))
-        else {
-            continue;
-        };
-        let Some(user_id) = map.user.text(values, nulls) else {
-            continue;
-        };
-        let at = map.time(values, nulls, now);
-        if let Some(q) = queue.as_mut() {
-            let Some(at) = at else { continue };
-            let p = match &props {
-                Some(col) if nulls[col.attnum] => q.empty_props(),
-                Some(col) if col.type_oid == pg_sys::JSONBOID => pg_sys::Datum::from(
-                    pg_sys::pg_detoast_datum_packed(values[col.attnum].cast_mut_ptr()),
-                ),
-                Some(col) => {
-                    let text = col.text(values, nulls).unwrap_or_default();
-                    crate::spi_util::in_context(
-                        &format!("pg_nudge: capture on {table}: props_column"),
-                        || crate::engine::deferred::jsonb_in(&text),
-                    )
-                }
-                // row_to_json's output is JSON: no error to name
-                None => crate::engine::deferred::jsonb_in(&row_json_text(
-                    pg_sys::ExecFetchSlotHeapTupleDatum(slot),
-                )),
+        'row: {
+            pg_sys::slot_getsomeattrs_int(slot, natts);
+            let values = std::slice::from_raw_parts((*slot).tts_values, natts as usize);
+            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts as usize);
+            let Some(name) = map
+                .event_name(values, nulls)
+                .filter(|n| catalog.watched.contains(n))
+            else {
+                break 'row;
             };
-            q.push(&user_id, &name, at, p);
-            continue;
+            let Some(user_id) = map.user.text(values, nulls) else {
+                break 'row;
+            };
+            let at = map.time(values, nulls, now);
+            if let Some(q) = queue.as_mut() {
+                let Some(at) = at else { break 'row };
+                let p = match &props {
+                    Some(col) if nulls[col.attnum] => q.empty_props(),
+                    Some(col) if col.type_oid == pg_sys::JSONBOID => pg_sys::Datum::from(
+                        pg_sys::pg_detoast_datum_packed(values[col.attnum].cast_mut_ptr()),
+                    ),
+                    Some(col) => {
+                        let text = col.text(values, nulls).unwrap_or_default();
+                        crate::spi_util::in_context(
+                            &format!("pg_nudge: capture on {table}: props_column"),
+                            || crate::engine::deferred::jsonb_in(&text),
+                        )
+                    }
+                    // row_to_json's output is JSON: no error to name
+                    None => crate::engine::deferred::jsonb_in(&row_json_text(
+                        pg_sys::ExecFetchSlotHeapTupleDatum(slot),
+                    )),
+                };
+                q.push(&user_id, &name, at, p);
+                break 'row;
+            }
+            let p = match &props {
+                Some(col) => json_of(col, values, nulls, &table),
+                None => row_json(slot),
+            };
+            batch.users.push(Some(user_id));
+            batch.events.push(Some(name));
+            batch.times.push(at);
+            batch.props.push(Some(JsonB(p)));
         }
-        let p = match &props {
-            Some(col) => json_of(col, values, nulls, &table),
-            None => row_json(slot),
-        };
-        batch.users.push(Some(user_id));
-        batch.events.push(Some(name));
-        batch.times.push(at);
-        batch.props.push(Some(JsonB(p)));
+        pg_sys::MemoryContextSwitchTo(outer);
     }
     pg_sys::MemoryContextSwitchTo(outer);
     pg_sys::MemoryContextDelete(row_cx);

@@ -20,6 +20,7 @@
 //!   the parser nor the renderer can overflow the stack.
 
 mod budget;
+mod dates;
 mod escape;
 mod filters;
 mod grammar;
@@ -106,6 +107,9 @@ fn parser(html: bool) -> &'static liquid::Parser {
             .filter(ReplaceFilter { first: true })
             .filter(JoinFilter)
             .filter(UniqFilter)
+            // timestamps as PostgreSQL writes them, and the recipient's zone
+            .filter(dates::DateFilter)
+            .filter(dates::InTimeZoneFilter)
             .build()
             .expect("the standard Liquid library builds")
     })

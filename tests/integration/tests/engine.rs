@@ -711,3 +711,30 @@ fn every_policy_decides_alike_lived_loaded_drained_at_once_and_backtested() {
         0
     );
 }
+
+/// A statement big enough that its transition table spills to disk: the
+/// capture trigger reads each row in a memory context of its own, reset row
+/// by row, while the tuple it read belongs to the slot (freed at the next
+/// read). Reset in the wrong order, a 10,000,000-row COPY crashed the server.
+#[test]
+fn a_statement_of_300000_rows_is_captured_in_both_trigger_modes() {
+    let db = fresh_db("nudge_it_big_statement");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"SELECT nudge.define_template('t', 'Hi', 'x');
+           SELECT nudge.define_trigger('v', '{"on": {"event": "viewed"}, "wait": "1 day", "template": "t"}');
+           CREATE TABLE public.clicks (who text, what text, at timestamptz, n int);
+           SELECT nudge.add_source('public.clicks', 'who', event_column => 'what', time_column => 'at');
+           INSERT INTO public.clicks SELECT 'u' || (i % 1000), 'viewed', '2026-01-01', i FROM generate_series(1, 300000) i;"#,
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 1000);
+    c.batch_execute(
+        "SET nudge.deferred_capture = on;
+         INSERT INTO public.clicks SELECT 'w' || (i % 1000), 'viewed', '2026-01-01', i FROM generate_series(1, 300000) i;",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue"), 300000);
+    assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 300000);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 2000);
+}
