@@ -16,6 +16,9 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::ffi::CStr;
 
+/// Events of one statement enrolled at a time by immediate capture.
+const STATEMENT_CHUNK: usize = 50_000;
+
 pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     let store = td.tg_newtable;
     if store.is_null() {
@@ -117,6 +120,13 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
             batch.events.push(Some(name));
             batch.times.push(at);
             batch.props.push(Some(JsonB(p)));
+            if batch.users.len() >= STATEMENT_CHUNK {
+                // a statement of millions of rows is enrolled a chunk at a
+                // time (in event time, as the worker takes a queue): held
+                // whole it ran the server out of memory at ten million
+                pg_sys::MemoryContextSwitchTo(outer);
+                as_extension(|| capture(std::mem::take(&mut batch)));
+            }
         }
         pg_sys::MemoryContextSwitchTo(outer);
     }

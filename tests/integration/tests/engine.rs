@@ -728,13 +728,22 @@ fn a_statement_of_300000_rows_is_captured_in_both_trigger_modes() {
            INSERT INTO public.clicks SELECT 'u' || (i % 1000), 'viewed', '2026-01-01', i FROM generate_series(1, 300000) i;"#,
     )
     .unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 1000);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments"),
+        1000
+    );
     c.batch_execute(
         "SET nudge.deferred_capture = on;
          INSERT INTO public.clicks SELECT 'w' || (i % 1000), 'viewed', '2026-01-01', i FROM generate_series(1, 300000) i;",
     )
     .unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue"), 300000);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.capture_queue"),
+        300000
+    );
     assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 300000);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 2000);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments"),
+        2000
+    );
 }
