@@ -76,19 +76,12 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
             ),
             "registering the source",
         );
-            let updated = or_raise(
-                c.select(
-                    "SELECT to_regprocedure('nudge._capture_rows()') IS NOT NULL",
-                    None,
-                    &[],
-                ),
+            let updated = flag(
+                c,
+                "SELECT to_regprocedure('nudge._capture_rows()') IS NOT NULL",
+                &[],
                 "finding the capture trigger function",
-            )
-            .first()
-            .get_one::<bool>()
-            .ok()
-            .flatten()
-            .unwrap_or(false);
+            );
             if updated {
                 or_raise(
                     c.update(&map.capture_trigger(&table), None, &[]),
@@ -129,19 +122,12 @@ fn in_wal_mode(c: &mut SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     if !wal {
         return;
     }
-    let unlogged = or_raise(
-        c.select(
-            "SELECT relpersistence = 'u' FROM pg_catalog.pg_class WHERE oid = $1",
-            None,
-            &[source.into()],
-        ),
+    let unlogged = flag(
+        c,
+        "SELECT relpersistence = 'u' FROM pg_catalog.pg_class WHERE oid = $1",
+        &[source.into()],
         "checking the table",
-    )
-    .first()
-    .get_one::<bool>()
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    );
     if unlogged {
         ereport!(
             ERROR,
@@ -209,19 +195,12 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     }
     // a database whose SQL is still older (until ALTER EXTENSION UPDATE) has
     // no check of its own: the upgrade adds it and its event trigger
-    let checkable = or_raise(
-        c.select(
-            "SELECT to_regprocedure('nudge._source_hazards(regclass)') IS NOT NULL",
-            None,
-            &[],
-        ),
+    let checkable = flag(
+        c,
+        "SELECT to_regprocedure('nudge._source_hazards(regclass)') IS NOT NULL",
+        &[],
         "checking the table's columns",
-    )
-    .first()
-    .get_one::<bool>()
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    );
     if !checkable {
         return;
     }
@@ -311,6 +290,16 @@ fn enroll_from_wal_before_drop(table: &str) {
         unsafe { pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr()) };
         crate::engine::wal::capture_from_wal(i64::from(i32::MAX));
     }
+}
+
+/// A SELECT's one boolean (false for no row or NULL).
+fn flag(c: &SpiClient<'_>, sql: &str, args: &[pgrx::datum::DatumWithOid<'_>], doing: &str) -> bool {
+    or_raise(c.select(sql, None, args), doing)
+        .first()
+        .get_one::<bool>()
+        .ok()
+        .flatten()
+        .unwrap_or(false)
 }
 
 fn table_name(c: &SpiClient<'_>, oid: pg_sys::Oid) -> String {

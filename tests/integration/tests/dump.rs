@@ -27,6 +27,39 @@ fn conn_flags() -> Vec<String> {
     flags
 }
 
+/// `pg_dump --format=custom` of database `from`, restored into a new
+/// database `into`; returns the new database's DSN.
+fn dump_and_restore(from: &str, into: &str) -> String {
+    let file = std::env::temp_dir().join(format!("{from}.pgdump"));
+    let status = Command::new(pg_bin("pg_dump"))
+        .args(conn_flags())
+        .args(["--format=custom", &format!("--dbname={from}"), "--file"])
+        .arg(&file)
+        .status()
+        .unwrap();
+    assert!(status.success(), "pg_dump failed");
+    nudge_integration::drop_slots(into);
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {into} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {into}"))
+        .unwrap();
+    let out = Command::new(pg_bin("pg_restore"))
+        .args(conn_flags())
+        .args([&format!("--dbname={into}"), "--exit-on-error"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_restore failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("{} dbname={into}", dsn())
+}
+
 #[test]
 fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
     let db = fresh_db("nudge_it_dump");
@@ -52,34 +85,7 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
     .unwrap();
     // u1 and u3 were due: two messages; u2's journey waits (due in 30 minutes)
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.outbox"), 2);
-    let file = std::env::temp_dir().join("nudge_it_dump.pgdump");
-    let status = Command::new(pg_bin("pg_dump"))
-        .args(conn_flags())
-        .args(["--format=custom", "--dbname=nudge_it_dump", "--file"])
-        .arg(&file)
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_dump failed");
-
-    let mut admin = connect(&dsn());
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS nudge_it_restored WITH (FORCE)")
-        .unwrap();
-    admin
-        .batch_execute("CREATE DATABASE nudge_it_restored")
-        .unwrap();
-    let out = Command::new(pg_bin("pg_restore"))
-        .args(conn_flags())
-        .args(["--dbname=nudge_it_restored", "--exit-on-error"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let restored = format!("{} dbname=nudge_it_restored", dsn());
+    let restored = dump_and_restore("nudge_it_dump", "nudge_it_restored");
     let mut r = connect(&restored);
     for (table, n) in [
         ("nudge.triggers", 1),
@@ -166,34 +172,7 @@ fn a_restored_wal_capture_makes_a_slot_of_its_own() {
     )
     .unwrap();
     assert_eq!(count(&mut c, "SELECT nudge.capture_pending()"), 1);
-    let file = std::env::temp_dir().join("nudge_it_dump_wal.pgdump");
-    let status = Command::new(pg_bin("pg_dump"))
-        .args(conn_flags())
-        .args(["--format=custom", "--dbname=nudge_it_dump_wal", "--file"])
-        .arg(&file)
-        .status()
-        .unwrap();
-    assert!(status.success(), "pg_dump failed");
-    nudge_integration::drop_slots("nudge_it_restored_wal");
-    let mut admin = connect(&dsn());
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS nudge_it_restored_wal WITH (FORCE)")
-        .unwrap();
-    admin
-        .batch_execute("CREATE DATABASE nudge_it_restored_wal")
-        .unwrap();
-    let restored = format!("{} dbname=nudge_it_restored_wal", dsn());
-    let out = Command::new(pg_bin("pg_restore"))
-        .args(conn_flags())
-        .args(["--dbname=nudge_it_restored_wal", "--exit-on-error"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_restore failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let restored = dump_and_restore("nudge_it_dump_wal", "nudge_it_restored_wal");
     let mut r = connect(&restored);
     assert_eq!(
         count(&mut r, "SELECT count(*) FROM nudge.wal_capture"),
