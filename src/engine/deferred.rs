@@ -98,35 +98,49 @@ const CHUNK: i64 = 100_000;
 
 /// Enrolls up to `max` queued events (any order: capture sorts each user's
 /// events by time) and removes them from the queue. Returns how many.
+///
+/// A queue longer than a chunk is taken in parts by a hash of the user id,
+/// so that each user's events are enrolled together, once: capture reads a
+/// user's journeys and history for every batch the user is in, and chunks
+/// cut in queue order put the busiest users in all of them (1,000,000
+/// queued events went at a tenth of the speed of one batch).
 pub fn capture_pending(max: i64) -> i64 {
+    let queued = Spi::connect(|c| {
+        c.select(
+            "SELECT count(*) FROM (SELECT 1 FROM nudge.capture_queue LIMIT $1) q",
+            None,
+            &[max.max(0).into()],
+        )
+        .ok()
+        .and_then(|r| r.first().get_one::<i64>().ok().flatten())
+        .unwrap_or(0)
+    });
+    let parts = ((queued + CHUNK - 1) / CHUNK).max(1);
     let mut taken = 0;
-    while taken < max {
-        let asked = (max - taken).min(CHUNK);
-        let n = capture_chunk(asked);
-        taken += n;
-        if n < asked {
+    for part in 0..parts {
+        if taken >= max {
             break;
         }
+        // a part may hold more than a chunk (a hash is not exact): take it all
+        let n = capture_chunk(parts, part, max - taken);
+        taken += n;
     }
     taken
 }
 
-fn capture_chunk(max: i64) -> i64 {
+fn capture_chunk(parts: i64, part: i64, max: i64) -> i64 {
     let batch = Spi::connect_mut(|c| {
         let rows = run(
             c,
             "DELETE FROM nudge.capture_queue
-              WHERE ctid = ANY (ARRAY(SELECT ctid FROM nudge.capture_queue LIMIT $1 FOR UPDATE SKIP LOCKED))
+              WHERE ctid = ANY (ARRAY(SELECT ctid FROM nudge.capture_queue
+                                       WHERE (pg_catalog.hashtext(user_id) & 2147483647) % $2 = $3
+                                       LIMIT $1 FOR UPDATE SKIP LOCKED))
              RETURNING user_id, event, occurred_at, props",
-            &[max.max(0).into()],
+            &[max.max(0).into(), parts.into(), part.into()],
             "taking queued events",
         );
-        let mut b = Batch {
-            users: vec![],
-            events: vec![],
-            times: vec![],
-            props: vec![],
-        };
+        let mut b = Batch::default();
         for r in rows {
             b.users.push(r.get::<String>(1).ok().flatten());
             b.events.push(r.get::<String>(2).ok().flatten());

@@ -16,7 +16,8 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::ffi::CStr;
 
-/// Events of one statement enrolled at a time by immediate capture.
+/// Events of one statement immediate capture holds; past it, the statement's
+/// events go through the queue.
 const STATEMENT_CHUNK: usize = 50_000;
 
 pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
@@ -48,6 +49,7 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
         .get()
         .then(|| crate::engine::deferred::Queue::open());
 
+    let mut spilled = false;
     let mut batch = Batch {
         users: vec![],
         events: vec![],
@@ -121,11 +123,31 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
             batch.times.push(at);
             batch.props.push(Some(JsonB(p)));
             if batch.users.len() >= STATEMENT_CHUNK {
-                // a statement of millions of rows is enrolled a chunk at a
-                // time (in event time, as the worker takes a queue): held
-                // whole it ran the server out of memory at ten million
+                // A statement of millions of rows, held whole, ran the server
+                // out of memory. Past a chunk, its events go to the queue and
+                // are enrolled from there before the statement ends, a part
+                // of the users at a time (deferred::capture_pending).
                 pg_sys::MemoryContextSwitchTo(outer);
-                as_extension(|| capture(std::mem::take(&mut batch)));
+                let mut q = crate::engine::deferred::Queue::open();
+                for (((u, e), t), p) in batch
+                    .users
+                    .drain(..)
+                    .zip(batch.events.drain(..))
+                    .zip(batch.times.drain(..))
+                    .zip(batch.props.drain(..))
+                {
+                    let (Some(u), Some(e), Some(t)) = (u, e, t) else {
+                        continue;
+                    };
+                    let props = p.map_or_else(
+                        || q.empty_props(),
+                        |j| crate::engine::deferred::jsonb_in(&j.0.to_string()),
+                    );
+                    q.push(&u, &e, t, props);
+                }
+                queue = Some(q);
+                spilled = true;
+                pg_sys::MemoryContextSwitchTo(row_cx);
             }
         }
         pg_sys::MemoryContextSwitchTo(outer);
@@ -135,6 +157,9 @@ pub unsafe fn capture_statement(td: &pg_sys::TriggerData, args: &[String]) {
     pg_sys::ExecDropSingleTupleTableSlot(slot);
     if let Some(q) = queue {
         q.close();
+        if spilled {
+            as_extension(|| crate::engine::deferred::capture_pending(i64::MAX));
+        }
     } else if !batch.users.is_empty() {
         as_extension(|| capture(batch));
     }

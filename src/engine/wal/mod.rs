@@ -389,7 +389,10 @@ pub fn capture_from_wal(max: i64) -> i64 {
         // transaction of millions of inserts is taken whole (a pass never
         // stops inside a transaction), but never held in memory whole
         let mut cursor = c.open_cursor(
-            "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, 'pass', $4)",
+            // by user: a user's inserts are enrolled in one chunk (capture
+            // reads each user's journeys and history once per chunk)
+            "SELECT data FROM pg_catalog.pg_logical_slot_peek_changes($1, $2::text::pg_lsn, $3, 'pass', $4)
+              ORDER BY (data::pg_catalog.json ->> 'u')",
             &[s.slot.clone().into(), upto.to_string().into(), (max as i32).into(), options.into()],
         );
         let mut batch = Batch::default();
@@ -409,10 +412,20 @@ pub fn capture_from_wal(max: i64) -> i64 {
                 // where the line's transaction ends is read on its own, so
                 // that a line read no further still moves the position
                 if let Ok(p) = serde_json::from_str::<Position>(&data) {
-                    last_end = Some(Lsn(p.x));
+                    last_end = last_end.max(Some(Lsn(p.x)));
                 }
                 match serde_json::from_str::<Line>(&data) {
                     Ok(Line::Captured(e)) => {
+                        // a full chunk goes at the next user
+                        if batch.users.len() >= CHUNK as usize
+                            && batch
+                                .users
+                                .last()
+                                .is_some_and(|u| u.as_deref() != Some(e.u.as_str()))
+                        {
+                            taken += batch.users.len() as i64;
+                            capture(std::mem::take(&mut batch));
+                        }
                         batch.users.push(Some(e.u));
                         batch.events.push(Some(e.e));
                         batch.times.push(Some(ts(e.t)));
@@ -434,10 +447,6 @@ pub fn capture_from_wal(max: i64) -> i64 {
                 }
             }
             unsafe { pg_sys::SPI_freetuptable(chunk) };
-            if batch.users.len() >= CHUNK as usize {
-                taken += batch.users.len() as i64;
-                capture(std::mem::take(&mut batch));
-            }
         }
         taken += batch.users.len() as i64;
         if !batch.users.is_empty() {
