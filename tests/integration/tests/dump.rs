@@ -57,6 +57,7 @@ fn dump_and_restore(from: &str, into: &str) -> String {
         "pg_restore failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let _ = std::fs::remove_file(&file);
     format!("{} dbname={into}", dsn())
 }
 
@@ -147,7 +148,6 @@ fn a_dump_restored_into_a_new_database_keeps_everything_and_goes_on() {
         ),
         0
     );
-    let _ = std::fs::remove_file(&file);
 }
 
 /// A dump of a database in WAL capture keeps the mode (and the sources'
