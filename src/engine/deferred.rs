@@ -95,6 +95,7 @@ pub unsafe fn jsonb_in(text: &str) -> pg_sys::Datum {
 /// Queued events taken and enrolled at a time: memory stays bounded however
 /// many a call is asked to take.
 const CHUNK: i64 = 100_000;
+const MAX_PARTS: i64 = 32;
 
 /// Enrolls up to `max` queued events (any order: capture sorts each user's
 /// events by time) and removes them from the queue. Returns how many.
@@ -115,7 +116,9 @@ pub fn capture_pending(max: i64) -> i64 {
         .and_then(|r| r.first().get_one::<i64>().ok().flatten())
         .unwrap_or(0)
     });
-    let parts = ((queued + CHUNK - 1) / CHUNK).max(1);
+    // each part scans the whole queue: at most MAX_PARTS scans, so a queue
+    // of ten million is taken in parts larger than a chunk
+    let parts = ((queued + CHUNK - 1) / CHUNK).clamp(1, MAX_PARTS);
     let mut taken = 0;
     for part in 0..parts {
         if taken >= max {
