@@ -94,7 +94,7 @@ CREATE TABLE nudge.enrollments (
     entered_at      timestamptz NOT NULL,
     due_at          timestamptz NOT NULL,
     state           text        NOT NULL DEFAULT 'waiting'
-                    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled', 'expired')),
+                    CHECK (state IN ('waiting', 'exited', 'sent', 'held_out', 'failed', 'suppressed', 'cancelled', 'expired', 'skipped')),
     reason          text,
     anchor          jsonb       NOT NULL DEFAULT '{}',
     anchor_event    text        NOT NULL,
@@ -114,9 +114,13 @@ CREATE TABLE nudge.enrollments (
     -- 'suppression', ...; docs/reference.md, "Rules"); NULL while waiting
     -- and once sent. trigger_stats and explain read it, never the reason.
     rule            text,
+    -- the journey's step (0 the first; docs/reference.md, "Steps"): each
+    -- step is an enrollment of its own, made when the step before it ended
+    step            int         NOT NULL DEFAULT 0,
     PRIMARY KEY (user_id, id),
-    -- one journey per trigger, user, key and anchor instant
-    UNIQUE (user_id, trigger, key, entered_at)
+    -- one journey per trigger, user, key and anchor instant; one row per step
+    CONSTRAINT enrollments_user_id_trigger_key_entered_at_step_key
+        UNIQUE (user_id, trigger, key, entered_at, step)
 );
 CREATE INDEX enrollments_due ON nudge.enrollments (due_at) WHERE state = 'waiting';
 -- capture reads a user's waiting journeys on every statement; a heavy user's

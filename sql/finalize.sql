@@ -30,11 +30,25 @@ $$;
 CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._drop_source(source::oid) $$;
 
+-- A step's name, as the trigger's latest definition calls it: its "name",
+-- else its number ("1", "2", ...; a definition without steps is step "1").
+CREATE FUNCTION nudge._step_name(trigger text, step int) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+    SELECT coalesce((SELECT v.definition->'steps'->_step_name.step->>'name'
+                       FROM nudge.trigger_versions v
+                      WHERE v.trigger = _step_name.trigger
+                      ORDER BY v.version DESC LIMIT 1),
+                    (_step_name.step + 1)::text)
+$$;
+
 -- A journey's entry and run_due's decision are its enrollment row (entered_at,
--- state, rule, reason); the steps in between are journal lines.
+-- state, rule, reason); the steps in between are journal lines. A journey of
+-- several steps has a row per step: each step's lines say which.
 CREATE FUNCTION nudge.explain(trigger text, user_id text)
 RETURNS TABLE (at timestamptz, step text, detail text, rule text)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    flow boolean;
 BEGIN
     -- a misspelled name is an error, not an empty answer
     IF NOT EXISTS (SELECT 1 FROM nudge.trigger_versions v WHERE v.trigger = explain.trigger) THEN
@@ -42,15 +56,29 @@ BEGIN
               USING ERRCODE = 'undefined_object',
                     HINT = 'nudge.triggers lists the triggers; a dropped one is still explained.';
     END IF;
+    flow := EXISTS (SELECT 1 FROM nudge.trigger_versions v WHERE v.trigger = explain.trigger AND v.definition ? 'steps');
     RETURN QUERY
     SELECT s.at, s.step, s.detail, s.rule FROM (
         SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
                'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
+               || CASE WHEN flow THEN ', step ' || nudge._step_name(e.trigger, 0) ELSE '' END
                || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                || coalesce(', arm ' || e.variant, '') AS detail,
                NULL::text AS rule
           FROM nudge.enrollments e
-         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
+         WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id AND e.step = 0
+        UNION ALL
+        -- a later step: it waits from the decision of the step before it
+        SELECT e.created_at, 3, e.id, 'next step',
+               'step ' || nudge._step_name(e.trigger, e.step)
+               || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC',
+               NULL::text
+          FROM (SELECT x.*, coalesce((SELECT p.due_at FROM nudge.enrollments p
+                                       WHERE p.user_id = x.user_id AND p.trigger = x.trigger AND p.key = x.key
+                                         AND p.entered_at = x.entered_at AND p.step < x.step
+                                       ORDER BY p.step DESC LIMIT 1), x.entered_at) AS created_at
+                  FROM nudge.enrollments x
+                 WHERE x.trigger = explain.trigger AND x.user_id = explain.user_id AND x.step > 0) e
         UNION ALL
         SELECT j.at, 1, j.id, j.step, j.detail, j.rule
           FROM nudge.journal j
@@ -58,10 +86,12 @@ BEGIN
         UNION ALL
         -- what run_due (or claim) decided: the enrollment's state, rule and
         -- reason; an exit at capture is the journal's line above
-        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state, e.reason, e.rule
+        SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state,
+               CASE WHEN flow THEN 'step ' || nudge._step_name(e.trigger, e.step) || ': ' ELSE '' END || e.reason,
+               e.rule
           FROM nudge.enrollments e
          WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id
-           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled')
+           AND (e.state IN ('sent', 'held_out', 'suppressed', 'failed', 'expired', 'cancelled', 'skipped')
                 OR e.state = 'exited'
                    AND NOT EXISTS (SELECT 1 FROM nudge.journal j
                                     WHERE j.user_id = e.user_id AND j.enrollment_id = e.id AND j.step = 'exited'))) s
@@ -69,24 +99,28 @@ BEGIN
 END
 $$;
 
--- Per trigger and arm (each variant, 'default' without variants, and
+-- Per trigger, step and arm (each variant, 'default' without variants, and
 -- 'holdout'): what happened to the journeys that entered in [from_ts, to_ts),
--- what the messages did, and the conversions attributed to them. A goal event
--- counts once, for the user's latest exposure (send or held-out moment) of that
--- trigger before it, when it falls within the goal's window. Each variant is
--- compared with the holdout: uplift in conversion rate, its 95% interval and
--- the two-sided p-value of the two-proportion z-test.
+-- what the messages did, and the conversions attributed to them. A journey
+-- of several steps has a row per step ('1' for a definition without steps):
+-- entered is how many journeys reached the step, skipped how many a branch
+-- sent past it. A goal event counts once, for the user's latest exposure
+-- (send or held-out moment, of any step) of that trigger before it, when it
+-- falls within the goal's window. Each variant is compared with the holdout
+-- of the same step: uplift in conversion rate, its 95% interval and the
+-- two-sided p-value of the two-proportion z-test.
 CREATE FUNCTION nudge.trigger_stats(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
 RETURNS TABLE (
     trigger text, arm text,
     entered bigint, exited bigint, suppressed bigint, suppressed_by jsonb, failed bigint,
     held_out bigint, sent bigint, delivered bigint, opened bigint, clicked bigint,
     converted bigint, conversion_rate float8, revenue numeric,
-    uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+    uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8,
+    step text, skipped bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     WITH e AS (
         SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
-               coalesce(en.variant, 'default') AS arm
+               coalesce(en.variant, 'default') AS arm, en.step
           FROM nudge.enrollments en
          WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
     goal AS (
@@ -111,13 +145,14 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
          WHERE ev.occurred_at <= x.sent_at + g.within
          GROUP BY x.id),
     arms AS (
-        SELECT e.trigger, e.arm,
+        SELECT e.trigger, e.arm, e.step,
                count(*) AS entered,
                count(*) FILTER (WHERE e.state = 'exited') AS exited,
                count(*) FILTER (WHERE e.state = 'suppressed') AS suppressed,
                count(*) FILTER (WHERE e.state = 'failed') AS failed,
                count(*) FILTER (WHERE e.state = 'held_out') AS held_out,
                count(*) FILTER (WHERE e.state = 'sent') AS sent,
+               count(*) FILTER (WHERE e.state = 'skipped') AS skipped,
                count(o.delivered_at) AS delivered,
                count(o.opened_at) AS opened,
                count(o.clicked_at) AS clicked,
@@ -126,42 +161,44 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
           FROM e
           LEFT JOIN nudge.outbox o ON o.message_key = e.message_key AND o.user_id = e.user_id
           LEFT JOIN attributed a ON a.id = e.id
-         GROUP BY e.trigger, e.arm),
+         GROUP BY e.trigger, e.arm, e.step),
     reasons AS (
-        SELECT r.trigger, r.arm, jsonb_object_agg(r.rule, r.n) AS suppressed_by
-          FROM (SELECT e.trigger, e.arm,
+        SELECT r.trigger, r.arm, r.step, jsonb_object_agg(r.rule, r.n) AS suppressed_by
+          FROM (SELECT e.trigger, e.arm, e.step,
                        coalesce(e.rule, 'unknown') AS rule,
                        count(*) AS n
-                  FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3) r
-         GROUP BY r.trigger, r.arm)
+                  FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3, 4) r
+         GROUP BY r.trigger, r.arm, r.step)
     SELECT a.trigger, a.arm, a.entered, a.exited, a.suppressed, coalesce(r.suppressed_by, '{}'), a.failed,
            a.held_out, a.sent, a.delivered, a.opened, a.clicked,
            a.converted, a.converted::float8 / nullif(a.sent + a.held_out, 0), a.revenue,
-           u.uplift, u.ci_low, u.ci_high, u.p_value
+           u.uplift, u.ci_low, u.ci_high, u.p_value,
+           nudge._step_name(a.trigger, a.step), a.skipped
       FROM arms a
-      LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm
-      LEFT JOIN arms h ON h.trigger = a.trigger AND h.arm = 'holdout' AND a.arm <> 'holdout'
+      LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm AND r.step = a.step
+      LEFT JOIN arms h ON h.trigger = a.trigger AND h.step = a.step AND h.arm = 'holdout' AND a.arm <> 'holdout'
       LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
-     ORDER BY a.trigger, a.arm
+     ORDER BY a.trigger, a.step, a.arm
 $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
 
 -- An A/B test's question: does variant B convert better than variant A?
 -- Every pair of a trigger's variants (not the holdout, which trigger_stats
--- compares each variant with), as trigger_stats counts them: B's conversion
--- rate minus A's, its 95% interval and the two-sided p-value.
+-- compares each variant with), at each step, as trigger_stats counts them:
+-- B's conversion rate minus A's, its 95% interval and the two-sided p-value.
 CREATE FUNCTION nudge.compare_arms(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
 RETURNS TABLE (trigger text, arm text, against text, sent bigint, converted bigint,
                against_sent bigint, against_converted bigint,
-               uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8)
+               uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8,
+               step text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     WITH s AS (SELECT * FROM nudge.trigger_stats(from_ts, to_ts) WHERE arm NOT IN ('holdout', 'default'))
     SELECT b.trigger, b.arm, a.arm, b.sent, b.converted, a.sent, a.converted,
-           u.uplift, u.ci_low, u.ci_high, u.p_value
-      FROM s a JOIN s b ON b.trigger = a.trigger AND b.arm > a.arm
+           u.uplift, u.ci_low, u.ci_high, u.p_value, b.step
+      FROM s a JOIN s b ON b.trigger = a.trigger AND b.step = a.step AND b.arm > a.arm
       CROSS JOIN LATERAL nudge._uplift(b.converted, b.sent, a.converted, a.sent) u
-     ORDER BY b.trigger, a.arm, b.arm
+     ORDER BY b.trigger, b.step, a.arm, b.arm
 $$;
 
 -- Consent by topic (docs/reference.md, "Consent"): the latest choice of a

@@ -808,8 +808,8 @@ fn _uplift(
 }
 
 /// What `definition` would have done over the events of [from_ts, to_ts),
-/// without writing anything: per outcome, how many journeys (or entries) and
-/// up to five sample users. `trigger_name` draws experiment arms as the live
+/// without writing anything: per step and outcome, how many journeys (or
+/// entries) and up to five sample users. `trigger_name` draws experiment arms as the live
 /// trigger of that name does (unless the definition names its `experiment`).
 #[pg_extern]
 fn backtest(
@@ -823,6 +823,7 @@ fn backtest(
         name!(outcome, String),
         name!(journeys, i64),
         name!(sample_users, Vec<String>),
+        name!(step, String),
     ),
 > {
     TableIterator::new(pinned(|| {

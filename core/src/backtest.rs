@@ -47,7 +47,7 @@ pub fn replay_user(t: &Trigger, events: &[Event], from: Micros, to: Micros) -> U
     if let Some((n, within)) = t.entry_count {
         keep_repeated(&mut steps, &entries, n, within);
     }
-    let done = sequence(vec![], &HashMap::new(), steps, t.wait_us, t.reentry);
+    let done = sequence(vec![], &HashMap::new(), steps, t.span_us(), t.reentry);
     UserReplay {
         journeys: done.journeys,
         blocked: done.blocked,

@@ -45,10 +45,12 @@ pub enum Rule {
     Retry,
     /// An entry turned away by the trigger's re-entry rule.
     Reentry,
+    /// A step's `if` did not hold: the journey went to its `else`.
+    Branch,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 21] = [
+    pub const ALL: [Rule; 22] = [
         Rule::Exit,
         Rule::Expired,
         Rule::Audience,
@@ -70,6 +72,7 @@ impl Rule {
         Rule::Error,
         Rule::Retry,
         Rule::Reentry,
+        Rule::Branch,
     ];
 
     /// The name stored in the `rule` columns.
@@ -96,6 +99,7 @@ impl Rule {
             Rule::Error => "error",
             Rule::Retry => "retry",
             Rule::Reentry => "reentry",
+            Rule::Branch => "branch",
         }
     }
 
@@ -104,6 +108,7 @@ impl Rule {
     pub fn state(self) -> &'static str {
         match self {
             Rule::Reentry => "not entered",
+            Rule::Branch => "skipped",
             Rule::Exit => "exited",
             Rule::Expired => "expired",
             Rule::Audience

@@ -95,6 +95,10 @@ pub struct Definition {
     /// Open and click tracking through the gateway (`tracking_url`).
     #[serde(default)]
     pub track: Option<Tracking>,
+    /// A journey of several messages (crate::flow); without it the
+    /// definition is one step: `wait`, then `template`.
+    #[serde(default)]
+    pub steps: Vec<crate::flow::StepSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +154,8 @@ pub struct Trigger {
     pub entry_count: Option<(u32, i64)>,
     pub exits: Vec<ExitRule>,
     pub template: String,
+    /// The journey's steps; a single-message definition has one.
+    pub steps: Vec<crate::flow::FlowStep>,
     pub audience: Option<Predicate>,
     pub reentry: Reentry,
     pub caps: Vec<Cap>,
@@ -171,6 +177,16 @@ pub struct Trigger {
 }
 
 impl Trigger {
+    /// Every template the trigger may send: each step's, each arm's, the fallback.
+    pub fn templates(&self) -> impl Iterator<Item = &str> {
+        self.steps
+            .iter()
+            .flat_map(|s| std::iter::once(s.template.as_str()).chain(s.variants.values().map(String::as_str)))
+            .chain(std::iter::once(self.template.as_str()))
+            .chain(self.arms.iter().map(|a| a.template.as_str()))
+            .chain(self.fallback_template.as_deref())
+    }
+
     /// Why a message due at `due` and decided at `now` is too late to send,
     /// if it is (`expire_after`).
     pub fn expired(&self, due: i64, now: i64) -> Option<String> {
@@ -264,6 +280,26 @@ pub struct ExitRule {
     pub same_key: bool,
 }
 
+impl ExitRule {
+    /// An exit as written at `at` (`unless[0]`, `steps[1].unless[0]`), compiled.
+    pub fn compile(x: &ExitSpec, at: &str) -> Result<ExitRule, String> {
+        non_empty(&x.event, &format!("{at}.event"))?;
+        Ok(ExitRule {
+            event: x.event.clone(),
+            filter: x
+                .filter
+                .as_ref()
+                .map(|f| Predicate::parse(f, &format!("{at}.where")))
+                .transpose()?,
+            same_key: x.same_key,
+        })
+    }
+
+    fn hits(&self, event: &str, props: &Value) -> bool {
+        self.event == event && self.filter.as_ref().is_none_or(|p| p.matches(props))
+    }
+}
+
 impl Definition {
     /// Parses the JSON; an error names the JSON path of what is wrong.
     pub fn parse(v: &Value) -> Result<Definition, String> {
@@ -288,8 +324,19 @@ impl Definition {
 
     fn check(&self) -> Result<(), String> {
         non_empty(&self.on.event, "on.event")?;
+        if !self.steps.is_empty() {
+            for (field, given) in [("wait", self.wait.is_some()), ("template", self.template.is_some())] {
+                if given {
+                    return Err(format!(
+                        "{field}: with steps, each step gives its own {field}"
+                    ));
+                }
+            }
+            self.flow()?;
+        }
         match &self.template {
             Some(t) => non_empty(t, "template")?,
+            None if !self.steps.is_empty() => {}
             None if self.variants.is_empty() => {
                 return Err(
                     "template: missing (name a template, or give variants each with theirs)".into(),
@@ -378,6 +425,15 @@ impl Definition {
                 return Err(format!(
                     "unless[{i}].same_key: needs on.key, the props field that names the object"
                 ));
+            }
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            if let Some(j) = s.unless.iter().position(|x| x.same_key) {
+                if self.on.key.is_none() {
+                    return Err(format!(
+                        "steps[{i}].unless[{j}].same_key: needs on.key, the props field that names the object"
+                    ));
+                }
             }
         }
         Ok(())
@@ -475,6 +531,7 @@ impl Definition {
     fn content(&self) -> String {
         self.template
             .clone()
+            .or_else(|| self.steps.first().map(|s| s.template.clone()))
             .or_else(|| self.variants.first().map(|v| v.template.clone()))
             .unwrap_or_default()
     }
@@ -509,7 +566,8 @@ impl Definition {
             optimize: self.optimize.clone(),
             name: name.to_owned(),
             version,
-            wait_us: self.wait_us()?,
+            // the first message's wait: with steps, the first step's
+            wait_us: self.flow()?.first().map_or(0, |s| s.offset_us),
             expire_after_us: self.expire_after_us()?,
             entry_event: self.on.event.clone(),
             entry_filter: self
@@ -529,20 +587,34 @@ impl Definition {
                 .unless
                 .iter()
                 .enumerate()
-                .map(|(i, x)| {
-                    Ok(ExitRule {
-                        event: x.event.clone(),
-                        filter: x
-                            .filter
-                            .as_ref()
-                            .map(|f| Predicate::parse(f, &format!("unless[{i}].where")))
-                            .transpose()?,
-                        same_key: x.same_key,
-                    })
-                })
+                .map(|(i, x)| ExitRule::compile(x, &format!("unless[{i}]")))
                 .collect::<Result<_, String>>()?,
             template: self.content(),
+            steps: self.flow()?,
         })
+    }
+
+    /// The steps, compiled: `steps`, or the one step of `wait` and `template`.
+    fn flow(&self) -> Result<Vec<crate::flow::FlowStep>, String> {
+        let arms: BTreeMap<String, String> = self
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), v.template.clone()))
+            .collect();
+        if self.steps.is_empty() {
+            return Ok(vec![crate::flow::FlowStep::single(
+                self.wait_us()?,
+                self.content(),
+                arms,
+            )]);
+        }
+        let names: Vec<String> = arms.keys().cloned().collect();
+        let mut steps = crate::flow::compile(&self.steps, &names)?;
+        // a variant's own template is its first message, as without steps
+        for (arm, tpl) in arms {
+            steps[0].variants.entry(arm).or_insert(tpl);
+        }
+        Ok(steps)
     }
 }
 
@@ -567,17 +639,40 @@ impl Trigger {
     /// The exit rule this event satisfies, if any. `Some(None)` = any key;
     /// `Some(Some(k))` = only the journey with key k.
     pub fn exit_scope(&self, event: &str, props: &Value) -> Option<Option<String>> {
-        let rule = self
-            .exits
-            .iter()
-            .find(|r| r.event == event && r.filter.as_ref().is_none_or(|p| p.matches(props)))?;
+        let rule = self.exits.iter().find(|r| r.hits(event, props))?;
         Some(rule.same_key.then(|| self.key_of(props)))
     }
 
-    /// Every event name this trigger reads: its entry and its exits.
+    /// Whether this event ends the journey at step `k`: one of the journey's
+    /// exits or the step's own (`Some(None)` any key, `Some(Some(k))` one key).
+    pub fn exit_scope_at(&self, k: usize, event: &str, props: &Value) -> Option<Option<String>> {
+        self.exit_scope(event, props).or_else(|| {
+            let rule = self.steps.get(k)?.exits.iter().find(|r| r.hits(event, props))?;
+            Some(rule.same_key.then(|| self.key_of(props)))
+        })
+    }
+
+    /// Every event name this trigger reads: its entry and its exits (the
+    /// journey's and its steps').
     pub fn watched_events(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.entry_event.as_str())
             .chain(self.exits.iter().map(|r| r.event.as_str()))
+            .chain(self.steps.iter().flat_map(|s| s.exits.iter().map(|r| r.event.as_str())))
+    }
+
+    /// The anchor-to-last-step span (see crate::flow::span).
+    pub fn span_us(&self) -> i64 {
+        crate::flow::span(&self.steps)
+    }
+
+    /// When step `k` of a journey anchored at `entered_at` is due.
+    pub fn due_of(&self, k: usize, entered_at: i64) -> i64 {
+        entered_at + self.steps.get(k).map_or(self.wait_us, |s| s.offset_us)
+    }
+
+    /// The template of an arm at step `k`.
+    pub fn step_template(&self, k: usize, arm: Option<&str>) -> &str {
+        self.steps.get(k).map_or(self.template_of(arm), |s| s.template_of(arm))
     }
 }
 

@@ -7,6 +7,7 @@ pub mod consent;
 pub mod decision;
 pub mod definition;
 pub mod experiment;
+pub mod flow;
 pub mod policy;
 pub mod predicate;
 pub mod render;

@@ -11,6 +11,7 @@ use nudge_core::backtest::{replay_user, Event};
 use nudge_core::decision::{self, Facts, Rule};
 use nudge_core::definition::{Definition, Trigger};
 use nudge_core::experiment::HOLDOUT;
+use nudge_core::flow::{self, Next, StepEnd};
 use nudge_core::policy::{self, Candidate, Upcoming, Verdict};
 use pgrx::prelude::*;
 use pgrx::JsonB;
@@ -20,12 +21,16 @@ use std::collections::{BTreeMap, HashMap};
 
 const SAMPLES: usize = 5;
 
+/// Per step and outcome: how many, and a few users.
 #[derive(Default)]
-struct Tally(BTreeMap<String, (i64, Vec<String>)>);
+struct Tally(BTreeMap<(String, String), (i64, Vec<String>)>);
 
 impl Tally {
-    fn add(&mut self, outcome: &str, user: &str, n: i64) {
-        let e = self.0.entry(outcome.to_string()).or_default();
+    fn add(&mut self, step: &str, outcome: &str, user: &str, n: i64) {
+        let e = self
+            .0
+            .entry((step.to_string(), outcome.to_string()))
+            .or_default();
         e.0 += n;
         if e.1.len() < SAMPLES && !e.1.iter().any(|u| u == user) {
             e.1.push(user.to_string());
@@ -33,20 +38,23 @@ impl Tally {
     }
 }
 
-/// A journey that came due inside the period.
-struct Due {
+/// A journey of the period, walked step by step once the profiles are read.
+struct Walk {
     user: String,
     key: String,
     entered_at: i64,
-    due_at: i64,
+    anchor: Value,
+    /// Per step: the first exit (the journey's or the step's) before its due time.
+    exits: Vec<Option<i64>>,
 }
+
 
 pub fn backtest(
     definition: &Value,
     from: TimestampWithTimeZone,
     to: TimestampWithTimeZone,
     trigger_name: Option<&str>,
-) -> Vec<(String, i64, Vec<String>)> {
+) -> Vec<(String, i64, Vec<String>, String)> {
     let d = Definition::parse(definition)
         .unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
     let name = trigger_name.unwrap_or("backtest");
@@ -69,9 +77,9 @@ pub fn backtest(
         from: from_us,
         to: to_us,
         tally: Tally::default(),
-        due: vec![],
-        others: vec![],
+        walks: vec![],
         pending: vec![],
+        stored_as: trigger_name.unwrap_or(name).to_owned(),
     };
 
     Spi::connect(|c| {
@@ -121,10 +129,17 @@ pub fn backtest(
         run.flush(c);
         run.decide_due(c);
     });
-    run.tally
-        .0
-        .into_iter()
-        .map(|(k, (n, users))| (k, n, users))
+    // in the order of the steps, then of the outcomes
+    let order: HashMap<&str, usize> = t
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let mut rows: Vec<_> = run.tally.0.into_iter().collect();
+    rows.sort_by_key(|((step, outcome), _)| (order.get(step.as_str()).copied(), outcome.clone()));
+    rows.into_iter()
+        .map(|((step, outcome), (n, users))| (outcome, n, users, step))
         .collect()
 }
 
@@ -178,14 +193,18 @@ struct Run<'a> {
     from: i64,
     to: i64,
     tally: Tally,
-    due: Vec<Due>,
-    /// The journeys that did not come due in the period (exited, or due
-    /// after it): priority weighs them as a live engine would have.
-    others: Vec<(Due, Option<i64>)>,
+    walks: Vec<Walk>,
     pending: Vec<(String, Vec<Event>)>,
+    /// The live trigger's name: engagement with earlier steps is read from
+    /// its journeys.
+    stored_as: String,
 }
 
 impl Run<'_> {
+    fn first(&self) -> &str {
+        &self.t.steps[0].name
+    }
+
     fn user_done(&mut self, c: &pgrx::spi::SpiClient<'_>, user: String, events: Vec<Event>) {
         self.pending.push((user, events));
         if self.pending.len() >= GROUP {
@@ -210,7 +229,8 @@ impl Run<'_> {
                         .filter(|(n, at, props)| *at >= self.from && self.t.enters(n, props))
                         .count() as i64;
                     if entries > 0 {
-                        self.tally.add("not entered: audience", &user, entries);
+                        let first = self.first().to_owned();
+                        self.tally.add(&first, "not entered: audience", &user, entries);
                     }
                     continue;
                 }
@@ -220,40 +240,55 @@ impl Run<'_> {
     }
 
     fn replay(&mut self, user: &str, events: &[Event]) {
-        let r = replay_user(self.t, events, self.from, self.to);
+        let t = self.t;
+        let first = self.first().to_owned();
+        let r = replay_user(t, events, self.from, self.to);
         for b in &r.blocked {
-            self.tally.add(&label(b.rule), user, 1);
+            self.tally.add(&first, &label(b.rule), user, 1);
         }
         for j in r.journeys {
-            self.tally.add("entered", user, 1);
+            self.tally.add(&first, "entered", user, 1);
             if !j.coalesced.is_empty() {
                 self.tally
-                    .add("coalesced entries", user, j.coalesced.len() as i64);
+                    .add(&first, "coalesced entries", user, j.coalesced.len() as i64);
             }
-            let d = Due {
+            // as run_due finds them at each step's send time: the first exit
+            // in [anchor, due), the anchor itself apart
+            let exits = (0..t.steps.len())
+                .map(|k| {
+                    let due = t.due_of(k, j.entered_at);
+                    events
+                        .iter()
+                        .filter(|(_, at, _)| *at >= j.entered_at && *at < due)
+                        .filter(|(n, at, props)| !(*at == j.entered_at && t.enters(n, props)))
+                        .find(|(n, _, props)| match t.exit_scope_at(k, n, props) {
+                            Some(None) => true,
+                            Some(Some(key)) => key == j.key,
+                            None => false,
+                        })
+                        .map(|(_, at, _)| *at)
+                })
+                .collect();
+            self.walks.push(Walk {
                 user: user.to_string(),
                 key: j.key,
                 entered_at: j.entered_at,
-                due_at: j.due_at,
-            };
-            if let Some((at, _)) = j.exited {
-                self.tally.add("exited", user, 1);
-                self.others.push((d, Some(at)));
-            } else if j.due_at >= self.to {
-                self.tally.add("waiting at the end", user, 1);
-                self.others.push((d, None));
-            } else {
-                self.due.push(d);
-            }
+                anchor: j
+                    .anchor
+                    .and_then(|i| events.get(i))
+                    .map_or(Value::Null, |e| e.2.clone()),
+                exits,
+            });
         }
     }
 
-    /// The send-time rules for the journeys due in the period: audience again,
-    /// the suppression list, the send schedule, the holdout, caps and priority
-    /// among the definition's own messages.
+    /// Walks each journey through its steps with run_due's rules, as live
+    /// passes at each step's due time would: exits, the step's branch, the
+    /// audience, suppression list and consent, the send schedule and the
+    /// holdout; then caps and priority among the definition's own messages.
     fn decide_due(&mut self, c: &pgrx::spi::SpiClient<'_>) {
         let t = self.t;
-        let users = distinct(self.due.iter().map(|d| d.user.clone()));
+        let users = distinct(self.walks.iter().map(|w| w.user.clone()));
         if users.is_empty() {
             return;
         }
@@ -261,78 +296,134 @@ impl Run<'_> {
         let suppressed = suppressions(c, users.clone(), &profiles);
         let consent = consent_of(c, users);
         let settings = settings(c);
-        let mut candidates = vec![];
-        let mut moved = vec![];
-        let mut ahead: Vec<(&Due, Option<i64>)> = vec![];
-        for d in &self.due {
-            // run_due's checks, as a live pass at the due time would run them
-            // (audience_sql and context are the live trigger's and not run here)
-            let facts = Facts {
-                due_at: d.due_at,
-                now: d.due_at,
-                exit: None,
-                retry: None,
-                profile: profile_fact(profiles.get(&d.user)),
-                audience_sql: None,
-                suppressions: &suppressed,
-                consent: &consent,
-            };
-            let profile = match decision::screen(t, &d.user, &facts) {
-                Ok((profile, _)) => profile,
-                Err(stop) => {
-                    self.tally.add(&label(stop.rule), &d.user, 1);
-                    ahead.push((d, None));
-                    continue;
-                }
-            };
-            let send_at = t.schedule.send_time(
-                d.due_at,
-                Some(profile),
+        // engagement with earlier steps, for every step that branches
+        let mut at = vec![];
+        for w in &self.walks {
+            for k in 1..t.steps.len() {
+                at.push(crate::engine::engagement::At {
+                    trigger: t,
+                    stored_as: &self.stored_as,
+                    user: &w.user,
+                    key: &w.key,
+                    entered_at: w.entered_at,
+                    step: k,
+                });
+            }
+        }
+        let engagement = crate::engine::engagement::engagement(c, &at);
+        let per_walk = t.steps.len().saturating_sub(1);
+        // (walk, step, due, send_at, sent later)
+        let mut candidates: Vec<(usize, usize, i64, i64, bool)> = vec![];
+        let mut ahead: Vec<Upcoming> = vec![];
+        let upcoming = |w: &Walk, due_at: i64, exited_at: Option<i64>| Upcoming {
+            user: w.user.clone(),
+            trigger: "backtest".into(),
+            priority: t.priority,
+            entered_at: w.entered_at,
+            due_at,
+            exited_at,
+            send_at: t.schedule.send_time(
+                due_at,
+                profiles.get(&w.user).and_then(|p| p.as_ref().ok()),
                 settings.default_timezone.as_deref(),
-            );
-            moved.push(send_at > d.due_at);
-            candidates.push(Candidate {
-                user: &d.user,
-                key: &d.key,
+            ),
+        };
+        for (wi, w) in self.walks.iter().enumerate() {
+            let mut k = 0;
+            loop {
+                let step = &t.steps[k].name;
+                let due = t.due_of(k, w.entered_at);
+                if let Some(x) = w.exits[k] {
+                    self.tally.add(step, "exited", &w.user, 1);
+                    ahead.push(upcoming(w, due, Some(x)));
+                    break;
+                }
+                if due >= self.to {
+                    self.tally.add(step, "waiting at the end", &w.user, 1);
+                    ahead.push(upcoming(w, due, None));
+                    break;
+                }
+                let doc = flow::branch_doc(
+                    profiles
+                        .get(&w.user)
+                        .and_then(|p| p.as_ref().ok())
+                        .unwrap_or(&Value::Null),
+                    &w.anchor,
+                    (k > 0)
+                        .then(|| engagement.get(&(wi * per_walk + k - 1)))
+                        .flatten()
+                        .unwrap_or(&Default::default()),
+                );
+                let end = if let Some((to, _)) = flow::branch(&t.steps, k, &doc) {
+                    self.tally.add(step, &label(Rule::Branch), &w.user, 1);
+                    StepEnd::Branched(to)
+                } else {
+                    // run_due's checks, as a live pass at the due time would run them
+                    // (audience_sql and context are the live trigger's and not run here)
+                    let facts = Facts {
+                        due_at: due,
+                        now: due,
+                        exit: None,
+                        retry: None,
+                        profile: profile_fact(profiles.get(&w.user)),
+                        audience_sql: None,
+                        suppressions: &suppressed,
+                        consent: &consent,
+                    };
+                    match decision::screen(t, &w.user, &facts) {
+                        Ok((profile, _)) => {
+                            let send_at = t.schedule.send_time(
+                                due,
+                                Some(profile),
+                                settings.default_timezone.as_deref(),
+                            );
+                            candidates.push((wi, k, due, send_at, send_at > due));
+                            StepEnd::Sent
+                        }
+                        Err(stop) => {
+                            self.tally.add(step, &label(stop.rule), &w.user, 1);
+                            ahead.push(upcoming(w, due, None));
+                            StepEnd::Stopped(stop.rule)
+                        }
+                    }
+                };
+                match flow::after(&t.steps, k, end) {
+                    Next::Step(j) => k = j,
+                    Next::End => break,
+                }
+            }
+        }
+        if t.transactional {
+            ahead.clear();
+        }
+        let walks = &self.walks;
+        let list: Vec<Candidate<'_>> = candidates
+            .iter()
+            .map(|(wi, _, due, send_at, _)| Candidate {
+                user: &walks[*wi].user,
+                key: &walks[*wi].key,
                 trigger: "backtest",
                 priority: t.priority,
-                entered_at: d.entered_at,
-                due_at: d.due_at,
-                send_at,
+                entered_at: walks[*wi].entered_at,
+                due_at: *due,
+                send_at: *send_at,
                 transactional: t.transactional,
                 defer_on_conflict: t.defer_on_conflict,
                 caps: &t.caps,
-            });
-        }
-        ahead.extend(self.others.iter().map(|(d, exit)| (d, *exit)));
-        let upcoming: Vec<Upcoming> = ahead
-            .into_iter()
-            .filter(|_| !t.transactional)
-            .map(|(d, exited_at)| Upcoming {
-                user: d.user.clone(),
-                trigger: "backtest".into(),
-                priority: t.priority,
-                entered_at: d.entered_at,
-                due_at: d.due_at,
-                exited_at,
-                send_at: t.schedule.send_time(
-                    d.due_at,
-                    profiles.get(&d.user).and_then(|p| p.as_ref().ok()),
-                    settings.default_timezone.as_deref(),
-                ),
             })
             .collect();
-        let verdicts = policy::decide(&candidates, &[], &upcoming, &settings);
-        for ((c, v), later) in candidates.iter().zip(verdicts).zip(moved) {
+        let verdicts = policy::decide(&list, &[], &ahead, &settings);
+        for ((wi, k, _, _, later), v) in candidates.iter().zip(verdicts) {
+            let (user, step) = (&walks[*wi].user, &t.steps[*k].name);
             match v {
-                Verdict::Suppress(stop) => self.tally.add(&label(stop.rule), c.user, 1),
-                _ if t.arm_of(c.user).as_deref() == Some(HOLDOUT) => {
-                    self.tally.add("held out", c.user, 1)
+                Verdict::Suppress(stop) => self.tally.add(step, &label(stop.rule), user, 1),
+                _ if t.arm_of(user).as_deref() == Some(HOLDOUT) => {
+                    self.tally.add(step, "held out", user, 1)
                 }
                 _ => {
-                    self.tally.add("sent", c.user, 1);
-                    if later {
-                        self.tally.add("sent later (send schedule)", c.user, 1);
+                    self.tally.add(step, "sent", user, 1);
+                    if *later {
+                        self.tally.add(step, "sent later (send schedule)", user, 1);
                     }
                 }
             }

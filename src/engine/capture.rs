@@ -65,6 +65,17 @@ pub fn capture(batch: Batch) {
             .map(Step::at)
             .min()
             .unwrap_or(i64::MAX); // every entry turned away: nothing to read
+        // a journey of steps reaches past its current step's due time, to its
+        // last step's (flow::span)
+        let beyond = steps
+            .keys()
+            .map(|(ti, _)| {
+                let t = &triggers[*ti].trigger;
+                t.span_us() - t.wait_us
+            })
+            .max()
+            .unwrap_or(0)
+            .max(0);
         let rows = run(
             c,
             "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at
@@ -73,9 +84,13 @@ pub fn capture(batch: Batch) {
               WHERE e.state = 'waiting' AND e.due_at >= $3
               ORDER BY e.entered_at
                 FOR UPDATE OF e",
-            &[pair_t.into(), pair_u.into(), ts(first).into()],
+            &[pair_t.into(), pair_u.into(), ts(first.saturating_sub(beyond)).into()],
             "reading waiting enrollments",
         );
+        let by_name: HashMap<&str, &nudge_core::definition::Trigger> = triggers
+            .iter()
+            .map(|l| (l.trigger.name.as_str(), &l.trigger))
+            .collect();
         let mut open: BTreeMap<(String, String), Vec<Journey>> = BTreeMap::new();
         let mut last_entry: HashMap<i64, i64> = HashMap::new();
         for row in rows {
@@ -89,9 +104,11 @@ pub fn capture(batch: Batch) {
             let entered: TimestampWithTimeZone =
                 row.get(5).ok().flatten().expect("entered_at is NOT NULL");
             let due: TimestampWithTimeZone = row.get(6).ok().flatten().expect("due_at is NOT NULL");
+            let span = by_name.get(get_s(2).as_str()).map_or(0, |t| t.span_us());
+            let until = micros(due).max(micros(entered) + span);
             open.entry((get_s(2), get_s(3)))
                 .or_default()
-                .push(Journey::open(id, get_s(4), micros(entered), micros(due)));
+                .push(Journey::open(id, get_s(4), micros(entered), until));
         }
 
         let moved =
@@ -116,11 +133,11 @@ pub fn capture(batch: Batch) {
                 existing,
                 ended.get(&pair).unwrap_or(&none),
                 steps,
-                t.wait_us,
+                t.span_us(),
                 t.reentry,
             );
             for j in done.journeys {
-                due_now |= j.id.is_none() && j.exited.is_none() && j.due_at <= now;
+                due_now |= j.id.is_none() && j.exited.is_none() && t.due_of(0, j.entered_at) <= now;
                 writes.add(
                     t,
                     &user,
@@ -569,7 +586,8 @@ impl Writes {
                 self.n_user.push(user.to_owned());
                 self.n_key.push(j.key.clone());
                 self.n_entered.push(ts(j.entered_at));
-                self.n_due.push(ts(j.due_at));
+                // the journey's first step (j.due_at is where the whole journey ends)
+                self.n_due.push(ts(t.due_of(0, j.entered_at)));
                 self.n_anchor.push(
                     b.props[anchor]
                         .as_ref()
@@ -761,7 +779,9 @@ const WRITE_JOURNEYS: &str = "WITH n AS (
                  -- a journey of this trigger, user and key already began at
                  -- this very instant (two orders on one day of a date column):
                  -- it is that journey, and the application's INSERT goes on
-                 ON CONFLICT (user_id, trigger, key, entered_at) DO NOTHING
+                 -- (no conflict target: the unique key gained the step in 0.9.0,
+                 -- and capture must not fail before ALTER EXTENSION UPDATE)
+                 ON CONFLICT DO NOTHING
                  RETURNING id, user_id, trigger, key, entered_at),
              u AS (
                  UPDATE nudge.enrollments e

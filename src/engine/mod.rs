@@ -6,6 +6,7 @@ pub mod backtest;
 pub mod capture;
 pub mod compose;
 pub mod deferred;
+pub mod engagement;
 pub mod recheck;
 pub mod run_due;
 pub mod source_row;

@@ -19,7 +19,7 @@ const BATCH: i32 = 5000;
 pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
     let rows = run(
         c,
-        "SELECT o.id, o.user_id, o.trigger, e.id, e.key, e.entered_at, now()
+        "SELECT o.id, o.user_id, o.trigger, e.id, e.key, e.entered_at, now(), e.step
            FROM nudge.outbox o
            -- retention may have deleted the journey: the message is still checked
            LEFT JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
@@ -63,6 +63,7 @@ pub fn held_messages(c: &mut SpiClient<'_>) -> i32 {
                 message_key: String::new(),
                 variant: None,
                 attempts: 0,
+                step: r.get::<i32>(8).ok().flatten().unwrap_or_default().max(0) as usize,
             },
         ));
     }

@@ -11,6 +11,7 @@ use nudge_core::decision::{self, Facts, Profile, Rule, Stop, Suppressions};
 use nudge_core::definition::Trigger;
 use nudge_core::definition::{context_part, AUDIENCE_SQL};
 use nudge_core::experiment::HOLDOUT;
+use nudge_core::flow::{self, Next, StepEnd};
 use nudge_core::policy::{self, Candidate, Micros, Sent, Settings, Upcoming, Verdict};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
@@ -32,6 +33,8 @@ pub(super) struct Due {
     pub variant: Option<String>,
     /// Earlier passes that met a transient failure for it.
     pub attempts: i32,
+    /// The journey's step this enrollment is (nudge_core::flow).
+    pub step: usize,
 }
 
 enum Outcome {
@@ -45,6 +48,21 @@ enum Outcome {
     Stopped(Stop, Option<TimestampWithTimeZone>),
     /// A lookup failed in a way that may pass (a timeout): still waiting, due again at `at`.
     Retry { at: Micros, why: String },
+    /// The step's `if` did not hold: no message, the journey goes to `to`.
+    Branched { to: Next, why: String },
+}
+
+impl Outcome {
+    /// How the step ended, for where the journey goes next (None: not yet).
+    fn step_end(&self) -> Option<StepEnd> {
+        Some(match self {
+            Outcome::Sent { .. } => StepEnd::Sent,
+            Outcome::HeldOut { .. } => StepEnd::HeldOut,
+            Outcome::Stopped(stop, _) => StepEnd::Stopped(stop.rule),
+            Outcome::Branched { to, .. } => StepEnd::Branched(*to),
+            Outcome::Retry { .. } => return None,
+        })
+    }
 }
 
 /// What one pass did: enrollments taken, messages written, and how the
@@ -170,7 +188,7 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
                 format!("set aside: deciding this message failed: {f}"),
             );
             if let Err(e) = isolate::subtransaction(|| {
-                record(c, &[d.clone()], vec![Outcome::Stopped(why, None)])
+                record(c, &[d.clone()], vec![Outcome::Stopped(why, None)], &HashMap::new())
             }) {
                 warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
             }
@@ -203,7 +221,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 None,
             )
         };
-        pass = record(c, &orphans, orphans.iter().map(|_| why()).collect());
+        pass = record(c, &orphans, orphans.iter().map(|_| why()).collect(), &triggers);
     }
     if due.is_empty() {
         return pass;
@@ -213,12 +231,13 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
     let profiles = profiles_of(c, users.clone());
     let tpls = templates(
         c,
-        distinct(triggers.values().flat_map(|t| {
-            std::iter::once(t.template.clone())
-                .chain(t.fallback_template.clone())
-                .chain(t.arms.iter().map(|a| a.template.clone()))
-        })),
+        distinct(
+            triggers
+                .values()
+                .flat_map(|t| t.templates().map(str::to_owned)),
+        ),
     );
+    let engagement = engagement_of(c, &due, &triggers);
     let suppressed = suppressions(c, users.clone(), &profiles);
     let consent = consent_of(c, users);
     let secret = unsubscribe_secret(c);
@@ -257,6 +276,18 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             suppressions: &suppressed,
             consent: &consent,
         };
+        // a step's branch, unless an exit ended the journey first
+        if !exits.contains_key(&i) {
+            let doc = flow::branch_doc(
+                profile_of(&profiles, &d.user_id).unwrap_or(&Value::Null),
+                &d.anchor,
+                engagement.get(&i).unwrap_or(&Default::default()),
+            );
+            if let Some((to, why)) = flow::branch(&t.steps, d.step, &doc) {
+                outcomes.push(Some(Outcome::Branched { to, why }));
+                continue;
+            }
+        }
         let (profile, recipient) = match decision::screen(t, &d.user_id, &facts) {
             Ok(ok) => ok,
             Err(stop) if stop.rule == Rule::Retry => {
@@ -288,7 +319,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         };
         headers.extend(t.sender.outbox_headers());
         let composed = compose(
-            loaded(&tpls, t.template_of(d.variant.as_deref())),
+            loaded(&tpls, t.step_template(d.step, d.variant.as_deref())),
             t.fallback_template.as_deref().map(|f| loaded(&tpls, f)),
             Inputs {
                 trigger: &t.name,
@@ -412,7 +443,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         .map(|o| o.expect("every enrollment has an outcome"))
         .collect();
     let written = out.insert(c);
-    pass + record(c, &due, outcomes)
+    pass + record(c, &due, outcomes, &triggers)
         + Pass {
             written,
             ..Pass::default()
@@ -833,8 +864,10 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
         "WITH b AS (
              SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
-                                 || extract(epoch FROM e.entered_at)::text),
-                    e.variant, e.attempts
+                                 || extract(epoch FROM e.entered_at)::text
+                                 -- a later step's message is its own (the first keeps its old key)
+                                 || CASE WHEN e.step > 0 THEN chr(31) || e.step ELSE '' END),
+                    e.variant, e.attempts, e.step
                FROM nudge.enrollments e
               WHERE e.state = 'waiting' AND e.due_at <= $1
                 -- a filter that no index can take (IS TRUE), so that the plan
@@ -850,8 +883,10 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
           more AS (
              SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.anchor,
                     'nm_' || md5(e.trigger || chr(31) || e.user_id || chr(31) || e.key || chr(31)
-                                 || extract(epoch FROM e.entered_at)::text),
-                    e.variant, e.attempts
+                                 || extract(epoch FROM e.entered_at)::text
+                                 -- a later step's message is its own (the first keeps its old key)
+                                 || CASE WHEN e.step > 0 THEN chr(31) || e.step ELSE '' END),
+                    e.variant, e.attempts, e.step
                FROM nudge.enrollments e
               WHERE e.user_id IN (SELECT user_id FROM b) AND e.state = 'waiting'
                 AND e.due_at <= (SELECT max(due_at) FROM b)
@@ -883,7 +918,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
     let mut locked = 0;
     let due = rows
         .map(|r| {
-            locked = r.get::<i64>(11).ok().flatten().unwrap_or_default() as usize;
+            locked = r.get::<i64>(12).ok().flatten().unwrap_or_default() as usize;
             let s = |i| r.get::<String>(i).ok().flatten().unwrap_or_default();
             Due {
                 id: r.get(1).ok().flatten().unwrap_or_default(),
@@ -900,6 +935,7 @@ fn claim_due(c: &mut SpiClient<'_>, as_of: TimestampWithTimeZone, max: i32) -> (
                 message_key: s(8),
                 variant: r.get::<String>(9).ok().flatten(),
                 attempts: r.get::<i32>(10).ok().flatten().unwrap_or_default(),
+                step: r.get::<i32>(11).ok().flatten().unwrap_or_default().max(0) as usize,
             }
         })
         .collect();
@@ -922,10 +958,11 @@ pub(super) fn exits_at_send_time(
     let mut names = HashSet::new();
     for (i, d) in due.iter().enumerate() {
         let t = &triggers[&d.trigger];
-        if t.exits.is_empty() {
+        let step_exits = t.steps.get(d.step).map_or(&[][..], |s| s.exits.as_slice());
+        if t.exits.is_empty() && step_exits.is_empty() {
             continue;
         }
-        names.extend(t.exits.iter().map(|x| x.event.clone()));
+        names.extend(t.exits.iter().chain(step_exits).map(|x| x.event.clone()));
         idx.push(i as i32);
         users.push(d.user_id.clone());
         from.push(d.entered_at);
@@ -975,7 +1012,7 @@ pub(super) fn exits_at_send_time(
                 if micros(at) == micros(d.entered_at) && triggers[&d.trigger].enters(&event, &props) {
                     continue;
                 }
-                let hit = match triggers[&d.trigger].exit_scope(&event, &props) {
+                let hit = match triggers[&d.trigger].exit_scope_at(d.step, &event, &props) {
                     Some(None) => true,
                     Some(Some(k)) => k == d.key,
                     None => false,
@@ -987,6 +1024,26 @@ pub(super) fn exits_at_send_time(
         },
     );
     found
+}
+
+/// Engagement with earlier steps, for the batch's steps that branch on it.
+fn engagement_of(
+    c: &SpiClient<'_>,
+    due: &[Due],
+    triggers: &HashMap<String, Trigger>,
+) -> HashMap<usize, std::collections::BTreeMap<String, nudge_core::flow::Engagement>> {
+    let at: Vec<super::engagement::At<'_>> = due
+        .iter()
+        .map(|d| super::engagement::At {
+            trigger: &triggers[&d.trigger],
+            stored_as: &d.trigger,
+            user: &d.user_id,
+            key: &d.key,
+            entered_at: micros(d.entered_at),
+            step: d.step,
+        })
+        .collect();
+    super::engagement::engagement(c, &at)
 }
 
 /// Profiles of these users: the query given to set_profile_query, run as
@@ -1112,8 +1169,26 @@ impl OutboxRows {
 
 /// Writes each enrollment's outcome, its rule and reason (nudge.explain
 /// and trigger_stats read them from there); counts them.
-fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
+fn record(
+    c: &mut SpiClient<'_>,
+    due: &[Due],
+    outcomes: Vec<Outcome>,
+    triggers: &HashMap<String, Trigger>,
+) -> Pass {
     let n = due.len();
+    // the journeys' next steps: (index, step, due time)
+    let next: Vec<(usize, usize, Micros)> = due
+        .iter()
+        .zip(&outcomes)
+        .enumerate()
+        .filter_map(|(i, (d, o))| {
+            let t = triggers.get(&d.trigger)?;
+            match flow::after(&t.steps, d.step, o.step_end()?) {
+                Next::Step(k) => Some((i, k, t.due_of(k, micros(d.entered_at)))),
+                Next::End => None,
+            }
+        })
+        .collect();
     let (mut states, mut rules, mut reasons, mut keys) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -1141,6 +1216,9 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                     Some(n) => format!("message {}; {n}", d.message_key),
                 };
                 ("sent", None, why, message, None, Some(ts(at)))
+            }
+            Outcome::Branched { why, .. } => {
+                ("skipped", Some(Rule::Branch), why, None, None, None)
             }
             Outcome::HeldOut { at } => {
                 let why = format!(
@@ -1200,6 +1278,28 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
                 retry_at.into(),
                 rules.into(),
             ], "recording outcomes");
+    if !next.is_empty() {
+        // the next step is an enrollment of its own, waiting from now on: the
+        // journey's anchor, arm and entry are its; a repeat pass adds nothing
+        let ids: Vec<i64> = next.iter().map(|(i, _, _)| due[*i].id).collect();
+        let users: Vec<String> = next.iter().map(|(i, _, _)| due[*i].user_id.clone()).collect();
+        let steps: Vec<i32> = next.iter().map(|(_, k, _)| *k as i32).collect();
+        let at: Vec<TimestampWithTimeZone> = next.iter().map(|(_, _, at)| ts(*at)).collect();
+        let versions: Vec<i32> = next
+            .iter()
+            .map(|(i, _, _)| triggers[&due[*i].trigger].version)
+            .collect();
+        run(c, "INSERT INTO nudge.enrollments (trigger, trigger_version, user_id, key, entered_at, due_at, anchor,
+                                              anchor_event, coalesced, last_entry_at, variant, step)
+                SELECT e.trigger, n.version, e.user_id, e.key, e.entered_at, n.due_at, e.anchor,
+                       e.anchor_event, e.coalesced, e.last_entry_at, e.variant, n.step
+                  FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[])
+                    AS n(id, user_id, step, due_at, version)
+                  JOIN nudge.enrollments e ON e.user_id = n.user_id AND e.id = n.id
+                ON CONFLICT DO NOTHING",
+            &[ids.into(), users.into(), steps.into(), at.into(), versions.into()],
+            "starting the journeys' next steps");
+    }
     if !retries.is_empty() {
         // a retry leaves the enrollment waiting, where explain does not read
         // its reason: the journal keeps each attempt's failure
@@ -1227,7 +1327,7 @@ fn record(c: &mut SpiClient<'_>, due: &[Due], outcomes: Vec<Outcome>) -> Pass {
     Pass {
         failed: n("failed"),
         retried: retries.len() as i32,
-        suppressed: n("suppressed"),
+        suppressed: n("suppressed") + n("skipped"),
         exited: n("exited"),
         held_out: n("held_out"),
         expired: n("expired"),
