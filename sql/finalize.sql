@@ -71,6 +71,7 @@ BEGIN
         -- a later step: it waits from the decision of the step before it
         SELECT e.created_at, 3, e.id, 'next step',
                'step ' || nudge._step_name(e.trigger, e.step)
+               || CASE WHEN e.key <> '' THEN ' (key ' || e.key || ')' ELSE '' END
                || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC',
                NULL::text
           FROM (SELECT x.*, coalesce((SELECT p.due_at FROM nudge.enrollments p
@@ -87,7 +88,9 @@ BEGIN
         -- what run_due (or claim) decided: the enrollment's state, rule and
         -- reason; an exit at capture is the journal's line above
         SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state,
-               CASE WHEN flow THEN 'step ' || nudge._step_name(e.trigger, e.step) || ': ' ELSE '' END || e.reason,
+               CASE WHEN flow THEN 'step ' || nudge._step_name(e.trigger, e.step)
+                                   || CASE WHEN e.key <> '' THEN ' (key ' || e.key || ')' ELSE '' END || ': '
+                    ELSE '' END || e.reason,
                e.rule
           FROM nudge.enrollments e
          WHERE e.trigger = explain.trigger AND e.user_id = explain.user_id

@@ -181,7 +181,9 @@ impl Trigger {
     pub fn templates(&self) -> impl Iterator<Item = &str> {
         self.steps
             .iter()
-            .flat_map(|s| std::iter::once(s.template.as_str()).chain(s.variants.values().map(String::as_str)))
+            .flat_map(|s| {
+                std::iter::once(s.template.as_str()).chain(s.variants.values().map(String::as_str))
+            })
             .chain(std::iter::once(self.template.as_str()))
             .chain(self.arms.iter().map(|a| a.template.as_str()))
             .chain(self.fallback_template.as_deref())
@@ -325,7 +327,10 @@ impl Definition {
     fn check(&self) -> Result<(), String> {
         non_empty(&self.on.event, "on.event")?;
         if !self.steps.is_empty() {
-            for (field, given) in [("wait", self.wait.is_some()), ("template", self.template.is_some())] {
+            for (field, given) in [
+                ("wait", self.wait.is_some()),
+                ("template", self.template.is_some()),
+            ] {
                 if given {
                     return Err(format!(
                         "{field}: with steps, each step gives its own {field}"
@@ -647,7 +652,12 @@ impl Trigger {
     /// exits or the step's own (`Some(None)` any key, `Some(Some(k))` one key).
     pub fn exit_scope_at(&self, k: usize, event: &str, props: &Value) -> Option<Option<String>> {
         self.exit_scope(event, props).or_else(|| {
-            let rule = self.steps.get(k)?.exits.iter().find(|r| r.hits(event, props))?;
+            let rule = self
+                .steps
+                .get(k)?
+                .exits
+                .iter()
+                .find(|r| r.hits(event, props))?;
             Some(rule.same_key.then(|| self.key_of(props)))
         })
     }
@@ -657,7 +667,11 @@ impl Trigger {
     pub fn watched_events(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.entry_event.as_str())
             .chain(self.exits.iter().map(|r| r.event.as_str()))
-            .chain(self.steps.iter().flat_map(|s| s.exits.iter().map(|r| r.event.as_str())))
+            .chain(
+                self.steps
+                    .iter()
+                    .flat_map(|s| s.exits.iter().map(|r| r.event.as_str())),
+            )
     }
 
     /// The anchor-to-last-step span (see crate::flow::span).
@@ -672,7 +686,9 @@ impl Trigger {
 
     /// The template of an arm at step `k`.
     pub fn step_template(&self, k: usize, arm: Option<&str>) -> &str {
-        self.steps.get(k).map_or(self.template_of(arm), |s| s.template_of(arm))
+        self.steps
+            .get(k)
+            .map_or(self.template_of(arm), |s| s.template_of(arm))
     }
 }
 

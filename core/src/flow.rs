@@ -111,9 +111,7 @@ pub fn compile(specs: &[StepSpec], arms: &[String]) -> Result<Vec<FlowStep>, Str
     for (i, s) in specs.iter().enumerate() {
         let here = |f: &str| format!("steps[{i}].{f}");
         offset = match (&s.wait, &s.at) {
-            (Some(_), Some(_)) => {
-                return Err(format!("{}: give wait or at, not both", here("at")))
-            }
+            (Some(_), Some(_)) => return Err(format!("{}: give wait or at, not both", here("at"))),
             (Some(w), None) => {
                 offset + parse_duration(w).map_err(|e| format!("{}: {e}", here("wait")))?
             }
@@ -140,7 +138,10 @@ pub fn compile(specs: &[StepSpec], arms: &[String]) -> Result<Vec<FlowStep>, Str
                 ));
             }
             if tpl.trim().is_empty() {
-                return Err(format!("{}: must not be empty", here(&format!("variants.{arm}"))));
+                return Err(format!(
+                    "{}: must not be empty",
+                    here(&format!("variants.{arm}"))
+                ));
             }
         }
         let when = s
@@ -269,7 +270,10 @@ pub fn branch(steps: &[FlowStep], k: usize, doc: &Value) -> Option<(Next, String
         Next::End => "the end".to_string(),
         Next::Step(j) => format!("step {}", steps[j].name),
     };
-    Some((s.otherwise, format!("branch: step {}'s if did not hold; to {to}", s.name)))
+    Some((
+        s.otherwise,
+        format!("branch: step {}'s if did not hold; to {to}", s.name),
+    ))
 }
 
 /// How a step ended, as the next step's rule reads it.
@@ -349,7 +353,14 @@ mod tests {
     fn a_branch_sends_or_goes_to_its_else() {
         let s = cart();
         let mut eng = BTreeMap::new();
-        eng.insert("reminder".to_string(), Engagement { sent: true, opened: true, ..Default::default() });
+        eng.insert(
+            "reminder".to_string(),
+            Engagement {
+                sent: true,
+                opened: true,
+                ..Default::default()
+            },
+        );
         let opened = branch_doc(&json!({}), &json!({}), &eng);
         assert_eq!(branch(&s, 1, &opened), None);
         eng.get_mut("reminder").unwrap().opened = false;
@@ -383,15 +394,22 @@ mod tests {
         );
         assert!(err(json!([{"template": "x", "if": {"steps.later.opened": {"eq": true}}}, {"name": "later", "template": "y"}]))
             .starts_with("steps[0].if.steps.later.opened: \"later\" is not an earlier step"));
-        assert!(err(json!([{"template": "x"}, {"template": "y", "if": {"steps.1.read": {"eq": true}}}]))
-            .contains("expected steps.<earlier step>.<sent|delivered|opened|clicked>"));
-        assert!(err(json!([{"template": "x"}, {"template": "y", "if": {"plan": {"eq": 1}}}]))
-            .starts_with("steps[1].if.plan: a branch reads profile."));
+        assert!(err(
+            json!([{"template": "x"}, {"template": "y", "if": {"steps.1.read": {"eq": true}}}])
+        )
+        .contains("expected steps.<earlier step>.<sent|delivered|opened|clicked>"));
+        assert!(
+            err(json!([{"template": "x"}, {"template": "y", "if": {"plan": {"eq": 1}}}]))
+                .starts_with("steps[1].if.plan: a branch reads profile.")
+        );
         assert!(err(json!([{"name": "a", "template": "x"}, {"name": "b", "template": "y", "if": {"profile.vip": {"eq": true}}, "else": "a"}]))
             .contains("steps[1].else: \"a\" is not a later step"));
-        assert!(err(json!([{"template": "x", "else": "end"}])).starts_with("steps[0].else: needs an if"));
-        assert!(err(json!([{"wait": "2 days", "template": "x"}, {"at": "1 day", "template": "y"}]))
-            .starts_with("steps[1].at: \"1 day\" from the anchor comes before"));
+        assert!(err(json!([{"template": "x", "else": "end"}]))
+            .starts_with("steps[0].else: needs an if"));
+        assert!(err(
+            json!([{"wait": "2 days", "template": "x"}, {"at": "1 day", "template": "y"}])
+        )
+        .starts_with("steps[1].at: \"1 day\" from the anchor comes before"));
         assert!(err(json!([{"wait": "soon", "template": "x"}])).starts_with("steps[0].wait:"));
         assert!(err(json!([{"template": "x", "variants": {"C": "z"}}]))
             .starts_with("steps[0].variants.C: \"C\" is not one of"));

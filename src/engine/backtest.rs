@@ -48,7 +48,6 @@ struct Walk {
     exits: Vec<Option<i64>>,
 }
 
-
 pub fn backtest(
     definition: &Value,
     from: TimestampWithTimeZone,
@@ -230,7 +229,8 @@ impl Run<'_> {
                         .count() as i64;
                     if entries > 0 {
                         let first = self.first().to_owned();
-                        self.tally.add(&first, "not entered: audience", &user, entries);
+                        self.tally
+                            .add(&first, "not entered: audience", &user, entries);
                     }
                     continue;
                 }

@@ -65,8 +65,8 @@ pub fn capture(batch: Batch) {
             .map(Step::at)
             .min()
             .unwrap_or(i64::MAX); // every entry turned away: nothing to read
-        // a journey of steps reaches past its current step's due time, to its
-        // last step's (flow::span)
+                                  // a journey of steps reaches past its current step's due time, to its
+                                  // last step's (flow::span)
         let beyond = steps
             .keys()
             .map(|(ti, _)| {
@@ -78,7 +78,7 @@ pub fn capture(batch: Batch) {
             .max(0);
         let rows = run(
             c,
-            "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at
+            "SELECT e.id, e.trigger, e.user_id, e.key, e.entered_at, e.due_at, e.last_entry_at, e.exited_at
                FROM unnest($1::text[], $2::text[]) AS p(trigger, user_id)
                JOIN nudge.enrollments e ON e.user_id = p.user_id AND e.trigger = p.trigger
               WHERE e.state = 'waiting' AND e.due_at >= $3
@@ -92,6 +92,8 @@ pub fn capture(batch: Batch) {
             .map(|l| (l.trigger.name.as_str(), &l.trigger))
             .collect();
         let mut open: BTreeMap<(String, String), Vec<Journey>> = BTreeMap::new();
+        let mut closed_before: HashMap<i64, i64> = HashMap::new();
+        let mut current_due: HashMap<i64, i64> = HashMap::new();
         let mut last_entry: HashMap<i64, i64> = HashMap::new();
         for row in rows {
             if let (Ok(Some(id)), Ok(Some(last))) =
@@ -106,9 +108,15 @@ pub fn capture(batch: Batch) {
             let due: TimestampWithTimeZone = row.get(6).ok().flatten().expect("due_at is NOT NULL");
             let span = by_name.get(get_s(2).as_str()).map_or(0, |t| t.span_us());
             let until = micros(due).max(micros(entered) + span);
-            open.entry((get_s(2), get_s(3)))
-                .or_default()
-                .push(Journey::open(id, get_s(4), micros(entered), until));
+            let mut j = Journey::open(id, get_s(4), micros(entered), until);
+            // a journey of steps that an exit closed after its current step's
+            // due time: that step still goes, the exit ends a later one
+            if let Some(x) = row.get::<TimestampWithTimeZone>(8).ok().flatten() {
+                j.exited = Some((micros(x), String::new()));
+                closed_before.insert(id, micros(x));
+            }
+            current_due.insert(id, micros(due));
+            open.entry((get_s(2), get_s(3))).or_default().push(j);
         }
 
         let moved =
@@ -136,12 +144,28 @@ pub fn capture(batch: Batch) {
                 t.span_us(),
                 t.reentry,
             );
-            for j in done.journeys {
-                due_now |= j.id.is_none() && j.exited.is_none() && t.due_of(0, j.entered_at) <= now;
+            for mut j in done.journeys {
+                if let Some(id) = j.id {
+                    // closed by an earlier statement: nothing new to write of it
+                    if closed_before.get(&id).copied() == j.exited.as_ref().map(|(x, _)| *x) {
+                        j.exited = None;
+                        if j.coalesced.is_empty() {
+                            continue;
+                        }
+                    }
+                }
+                // an exit closes the step waiting at its time; one after that
+                // step's due time leaves it to go, and ends a later step when
+                // run_due finds the exit at that step's send time
+                let step_due = j.id.and_then(|id| current_due.get(&id).copied());
+                let step_due = step_due.unwrap_or_else(|| t.due_of(0, j.entered_at));
+                let closes = j.exited.as_ref().is_some_and(|(x, _)| *x < step_due);
+                due_now |= j.id.is_none() && !closes && step_due <= now;
                 writes.add(
                     t,
                     &user,
                     j,
+                    closes,
                     &batch,
                     winners.get(&t.name).map(String::as_str),
                 );
@@ -540,6 +564,8 @@ struct Writes {
     n_coalesced: Vec<i32>,
     n_last_entry: Vec<TimestampWithTimeZone>,
     n_exited: Vec<Option<TimestampWithTimeZone>>,
+    /// Whether the exit ends the enrollment now (else a later step).
+    n_closes: Vec<bool>,
     n_reason: Vec<Option<String>>,
     n_variant: Vec<Option<String>>,
     // changes to waiting enrollments
@@ -548,6 +574,7 @@ struct Writes {
     u_coalesced: Vec<i32>,
     u_last_entry: Vec<Option<TimestampWithTimeZone>>,
     u_exited: Vec<Option<TimestampWithTimeZone>>,
+    u_closes: Vec<bool>,
     u_reason: Vec<Option<String>>,
     // journal lines; a line about a journey this statement opens names it by
     // j_new (its index above) and gets its id from the INSERT at flush
@@ -569,6 +596,7 @@ impl Writes {
         t: &nudge_core::definition::Trigger,
         user: &str,
         j: Journey,
+        closes: bool,
         b: &Batch,
         winner: Option<&str>,
     ) {
@@ -601,6 +629,7 @@ impl Writes {
                 self.n_last_entry
                     .push(ts(j.coalesced.last().copied().unwrap_or(j.entered_at)));
                 self.n_exited.push(exited_at);
+                self.n_closes.push(closes);
                 self.n_reason.push(exit_reason.clone());
                 self.n_variant.push(arm.clone());
                 Some(self.n_trigger.len() - 1)
@@ -611,6 +640,7 @@ impl Writes {
                 self.u_coalesced.push(j.coalesced.len() as i32);
                 self.u_last_entry.push(j.coalesced.last().map(|at| ts(*at)));
                 self.u_exited.push(exited_at);
+                self.u_closes.push(closes);
                 self.u_reason.push(exit_reason.clone());
                 None
             }
@@ -728,6 +758,8 @@ impl Writes {
                 self.j_step.into(),
                 self.j_detail.into(),
                 self.j_rule.into(),
+                self.n_closes.into(),
+                self.u_closes.into(),
             ],
             "writing journeys",
         );
@@ -746,11 +778,11 @@ fn write_journeys(with_rule: bool) -> &'static str {
             .replace("/*rule*/", pick(", rule"))
             .replace(
                 "/*exit rule*/",
-                pick(", CASE WHEN exited_at IS NOT NULL THEN 'exit' END"),
+                pick(", CASE WHEN exited_at IS NOT NULL AND closes THEN 'exit' END"),
             )
             .replace(
                 "/*set rule*/",
-                pick("rule = CASE WHEN u.exited_at IS NULL THEN e.rule ELSE 'exit' END,"),
+                pick("rule = CASE WHEN u.exited_at IS NOT NULL AND u.closes THEN 'exit' ELSE e.rule END,"),
             )
             .replace("/*l.rule*/", pick(", l.rule"))
     };
@@ -769,13 +801,13 @@ const WRITE_JOURNEYS: &str = "WITH n AS (
                     coalesced, last_entry_at, exited_at, state /*rule*/, reason, variant)
                  SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
                         coalesced, last_entry_at, exited_at,
-                        CASE WHEN exited_at IS NULL THEN 'waiting' ELSE 'exited' END
+                        CASE WHEN exited_at IS NOT NULL AND closes THEN 'exited' ELSE 'waiting' END
                         /*exit rule*/, reason, variant
                    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
                                $6::timestamptz[], $7::jsonb[], $8::text[], $9::int[], $10::timestamptz[],
-                               $11::timestamptz[], $12::text[], $13::text[])
+                               $11::timestamptz[], $12::text[], $13::text[], $29::bool[])
                      AS n(trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                          coalesced, last_entry_at, exited_at, reason, variant)
+                          coalesced, last_entry_at, exited_at, reason, variant, closes)
                  -- a journey of this trigger, user and key already began at
                  -- this very instant (two orders on one day of a date column):
                  -- it is that journey, and the application's INSERT goes on
@@ -787,13 +819,14 @@ const WRITE_JOURNEYS: &str = "WITH n AS (
                  UPDATE nudge.enrollments e
                     SET coalesced = e.coalesced + u.coalesced,
                         last_entry_at = greatest(e.last_entry_at, u.last_entry_at),
-                        exited_at = u.exited_at,
-                        state = CASE WHEN u.exited_at IS NULL THEN e.state ELSE 'exited' END,
+                        exited_at = coalesce(u.exited_at, e.exited_at),
+                        state = CASE WHEN u.exited_at IS NOT NULL AND u.closes THEN 'exited' ELSE e.state END,
                         /*set rule*/
                         reason = coalesce(u.reason, e.reason),
                         updated_at = now()
-                   FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[])
-                     AS u(id, user_id, coalesced, last_entry_at, exited_at, reason)
+                   FROM unnest($14::bigint[], $15::text[], $16::int[], $17::timestamptz[], $18::timestamptz[], $19::text[],
+                               $30::bool[])
+                     AS u(id, user_id, coalesced, last_entry_at, exited_at, reason, closes)
                   WHERE e.user_id = u.user_id AND e.id = u.id
                  RETURNING 1),
              j AS (

@@ -31,7 +31,11 @@ pub fn engagement(
     let wanted: Vec<usize> = (0..at.len())
         .filter(|i| {
             let a = &at[*i];
-            a.step > 0 && a.trigger.steps.get(a.step).is_some_and(|s| s.when.is_some())
+            a.step > 0
+                && a.trigger
+                    .steps
+                    .get(a.step)
+                    .is_some_and(|s| s.when.is_some())
         })
         .collect();
     if wanted.is_empty() {
@@ -39,7 +43,8 @@ pub fn engagement(
     }
     let col = |f: &dyn Fn(&At<'_>) -> String| wanted.iter().map(|i| f(&at[*i])).collect::<Vec<_>>();
     let idx: Vec<i32> = wanted.iter().map(|i| *i as i32).collect();
-    let entered: Vec<TimestampWithTimeZone> = wanted.iter().map(|i| ts(at[*i].entered_at)).collect();
+    let entered: Vec<TimestampWithTimeZone> =
+        wanted.iter().map(|i| ts(at[*i].entered_at)).collect();
     let step: Vec<i32> = wanted.iter().map(|i| at[*i].step as i32).collect();
     let due: Vec<TimestampWithTimeZone> = wanted
         .iter()

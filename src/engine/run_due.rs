@@ -188,7 +188,12 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
                 format!("set aside: deciding this message failed: {f}"),
             );
             if let Err(e) = isolate::subtransaction(|| {
-                record(c, &[d.clone()], vec![Outcome::Stopped(why, None)], &HashMap::new())
+                record(
+                    c,
+                    &[d.clone()],
+                    vec![Outcome::Stopped(why, None)],
+                    &HashMap::new(),
+                )
             }) {
                 warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
             }
@@ -221,7 +226,12 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 None,
             )
         };
-        pass = record(c, &orphans, orphans.iter().map(|_| why()).collect(), &triggers);
+        pass = record(
+            c,
+            &orphans,
+            orphans.iter().map(|_| why()).collect(),
+            &triggers,
+        );
     }
     if due.is_empty() {
         return pass;
@@ -1217,9 +1227,7 @@ fn record(
                 };
                 ("sent", None, why, message, None, Some(ts(at)))
             }
-            Outcome::Branched { why, .. } => {
-                ("skipped", Some(Rule::Branch), why, None, None, None)
-            }
+            Outcome::Branched { why, .. } => ("skipped", Some(Rule::Branch), why, None, None, None),
             Outcome::HeldOut { at } => {
                 let why = format!(
                     "held out (control group): would have gone at {}",
@@ -1282,17 +1290,22 @@ fn record(
         // the next step is an enrollment of its own, waiting from now on: the
         // journey's anchor, arm and entry are its; a repeat pass adds nothing
         let ids: Vec<i64> = next.iter().map(|(i, _, _)| due[*i].id).collect();
-        let users: Vec<String> = next.iter().map(|(i, _, _)| due[*i].user_id.clone()).collect();
+        let users: Vec<String> = next
+            .iter()
+            .map(|(i, _, _)| due[*i].user_id.clone())
+            .collect();
         let steps: Vec<i32> = next.iter().map(|(_, k, _)| *k as i32).collect();
         let at: Vec<TimestampWithTimeZone> = next.iter().map(|(_, _, at)| ts(*at)).collect();
         let versions: Vec<i32> = next
             .iter()
             .map(|(i, _, _)| triggers[&due[*i].trigger].version)
             .collect();
+        // (an exit that capture saw after this step's due time is carried on:
+        // it ends the step it falls before)
         run(c, "INSERT INTO nudge.enrollments (trigger, trigger_version, user_id, key, entered_at, due_at, anchor,
-                                              anchor_event, coalesced, last_entry_at, variant, step)
+                                              anchor_event, coalesced, last_entry_at, variant, step, exited_at)
                 SELECT e.trigger, n.version, e.user_id, e.key, e.entered_at, n.due_at, e.anchor,
-                       e.anchor_event, e.coalesced, e.last_entry_at, e.variant, n.step
+                       e.anchor_event, e.coalesced, e.last_entry_at, e.variant, n.step, e.exited_at
                   FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[])
                     AS n(id, user_id, step, due_at, version)
                   JOIN nudge.enrollments e ON e.user_id = n.user_id AND e.id = n.id

@@ -622,3 +622,69 @@ fn upgrade_from_0_7_0_captures_from_the_wal_and_matches_a_fresh_install() {
     );
     drop_slots("nudge_it_upgrade7");
 }
+
+#[test]
+fn upgrade_from_0_8_0_runs_journeys_of_steps_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh8");
+    let mut f = connect(&fresh);
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade8 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade8")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade8", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.8.0';
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+         SELECT nudge.define_template('t', 'Hi', 'cart {{ event.cart }}');
+         SELECT nudge.define_template('t2', 'Again', 'cart {{ event.cart }}');
+         SELECT nudge.define_trigger('cart', '{\"on\": {\"event\": \"cart_added\", \"key\": \"cart\"}, \"wait\": \"1 hour\",
+             \"unless\": [{\"event\": \"purchased\", \"same_key\": true}], \"template\": \"t\"}');",
+    )
+    .unwrap();
+    // the library is already 0.9.0: capture into the 0.8.0 schema (whose
+    // unique key has no step) still enrolls, and the application's INSERT goes on
+    c.batch_execute(
+        "SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '2 hours');
+         SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '2 hours');",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 1);
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+    // the journey from 0.8.0 is step 0 of a one-step journey; a trigger of
+    // two steps goes step by step
+    c.batch_execute(
+        "SELECT nudge.define_trigger('flow', '{\"on\": {\"event\": \"cart_added\"}, \"steps\": [
+             {\"wait\": \"1 hour\", \"template\": \"t\"}, {\"wait\": \"1 hour\", \"template\": \"t2\"}]}');
+         SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now() - interval '3 hours');
+         SELECT nudge.run_due(now());
+         SELECT nudge.run_due(now());",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE user_id = 'u1'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE trigger = 'flow' AND user_id = 'u2'"
+        ),
+        2
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.trigger_stats WHERE trigger = 'flow' AND sent = 1"
+        ),
+        2
+    );
+}

@@ -1,0 +1,334 @@
+//! Journeys of several steps against a real server: a three-step cart flow
+//! with a branch on the first email being opened, a purchase exit and a
+//! step's own exit, lived through event by event, loaded at once and
+//! backtested.
+
+use nudge_integration::{connect, count, fresh_db, Rng};
+use std::collections::{BTreeMap, BTreeSet};
+
+const START: &str = "2026-03-01 00:00:00+00";
+
+const SETUP: &str = r#"
+    SET timezone = 'UTC';
+    SELECT nudge.define_template('c1', 'Your cart {{ event.cart_id }}', '<p>1</p>');
+    SELECT nudge.define_template('c2', 'Still thinking about {{ event.cart_id }}?', '<p>2</p>');
+    SELECT nudge.define_template('c3', '10% off {{ event.cart_id }}', '<p>3</p>');
+    SELECT nudge.define_trigger('cart_flow', '{
+        "expire_after": "never",
+        "on": {"event": "cart_added", "key": "cart_id"},
+        "unless": [{"event": "purchased", "same_key": true}],
+        "steps": [
+            {"name": "reminder", "wait": "1 hour", "template": "c1"},
+            {"name": "nudge", "wait": "1 day", "template": "c2",
+             "if": {"steps.reminder.opened": {"eq": true}}, "else": "discount"},
+            {"name": "discount", "wait": "2 days", "template": "c3",
+             "unless": [{"event": "coupon_used"}]}
+        ]}');
+    INSERT INTO nudge.profiles (user_id, email) SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(0, 39) i;
+"#;
+
+/// Ten days of events of 40 users, in time order: (user, event, props, seconds after START).
+fn history() -> Vec<(String, String, String, i64)> {
+    let mut rng = Rng::new(7);
+    let mut out = vec![];
+    let mut t: i64 = 0;
+    for _ in 0..500 {
+        t += rng.below(1800) as i64;
+        let user = format!("u{}", rng.below(40));
+        let cart = format!(r#"{{"cart_id": "c{}"}}"#, rng.below(3));
+        let (event, props) = match rng.below(20) {
+            0..=11 => ("cart_added", cart),
+            12..=16 => ("purchased", cart),
+            _ => ("coupon_used", "{}".to_string()),
+        };
+        out.push((user, event.to_string(), props, t));
+    }
+    out
+}
+
+/// Users with an even number open their reminder ten minutes after it went.
+const OPEN_REMINDERS: &str = "
+    SELECT count(nudge.record_engagement(o.message_key, 'opened', o.scheduled_at + interval '10 minutes'))
+      FROM nudge.outbox o
+      JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
+     WHERE e.step = 0 AND o.opened_at IS NULL AND substr(o.user_id, 2)::int % 2 = 0";
+
+fn run_due(c: &mut postgres::Client, secs: f64) {
+    c.query_one(
+        "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
+        &[&START, &secs],
+    )
+    .unwrap();
+    c.query_one(OPEN_REMINDERS, &[]).unwrap();
+}
+
+/// Every step of every journey, and every message.
+fn outcome(db: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut c = connect(db);
+    let rows = |c: &mut postgres::Client, sql: &str| -> BTreeSet<String> {
+        c.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let journeys = rows(
+        &mut c,
+        "SELECT user_id || ' ' || key || ' ' || extract(epoch FROM entered_at)::text || ' step ' || step
+                || ' ' || state || ' ' || coalesce(rule, '-') || ' due ' || extract(epoch FROM due_at)::text
+           FROM nudge.enrollments",
+    );
+    let messages = rows(
+        &mut c,
+        "SELECT user_id || ' ' || message_key || ' ' || subject || ' ' || extract(epoch FROM available_at)::text
+           FROM nudge.outbox",
+    );
+    (journeys, messages)
+}
+
+fn same(what: &str, a: &BTreeSet<String>, b: &BTreeSet<String>) {
+    let only_a: Vec<&String> = a.difference(b).take(5).collect();
+    let only_b: Vec<&String> = b.difference(a).take(5).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "{what} differ:\n  only loaded: {only_a:#?}\n  only lived: {only_b:#?}"
+    );
+}
+
+/// The done-when of flows: lived through (a pass before every event), loaded
+/// in one statement and drained pass by pass, and backtested, the flow gives
+/// the same steps, the same messages and the same per-step numbers; the
+/// branch, both exits and every step acted.
+#[test]
+fn a_three_step_flow_with_a_branch_and_exits_is_the_same_lived_loaded_and_backtested() {
+    let events = history();
+    let end = (events.last().unwrap().3 + 5 * 86_400) as f64;
+
+    let live = fresh_db("nudge_it_flow_live");
+    let mut c = connect(&live);
+    c.batch_execute(SETUP).unwrap();
+    for (u, e, p, s) in &events {
+        run_due(&mut c, *s as f64);
+        c.execute(
+            "SELECT nudge.track($1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
+            &[u, e, p, &START, &(*s as f64)],
+        )
+        .unwrap();
+    }
+    // the last journeys' steps, one pass per step
+    for _ in 0..3 {
+        run_due(&mut c, end);
+    }
+
+    let bulk = fresh_db("nudge_it_flow_bulk");
+    let mut b = connect(&bulk);
+    b.batch_execute(SETUP).unwrap();
+    let col = |f: fn(&(String, String, String, i64)) -> String| -> Vec<String> {
+        events.iter().map(f).collect()
+    };
+    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
+    b.execute(
+        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
+        &[
+            &col(|e| e.0.clone()),
+            &col(|e| e.1.clone()),
+            &col(|e| e.2.clone()),
+            &secs,
+            &START,
+        ],
+    )
+    .unwrap();
+    // each pass decides a step of every journey: the opens of the reminders
+    // are recorded between passes, before the step that reads them
+    for _ in 0..4 {
+        run_due(&mut b, end);
+    }
+
+    let (live_journeys, live_messages) = outcome(&live);
+    let (bulk_journeys, bulk_messages) = outcome(&bulk);
+    same("journeys", &bulk_journeys, &live_journeys);
+    same("messages", &bulk_messages, &live_messages);
+
+    // every part of the flow acted
+    let per_step: BTreeMap<String, i64> = c
+        .query(
+            "SELECT step || ' ' || state || ' ' || coalesce(rule, '-'), count(*) FROM nudge.enrollments GROUP BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for acted in [
+        "0 sent -",
+        "0 exited exit",
+        "1 sent -",
+        "1 skipped branch",
+        "2 sent -",
+        "2 exited exit",
+    ] {
+        assert!(
+            per_step.get(acted).copied().unwrap_or(0) > 0,
+            "{acted} never happened: {per_step:?}"
+        );
+    }
+    // coupon_used ends only the discount step
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE step = 2 AND state = 'exited' AND reason LIKE '%coupon_used%'"
+        ) > 0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE step < 2 AND state = 'exited' AND reason LIKE '%coupon_used%'"
+        ),
+        0,
+        "a step's own exit ended another step"
+    );
+    // the branch: only openers got the nudge, the others went to the discount
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox o JOIN nudge.enrollments e ON e.user_id = o.user_id AND e.id = o.enrollment_id
+              WHERE e.step = 1 AND substr(o.user_id, 2)::int % 2 = 1"
+        ),
+        0
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE step = 1 AND state = 'skipped' AND substr(user_id, 2)::int % 2 = 0"),
+        0
+    );
+
+    // trigger_stats: a row per step, as the enrollments count them
+    let stats: BTreeMap<String, (i64, i64, i64, i64, i64)> = c
+        .query(
+            "SELECT step, entered, sent, exited, skipped, opened FROM nudge.trigger_stats WHERE trigger = 'cart_flow'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))))
+        .collect();
+    assert_eq!(
+        stats.keys().cloned().collect::<Vec<_>>(),
+        ["discount", "nudge", "reminder"]
+    );
+    let reminder = stats["reminder"];
+    assert_eq!(
+        reminder.0,
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE step = 0"
+        )
+    );
+    assert!(
+        reminder.4 > 0,
+        "opens of the reminder are counted: {stats:?}"
+    );
+    assert_eq!(stats["nudge"].3, per_step["1 skipped branch"]);
+
+    // backtest of the live trigger, per step, against what it did
+    let live_counts: BTreeMap<(String, String), i64> = c
+        .query(
+            "SELECT nudge._step_name('cart_flow', step),
+                    CASE state WHEN 'sent' THEN 'sent' WHEN 'exited' THEN 'exited' WHEN 'held_out' THEN 'held out'
+                               ELSE state || ': ' || rule END, count(*)
+               FROM nudge.enrollments GROUP BY 1, 2
+             UNION ALL
+             SELECT 'reminder', 'entered', count(*) FROM nudge.enrollments WHERE step = 0",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let replayed: BTreeMap<(String, String), i64> = c
+        .query(
+            &format!(
+                "SELECT step, outcome, journeys FROM nudge.backtest(
+                     (SELECT definition FROM nudge.trigger_versions WHERE trigger = 'cart_flow'),
+                     '{START}', '{START}'::timestamptz + {end} * interval '1 second', 'cart_flow')
+                  WHERE outcome NOT IN ('coalesced entries', 'waiting at the end')"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    assert_eq!(replayed, live_counts, "backtest and the live flow disagree");
+
+    // explain tells the journey step by step
+    let user: String = c
+        .query_one(
+            "SELECT user_id FROM nudge.enrollments WHERE step = 2 AND state = 'sent' ORDER BY user_id LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let lines: Vec<String> = c
+        .query(
+            "SELECT step || ': ' || coalesce(detail, '') FROM nudge.explain('cart_flow', $1)",
+            &[&user],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let text = lines.join("\n");
+    for want in [
+        "step reminder, due",
+        "next step: step discount (key ",
+        "sent: step discount (key ",
+    ] {
+        assert!(text.contains(want), "explain lacks {want:?}:\n{text}");
+    }
+}
+
+/// A definition with steps is checked like any other: a bad step is an
+/// error naming its JSON path, with SQLSTATE 22023, and defines nothing.
+#[test]
+fn a_bad_step_is_refused_with_its_path() {
+    let db = fresh_db("nudge_it_flow_bad");
+    let mut c = connect(&db);
+    c.batch_execute(SETUP).unwrap();
+    for (def, want) in [
+        (
+            r#"{"on": {"event": "a"}, "steps": [{"template": "c1"}, {"template": "c2", "if": {"steps.2.opened": {"eq": true}}}]}"#,
+            "steps[1].if.steps.2.opened: \"2\" is not an earlier step",
+        ),
+        (
+            r#"{"on": {"event": "a"}, "wait": "1 hour", "steps": [{"template": "c1"}]}"#,
+            "wait: with steps, each step gives its own wait",
+        ),
+        (
+            r#"{"on": {"event": "a"}, "steps": [{"template": "c1", "if": {"profile.vip": {"eq": true}}, "else": "later"}]}"#,
+            "steps[0].else: no step named \"later\"",
+        ),
+    ] {
+        let err = c
+            .query_one(
+                "SELECT nudge.define_trigger('bad_flow', $1::text::jsonb)",
+                &[&def],
+            )
+            .unwrap_err();
+        let db_err = err.as_db_error().expect("a database error");
+        assert_eq!(db_err.code().code(), "22023", "{def}");
+        assert!(
+            db_err.message().contains(want),
+            "{def}: {}",
+            db_err.message()
+        );
+    }
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.triggers WHERE name = 'bad_flow'"
+        ),
+        0
+    );
+}
