@@ -125,6 +125,18 @@ pub struct EntrySpec {
     pub min_count: Option<u32>,
     #[serde(default)]
     pub within: Option<String>,
+    /// A date entry (crate::date_entry): the props field with the date ...
+    #[serde(default)]
+    pub date: Option<String>,
+    /// ... moved by this interval (may be negative: "-3 days") ...
+    #[serde(default)]
+    pub offset: Option<String>,
+    /// ... at this local time ...
+    #[serde(default)]
+    pub at: Option<String>,
+    /// ... and "year": every year.
+    #[serde(default)]
+    pub every: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,6 +152,9 @@ pub struct ExitSpec {
 /// `expire_after` when a non-transactional definition gives none: 1 day.
 pub const DEFAULT_EXPIRE_AFTER_US: i64 = 86_400_000_000;
 
+/// How far ahead a date entry's journey may be due, for sequencing: ten years.
+pub const DATE_SPAN_US: i64 = 10 * 366 * 86_400_000_000;
+
 /// A definition ready to run: predicates compiled, the wait in microseconds.
 #[derive(Debug, Clone)]
 pub struct Trigger {
@@ -152,6 +167,8 @@ pub struct Trigger {
     pub key_path: Option<Vec<String>>,
     /// (min_count, within) when entry needs repeated events.
     pub entry_count: Option<(u32, i64)>,
+    /// Due at a date the entry event carries, instead of after a wait.
+    pub date: Option<crate::date_entry::DateEntry>,
     pub exits: Vec<ExitRule>,
     pub template: String,
     /// The journey's steps; a single-message definition has one.
@@ -418,6 +435,7 @@ impl Definition {
             key_path(k, "on.key")?;
         }
         self.entry_count()?;
+        self.date_entry()?;
         if let Some(f) = &self.on.filter {
             Predicate::parse(f, "on.where")?;
         }
@@ -442,6 +460,40 @@ impl Definition {
             }
         }
         Ok(())
+    }
+
+    fn date_entry(&self) -> Result<Option<crate::date_entry::DateEntry>, String> {
+        let on = &self.on;
+        let Some(date) = &on.date else {
+            for (k, given) in [
+                ("offset", on.offset.is_some()),
+                ("at", on.at.is_some()),
+                ("every", on.every.is_some()),
+            ] {
+                if given {
+                    return Err(format!(
+                        "on.{k}: needs on.date, the props field with the date"
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        if self.wait.is_some() {
+            return Err("wait: a date entry is due at its date (move it with on.offset)".into());
+        }
+        if !self.steps.is_empty() {
+            return Err("steps: not with on.date in this version (one message at the date)".into());
+        }
+        if on.min_count.is_some() {
+            return Err("on.min_count: not with on.date".into());
+        }
+        crate::date_entry::DateEntry::compile(
+            date,
+            on.offset.as_deref(),
+            on.at.as_deref(),
+            on.every.as_deref(),
+        )
+        .map(Some)
     }
 
     fn entry_count(&self) -> Result<Option<(u32, i64)>, String> {
@@ -588,6 +640,7 @@ impl Definition {
                 .map(|k| key_path(k, "on.key"))
                 .transpose()?,
             entry_count: self.entry_count()?,
+            date: self.date_entry()?,
             exits: self
                 .unless
                 .iter()
@@ -638,14 +691,35 @@ impl Trigger {
     }
 
     pub fn enters(&self, event: &str, props: &Value) -> bool {
+        self.dates(event, props) && self.date.as_ref().is_none_or(|d| d.value(props).is_some())
+    }
+
+    /// Whether the event is the entry event (its name and `where`), with or
+    /// without the date a date entry needs.
+    fn dates(&self, event: &str, props: &Value) -> bool {
         event == self.entry_event && self.entry_filter.as_ref().is_none_or(|p| p.matches(props))
     }
 
     /// The exit rule this event satisfies, if any. `Some(None)` = any key;
     /// `Some(Some(k))` = only the journey with key k.
     pub fn exit_scope(&self, event: &str, props: &Value) -> Option<Option<String>> {
+        // a date entry's event moves the journey of its key: it ends the
+        // waiting one and, with a date, opens its own; without, it only ends
+        if self.date.is_some() && self.dates(event, props) {
+            return Some(Some(self.key_of(props)));
+        }
         let rule = self.exits.iter().find(|r| r.hits(event, props))?;
         Some(rule.same_key.then(|| self.key_of(props)))
+    }
+
+    /// When the first message of a journey anchored at `entered_at` with
+    /// these props is due, for a recipient in `tz`: the wait's end, or the
+    /// date entry's date.
+    pub fn first_due(&self, entered_at: i64, anchor: &Value, tz: chrono_tz::Tz) -> i64 {
+        match &self.date {
+            Some(d) => d.due(anchor, tz, entered_at).unwrap_or(entered_at),
+            None => self.due_of(0, entered_at),
+        }
     }
 
     /// Whether this event ends the journey at step `k`: one of the journey's
@@ -676,7 +750,11 @@ impl Trigger {
 
     /// The anchor-to-last-step span (see crate::flow::span).
     pub fn span_us(&self) -> i64 {
-        crate::flow::span(&self.steps)
+        match self.date {
+            // a date may be years away: a waiting journey covers until then
+            Some(_) => DATE_SPAN_US,
+            None => crate::flow::span(&self.steps),
+        }
     }
 
     /// When step `k` of a journey anchored at `entered_at` is due.

@@ -4,6 +4,7 @@
 
 pub mod backtest;
 pub mod consent;
+pub mod date_entry;
 pub mod decision;
 pub mod definition;
 pub mod experiment;

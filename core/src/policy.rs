@@ -8,7 +8,7 @@ use chrono::{
     DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Utc,
     Weekday,
 };
-use chrono_tz::Tz;
+pub use chrono_tz::Tz;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -19,6 +19,10 @@ pub type Micros = i64;
 pub struct Clock(NaiveTime);
 
 impl Clock {
+    pub fn time(self) -> NaiveTime {
+        self.0
+    }
+
     pub fn parse(s: &str, at: &str) -> Result<Clock, String> {
         NaiveTime::parse_from_str(s.trim(), "%H:%M")
             .map(Clock)

@@ -44,8 +44,9 @@ struct Walk {
     key: String,
     entered_at: i64,
     anchor: Value,
-    /// Per step: the first exit (the journey's or the step's) before its due time.
-    exits: Vec<Option<i64>>,
+    /// Per step: the times of the exits (the journey's or the step's) from
+    /// the anchor on, in order.
+    exits: Vec<Vec<i64>>,
 }
 
 pub fn backtest(
@@ -252,21 +253,21 @@ impl Run<'_> {
                 self.tally
                     .add(&first, "coalesced entries", user, j.coalesced.len() as i64);
             }
-            // as run_due finds them at each step's send time: the first exit
-            // in [anchor, due), the anchor itself apart
+            // as run_due finds them at each step's send time: exits from the
+            // anchor on, the anchor itself apart
             let exits = (0..t.steps.len())
                 .map(|k| {
-                    let due = t.due_of(k, j.entered_at);
                     events
                         .iter()
-                        .filter(|(_, at, _)| *at >= j.entered_at && *at < due)
+                        .filter(|(_, at, _)| *at >= j.entered_at)
                         .filter(|(n, at, props)| !(*at == j.entered_at && t.enters(n, props)))
-                        .find(|(n, _, props)| match t.exit_scope_at(k, n, props) {
+                        .filter(|(n, _, props)| match t.exit_scope_at(k, n, props) {
                             Some(None) => true,
                             Some(Some(key)) => key == j.key,
                             None => false,
                         })
                         .map(|(_, at, _)| *at)
+                        .collect()
                 })
                 .collect();
             self.walks.push(Walk {
@@ -329,11 +330,19 @@ impl Run<'_> {
             ),
         };
         for (wi, w) in self.walks.iter().enumerate() {
+            let profile = profiles.get(&w.user).and_then(|p| p.as_ref().ok());
+            let tz = policy::profile_zone(profile, settings.default_timezone.as_deref());
+            // a yearly date's journey comes again: (from, due) of this year's
+            let mut entered = w.entered_at;
+            let mut due = t.first_due(entered, &w.anchor, tz);
             let mut k = 0;
             loop {
                 let step = &t.steps[k].name;
-                let due = t.due_of(k, w.entered_at);
-                if let Some(x) = w.exits[k] {
+                if k > 0 {
+                    due = t.due_of(k, w.entered_at);
+                }
+                let exit = w.exits[k].iter().find(|x| **x >= entered && **x < due);
+                if let Some(&x) = exit {
                     self.tally.add(step, "exited", &w.user, 1);
                     ahead.push(upcoming(w, due, Some(x)));
                     break;
@@ -389,7 +398,15 @@ impl Run<'_> {
                 };
                 match flow::after(&t.steps, k, end) {
                     Next::Step(j) => k = j,
-                    Next::End => break,
+                    Next::End => match t.date.as_ref().filter(|d| d.every_year) {
+                        Some(d) if end != StepEnd::Stopped(Rule::Exit) => {
+                            let Some(next) = d.due(&w.anchor, tz, due) else {
+                                break;
+                            };
+                            (entered, due) = (due, next);
+                        }
+                        _ => break,
+                    },
                 }
             }
         }

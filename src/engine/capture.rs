@@ -51,6 +51,7 @@ pub fn capture(batch: Batch) {
         let mut writes = Writes::default();
         repeated_entries(c, &mut steps, triggers, &batch);
         audience_at_entry(c, &mut steps, &triggers, &mut writes);
+        let zones = zones_of_date_entries(c, &steps, triggers);
         lock_users(c, steps.keys().map(|(_, u)| u.clone()).collect());
 
         let (pair_t, pair_u): (Vec<String>, Vec<String>) = steps
@@ -157,15 +158,31 @@ pub fn capture(batch: Batch) {
                 // an exit closes the step waiting at its time; one after that
                 // step's due time leaves it to go, and ends a later step when
                 // run_due finds the exit at that step's send time
-                let step_due = j.id.and_then(|id| current_due.get(&id).copied());
-                let step_due = step_due.unwrap_or_else(|| t.due_of(0, j.entered_at));
+                let step_due = match j.id {
+                    Some(id) => current_due.get(&id).copied().unwrap_or(j.due_at),
+                    None => {
+                        let anchor = j
+                            .anchor
+                            .and_then(|i| batch.props.get(i))
+                            .and_then(|p| p.as_ref());
+                        let empty = Value::Object(Default::default());
+                        t.first_due(
+                            j.entered_at,
+                            anchor.map_or(&empty, |p| &p.0),
+                            zones
+                                .get(&user)
+                                .copied()
+                                .unwrap_or(nudge_core::policy::Tz::UTC),
+                        )
+                    }
+                };
                 let closes = j.exited.as_ref().is_some_and(|(x, _)| *x < step_due);
                 due_now |= j.id.is_none() && !closes && step_due <= now;
                 writes.add(
                     t,
                     &user,
                     j,
-                    closes,
+                    (step_due, closes),
                     &batch,
                     winners.get(&t.name).map(String::as_str),
                 );
@@ -182,6 +199,37 @@ pub fn capture(batch: Batch) {
             crate::worker::wake_on_commit();
         }
     })
+}
+
+/// The time zones of the users entering a date entry's journey (their
+/// profiles', else the default): its date is due at a local time.
+fn zones_of_date_entries(
+    c: &pgrx::spi::SpiClient<'_>,
+    steps: &BTreeMap<(usize, String), Vec<Step>>,
+    triggers: &[LiveTrigger],
+) -> HashMap<String, nudge_core::policy::Tz> {
+    let users = distinct(
+        steps
+            .iter()
+            .filter(|((ti, _), st)| {
+                triggers[*ti].trigger.date.is_some()
+                    && st.iter().any(|s| matches!(s, Step::Entry { .. }))
+            })
+            .map(|((_, u), _)| u.clone()),
+    );
+    if users.is_empty() {
+        return HashMap::new();
+    }
+    let default = crate::engine::run_due::settings(c).default_timezone;
+    let profiles = crate::engine::run_due::profiles_of(c, users.clone());
+    users
+        .into_iter()
+        .map(|u| {
+            let p = profiles.get(&u).and_then(|p| p.as_ref().ok());
+            let tz = nudge_core::policy::profile_zone(p, default.as_deref());
+            (u, tz)
+        })
+        .collect()
 }
 
 /// Serializes capture per user, so that two concurrent statements with events
@@ -596,7 +644,7 @@ impl Writes {
         t: &nudge_core::definition::Trigger,
         user: &str,
         j: Journey,
-        closes: bool,
+        (due, closes): (i64, bool),
         b: &Batch,
         winner: Option<&str>,
     ) {
@@ -615,7 +663,7 @@ impl Writes {
                 self.n_key.push(j.key.clone());
                 self.n_entered.push(ts(j.entered_at));
                 // the journey's first step (j.due_at is where the whole journey ends)
-                self.n_due.push(ts(t.due_of(0, j.entered_at)));
+                self.n_due.push(ts(due));
                 self.n_anchor.push(
                     b.props[anchor]
                         .as_ref()

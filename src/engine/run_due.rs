@@ -193,6 +193,7 @@ fn decide_alone(c: &mut SpiClient<'_>, d: Due, as_of: TimestampWithTimeZone) -> 
                     &[d.clone()],
                     vec![Outcome::Stopped(why, None)],
                     &HashMap::new(),
+                    &HashMap::new(),
                 )
             }) {
                 warning!("pg_nudge: enrollment {} could not be set aside: {e}", d.id);
@@ -231,6 +232,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             &orphans,
             orphans.iter().map(|_| why()).collect(),
             &triggers,
+            &HashMap::new(),
         );
     }
     if due.is_empty() {
@@ -453,7 +455,17 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         .map(|o| o.expect("every enrollment has an outcome"))
         .collect();
     let written = out.insert(c);
-    pass + record(c, &due, outcomes, &triggers)
+    // the recipients' zones, for next year's date of a yearly date entry
+    let zones: HashMap<String, nudge_core::policy::Tz> = due
+        .iter()
+        .filter(|d| triggers[&d.trigger].date.is_some())
+        .map(|d| {
+            let p = profile_of(&profiles, &d.user_id);
+            let tz = policy::profile_zone(p, settings.default_timezone.as_deref());
+            (d.user_id.clone(), tz)
+        })
+        .collect();
+    pass + record(c, &due, outcomes, &triggers, &zones)
         + Pass {
             written,
             ..Pass::default()
@@ -1184,18 +1196,34 @@ fn record(
     due: &[Due],
     outcomes: Vec<Outcome>,
     triggers: &HashMap<String, Trigger>,
+    zones: &HashMap<String, nudge_core::policy::Tz>,
 ) -> Pass {
     let n = due.len();
-    // the journeys' next steps: (index, step, due time)
-    let next: Vec<(usize, usize, Micros)> = due
+    // the journeys' next steps, and next year's journey of a yearly date:
+    // (index, step, entered_at, due_at)
+    let next: Vec<(usize, usize, Micros, Micros)> = due
         .iter()
         .zip(&outcomes)
         .enumerate()
         .filter_map(|(i, (d, o))| {
             let t = triggers.get(&d.trigger)?;
-            match flow::after(&t.steps, d.step, o.step_end()?) {
-                Next::Step(k) => Some((i, k, t.due_of(k, micros(d.entered_at)))),
-                Next::End => None,
+            let end = o.step_end()?;
+            let entered = micros(d.entered_at);
+            match flow::after(&t.steps, d.step, end) {
+                Next::Step(k) => Some((i, k, entered, t.due_of(k, entered))),
+                Next::End => {
+                    let date = t.date.as_ref().filter(|d| d.every_year)?;
+                    if end == StepEnd::Stopped(Rule::Exit) {
+                        return None;
+                    }
+                    let tz = zones
+                        .get(&d.user_id)
+                        .copied()
+                        .unwrap_or(nudge_core::policy::Tz::UTC);
+                    // from this year's date, however late this pass decided it
+                    let this = date.due(&d.anchor, tz, entered)?;
+                    Some((i, 0, this, date.due(&d.anchor, tz, this)?))
+                }
             }
         })
         .collect();
@@ -1289,28 +1317,30 @@ fn record(
     if !next.is_empty() {
         // the next step is an enrollment of its own, waiting from now on: the
         // journey's anchor, arm and entry are its; a repeat pass adds nothing
-        let ids: Vec<i64> = next.iter().map(|(i, _, _)| due[*i].id).collect();
+        let ids: Vec<i64> = next.iter().map(|(i, _, _, _)| due[*i].id).collect();
         let users: Vec<String> = next
             .iter()
-            .map(|(i, _, _)| due[*i].user_id.clone())
+            .map(|(i, _, _, _)| due[*i].user_id.clone())
             .collect();
-        let steps: Vec<i32> = next.iter().map(|(_, k, _)| *k as i32).collect();
-        let at: Vec<TimestampWithTimeZone> = next.iter().map(|(_, _, at)| ts(*at)).collect();
+        let steps: Vec<i32> = next.iter().map(|(_, k, _, _)| *k as i32).collect();
+        let entered: Vec<TimestampWithTimeZone> = next.iter().map(|(_, _, e, _)| ts(*e)).collect();
+        let at: Vec<TimestampWithTimeZone> = next.iter().map(|(_, _, _, at)| ts(*at)).collect();
         let versions: Vec<i32> = next
             .iter()
-            .map(|(i, _, _)| triggers[&due[*i].trigger].version)
+            .map(|(i, _, _, _)| triggers[&due[*i].trigger].version)
             .collect();
         // (an exit that capture saw after this step's due time is carried on:
         // it ends the step it falls before)
         run(c, "INSERT INTO nudge.enrollments (trigger, trigger_version, user_id, key, entered_at, due_at, anchor,
                                               anchor_event, coalesced, last_entry_at, variant, step, exited_at)
-                SELECT e.trigger, n.version, e.user_id, e.key, e.entered_at, n.due_at, e.anchor,
-                       e.anchor_event, e.coalesced, e.last_entry_at, e.variant, n.step, e.exited_at
-                  FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[])
-                    AS n(id, user_id, step, due_at, version)
+                SELECT e.trigger, n.version, e.user_id, e.key, n.entered_at, n.due_at, e.anchor,
+                       e.anchor_event, e.coalesced, greatest(e.last_entry_at, n.entered_at), e.variant, n.step,
+                       CASE WHEN n.step > 0 THEN e.exited_at END
+                  FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::timestamptz[])
+                    AS n(id, user_id, step, due_at, version, entered_at)
                   JOIN nudge.enrollments e ON e.user_id = n.user_id AND e.id = n.id
                 ON CONFLICT DO NOTHING",
-            &[ids.into(), users.into(), steps.into(), at.into(), versions.into()],
+            &[ids.into(), users.into(), steps.into(), at.into(), versions.into(), entered.into()],
             "starting the journeys' next steps");
     }
     if !retries.is_empty() {

@@ -225,6 +225,13 @@ impl Filter for InTimeZone {
                 .filter(|v| !v.is_nil())
                 .map(|v| v.to_kstr().into_owned()),
         };
+        // a date (no time of day) is the same date in every zone
+        if input
+            .as_scalar()
+            .is_some_and(|s| NaiveDate::parse_from_str(s.to_kstr().trim(), "%Y-%m-%d").is_ok())
+        {
+            return Ok(input.to_value());
+        }
         let Some(t) = input_time(input) else {
             return Ok(input.to_value());
         };
@@ -320,5 +327,20 @@ mod tests {
         };
         assert_eq!(berlin("2026-03-28 09:00:00+00"), "10:00 +01:00");
         assert_eq!(berlin("2026-03-29 09:00:00+00"), "11:00 +02:00");
+    }
+
+    #[test]
+    fn a_date_is_the_same_date_in_every_zone() {
+        let t = crate::render::Template::parse(
+            r#"{{ event.ends | in_time_zone | date: "%b %d" }}"#,
+            "x",
+            None,
+        )
+        .unwrap();
+        let r = t
+            .render(&serde_json::json!({"event": {"ends": "2026-03-10"},
+                                        "profile": {"timezone": "America/New_York"}}))
+            .unwrap();
+        assert_eq!(r.subject, "Mar 10");
     }
 }

@@ -20,7 +20,7 @@
 //!   the parser nor the renderer can overflow the stack.
 
 mod budget;
-mod dates;
+pub(crate) mod dates;
 mod escape;
 mod filters;
 mod grammar;

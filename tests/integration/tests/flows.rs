@@ -332,3 +332,145 @@ fn a_bad_step_is_refused_with_its_path() {
         0
     );
 }
+
+const SETUP_DATES: &str = r#"
+    SET timezone = 'UTC';
+    SELECT nudge.define_template('ending', 'Your trial ends {{ event.trial_ends_at | in_time_zone | date: "%b %d" }}', '<p>ends</p>');
+    SELECT nudge.define_template('bday', 'Happy birthday', '<p>bday</p>');
+    SELECT nudge.define_trigger('trial_ending', '{
+        "on": {"event": "trial_started", "key": "account", "date": "trial_ends_at", "offset": "-3 days", "at": "09:00"},
+        "unless": [{"event": "purchased"}], "template": "ending", "expire_after": "never"}');
+    SELECT nudge.define_trigger('birthday', '{
+        "on": {"event": "signed_up", "date": "birthday", "every": "year", "at": "10:00"},
+        "template": "bday", "expire_after": "never"}');
+    INSERT INTO nudge.profiles (user_id, email, timezone) VALUES
+        ('berlin', 'b@example.com', 'Europe/Berlin'), ('berlin2', 'b2@example.com', 'Europe/Berlin'),
+        ('york', 'y@example.com', 'America/New_York'), ('moved', 'm@example.com', 'Europe/Berlin'),
+        ('removed', 'r@example.com', 'Europe/Berlin'), ('bought', 'p@example.com', 'Europe/Berlin');
+"#;
+
+/// Date entry: three days before the trial ends, at 09:00 the recipient's
+/// time, on either side of a change of daylight saving time; a new date
+/// moves the journey, a removed one ends it, a purchase exits it; a birthday
+/// comes every year. A backtest of the trigger agrees with what it did.
+#[test]
+fn a_date_trigger_goes_at_the_local_hour_across_dst_and_follows_its_date() {
+    let db = fresh_db("nudge_it_flow_dates");
+    let mut c = connect(&db);
+    c.batch_execute(SETUP_DATES).unwrap();
+    c.batch_execute(
+        r#"
+        -- Berlin moves to summer time on 29 March, New York on 8 March
+        SELECT nudge.track('berlin',  'trial_started', '{"account": "a", "trial_ends_at": "2026-03-31T12:00:00+00:00"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('berlin2', 'trial_started', '{"account": "b", "trial_ends_at": "2026-04-02"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('york',    'trial_started', '{"account": "c", "trial_ends_at": "2026-03-10"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('moved',   'trial_started', '{"account": "d", "trial_ends_at": "2026-04-02"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('moved',   'trial_started', '{"account": "d", "trial_ends_at": "2026-04-16"}', '2026-03-05 10:00+00');
+        SELECT nudge.track('removed', 'trial_started', '{"account": "e", "trial_ends_at": "2026-04-02"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('removed', 'trial_started', '{"account": "e", "trial_ends_at": null}', '2026-03-05 10:00+00');
+        SELECT nudge.track('bought',  'trial_started', '{"account": "f", "trial_ends_at": "2026-04-02"}', '2026-03-01 10:00+00');
+        SELECT nudge.track('bought',  'purchased', '{}', '2026-03-20 10:00+00');
+        SELECT nudge.track('berlin',  'signed_up', '{"birthday": "1990-03-05"}', '2026-03-01 10:00+00');
+        "#,
+    )
+    .unwrap();
+    let due = |c: &mut postgres::Client, user: &str| -> Vec<String> {
+        c.query(
+            "SELECT to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || state
+               FROM nudge.enrollments WHERE user_id = $1 AND trigger = 'trial_ending' ORDER BY entered_at",
+            &[&user],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    // 28 March 09:00 CET; 30 March 09:00 CEST (the date alone goes at "at");
+    // 7 March 09:00 EST
+    assert_eq!(due(&mut c, "berlin"), ["2026-03-28 08:00 waiting"]);
+    assert_eq!(due(&mut c, "berlin2"), ["2026-03-30 07:00 waiting"]);
+    assert_eq!(due(&mut c, "york"), ["2026-03-07 14:00 waiting"]);
+    assert_eq!(
+        due(&mut c, "moved"),
+        ["2026-03-30 07:00 exited", "2026-04-13 07:00 waiting"]
+    );
+    assert_eq!(due(&mut c, "removed"), ["2026-03-30 07:00 exited"]);
+    assert_eq!(due(&mut c, "bought"), ["2026-03-30 07:00 exited"]);
+
+    c.batch_execute(
+        "SELECT nudge.run_due('2026-03-07 14:00+00'); SELECT nudge.run_due('2026-03-28 08:00+00');
+         SELECT nudge.run_due('2026-03-30 07:00+00'); SELECT nudge.run_due('2026-04-13 07:00+00');",
+    )
+    .unwrap();
+    let sent: Vec<String> = c
+        .query(
+            "SELECT user_id || ' ' || to_char(available_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || subject
+               FROM nudge.outbox WHERE trigger = 'trial_ending' ORDER BY available_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            "york 2026-03-07 14:00 Your trial ends Mar 10",
+            "berlin 2026-03-28 08:00 Your trial ends Mar 31",
+            "berlin2 2026-03-30 07:00 Your trial ends Apr 02",
+            "moved 2026-04-13 07:00 Your trial ends Apr 16",
+        ]
+    );
+
+    // the birthday: 5 March, four days after sign-up, 10:00 in Berlin; once
+    // decided, the next year's waits
+    let birthdays = |c: &mut postgres::Client| -> Vec<String> {
+        c.query(
+            "SELECT to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || state
+               FROM nudge.enrollments WHERE trigger = 'birthday' ORDER BY due_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(
+        birthdays(&mut c),
+        ["2026-03-05 09:00 sent", "2027-03-05 09:00 waiting"]
+    );
+    c.batch_execute("SELECT nudge.run_due('2027-03-05 09:00+00')")
+        .unwrap();
+    assert_eq!(
+        birthdays(&mut c),
+        [
+            "2026-03-05 09:00 sent",
+            "2027-03-05 09:00 sent",
+            "2028-03-05 09:00 waiting"
+        ]
+    );
+
+    // backtest of the live definition over the period: the same outcomes
+    let replayed: BTreeMap<String, i64> = c
+        .query(
+            "SELECT outcome, journeys FROM nudge.backtest(
+                 (SELECT definition FROM nudge.trigger_versions WHERE trigger = 'trial_ending'),
+                 '2026-03-01', '2026-05-01', 'trial_ending')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let lived: BTreeMap<String, i64> = c
+        .query(
+            "SELECT state, count(*) FROM nudge.enrollments WHERE trigger = 'trial_ending' GROUP BY 1
+             UNION ALL SELECT 'entered', count(*) FROM nudge.enrollments WHERE trigger = 'trial_ending'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(replayed, lived);
+}
