@@ -122,6 +122,17 @@ CREATE TABLE nudge.enrollments (
     CONSTRAINT enrollments_user_id_trigger_key_entered_at_step_key
         UNIQUE (user_id, trigger, key, entered_at, step)
 );
+-- Who is in each segment trigger's segment (docs/reference.md, "Segment
+-- entry"): a journey starts when this row changes in the trigger's direction.
+CREATE TABLE nudge.segment_members (
+    trigger text        NOT NULL,
+    user_id text        NOT NULL,
+    member  boolean     NOT NULL,
+    -- when the membership last changed (the time of the write or event that changed it)
+    since   timestamptz NOT NULL,
+    PRIMARY KEY (user_id, trigger)
+);
+
 CREATE INDEX enrollments_due ON nudge.enrollments (due_at) WHERE state = 'waiting';
 -- capture reads a user's waiting journeys on every statement; a heavy user's
 -- ended ones would otherwise be read (and skipped) each time

@@ -235,6 +235,22 @@ BEGIN
 END
 $$;
 
+-- A write of a profile may move its user into (or out of) a segment trigger's
+-- segment. The function runs as the extension, so that any writer of
+-- profiles (nudge_writer through identify, the gateway) needs no right on
+-- our tables; a failure in it is a warning, never the writer's error.
+CREATE FUNCTION nudge._on_profiles() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    PERFORM nudge._profiles_changed(ARRAY(SELECT c.user_id FROM changed c));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER profiles_inserted_segments AFTER INSERT ON nudge.profiles
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION nudge._on_profiles();
+CREATE TRIGGER profiles_updated_segments AFTER UPDATE ON nudge.profiles
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION nudge._on_profiles();
+
 -- Erasure (GDPR art. 17, CCPA): deletes what pg_nudge holds about a user in
 -- one transaction and keeps only a hash of their addresses on the suppression
 -- list, so they are never mailed again. Rows in the application's own source
@@ -271,6 +287,7 @@ BEGIN
     DELETE FROM nudge.journal j WHERE j.user_id = who;           GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.journal';       deleted := n; RETURN NEXT;
     DELETE FROM nudge.outbox o WHERE o.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.outbox';        deleted := n; RETURN NEXT;
     DELETE FROM nudge.subscriptions s WHERE s.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.subscriptions'; deleted := n; RETURN NEXT;
+    DELETE FROM nudge.segment_members m WHERE m.user_id = who;   GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.segment_members'; deleted := n; RETURN NEXT;
     FOR relation IN SELECT s.source::text FROM nudge.sources s WHERE s.source <> 'nudge.events'::regclass ORDER BY 1 LOOP
         deleted := NULL;
         note := 'the application''s table: its rows for this user are not touched';
@@ -394,6 +411,7 @@ SELECT pg_catalog.pg_extension_config_dump('nudge.templates', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.triggers', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.trigger_versions', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.enrollments', '');
+SELECT pg_catalog.pg_extension_config_dump('nudge.segment_members', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.capture_queue', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.journal', '');
 SELECT pg_catalog.pg_extension_config_dump('nudge.outbox', '');
@@ -561,6 +579,7 @@ REVOKE ALL ON nudge.secrets FROM nudge_admin;
 GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
 -- the 0.1.0 capture functions' entry point: capture as the caller, for them only
 REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]) FROM nudge_admin;
+REVOKE EXECUTE ON FUNCTION nudge._profiles_changed(text[]), nudge._on_profiles() FROM nudge_admin;
 -- the outbox protocol is the mailer's: run as the owner, it would read every message
 REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, text),
     nudge.ack_many(bigint[], text[]), nudge.fail(bigint, text, boolean), nudge.release(bigint[]),

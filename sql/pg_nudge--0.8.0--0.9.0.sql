@@ -215,3 +215,84 @@ GRANT EXECUTE ON FUNCTION nudge._step_name(text, int), nudge.explain(text, text)
     nudge.trigger_stats(timestamptz, timestamptz), nudge.compare_arms(timestamptz, timestamptz),
     nudge.backtest(jsonb, timestamptz, timestamptz, text) TO nudge_admin;
 GRANT SELECT ON nudge.trigger_stats TO nudge_admin;
+
+-- segment entry (docs/reference.md, "Segment entry"): who is in each segment
+CREATE TABLE nudge.segment_members (
+    trigger text        NOT NULL,
+    user_id text        NOT NULL,
+    member  boolean     NOT NULL,
+    -- when the membership last changed (the time of the write or event that changed it)
+    since   timestamptz NOT NULL,
+    PRIMARY KEY (user_id, trigger)
+);
+SELECT pg_catalog.pg_extension_config_dump('nudge.segment_members', '');
+REVOKE ALL ON nudge.segment_members FROM PUBLIC;
+GRANT SELECT ON nudge.segment_members TO nudge_admin;
+
+CREATE FUNCTION nudge."_profiles_changed"(
+	"users" TEXT[] /* Vec < Option < String > > */
+) RETURNS void
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_profiles_changed_wrapper';
+REVOKE ALL ON FUNCTION nudge._profiles_changed(text[]) FROM PUBLIC;
+
+-- A write of a profile may move its user into (or out of) a segment trigger's
+-- segment. The function runs as the extension, so that any writer of
+-- profiles (nudge_writer through identify, the gateway) needs no right on
+-- our tables; a failure in it is a warning, never the writer's error.
+CREATE FUNCTION nudge._on_profiles() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+BEGIN
+    PERFORM nudge._profiles_changed(ARRAY(SELECT c.user_id FROM changed c));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER profiles_inserted_segments AFTER INSERT ON nudge.profiles
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION nudge._on_profiles();
+CREATE TRIGGER profiles_updated_segments AFTER UPDATE ON nudge.profiles
+    REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION nudge._on_profiles();
+
+REVOKE ALL ON FUNCTION nudge._on_profiles() FROM PUBLIC;
+
+-- forget erases segment membership too
+CREATE OR REPLACE FUNCTION nudge.forget(user_id text)
+RETURNS TABLE (relation text, deleted bigint, note text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    who text := forget.user_id;
+    addresses text[];
+    n bigint;
+BEGIN
+    IF coalesce(who, '') = '' THEN
+        RAISE EXCEPTION 'forget: user_id must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- every address we hold for them, as the suppression list keys it
+    SELECT coalesce(array_agg(DISTINCT a), '{}') INTO addresses FROM (
+        SELECT lower(btrim(p.email)) AS a FROM nudge.profiles p WHERE p.user_id = who AND p.email IS NOT NULL
+        UNION SELECT lower(btrim(o.recipient)) FROM nudge.outbox o WHERE o.user_id = who
+        UNION SELECT s.email FROM nudge.suppressions s WHERE s.user_id = who AND s.email NOT LIKE 'sha256:%') x
+     WHERE a <> '';
+    DELETE FROM nudge.suppressions s WHERE s.user_id = who OR s.email = ANY (addresses);
+    INSERT INTO nudge.suppressions (email, user_id, reason)
+    SELECT nudge._address_hash(a), '', 'erased' FROM unnest(addresses) a
+    ON CONFLICT (email) DO NOTHING;
+    relation := 'nudge.suppressions'; deleted := 0;
+    note := cardinality(addresses) || ' address(es) kept as a hash only';
+    RETURN NEXT;
+    note := NULL;
+    DELETE FROM nudge.events e WHERE e.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.events';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.capture_queue q WHERE q.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.capture_queue'; deleted := n; RETURN NEXT;
+    DELETE FROM nudge.profiles p WHERE p.user_id = who;          GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.profiles';      deleted := n; RETURN NEXT;
+    DELETE FROM nudge.enrollments e WHERE e.user_id = who;       GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.enrollments';   deleted := n; RETURN NEXT;
+    DELETE FROM nudge.journal j WHERE j.user_id = who;           GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.journal';       deleted := n; RETURN NEXT;
+    DELETE FROM nudge.outbox o WHERE o.user_id = who;            GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.outbox';        deleted := n; RETURN NEXT;
+    DELETE FROM nudge.subscriptions s WHERE s.user_id = who;     GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.subscriptions'; deleted := n; RETURN NEXT;
+    DELETE FROM nudge.segment_members m WHERE m.user_id = who;   GET DIAGNOSTICS n = ROW_COUNT; relation := 'nudge.segment_members'; deleted := n; RETURN NEXT;
+    FOR relation IN SELECT s.source::text FROM nudge.sources s WHERE s.source <> 'nudge.events'::regclass ORDER BY 1 LOOP
+        deleted := NULL;
+        note := 'the application''s table: its rows for this user are not touched';
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

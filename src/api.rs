@@ -71,6 +71,16 @@ fn _capture(
     });
 }
 
+/// Checks the segments of the users whose profiles a statement wrote (the
+/// statement triggers on nudge.profiles call it; docs/reference.md, "Segment entry").
+#[pg_extern]
+fn _profiles_changed(users: Vec<Option<String>>) {
+    let users: Vec<String> = users.into_iter().flatten().collect();
+    if !users.is_empty() {
+        pinned(|| crate::engine::segments::profiles_changed(users));
+    }
+}
+
 /// Brings the generated functions of an older version under today's rules
 /// (pg_temp last in their search path, no EXECUTE for PUBLIC, their settings
 /// recorded) and moves 0.2.0's `nudge._profile` into the registry. The
@@ -234,6 +244,11 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
                 user_sql::create(c, (name, version, part), sql, *kind, &definer);
             }
         });
+        // a segment: who is in it now (and their journeys, with backfill)
+        let started = crate::engine::segments::snapshot(&trigger);
+        if started > 0 {
+            notice!("define_trigger({name}): backfill started {started} journeys");
+        }
         version
     })
 }

@@ -339,7 +339,8 @@ mod tests {
                 "cancelled",
                 "waiting",
                 "failed",
-                "not entered"
+                "not entered",
+                "skipped"
             ]
             .contains(&r.state()));
         }

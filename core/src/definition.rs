@@ -99,6 +99,11 @@ pub struct Definition {
     /// definition is one step: `wait`, then `template`.
     #[serde(default)]
     pub steps: Vec<crate::flow::StepSpec>,
+    /// For a segment entry: "qualifying_now" starts a journey for everyone in
+    /// the segment when the trigger is defined; "none" (default) only for
+    /// those who enter it afterwards.
+    #[serde(default)]
+    pub backfill: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,7 +119,19 @@ pub struct GoalSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EntrySpec {
+    /// The entry event; absent for a segment entry.
+    #[serde(default)]
     pub event: String,
+    /// A segment entry (crate::segment): a predicate on the profile; the
+    /// journey starts when the user starts matching it ...
+    #[serde(default)]
+    pub segment_entered: Option<Value>,
+    /// ... or stops matching it.
+    #[serde(default)]
+    pub segment_exited: Option<Value>,
+    /// Events after which a segment's membership is checked again.
+    #[serde(default)]
+    pub recheck_on: Vec<String>,
     #[serde(default, rename = "where")]
     pub filter: Option<Value>,
     #[serde(default)]
@@ -169,6 +186,8 @@ pub struct Trigger {
     pub entry_count: Option<(u32, i64)>,
     /// Due at a date the entry event carries, instead of after a wait.
     pub date: Option<crate::date_entry::DateEntry>,
+    /// Starts journeys on entering (or leaving) a segment, not on an event.
+    pub segment: Option<crate::segment::Segment>,
     pub exits: Vec<ExitRule>,
     pub template: String,
     /// The journey's steps; a single-message definition has one.
@@ -342,7 +361,9 @@ impl Definition {
     }
 
     fn check(&self) -> Result<(), String> {
-        non_empty(&self.on.event, "on.event")?;
+        if self.segment()?.is_none() {
+            non_empty(&self.on.event, "on.event")?;
+        }
         if !self.steps.is_empty() {
             for (field, given) in [
                 ("wait", self.wait.is_some()),
@@ -460,6 +481,61 @@ impl Definition {
             }
         }
         Ok(())
+    }
+
+    fn segment(&self) -> Result<Option<crate::segment::Segment>, String> {
+        let on = &self.on;
+        let backfill = match self.backfill.as_deref() {
+            None | Some("none") => false,
+            Some("qualifying_now") => true,
+            Some(other) => {
+                return Err(format!(
+                    "backfill: expected \"qualifying_now\" or \"none\", got {other:?}"
+                ))
+            }
+        };
+        let (pred, on_enter, key) = match (&on.segment_entered, &on.segment_exited) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "on.segment_exited: give segment_entered or segment_exited, not both".into(),
+                )
+            }
+            (Some(p), None) => (p, true, "on.segment_entered"),
+            (None, Some(p)) => (p, false, "on.segment_exited"),
+            (None, None) => {
+                if !on.recheck_on.is_empty() {
+                    return Err(
+                        "on.recheck_on: only with on.segment_entered or on.segment_exited".into(),
+                    );
+                }
+                if self.backfill.is_some() {
+                    return Err("backfill: only for a segment entry (on.segment_entered, on.segment_exited)".into());
+                }
+                return Ok(None);
+            }
+        };
+        for (k, given) in [
+            ("event", !on.event.is_empty()),
+            ("where", on.filter.is_some()),
+            ("key", on.key.is_some()),
+            ("min_count", on.min_count.is_some()),
+            ("date", on.date.is_some()),
+        ] {
+            if given {
+                return Err(format!(
+                    "on.{k}: not with {key} (the journey starts on the segment, not on an event)"
+                ));
+            }
+        }
+        for (i, e) in on.recheck_on.iter().enumerate() {
+            non_empty(e, &format!("on.recheck_on[{i}]"))?;
+        }
+        Ok(Some(crate::segment::Segment {
+            predicate: Predicate::parse(pred, key)?,
+            on_enter,
+            recheck_on: on.recheck_on.clone(),
+            backfill,
+        }))
     }
 
     fn date_entry(&self) -> Result<Option<crate::date_entry::DateEntry>, String> {
@@ -626,7 +702,10 @@ impl Definition {
             // the first message's wait: with steps, the first step's
             wait_us: self.flow()?.first().map_or(0, |s| s.offset_us),
             expire_after_us: self.expire_after_us()?,
-            entry_event: self.on.event.clone(),
+            entry_event: match self.segment()? {
+                Some(_) => crate::segment::entry_event(name),
+                None => self.on.event.clone(),
+            },
             entry_filter: self
                 .on
                 .filter
@@ -641,6 +720,7 @@ impl Definition {
                 .transpose()?,
             entry_count: self.entry_count()?,
             date: self.date_entry()?,
+            segment: self.segment()?,
             exits: self
                 .unless
                 .iter()
@@ -745,6 +825,11 @@ impl Trigger {
                 self.steps
                     .iter()
                     .flat_map(|s| s.exits.iter().map(|r| r.event.as_str())),
+            )
+            .chain(
+                self.segment
+                    .iter()
+                    .flat_map(|s| s.recheck_on.iter().map(String::as_str)),
             )
     }
 

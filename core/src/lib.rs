@@ -13,6 +13,7 @@ pub mod policy;
 pub mod predicate;
 pub mod render;
 pub mod retry;
+pub mod segment;
 pub mod sender;
 pub mod sequence;
 pub mod signed;

@@ -44,6 +44,7 @@ pub fn capture(batch: Batch) {
         if triggers.is_empty() {
             return;
         }
+        recheck_segments(c, triggers, &mut batch);
         let mut steps = steps_of(&batch, &triggers);
         if steps.is_empty() {
             return;
@@ -199,6 +200,38 @@ pub fn capture(batch: Batch) {
             crate::worker::wake_on_commit();
         }
     })
+}
+
+/// The batch's users who had an event that a segment trigger re-checks on:
+/// their entries into segments join the batch (as entry events of their own).
+fn recheck_segments(c: &pgrx::spi::SpiClient<'_>, triggers: &[LiveTrigger], batch: &mut Batch) {
+    let segments: Vec<&nudge_core::definition::Trigger> =
+        crate::engine::segments::triggers(triggers)
+            .into_iter()
+            .filter(|t| t.segment.as_ref().is_some_and(|s| !s.recheck_on.is_empty()))
+            .collect();
+    if segments.is_empty() {
+        return;
+    }
+    let mut who: BTreeMap<String, i64> = BTreeMap::new();
+    for ((u, e), t) in batch.users.iter().zip(&batch.events).zip(&batch.times) {
+        let (Some(u), Some(e), Some(t)) = (u, e, t) else {
+            continue;
+        };
+        let rechecks = segments
+            .iter()
+            .any(|s| s.segment.as_ref().is_some_and(|g| g.recheck_on.contains(e)));
+        if rechecks {
+            let at = who.entry(u.clone()).or_insert(i64::MIN);
+            *at = (*at).max(micros(*t));
+        }
+    }
+    let who: Vec<(String, i64)> = who.into_iter().collect();
+    let more = crate::engine::segments::changes(c, &segments, &who);
+    batch.users.extend(more.users);
+    batch.events.extend(more.events);
+    batch.times.extend(more.times);
+    batch.props.extend(more.props);
 }
 
 /// The time zones of the users entering a date entry's journey (their

@@ -9,6 +9,7 @@ pub mod deferred;
 pub mod engagement;
 pub mod recheck;
 pub mod run_due;
+pub mod segments;
 pub mod source_row;
 pub mod transition;
 pub mod wal;

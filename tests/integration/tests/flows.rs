@@ -474,3 +474,141 @@ fn a_date_trigger_goes_at_the_local_hour_across_dst_and_follows_its_date() {
         .collect();
     assert_eq!(replayed, lived);
 }
+
+/// Segment entry: a journey starts when a user starts matching (a write of
+/// their profile, or an event the trigger re-checks on), exactly once
+/// however many statements see the change; who was there when the trigger was
+/// defined starts one only with backfill, which explain says.
+#[test]
+fn a_segment_entry_starts_one_journey_per_entry() {
+    let db = fresh_db("nudge_it_flow_segment");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"
+        SET timezone = 'UTC';
+        SELECT nudge.define_template('vip', 'Welcome to VIP, {{ event.name }}', '<p>vip</p>');
+        INSERT INTO nudge.profiles (user_id, email, attrs)
+        SELECT 'u' || i, 'u' || i || '@example.com', jsonb_build_object('ltv', 100, 'name', 'U' || i)
+          FROM generate_series(1, 30) i;
+        INSERT INTO nudge.profiles (user_id, email, attrs) VALUES ('old', 'old@example.com', '{"ltv": 900}');
+        SELECT nudge.define_trigger('vip', '{"on": {"segment_entered": {"ltv": {"gte": 500}}, "recheck_on": ["purchased"]},
+                                              "wait": "1 hour", "template": "vip"}');
+        SELECT nudge.define_trigger('lapsed', '{"on": {"segment_exited": {"ltv": {"gte": 500}}}, "template": "vip"}');
+        "#,
+    )
+    .unwrap();
+    let journeys = |c: &mut postgres::Client, t: &str| -> Vec<String> {
+        c.query(
+            "SELECT user_id FROM nudge.enrollments WHERE trigger = $1 ORDER BY user_id, entered_at",
+            &[&t],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    // already in the segment when it was defined: no journey by default
+    assert!(journeys(&mut c, "vip").is_empty());
+
+    // u1 and u2 pass 500 in one statement; u3 stays below
+    c.batch_execute(
+        "UPDATE nudge.profiles SET attrs = attrs || '{\"ltv\": 600}' WHERE user_id IN ('u1', 'u2');
+         UPDATE nudge.profiles SET attrs = attrs || '{\"ltv\": 200}' WHERE user_id = 'u3';",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "vip"), ["u1", "u2"]);
+    // still inside: more writes start nothing, from ten sessions at once
+    let writers: Vec<_> = (0..10)
+        .map(|i| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(&db);
+                for _ in 0..5 {
+                    c.execute(
+                        "UPDATE nudge.profiles SET attrs = attrs || jsonb_build_object('ltv', 700 + $1::int) WHERE user_id IN ('u1', 'u4')",
+                        &[&i],
+                    )
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    // u4 entered once, under fifty writes of ten sessions
+    assert_eq!(journeys(&mut c, "vip"), ["u1", "u2", "u4"]);
+    let subject: String = c
+        .query_one(
+            "SELECT nudge.run_due(now() + interval '2 hours')::text",
+            &[],
+        )
+        .map(|_| ())
+        .and_then(|_| {
+            c.query_one(
+                "SELECT subject FROM nudge.outbox WHERE user_id = 'u2' AND trigger = 'vip'",
+                &[],
+            )
+        })
+        .unwrap()
+        .get(0);
+    assert_eq!(subject, "Welcome to VIP, U2");
+
+    // leaving starts the other trigger's journey; coming back, a second vip one
+    c.batch_execute(
+        "UPDATE nudge.profiles SET attrs = attrs || '{\"ltv\": 50}' WHERE user_id = 'u2'",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "lapsed"), ["u2"]);
+    c.batch_execute(
+        "UPDATE nudge.profiles SET attrs = attrs || '{\"ltv\": 550}' WHERE user_id = 'u2'",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "vip"), ["u1", "u2", "u2", "u4"]);
+
+    // a change the profile trigger did not see (a profile query would read
+    // another table): the next purchase re-checks it
+    c.batch_execute(
+        "ALTER TABLE nudge.profiles DISABLE TRIGGER profiles_updated_segments;
+         UPDATE nudge.profiles SET attrs = attrs || '{\"ltv\": 800}' WHERE user_id = 'u5';
+         ALTER TABLE nudge.profiles ENABLE TRIGGER profiles_updated_segments;",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "vip").len(), 4);
+    c.batch_execute("SELECT nudge.track('u5', 'purchased', '{}')")
+        .unwrap();
+    assert_eq!(journeys(&mut c, "vip"), ["u1", "u2", "u2", "u4", "u5"]);
+
+    // backfill: who qualifies when the trigger is defined starts now, and
+    // explain says so
+    c.batch_execute(
+        "SELECT nudge.define_trigger('vip_now', '{\"on\": {\"segment_entered\": {\"ltv\": {\"gte\": 500}}},
+                                                  \"backfill\": \"qualifying_now\", \"template\": \"vip\"}')",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "vip_now"), ["old", "u1", "u2", "u4", "u5"]);
+    let lines: Vec<String> = c
+        .query(
+            "SELECT step || ': ' || coalesce(detail, '') FROM nudge.explain('vip_now', 'old')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("backfill: in the segment when the trigger was defined")),
+        "{lines:?}"
+    );
+    // forget erases membership too
+    c.batch_execute("SELECT * FROM nudge.forget('u1')").unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.segment_members WHERE user_id = 'u1'"
+        ),
+        0
+    );
+}
