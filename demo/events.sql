@@ -42,4 +42,11 @@ SELECT s.customer_id, s.customer_id || '-' || s.n, p.price, s.started + interval
   FROM sessions s JOIN app.products p ON p.id = s.product_id
  WHERE s.p_cart < 0.45 AND s.p_checkout < 0.6 AND s.p_buy < 0.7
  ORDER BY 4;
+-- Trailhead+ trials: a tenth of the customers started one in the past two
+-- days, for ten days.
+INSERT INTO nudge.events (user_id, event, occurred_at, props)
+SELECT c.id, 'trial_started', t.at, jsonb_build_object('trial_ends_at', t.at + interval '10 days')
+  FROM app.customers c
+ CROSS JOIN LATERAL (SELECT now() - random() * interval '48 hours' + 0 * length(c.id) AS at) t
+ WHERE random() < 0.1;
 COMMIT;

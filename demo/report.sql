@@ -32,11 +32,11 @@ SELECT DISTINCT ON (trigger) trigger, recipient, subject, html, message_key, sta
   FROM nudge.outbox ORDER BY trigger, id;
 \x off
 
-\echo '== Does it work? Cart reminders by arm, against the holdout =='
+\echo '== Does it work? Cart reminders (the journey''s first step) by arm, against the holdout =='
 SELECT arm, entered, held_out, sent, converted, round(conversion_rate::numeric, 3) AS conv_rate, revenue,
        round(uplift::numeric, 3) AS uplift, round(uplift_ci_low::numeric, 3) AS ci_low,
        round(uplift_ci_high::numeric, 3) AS ci_high, round(p_value::numeric, 3) AS p_value
-  FROM nudge.trigger_stats WHERE trigger = 'cart_abandonment' ORDER BY arm;
+  FROM nudge.trigger_stats WHERE trigger = 'cart_abandonment' AND step = 'reminder' ORDER BY arm;
 
 \echo '== One customer, explained =='
 SELECT user_id AS "customer" FROM nudge.outbox WHERE trigger = 'cart_abandonment' ORDER BY id LIMIT 1 \gset

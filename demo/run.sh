@@ -60,6 +60,8 @@ echo "$(ls "$MAILDIR/new" | wc -l) emails arrived at the SMTP server in $(ms "$s
 
 "${psql[@]}" -f demo/report.sql
 
+"${psql[@]}" -f demo/journey.sql
+
 echo "== One email as the SMTP server received it =="
 first=$(grep -l "Still thinking" "$MAILDIR"/new/* | head -1 || true)
 # the header block, folded lines joined

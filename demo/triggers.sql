@@ -1,4 +1,4 @@
--- The case study's three journeys, defined before the shop's data arrives.
+-- The case study's journeys, defined before the shop's data arrives.
 \set ON_ERROR_STOP on
 
 -- Orders are events: the app's own table, no copy.
@@ -36,16 +36,42 @@ SELECT nudge.define_template('cart_reminder_short',
   'Your {{ event.product_name }} is waiting',
   '<p><a href="https://shop.example/cart/{{ event.cart_id }}">Finish your order</a></p>');
 
--- Two subject lines against each other, and a 10% holdout to measure the uplift.
+SELECT nudge.define_template('cart_nudge',
+  'Anything we can help with, {{ profile.first_name | default: "friend" }}?',
+  '<p>You took a look at our reminder about the {{ event.product_name }}. Questions about sizing or delivery? Just reply.</p>');
+
+SELECT nudge.define_template('cart_discount',
+  '10% off the {{ event.product_name }}, until Sunday',
+  '<p>Your {{ event.product_name }} is still in cart {{ event.cart_id }}: use code COMEBACK10 for 10% off.</p>');
+
+-- Abandoned cart as a journey of three emails that stops the moment the
+-- cart is bought: a reminder after five minutes (two subject lines against
+-- each other, and a 10% holdout to measure the uplift); three days later a
+-- personal note to those who opened it, a discount to the others; a day
+-- after that, the discount for whoever still has not bought.
 SELECT nudge.define_trigger('cart_abandonment', '{
   "on":       {"event": "cart_added", "key": "cart_id"},
-  "wait":     "5 minutes",
   "unless":   [{"event": "purchased", "same_key": true}],
   "priority": 10,
   "variants": [{"name": "friendly", "template": "cart_reminder"}, {"name": "short", "template": "cart_reminder_short"}],
   "holdout":  0.1,
   "goal":     {"event": "purchased", "within": "3 days", "value": "total"},
-  "template": "cart_reminder"}');
+  "steps": [
+    {"name": "reminder", "wait": "5 minutes", "template": "cart_reminder"},
+    {"name": "nudge",    "wait": "3 days",    "template": "cart_nudge",
+     "if": {"steps.reminder.opened": {"eq": true}}, "else": "discount"},
+    {"name": "discount", "wait": "1 day",     "template": "cart_discount"}
+  ]}');
+
+-- Three days before a trial ends, at 09:00 in the customer's own time zone.
+SELECT nudge.define_template('trial_ending',
+  'Your trial ends {{ event.trial_ends_at | in_time_zone | date: "%A, %b %d" }}',
+  '<p>{{ profile.first_name | default: "Hi" }}, your Trailhead+ trial ends on
+{{ event.trial_ends_at | in_time_zone | date: "%A, %B %d at %H:%M" }}. Keep free shipping by subscribing.</p>');
+SELECT nudge.define_trigger('trial_ending', '{
+  "on":     {"event": "trial_started", "date": "trial_ends_at", "offset": "-3 days", "at": "09:00"},
+  "unless": [{"event": "subscribed"}],
+  "template": "trial_ending"}');
 
 SELECT nudge.define_trigger('post_purchase', '{
   "on":       {"event": "purchased", "key": "cart_id"},

@@ -82,7 +82,9 @@ CREATE TABLE nudge.sources (
     added_at     timestamptz NOT NULL DEFAULT now(),
     -- added while in WAL capture (sql/wal.sql): inserts that committed
     -- before this position were not its events
-    wal_from     pg_lsn
+    wal_from     pg_lsn,
+    -- columns whose UPDATE emits <column>_changed (nudge.watch_changes)
+    changes      text[]
 );
 
 CREATE TABLE nudge.enrollments (

@@ -30,6 +30,11 @@ $$;
 CREATE FUNCTION nudge.drop_source(source regclass) RETURNS void
 LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._drop_source(source::oid) $$;
 
+-- Changes as events (docs/reference.md, "Changes as events"): an UPDATE that
+-- changes one of these columns of a registered source emits <column>_changed.
+CREATE FUNCTION nudge.watch_changes(source regclass, columns text[]) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._watch_changes(source::oid, columns) $$;
+
 -- A step's name, as the trigger's latest definition calls it: its "name",
 -- else its number ("1", "2", ...; a definition without steps is step "1").
 CREATE FUNCTION nudge._step_name(trigger text, step int) RETURNS text
@@ -352,8 +357,10 @@ BEGIN
     -- into the source; the ALTER is refused instead
     SELECT s.source, m.part, m.col INTO h
       FROM nudge.sources s
-     CROSS JOIN LATERAL (VALUES ('user_column', s.user_column), ('event_column', s.event_column),
-                                ('time_column', s.time_column), ('props_column', s.props_column)) AS m(part, col)
+     CROSS JOIN LATERAL (SELECT * FROM (VALUES ('user_column', s.user_column), ('event_column', s.event_column),
+                                               ('time_column', s.time_column), ('props_column', s.props_column)) v
+                         -- a watched column: its events are named after it
+                         UNION ALL SELECT 'watched column', w FROM unnest(s.changes) w) AS m(part, col)
      WHERE m.col IS NOT NULL
        AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source::oid)
        AND NOT EXISTS (SELECT 1 FROM pg_attribute a
@@ -580,6 +587,7 @@ GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA nudge TO nudge_admin;
 -- the 0.1.0 capture functions' entry point: capture as the caller, for them only
 REVOKE EXECUTE ON FUNCTION nudge._capture(text[], text[], timestamptz[], jsonb[]) FROM nudge_admin;
 REVOKE EXECUTE ON FUNCTION nudge._profiles_changed(text[]), nudge._on_profiles() FROM nudge_admin;
+REVOKE EXECUTE ON FUNCTION nudge._capture_changes(), nudge._changes_done() FROM nudge_admin;
 -- the outbox protocol is the mailer's: run as the owner, it would read every message
 REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, text),
     nudge.ack_many(bigint[], text[]), nudge.fail(bigint, text, boolean), nudge.release(bigint[]),

@@ -296,3 +296,64 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- changes as events (docs/reference.md, "Changes as events")
+ALTER TABLE nudge.sources ADD COLUMN changes text[];
+CREATE FUNCTION nudge."_watch_changes"(
+	"source" oid, /* pg_sys :: Oid */
+	"columns" TEXT[] /* Vec < Option < String > > */
+) RETURNS void
+STRICT
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_watch_changes_wrapper';
+CREATE FUNCTION nudge."_capture_changes"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_capture_changes_wrapper';
+CREATE FUNCTION nudge."_changes_done"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_changes_done_wrapper';
+-- Changes as events (docs/reference.md, "Changes as events"): an UPDATE that
+-- changes one of these columns of a registered source emits <column>_changed.
+CREATE FUNCTION nudge.watch_changes(source regclass, columns text[]) RETURNS void
+LANGUAGE sql SET search_path = pg_catalog, nudge, pg_temp AS $$ SELECT nudge._watch_changes(source::oid, columns) $$;
+REVOKE ALL ON FUNCTION nudge._watch_changes(oid, text[]), nudge._capture_changes(), nudge._changes_done(),
+    nudge.watch_changes(regclass, text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge._watch_changes(oid, text[]), nudge.watch_changes(regclass, text[]) TO nudge_admin;
+
+-- a watched column is guarded as a mapped one is
+CREATE OR REPLACE FUNCTION nudge._guard_sources() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, nudge, pg_temp AS $$
+DECLARE
+    h record;
+BEGIN
+    SELECT s.source, z.column_name, z.type, z.cast_function INTO h
+      FROM nudge.sources s CROSS JOIN LATERAL nudge._source_hazards(s.source) z
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_nudge: % would make event source % unsafe to read: column % of type % has a user-defined cast %',
+            tg_tag, h.source, h.column_name, h.type, h.cast_function
+            USING ERRCODE = '42501',
+                  HINT = 'pg_nudge reads event sources with its own rights and never runs a function another role wrote there; nudge.drop_source the table first';
+    END IF;
+    -- a mapped column renamed or dropped would break every later INSERT
+    -- into the source; the ALTER is refused instead
+    SELECT s.source, m.part, m.col INTO h
+      FROM nudge.sources s
+     CROSS JOIN LATERAL (SELECT * FROM (VALUES ('user_column', s.user_column), ('event_column', s.event_column),
+                                               ('time_column', s.time_column), ('props_column', s.props_column)) v
+                         -- a watched column: its events are named after it
+                         UNION ALL SELECT 'watched column', w FROM unnest(s.changes) w) AS m(part, col)
+     WHERE m.col IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.source::oid)
+       AND NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = s.source AND a.attname = m.col AND a.attnum > 0 AND NOT a.attisdropped)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pg_nudge: % would leave event source % without its % %', tg_tag, h.source, h.part, quote_ident(h.col)
+            USING ERRCODE = '55000',
+                  HINT = 'keep the column, or map the table anew: nudge.drop_source, then nudge.add_source';
+    END IF;
+END
+$$;

@@ -101,6 +101,30 @@ fn _capture_rows<'a>(
     Ok(None)
 }
 
+/// The row trigger of a source's watched columns (`watch_changes` creates it).
+#[pg_trigger]
+fn _capture_changes<'a>(
+    t: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    let args = t.extra_args()?;
+    unsafe { crate::engine::changes::capture_row(t.trigger_data(), &args) };
+    Ok(None)
+}
+
+/// The statement trigger after an UPDATE of a source with watched columns.
+#[pg_trigger]
+fn _changes_done<'a>(
+    _t: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
+    crate::engine::changes::statement_done();
+    Ok(None)
+}
+
+#[pg_extern]
+fn _watch_changes(source: pg_sys::Oid, columns: Vec<Option<String>>) {
+    sources::watch_changes(source, columns.into_iter().flatten().collect());
+}
+
 /// Statement trigger on nudge.triggers: every backend drops its compiled triggers.
 #[pg_trigger]
 fn _triggers_changed<'a>(
@@ -178,6 +202,13 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
         .iter()
         .enumerate()
         .map(|(i, v)| (format!("variants[{i}].template"), &v.template))
+        .chain(def.steps.iter().enumerate().flat_map(|(i, s)| {
+            std::iter::once((format!("steps[{i}].template"), &s.template)).chain(
+                s.variants
+                    .iter()
+                    .map(move |(arm, t)| (format!("steps[{i}].variants.{arm}"), t)),
+            )
+        }))
         .collect();
     for (path, template) in def
         .template

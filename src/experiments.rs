@@ -47,7 +47,9 @@ pub fn evaluate(c: &mut SpiClient<'_>) -> Vec<(String, String)> {
         let names: Vec<String> = t.arms.iter().map(|a| a.name.clone()).collect();
         let arms: Vec<ArmStats> = or_raise(
             c.select(
-                &format!("SELECT arm, sent, {column} FROM nudge.trigger_stats() WHERE trigger = $1 AND arm = ANY ($2)"),
+                // over a journey's steps: each arm's messages, and what they did
+                &format!("SELECT arm, sum(sent)::bigint, sum({column})::bigint FROM nudge.trigger_stats()
+                           WHERE trigger = $1 AND arm = ANY ($2) GROUP BY arm"),
                 None,
                 &[t.name.clone().into(), names.clone().into()],
             ),

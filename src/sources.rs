@@ -227,6 +227,117 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     }
 }
 
+/// `nudge.watch_changes`: an UPDATE that changes one of `columns` of a
+/// registered source emits `<column>_changed` (engine::changes). An empty
+/// list stops watching.
+pub fn watch_changes(source: pg_sys::Oid, columns: Vec<String>) {
+    let table = pinned(|| Spi::connect(|c| table_name(c, source)));
+    check_source_rights(source, &table, "watch_changes");
+    as_extension(|| {
+        Spi::connect_mut(|c| {
+            let user: Option<String> = or_raise(
+                c.select(
+                    "SELECT user_column FROM nudge.sources WHERE source = $1",
+                    None,
+                    &[source.into()],
+                ),
+                "reading sources",
+            )
+            .first()
+            .get(1)
+            .ok()
+            .flatten();
+            let Some(user) = user else {
+                crate::spi_util::invalid(format!(
+                    "watch_changes: {table} is not an event source (nudge.add_source it first)"
+                ));
+            };
+            let mut cols = columns.clone();
+            cols.sort();
+            cols.dedup();
+            for col in &cols {
+                let exists = or_raise(
+                    c.select(
+                        "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+                        None,
+                        &[source.into(), col.clone().into()],
+                    ),
+                    "checking columns",
+                )
+                .len();
+                if exists == 0 {
+                    crate::spi_util::invalid(format!(
+                        "watch_changes: table {table} has no column {}",
+                        literal(col)
+                    ));
+                }
+            }
+            drop_change_triggers(c, source, &table);
+            or_raise(
+                c.update(
+                    "UPDATE nudge.sources SET changes = $2 WHERE source = $1",
+                    None,
+                    &[
+                        source.into(),
+                        (!cols.is_empty()).then(|| cols.clone()).into(),
+                    ],
+                ),
+                "registering the watched columns",
+            );
+            if cols.is_empty() {
+                return;
+            }
+            let list = cols.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
+            let distinct = cols
+                .iter()
+                .map(|c| format!("OLD.{0} IS DISTINCT FROM NEW.{0}", ident(c)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            for (sql, doing) in [
+                (
+                    format!(
+                        "CREATE TRIGGER nudge_changes AFTER UPDATE OF {list} ON {table} FOR EACH ROW
+                         WHEN ({distinct}) EXECUTE FUNCTION nudge._capture_changes({})",
+                        literal(&user)
+                    ),
+                    "creating the change trigger",
+                ),
+                (
+                    format!(
+                        "CREATE TRIGGER nudge_changes_done AFTER UPDATE OF {list} ON {table}
+                         FOR EACH STATEMENT EXECUTE FUNCTION nudge._changes_done()"
+                    ),
+                    "creating the change trigger",
+                ),
+            ] {
+                or_raise(c.update(&sql, None, &[]), doing);
+            }
+        })
+    })
+}
+
+/// The triggers of `watch_changes`, where there are any (no notice for
+/// the tables without).
+fn drop_change_triggers(c: &mut SpiClient<'_>, source: pg_sys::Oid, table: &str) {
+    let names: Vec<String> = or_raise(
+        c.select(
+            "SELECT tgname::text FROM pg_catalog.pg_trigger
+              WHERE tgrelid = $1 AND tgname IN ('nudge_changes', 'nudge_changes_done')",
+            None,
+            &[source.into()],
+        ),
+        "reading the change triggers",
+    )
+    .filter_map(|r| r.get::<String>(1).ok().flatten())
+    .collect();
+    for t in names {
+        or_raise(
+            c.update(&format!("DROP TRIGGER {} ON {table}", ident(&t)), None, &[]),
+            "dropping the change triggers",
+        );
+    }
+}
+
 pub fn drop(source: pg_sys::Oid) {
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "drop_source");
@@ -253,6 +364,7 @@ pub fn drop(source: pg_sys::Oid) {
                 ),
                 "dropping the trigger",
             );
+            drop_change_triggers(c, source, &table);
             // the per-source plpgsql function of a source added by 0.1.0
             let old = function_name(source) + "()";
             let exists = or_raise(

@@ -72,11 +72,25 @@ impl DateEntry {
         })
     }
 
-    /// The date the props carry, if they carry one that reads as a date.
+    /// The date the props carry, if they carry one that reads as a date
+    /// from 1900 to 9999 (the event times capture takes).
     pub fn value<'a>(&self, props: &'a Value) -> Option<&'a str> {
         crate::predicate::lookup(props, &self.path)?
             .as_str()
-            .filter(|s| read(s).is_some())
+            .filter(|s| {
+                let year = match read(s) {
+                    Some(Read::Date(d)) => d.year(),
+                    Some(Read::Time(t)) => t.year(),
+                    None => return false,
+                };
+                (1900..=9999).contains(&year)
+            })
+    }
+
+    /// Whether the props carry a date this entry can be due at (in any zone:
+    /// tested in UTC, whose due time is within a day of every other's).
+    pub fn enters(&self, props: &Value) -> bool {
+        self.value(props).is_some() && self.due(props, Tz::UTC, 0).is_some()
     }
 
     /// When a journey that entered at `entered_at` (PostgreSQL microseconds)
@@ -93,10 +107,15 @@ impl DateEntry {
         let time = self.at.or(time).unwrap_or_else(|| {
             NaiveTime::from_hms_opt(DEFAULT_TIME.0, DEFAULT_TIME.1, 0).expect("09:00")
         });
+        // a date out of PostgreSQL's range (or an event's: 1900 to 9999)
+        // has no due time, and the event does not enter
         let on = |d: NaiveDate| -> Option<i64> {
             let day = d.checked_add_signed(Duration::days(self.offset_days))?;
-            let local = day.and_time(time) + Duration::microseconds(self.offset_us);
-            Some(from_local(local, tz)?.timestamp_micros() - PG_EPOCH_UNIX_US)
+            let local = day
+                .and_time(time)
+                .checked_add_signed(Duration::microseconds(self.offset_us))?;
+            let due = from_local(local, tz)?.timestamp_micros() - PG_EPOCH_UNIX_US;
+            crate::time::is_event_time(due).then_some(due)
         };
         if !self.every_year {
             return on(date);
@@ -197,6 +216,25 @@ mod tests {
             e.due(&leap, Tz::UTC, entered),
             Some(pg("2027-02-28T09:00:00Z"))
         );
+    }
+
+    #[test]
+    fn a_date_out_of_range_has_no_due_time() {
+        let e = DateEntry::compile("d", Some("12 hours"), None, None).unwrap();
+        for v in [
+            "-5000-01-01",
+            "+262143-12-31",
+            "-300000000000",
+            "9999-12-31T23:00:00Z",
+        ] {
+            let props = json!({ "d": v });
+            assert!(
+                e.value(&props).is_none() || e.due(&props, berlin(), 0).is_none(),
+                "{v}"
+            );
+        }
+        let plus = DateEntry::compile("d", Some("1 day"), None, None).unwrap();
+        assert_eq!(plus.due(&json!({"d": "9999-12-31"}), Tz::UTC, 0), None);
     }
 
     #[test]

@@ -132,6 +132,10 @@ pub struct EntrySpec {
     /// Events after which a segment's membership is checked again.
     #[serde(default)]
     pub recheck_on: Vec<String>,
+    /// An UPDATE that changes this column of a watched source
+    /// (`nudge.watch_changes`): the entry event is `<column>_changed`.
+    #[serde(default)]
+    pub changed: Option<String>,
     #[serde(default, rename = "where")]
     pub filter: Option<Value>,
     #[serde(default)]
@@ -168,6 +172,11 @@ pub struct ExitSpec {
 
 /// `expire_after` when a non-transactional definition gives none: 1 day.
 pub const DEFAULT_EXPIRE_AFTER_US: i64 = 86_400_000_000;
+
+/// The event an UPDATE that changes `column` of a watched source emits.
+pub fn changed_event(column: &str) -> String {
+    format!("{column}_changed")
+}
 
 /// How far ahead a date entry's journey may be due, for sequencing: ten years.
 pub const DATE_SPAN_US: i64 = 10 * 366 * 86_400_000_000;
@@ -361,8 +370,13 @@ impl Definition {
     }
 
     fn check(&self) -> Result<(), String> {
-        if self.segment()?.is_none() {
-            non_empty(&self.on.event, "on.event")?;
+        match (&self.on.changed, self.on.event.is_empty()) {
+            (Some(_), false) => {
+                return Err("on.changed: give event or changed, not both (changed: \"plan\" is event \"plan_changed\")".into())
+            }
+            (Some(c), true) => non_empty(c, "on.changed")?,
+            (None, _) if self.segment()?.is_none() => non_empty(&self.on.event, "on.event")?,
+            (None, _) => {}
         }
         if !self.steps.is_empty() {
             for (field, given) in [
@@ -516,6 +530,7 @@ impl Definition {
         };
         for (k, given) in [
             ("event", !on.event.is_empty()),
+            ("changed", on.changed.is_some()),
             ("where", on.filter.is_some()),
             ("key", on.key.is_some()),
             ("min_count", on.min_count.is_some()),
@@ -702,9 +717,10 @@ impl Definition {
             // the first message's wait: with steps, the first step's
             wait_us: self.flow()?.first().map_or(0, |s| s.offset_us),
             expire_after_us: self.expire_after_us()?,
-            entry_event: match self.segment()? {
-                Some(_) => crate::segment::entry_event(name),
-                None => self.on.event.clone(),
+            entry_event: match (self.segment()?, &self.on.changed) {
+                (Some(_), _) => crate::segment::entry_event(name),
+                (None, Some(column)) => changed_event(column),
+                (None, None) => self.on.event.clone(),
             },
             entry_filter: self
                 .on
@@ -771,7 +787,7 @@ impl Trigger {
     }
 
     pub fn enters(&self, event: &str, props: &Value) -> bool {
-        self.dates(event, props) && self.date.as_ref().is_none_or(|d| d.value(props).is_some())
+        self.dates(event, props) && self.date.as_ref().is_none_or(|d| d.enters(props))
     }
 
     /// Whether the event is the entry event (its name and `where`), with or

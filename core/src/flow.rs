@@ -261,14 +261,14 @@ pub fn branch_doc(profile: &Value, anchor: &Value, steps: &BTreeMap<String, Enga
 /// A step's branch, when it comes due: `None` to send it, else where the
 /// journey goes instead and why.
 pub fn branch(steps: &[FlowStep], k: usize, doc: &Value) -> Option<(Next, String)> {
-    let s = &steps[k];
+    let s = steps.get(k)?;
     let p = s.when.as_ref()?;
     if p.matches(doc) {
         return None;
     }
     let to = match s.otherwise {
-        Next::End => "the end".to_string(),
-        Next::Step(j) => format!("step {}", steps[j].name),
+        Next::Step(j) if j < steps.len() => format!("step {}", steps[j].name),
+        _ => "the end".to_string(),
     };
     Some((
         s.otherwise,

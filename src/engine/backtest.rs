@@ -69,6 +69,11 @@ pub fn backtest(
     let t: Trigger = d
         .compile(name, 0)
         .unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
+    if t.segment.is_some() {
+        crate::spi_util::invalid(
+            "backtest: a segment entry cannot be replayed (there is no history of profiles)",
+        );
+    }
     let (from_us, to_us) = (micros(from), micros(to));
     let lookback = t.entry_count.map_or(0, |(_, within)| within);
     let names: Vec<String> = t.watched_events().map(str::to_owned).collect();

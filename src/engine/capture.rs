@@ -227,7 +227,17 @@ fn recheck_segments(c: &pgrx::spi::SpiClient<'_>, triggers: &[LiveTrigger], batc
         }
     }
     let who: Vec<(String, i64)> = who.into_iter().collect();
-    let more = crate::engine::segments::changes(c, &segments, &who);
+    // on the application's write path: a failure here (a profile query
+    // that fails) is a warning, and the membership stays as it was
+    let more = match crate::isolate::subtransaction(|| {
+        crate::engine::segments::changes(c, &segments, &who)
+    }) {
+        Ok(more) => more,
+        Err(e) => {
+            warning!("pg_nudge: checking segments failed: {e}");
+            return;
+        }
+    };
     batch.users.extend(more.users);
     batch.events.extend(more.events);
     batch.times.extend(more.times);
@@ -572,7 +582,8 @@ fn ended_journeys(
                 SELECT coalesce(e.exited_at, e.due_at) AS ended FROM nudge.enrollments e
                  WHERE e.user_id = p.user_id AND e.trigger = p.trigger AND e.key = p.key
                    AND (e.state <> 'waiting' OR e.due_at < $4)
-                 ORDER BY e.entered_at DESC LIMIT 1) l",
+                 -- a journey of steps ends with its last step's row
+                 ORDER BY e.entered_at DESC, e.step DESC LIMIT 1) l",
         &[w_t.into(), w_u.into(), w_k.into(), ts(first).into()],
         "reading ended enrollments",
     );

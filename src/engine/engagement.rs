@@ -92,7 +92,8 @@ pub fn engagement(
     // an earlier step never reached (a branch jumped over it) reads as all false
     for i in wanted {
         let e = out.entry(i).or_default();
-        for s in &at[i].trigger.steps[..at[i].step] {
+        let steps = &at[i].trigger.steps;
+        for s in &steps[..at[i].step.min(steps.len())] {
             e.entry(s.name.clone()).or_default();
         }
     }

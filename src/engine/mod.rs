@@ -4,6 +4,7 @@
 
 pub mod backtest;
 pub mod capture;
+pub mod changes;
 pub mod compose;
 pub mod deferred;
 pub mod engagement;

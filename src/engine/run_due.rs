@@ -288,8 +288,23 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
             suppressions: &suppressed,
             consent: &consent,
         };
-        // a step's branch, unless an exit ended the journey first
-        if !exits.contains_key(&i) {
+        // a trigger redefined with fewer steps: this one is gone
+        if d.step >= t.steps.len() {
+            let why = Stop::new(
+                Rule::Definition,
+                format!(
+                    "step {} is no longer in the trigger's definition (v{} has {})",
+                    d.step + 1,
+                    t.version,
+                    t.steps.len()
+                ),
+            );
+            outcomes.push(Some(Outcome::Stopped(why, None)));
+            continue;
+        }
+        // a step's branch, unless an exit ended the journey first, or a
+        // lookup it may read failed (retried, or failed, by screen below)
+        if !exits.contains_key(&i) && retry.is_none() && !matches!(profile, Some(Err(_))) {
             let doc = flow::branch_doc(
                 profile_of(&profiles, &d.user_id).unwrap_or(&Value::Null),
                 &d.anchor,
@@ -981,10 +996,13 @@ pub(super) fn exits_at_send_time(
     for (i, d) in due.iter().enumerate() {
         let t = &triggers[&d.trigger];
         let step_exits = t.steps.get(d.step).map_or(&[][..], |s| s.exits.as_slice());
-        if t.exits.is_empty() && step_exits.is_empty() {
+        // a date entry's own event, later, moved the journey
+        let moves = t.date.as_ref().map(|_| t.entry_event.clone());
+        if t.exits.is_empty() && step_exits.is_empty() && moves.is_none() {
             continue;
         }
         names.extend(t.exits.iter().chain(step_exits).map(|x| x.event.clone()));
+        names.extend(moves);
         idx.push(i as i32);
         users.push(d.user_id.clone());
         from.push(d.entered_at);
@@ -1339,6 +1357,8 @@ fn record(
                   FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::timestamptz[])
                     AS n(id, user_id, step, due_at, version, entered_at)
                   JOIN nudge.enrollments e ON e.user_id = n.user_id AND e.id = n.id
+                 -- next year's date, unless a later event moved or ended the journey
+                 WHERE n.step > 0 OR e.exited_at IS NULL
                 ON CONFLICT DO NOTHING",
             &[ids.into(), users.into(), steps.into(), at.into(), versions.into(), entered.into()],
             "starting the journeys' next steps");

@@ -36,13 +36,21 @@ pub fn changes(
         return out;
     }
     let at: HashMap<&str, i64> = who.iter().map(|(u, t)| (u.as_str(), *t)).collect();
-    let users = distinct(who.iter().map(|(u, _)| u.clone()));
+    // in one order everywhere: two statements lock the rows they change
+    // in the same order, and never deadlock
+    let mut users = distinct(who.iter().map(|(u, _)| u.clone()));
+    users.sort();
     let profiles = crate::engine::run_due::profiles_of(c, users.clone());
     let (mut t_names, mut t_users, mut members, mut since) = (vec![], vec![], vec![], vec![]);
     for t in segments {
         let seg = t.segment.as_ref().expect("a segment trigger");
         for u in &users {
-            let p = profiles.get(u).and_then(|p| p.as_ref().ok());
+            // a lookup that failed says nothing about membership
+            let p = match profiles.get(u) {
+                Some(Err(_)) => continue,
+                Some(Ok(p)) => Some(p),
+                None => None,
+            };
             t_names.push(t.name.clone());
             t_users.push(u.clone());
             members.push(seg.matches(p));
@@ -55,9 +63,13 @@ pub fn changes(
                               AS u(trigger, user_id, member, since))
          INSERT INTO nudge.segment_members AS s (trigger, user_id, member, since)
          SELECT u.trigger, u.user_id, u.member, u.since FROM u
-          -- outside and never inside: nothing to keep
-          WHERE u.member OR EXISTS (SELECT 1 FROM nudge.segment_members x
-                                     WHERE x.user_id = u.user_id AND x.trigger = u.trigger)
+          -- only a change is written (and its row locked): outside and never
+          -- inside, or unchanged, there is nothing to write
+          WHERE NOT EXISTS (SELECT 1 FROM nudge.segment_members x
+                             WHERE x.user_id = u.user_id AND x.trigger = u.trigger AND x.member = u.member)
+            AND (u.member OR EXISTS (SELECT 1 FROM nudge.segment_members x
+                                      WHERE x.user_id = u.user_id AND x.trigger = u.trigger))
+          ORDER BY u.user_id, u.trigger
          ON CONFLICT (user_id, trigger) DO UPDATE SET member = EXCLUDED.member, since = EXCLUDED.since
           WHERE s.member IS DISTINCT FROM EXCLUDED.member
          RETURNING s.trigger, s.user_id, s.member",
@@ -96,8 +108,10 @@ pub fn changes(
 /// extension. A failure here is a warning: the application's write goes on.
 pub fn profiles_changed(users: Vec<String>) {
     crate::privilege::as_extension(|| {
+        // the membership and the journeys it starts together, or neither: a
+        // change kept without its journey would never start it
         let result = crate::isolate::subtransaction(|| {
-            Spi::connect(|c| {
+            let batch = Spi::connect(|c| {
                 let catalog = crate::catalog::live_triggers(&c);
                 let segments = triggers(&catalog.triggers);
                 if segments.is_empty() {
@@ -106,18 +120,13 @@ pub fn profiles_changed(users: Vec<String>) {
                 let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
                 let who: Vec<(String, i64)> = users.iter().map(|u| (u.clone(), now)).collect();
                 changes(&c, &segments, &who)
-            })
-        });
-        match result {
-            Ok(batch) if !batch.users.is_empty() => {
-                if let Err(e) =
-                    crate::isolate::subtransaction(|| crate::engine::capture::capture(batch))
-                {
-                    warning!("pg_nudge: starting segment journeys failed: {e}");
-                }
+            });
+            if !batch.users.is_empty() {
+                crate::engine::capture::capture(batch);
             }
-            Ok(_) => {}
-            Err(e) => warning!("pg_nudge: checking segments failed: {e}"),
+        });
+        if let Err(e) = result {
+            warning!("pg_nudge: checking segments failed: {e}");
         }
     });
 }
@@ -147,19 +156,22 @@ pub fn snapshot(t: &Trigger) -> i64 {
         });
         if seg.backfill && !batch.users.is_empty() {
             let users: Vec<String> = batch.users.iter().flatten().cloned().collect();
-            started += users.len() as i64;
             crate::engine::capture::capture(batch);
-            Spi::connect_mut(|c| {
+            // what capture started (a paused trigger, the audience or
+            // re-entry may have turned some away), each with its line
+            started += Spi::connect_mut(|c| {
                 run(
                     c,
                     "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail)
                      SELECT e.user_id, e.trigger, e.id, e.entered_at, 'backfill',
                             'in the segment when the trigger was defined (backfill qualifying_now)'
                        FROM nudge.enrollments e
-                      WHERE e.trigger = $1 AND e.user_id = ANY ($2) AND e.entered_at = $3 AND e.step = 0",
+                      WHERE e.trigger = $1 AND e.user_id = ANY ($2) AND e.entered_at = $3 AND e.step = 0
+                     RETURNING 1",
                     &[t.name.clone().into(), users.into(), ts(now).into()],
                     "journaling backfilled journeys",
-                );
+                )
+                .len() as i64
             });
         }
         match last {

@@ -309,6 +309,10 @@ fn a_bad_step_is_refused_with_its_path() {
             r#"{"on": {"event": "a"}, "steps": [{"template": "c1", "if": {"profile.vip": {"eq": true}}, "else": "later"}]}"#,
             "steps[0].else: no step named \"later\"",
         ),
+        (
+            r#"{"on": {"event": "a"}, "steps": [{"template": "c1"}, {"template": "nope"}]}"#,
+            "steps[1].template: no template named \"nope\"",
+        ),
     ] {
         let err = c
             .query_one(
@@ -608,6 +612,187 @@ fn a_segment_entry_starts_one_journey_per_entry() {
         count(
             &mut c,
             "SELECT count(*) FROM nudge.segment_members WHERE user_id = 'u1'"
+        ),
+        0
+    );
+}
+
+/// A segment has no history to replay: backtest says so (22023).
+#[test]
+fn a_backtest_of_a_segment_entry_is_refused() {
+    let db = fresh_db("nudge_it_flow_segment_bt");
+    let mut c = connect(&db);
+    let err = c
+        .query(
+            "SELECT * FROM nudge.backtest('{\"on\": {\"segment_entered\": {\"ltv\": {\"gte\": 1}}}, \"template\": \"t\"}',
+                                          now() - interval '1 day', now())",
+            &[],
+        )
+        .unwrap_err();
+    let e = err.as_db_error().expect("a database error");
+    assert_eq!(e.code().code(), "22023");
+    assert!(
+        e.message().contains("cannot be replayed"),
+        "{}",
+        e.message()
+    );
+}
+
+/// Changes as events: an UPDATE that changes a watched column of a source
+/// emits `<column>_changed`; one that sets the same value emits nothing; a
+/// changed date moves the date journey; the application's UPDATE never fails
+/// on our account.
+#[test]
+fn an_update_of_a_watched_column_is_an_event() {
+    let db = fresh_db("nudge_it_flow_changes");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"
+        SET timezone = 'UTC';
+        CREATE SCHEMA app;
+        CREATE TABLE app.accounts (id text PRIMARY KEY, customer text, plan text, trial_ends_at timestamptz,
+                                   created_at timestamptz DEFAULT now());
+        SELECT nudge.add_source('app.accounts', 'customer', time_column => 'created_at', event_name => 'account_opened');
+        SELECT nudge.watch_changes('app.accounts', ARRAY['plan', 'trial_ends_at']);
+        INSERT INTO nudge.profiles (user_id, email, timezone) VALUES ('ann', 'ann@example.com', 'Europe/Berlin'),
+                                                                    ('bob', 'bob@example.com', 'Europe/Berlin');
+        SELECT nudge.define_template('upgraded', 'Welcome to {{ event.plan }} (was {{ event.previous.plan }})', '<p>up</p>');
+        SELECT nudge.define_template('ending', 'Trial ends {{ event.trial_ends_at | in_time_zone | date: "%b %d" }}', '<p>e</p>');
+        SELECT nudge.define_trigger('upgraded', '{"on": {"changed": "plan", "where": {"plan": {"eq": "pro"}}}, "template": "upgraded"}');
+        SELECT nudge.define_trigger('trial_ending', '{"on": {"changed": "trial_ends_at", "key": "id", "date": "trial_ends_at",
+                                                              "offset": "-3 days", "at": "09:00"},
+                                                       "template": "ending", "expire_after": "never"}');
+        INSERT INTO app.accounts (id, customer, plan) VALUES ('a1', 'ann', 'free'), ('b1', 'bob', 'free');
+        "#,
+    )
+    .unwrap();
+    // the same value, then another column: nothing
+    c.batch_execute(
+        "UPDATE app.accounts SET plan = 'free'; UPDATE app.accounts SET created_at = created_at",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 0);
+    // ann upgrades; both trials are set, then bob's is extended by a week
+    for sql in [
+        "UPDATE app.accounts SET plan = 'pro' WHERE id = 'a1'",
+        "UPDATE app.accounts SET trial_ends_at = '2027-05-02 10:00+00'",
+        "UPDATE app.accounts SET trial_ends_at = '2027-05-09 10:00+00' WHERE id = 'b1'",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    c.batch_execute("SELECT nudge.run_due(now())").unwrap();
+    let subject: String = c
+        .query_one(
+            "SELECT subject FROM nudge.outbox WHERE trigger = 'upgraded'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(subject, "Welcome to pro (was free)");
+    let journeys: Vec<String> = c
+        .query(
+            "SELECT user_id || ' ' || to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || state
+               FROM nudge.enrollments WHERE trigger = 'trial_ending' ORDER BY user_id, entered_at, id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // 29 April 09:00 CEST; bob's moved to 6 May (the first ended, by the change)
+    assert_eq!(
+        journeys,
+        [
+            "ann 2027-04-29 07:00 waiting",
+            "bob 2027-04-29 07:00 exited",
+            "bob 2027-05-06 07:00 waiting"
+        ]
+    );
+    // an UPDATE of many rows, with odd values, goes through
+    c.batch_execute(
+        "INSERT INTO app.accounts (id, customer, plan) SELECT 'x' || i, CASE WHEN i % 7 = 0 THEN NULL ELSE 'u' || i END, 'free'
+           FROM generate_series(1, 5000) i;
+         UPDATE app.accounts SET plan = CASE WHEN id LIKE 'x%' THEN 'pro' ELSE plan END,
+                                 trial_ends_at = CASE WHEN id = 'x3' THEN 'infinity' ELSE trial_ends_at END;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'upgraded'"
+        ),
+        1 + 5000 - 5000 / 7
+    );
+    // the columns are named in the events: renaming one is refused
+    let err = c
+        .batch_execute("ALTER TABLE app.accounts RENAME COLUMN plan TO tier")
+        .unwrap_err();
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("watched column"), "{message}");
+    // no longer watched: no event
+    c.batch_execute(
+        "SELECT nudge.watch_changes('app.accounts', '{}');
+         UPDATE app.accounts SET plan = 'free' WHERE id = 'a1'; UPDATE app.accounts SET plan = 'pro' WHERE id = 'a1';",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'upgraded' AND user_id = 'ann'"
+        ),
+        1
+    );
+}
+
+/// A journey waiting at a step that a new version no longer has ends with
+/// rule `definition`; a date out of range enters nothing and fails no INSERT.
+#[test]
+fn a_removed_step_ends_its_journeys_and_an_odd_date_enters_nothing() {
+    let db = fresh_db("nudge_it_flow_edges");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"
+        SET timezone = 'UTC';
+        INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com');
+        SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+        SELECT nudge.define_trigger('two', '{"on": {"event": "a"}, "steps": [{"template": "t"}, {"wait": "1 hour", "template": "t"}]}');
+        SELECT nudge.track('u1', 'a', '{}', now() - interval '10 minutes');
+        SELECT nudge.run_due(now());
+        SELECT nudge.define_trigger('two', '{"on": {"event": "a"}, "template": "t"}');
+        SELECT nudge.run_due(now() + interval '2 hours');
+        SELECT nudge.define_trigger('dated', '{"on": {"event": "d", "date": "at", "offset": "12 hours"}, "template": "t"}');
+        "#,
+    )
+    .unwrap();
+    let (state, rule, reason): (String, String, String) = c
+        .query_one(
+            "SELECT state, rule, reason FROM nudge.enrollments WHERE trigger = 'two' AND step = 1",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap();
+    assert_eq!((state.as_str(), rule.as_str()), ("failed", "definition"));
+    assert!(reason.contains("step 2 is no longer"), "{reason}");
+    for odd in [
+        "-5000-01-01",
+        "+262143-12-31",
+        "9999-12-31T23:00:00Z",
+        "-300000000000",
+        "soon",
+    ] {
+        c.execute(
+            "SELECT nudge.track('u1', 'd', jsonb_build_object('at', $1::text))",
+            &[&odd],
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'dated'"
         ),
         0
     );
