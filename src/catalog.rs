@@ -28,6 +28,8 @@ pub struct Catalog {
     /// installing a new library and `ALTER EXTENSION pg_nudge UPDATE`, and
     /// must not make the application's INSERT fail against the old schema.
     pub rule_columns: bool,
+    /// The schema has `enrollments.step` of 0.9.0 (same reason).
+    pub step_column: bool,
 }
 
 thread_local! {
@@ -140,22 +142,27 @@ pub fn live_triggers(c: &SpiClient<'_>) -> Rc<Catalog> {
         // paused triggers too: their waiting journeys still exit
         .flat_map(|l| l.trigger.watched_events().map(str::to_owned))
         .collect();
-    let rule_columns = run(
-        c,
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                         WHERE attrelid = 'nudge.journal'::regclass AND attname = 'rule' AND NOT attisdropped)",
-        &[],
-        "reading the schema",
-    )
-    .first()
-    .get::<bool>(1)
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    let has = |table: &str, column: &str| {
+        run(
+            c,
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid = $1::regclass AND attname = $2 AND NOT attisdropped)",
+            &[table.into(), column.into()],
+            "reading the schema",
+        )
+        .first()
+        .get::<bool>(1)
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    };
+    let rule_columns = has("nudge.journal", "rule");
+    let step_column = has("nudge.enrollments", "step");
     let catalog = Rc::new(Catalog {
         triggers,
         watched,
         rule_columns,
+        step_column,
     });
     CACHED.with(|k| *k.borrow_mut() = Some(catalog.clone()));
     catalog

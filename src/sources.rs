@@ -31,16 +31,7 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                 ("props_column", map.props_column.as_ref()),
             ] {
                 if let Some(col) = col {
-                    let exists = or_raise(
-                    c.select(
-                        "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-                        None,
-                        &[source.into(), col.clone().into()],
-                    ),
-                    "checking columns",
-                )
-                .len();
-                    if exists == 0 {
+                    if !has_column(c, source, col) {
                         error!(
                             "add_source: {what}: table {table} has no column {}",
                             literal(col)
@@ -227,6 +218,19 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     }
 }
 
+fn has_column(c: &SpiClient<'_>, source: pg_sys::Oid, col: &str) -> bool {
+    or_raise(
+        c.select(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            None,
+            &[source.into(), col.into()],
+        ),
+        "checking columns",
+    )
+    .len()
+        > 0
+}
+
 /// `nudge.watch_changes`: an UPDATE that changes one of `columns` of a
 /// registered source emits `<column>_changed` (engine::changes). An empty
 /// list stops watching.
@@ -256,16 +260,7 @@ pub fn watch_changes(source: pg_sys::Oid, columns: Vec<String>) {
             cols.sort();
             cols.dedup();
             for col in &cols {
-                let exists = or_raise(
-                    c.select(
-                        "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-                        None,
-                        &[source.into(), col.clone().into()],
-                    ),
-                    "checking columns",
-                )
-                .len();
-                if exists == 0 {
+                if !has_column(c, source, col) {
                     crate::spi_util::invalid(format!(
                         "watch_changes: table {table} has no column {}",
                         literal(col)

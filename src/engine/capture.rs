@@ -123,7 +123,7 @@ pub fn capture(batch: Batch) {
 
         let moved =
             reopen_after_late_exits(c, &mut steps, &open, &last_entry, &triggers, &mut batch);
-        let ended = ended_journeys(c, &steps, triggers, first);
+        let ended = ended_journeys(c, &steps, triggers, first, catalog.step_column);
         let winners = crate::experiments::winners(
             c,
             triggers
@@ -547,6 +547,7 @@ fn ended_journeys(
     steps: &BTreeMap<(usize, String), Vec<Step>>,
     triggers: &[LiveTrigger],
     first: i64,
+    step_column: bool,
 ) -> HashMap<(String, String), HashMap<String, i64>> {
     // (trigger, user, key) of every entry of a trigger that limits re-entry
     let mut wanted = std::collections::BTreeSet::new();
@@ -574,16 +575,18 @@ fn ended_journeys(
     // so the last one entered is the last one ended: one index probe per key
     // instead of a heavy user's whole history. A journey still waiting but
     // due before the batch (not read as open) has ended for this purpose.
+    // a journey of steps ends with its last step's row (a schema older than
+    // the library, before ALTER EXTENSION UPDATE, has no steps)
+    static WITH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static WITHOUT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text: &'static str = if step_column {
+        WITH.get_or_init(|| ENDED_JOURNEYS.replace("/*step*/", ", e.step DESC"))
+    } else {
+        WITHOUT.get_or_init(|| ENDED_JOURNEYS.replace("/*step*/", ""))
+    };
     let rows = run(
         c,
-        "SELECT p.trigger, p.user_id, p.key, l.ended
-           FROM unnest($1::text[], $2::text[], $3::text[]) AS p(trigger, user_id, key)
-           CROSS JOIN LATERAL (
-                SELECT coalesce(e.exited_at, e.due_at) AS ended FROM nudge.enrollments e
-                 WHERE e.user_id = p.user_id AND e.trigger = p.trigger AND e.key = p.key
-                   AND (e.state <> 'waiting' OR e.due_at < $4)
-                 -- a journey of steps ends with its last step's row
-                 ORDER BY e.entered_at DESC, e.step DESC LIMIT 1) l",
+        text,
         &[w_t.into(), w_u.into(), w_k.into(), ts(first).into()],
         "reading ended enrollments",
     );
@@ -596,6 +599,14 @@ fn ended_journeys(
     }
     out
 }
+
+const ENDED_JOURNEYS: &str = "SELECT p.trigger, p.user_id, p.key, l.ended
+           FROM unnest($1::text[], $2::text[], $3::text[]) AS p(trigger, user_id, key)
+           CROSS JOIN LATERAL (
+                SELECT coalesce(e.exited_at, e.due_at) AS ended FROM nudge.enrollments e
+                 WHERE e.user_id = p.user_id AND e.trigger = p.trigger AND e.key = p.key
+                   AND (e.state <> 'waiting' OR e.due_at < $4)
+                 ORDER BY e.entered_at DESC /*step*/ LIMIT 1) l";
 
 /// Entry and exit steps per (trigger index, user), from one pass over the batch.
 fn steps_of(b: &Batch, triggers: &[LiveTrigger]) -> BTreeMap<(usize, String), Vec<Step>> {

@@ -209,3 +209,69 @@ fn a_restored_wal_capture_makes_a_slot_of_its_own() {
     nudge_integration::drop_slots("nudge_it_dump_wal");
     nudge_integration::drop_slots("nudge_it_restored_wal");
 }
+
+/// Flows (0.9.0): a journey waiting at its second step, segment membership
+/// and a watched table's change triggers survive a dump; the restored
+/// database goes on with each.
+#[test]
+fn a_restored_database_keeps_steps_segments_and_watched_changes() {
+    let db = fresh_db("nudge_it_dump_flows");
+    let mut c = connect(&db);
+    c.batch_execute(
+        "SET timezone = 'UTC';
+         CREATE TABLE public.accounts (id text, customer text, plan text);
+         SELECT nudge.add_source('public.accounts', 'customer', event_name => 'opened');
+         SELECT nudge.watch_changes('public.accounts', ARRAY['plan']);
+         INSERT INTO nudge.profiles (user_id, email, attrs) VALUES ('u1', 'u1@example.com', '{\"vip\": false}');
+         SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+         SELECT nudge.define_trigger('flow', '{\"on\": {\"event\": \"a\"}, \"steps\": [{\"template\": \"t\"}, {\"wait\": \"1 hour\", \"template\": \"t\"}]}');
+         SELECT nudge.define_trigger('vip', '{\"on\": {\"segment_entered\": {\"vip\": {\"eq\": true}}}, \"template\": \"t\"}');
+         SELECT nudge.define_trigger('upgraded', '{\"on\": {\"changed\": \"plan\"}, \"template\": \"t\"}');
+         SELECT nudge.track('u1', 'a', '{}', now() - interval '10 minutes');
+         SELECT nudge.run_due(now());
+         UPDATE nudge.profiles SET attrs = '{\"vip\": true}' WHERE user_id = 'u1';
+         INSERT INTO public.accounts VALUES ('a1', 'u1', 'free');",
+    )
+    .unwrap();
+    let restored = dump_and_restore("nudge_it_dump_flows", "nudge_it_dump_flows_restored");
+    let mut r = connect(&restored);
+    assert_eq!(
+        count(&mut r, "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'flow' AND step = 1 AND state = 'waiting'"),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM nudge.segment_members WHERE trigger = 'vip' AND member"
+        ),
+        1
+    );
+    // still inside: the restored membership starts no second journey
+    r.batch_execute(
+        "UPDATE nudge.profiles SET attrs = '{\"vip\": true, \"x\": 1}' WHERE user_id = 'u1';
+         UPDATE public.accounts SET plan = 'pro';
+         SELECT nudge.run_due(now() + interval '2 hours');",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'vip'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'upgraded'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &mut r,
+            "SELECT count(*) FROM nudge.outbox WHERE trigger = 'flow'"
+        ),
+        2
+    );
+}

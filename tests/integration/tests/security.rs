@@ -808,3 +808,80 @@ fn only_a_token_pg_nudge_made_unsubscribes_and_nobody_reads_the_key() {
         "42501"
     );
 }
+
+/// Flows (0.9.0): watching a table's changes needs the rights on it that
+/// add_source needs; the profile trigger that checks segments runs for a
+/// writer with no right on our tables, and neither it nor the change
+/// trigger's functions can be called by the roles we create.
+#[test]
+fn watching_changes_needs_rights_and_segment_checks_run_for_any_writer() {
+    let db = with_roles("sec_p");
+    let mut a2 = connect_as(&db, "sec_p_admin2");
+    a2.batch_execute(
+        "CREATE TABLE sec_p_admin2.accounts (customer text, plan text);
+         SELECT nudge.add_source('sec_p_admin2.accounts', 'customer', event_name => 'opened');",
+    )
+    .unwrap();
+    let mut a = connect_as(&db, "sec_p_admin");
+    // not its table: refused, and nothing is watched
+    assert_eq!(
+        sqlstate(
+            a.batch_execute("SELECT nudge.watch_changes('sec_p_admin2.accounts', ARRAY['plan'])")
+        ),
+        "42501"
+    );
+    let mut su = connect(&db);
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM nudge.sources WHERE changes IS NOT NULL"
+        ),
+        0
+    );
+    // its owner may; an update by a role with UPDATE on the table only
+    // (no right on pg_nudge's tables) emits the change
+    a2.batch_execute(
+        "SELECT nudge.watch_changes('sec_p_admin2.accounts', ARRAY['plan']);
+         INSERT INTO sec_p_admin2.accounts VALUES ('u1', 'free');
+         GRANT USAGE ON SCHEMA sec_p_admin2 TO sec_p_plain;
+         GRANT SELECT, UPDATE ON sec_p_admin2.accounts TO sec_p_plain;
+         SELECT nudge.define_template('t', 'Hi', '<p>hi</p>');
+         SELECT nudge.define_trigger('upgraded', '{\"on\": {\"changed\": \"plan\"}, \"template\": \"t\"}');
+         SELECT nudge.define_trigger('vip', '{\"on\": {\"segment_entered\": {\"vip\": {\"eq\": true}}}, \"template\": \"t\"}');",
+    )
+    .unwrap();
+    let mut plain = connect_as(&db, "sec_p_plain");
+    plain
+        .batch_execute("UPDATE sec_p_admin2.accounts SET plan = 'pro'")
+        .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'upgraded'"
+        ),
+        1
+    );
+    // a writer's identify moves a user into the segment: the journey starts
+    let mut w = connect_as(&db, "sec_p_writer");
+    w.batch_execute(
+        "SELECT nudge.identify(ARRAY['u2'], ARRAY['u2@example.com'], ARRAY[NULL], ARRAY['{\"vip\": true}'::jsonb], ARRAY[NULL::jsonb])",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut su,
+            "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'vip' AND user_id = 'u2'"
+        ),
+        1
+    );
+    // the functions behind them are ours alone to call
+    for (role, sql) in [
+        ("sec_p_writer", "SELECT nudge._profiles_changed(ARRAY['u3'])"),
+        ("sec_p_admin", "SELECT nudge._profiles_changed(ARRAY['u3'])"),
+        ("sec_p_admin", "SELECT nudge._watch_changes('sec_p_admin2.accounts'::regclass::oid, ARRAY['customer'])"),
+        ("sec_p_plain", "SELECT nudge.watch_changes('sec_p_admin2.accounts', ARRAY['customer'])"),
+    ] {
+        let mut c = connect_as(&db, role);
+        assert_eq!(sqlstate(c.batch_execute(sql)), "42501", "{role}: {sql}");
+    }
+}
