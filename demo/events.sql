@@ -47,6 +47,6 @@ SELECT s.customer_id, s.customer_id || '-' || s.n, p.price, s.started + interval
 INSERT INTO nudge.events (user_id, event, occurred_at, props)
 SELECT c.id, 'trial_started', t.at, jsonb_build_object('trial_ends_at', t.at + interval '10 days')
   FROM app.customers c
- CROSS JOIN LATERAL (SELECT now() - random() * interval '48 hours' + 0 * length(c.id) AS at) t
+ CROSS JOIN LATERAL (SELECT now() - random() * interval '48 hours' - length(c.id) * interval '0 seconds' AS at) t
  WHERE random() < 0.1;
 COMMIT;

@@ -132,6 +132,8 @@ CREATE TABLE nudge.segment_members (
     member  boolean     NOT NULL,
     -- when the membership last changed (the time of the write or event that changed it)
     since   timestamptz NOT NULL,
+    -- a date on the profile (`"on": {"date": "profile.birthday"}`): the date
+    value   text,
     PRIMARY KEY (user_id, trigger)
 );
 

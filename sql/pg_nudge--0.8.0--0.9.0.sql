@@ -223,6 +223,8 @@ CREATE TABLE nudge.segment_members (
     member  boolean     NOT NULL,
     -- when the membership last changed (the time of the write or event that changed it)
     since   timestamptz NOT NULL,
+    -- a date on the profile (`"on": {"date": "profile.birthday"}`): the date
+    value   text,
     PRIMARY KEY (user_id, trigger)
 );
 SELECT pg_catalog.pg_extension_config_dump('nudge.segment_members', '');

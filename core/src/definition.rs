@@ -197,6 +197,8 @@ pub struct Trigger {
     pub date: Option<crate::date_entry::DateEntry>,
     /// Starts journeys on entering (or leaving) a segment, not on an event.
     pub segment: Option<crate::segment::Segment>,
+    /// Starts journeys at a date on the profile (with `date`), not on an event.
+    pub profile_date: Option<crate::segment::ProfileDate>,
     pub exits: Vec<ExitRule>,
     pub template: String,
     /// The journey's steps; a single-message definition has one.
@@ -375,7 +377,9 @@ impl Definition {
                 return Err("on.changed: give event or changed, not both (changed: \"plan\" is event \"plan_changed\")".into())
             }
             (Some(c), true) => non_empty(c, "on.changed")?,
-            (None, _) if self.segment()?.is_none() => non_empty(&self.on.event, "on.event")?,
+            (None, _) if self.segment()?.is_none() && !self.is_profile_date() => {
+                non_empty(&self.on.event, "on.event")?
+            }
             (None, _) => {}
         }
         if !self.steps.is_empty() {
@@ -497,6 +501,37 @@ impl Definition {
         Ok(())
     }
 
+    /// Whether `on.date` is a profile field, with no entry event.
+    fn is_profile_date(&self) -> bool {
+        let on = &self.on;
+        on.event.is_empty()
+            && on.changed.is_none()
+            && on.date.as_deref().and_then(crate::segment::profile_path).is_some()
+    }
+
+    fn profile_date(&self) -> Result<Option<crate::segment::ProfileDate>, String> {
+        if !self.is_profile_date() {
+            return Ok(None);
+        }
+        for (k, given) in [
+            ("where", self.on.filter.is_some()),
+            ("key", self.on.key.is_some()),
+        ] {
+            if given {
+                return Err(format!(
+                    "on.{k}: not with a date on the profile (one journey per user and date)"
+                ));
+            }
+        }
+        for (i, e) in self.on.recheck_on.iter().enumerate() {
+            non_empty(e, &format!("on.recheck_on[{i}]"))?;
+        }
+        Ok(Some(crate::segment::ProfileDate {
+            recheck_on: self.on.recheck_on.clone(),
+            backfill: self.backfill.as_deref() == Some("qualifying_now"),
+        }))
+    }
+
     fn segment(&self) -> Result<Option<crate::segment::Segment>, String> {
         let on = &self.on;
         let backfill = match self.backfill.as_deref() {
@@ -516,6 +551,7 @@ impl Definition {
             }
             (Some(p), None) => (p, true, "on.segment_entered"),
             (None, Some(p)) => (p, false, "on.segment_exited"),
+            (None, None) if self.is_profile_date() => return Ok(None),
             (None, None) => {
                 if !on.recheck_on.is_empty() {
                     return Err(
@@ -523,7 +559,7 @@ impl Definition {
                     );
                 }
                 if self.backfill.is_some() {
-                    return Err("backfill: only for a segment entry (on.segment_entered, on.segment_exited)".into());
+                    return Err("backfill: only for a segment entry (on.segment_entered, on.segment_exited) or a date on the profile".into());
                 }
                 return Ok(None);
             }
@@ -578,6 +614,10 @@ impl Definition {
         if on.min_count.is_some() {
             return Err("on.min_count: not with on.date".into());
         }
+        // a date on the profile is read from the profile itself
+        let date = crate::segment::profile_path(date)
+            .filter(|_| self.is_profile_date())
+            .unwrap_or(date);
         crate::date_entry::DateEntry::compile(
             date,
             on.offset.as_deref(),
@@ -719,6 +759,7 @@ impl Definition {
             expire_after_us: self.expire_after_us()?,
             entry_event: match (self.segment()?, &self.on.changed) {
                 (Some(_), _) => crate::segment::entry_event(name),
+                (None, None) if self.is_profile_date() => crate::segment::entry_event(name),
                 (None, Some(column)) => changed_event(column),
                 (None, None) => self.on.event.clone(),
             },
@@ -737,6 +778,7 @@ impl Definition {
             entry_count: self.entry_count()?,
             date: self.date_entry()?,
             segment: self.segment()?,
+            profile_date: self.profile_date()?,
             exits: self
                 .unless
                 .iter()
@@ -842,11 +884,50 @@ impl Trigger {
                     .iter()
                     .flat_map(|s| s.exits.iter().map(|r| r.event.as_str())),
             )
-            .chain(
-                self.segment
-                    .iter()
-                    .flat_map(|s| s.recheck_on.iter().map(String::as_str)),
-            )
+            .chain(self.recheck_on().iter().map(String::as_str))
+    }
+
+    /// Whether the profile starts this trigger's journeys (a segment, a
+    /// date on the profile): they are checked when profiles are written.
+    pub fn watches_profile(&self) -> bool {
+        self.segment.is_some() || self.profile_date.is_some()
+    }
+
+    /// The events after which a profile-driven entry is checked again.
+    pub fn recheck_on(&self) -> &[String] {
+        match (&self.segment, &self.profile_date) {
+            (Some(s), _) => &s.recheck_on,
+            (None, Some(d)) => &d.recheck_on,
+            (None, None) => &[],
+        }
+    }
+
+    /// Whether who qualifies when the trigger is defined starts then.
+    pub fn backfills(&self) -> bool {
+        self.segment.as_ref().is_some_and(|s| s.backfill)
+            || self.profile_date.as_ref().is_some_and(|d| d.backfill)
+    }
+
+    /// What the profile says for this trigger: in the segment (or having the
+    /// date), and the date. Kept in nudge.segment_members; a change of either
+    /// may start a journey.
+    pub fn profile_state(&self, profile: Option<&Value>) -> (bool, Option<String>) {
+        match &self.segment {
+            Some(s) => (s.matches(profile), None),
+            None => {
+                let date = profile
+                    .and_then(|p| self.date.as_ref().filter(|d| d.enters(p))?.value(p))
+                    .map(str::to_owned);
+                (date.is_some(), date)
+            }
+        }
+    }
+
+    /// Whether a change of the profile state to `member` starts an entry
+    /// event: a segment's in its direction; a date's always (set, moved, or
+    /// removed, which ends the waiting journey).
+    pub fn starts_on_change(&self, member: bool) -> bool {
+        self.segment.as_ref().is_none_or(|s| member == s.on_enter)
     }
 
     /// The anchor-to-last-step span (see crate::flow::span).

@@ -20,6 +20,20 @@ pub struct Segment {
     pub backfill: bool,
 }
 
+/// A date on the profile (`"on": {"date": "profile.birthday"}`): a journey
+/// starts when the date is set or changed (moving the waiting one), and a
+/// removed date ends it. Checked when segments are.
+#[derive(Debug, Clone)]
+pub struct ProfileDate {
+    pub recheck_on: Vec<String>,
+    pub backfill: bool,
+}
+
+/// The props path of a profile date (`profile.birthday`), if it is one.
+pub fn profile_path(date: &str) -> Option<&str> {
+    date.strip_prefix("profile.").filter(|p| !p.is_empty())
+}
+
 /// The name of the event a segment trigger's journeys enter with: not a name
 /// an application's event has (it holds a colon and the trigger's name).
 pub fn entry_event(trigger: &str) -> String {

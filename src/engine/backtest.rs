@@ -69,9 +69,9 @@ pub fn backtest(
     let t: Trigger = d
         .compile(name, 0)
         .unwrap_or_else(|e| crate::spi_util::invalid(format!("backtest: {e}")));
-    if t.segment.is_some() {
+    if t.watches_profile() {
         crate::spi_util::invalid(
-            "backtest: a segment entry cannot be replayed (there is no history of profiles)",
+            "backtest: a segment entry or a date on the profile cannot be replayed (there is no history of profiles)",
         );
     }
     let (from_us, to_us) = (micros(from), micros(to));

@@ -208,7 +208,7 @@ fn recheck_segments(c: &pgrx::spi::SpiClient<'_>, triggers: &[LiveTrigger], batc
     let segments: Vec<&nudge_core::definition::Trigger> =
         crate::engine::segments::triggers(triggers)
             .into_iter()
-            .filter(|t| t.segment.as_ref().is_some_and(|s| !s.recheck_on.is_empty()))
+            .filter(|t| !t.recheck_on().is_empty())
             .collect();
     if segments.is_empty() {
         return;
@@ -218,9 +218,7 @@ fn recheck_segments(c: &pgrx::spi::SpiClient<'_>, triggers: &[LiveTrigger], batc
         let (Some(u), Some(e), Some(t)) = (u, e, t) else {
             continue;
         };
-        let rechecks = segments
-            .iter()
-            .any(|s| s.segment.as_ref().is_some_and(|g| g.recheck_on.contains(e)));
+        let rechecks = segments.iter().any(|s| s.recheck_on().contains(e));
         if rechecks {
             let at = who.entry(u.clone()).or_insert(i64::MIN);
             *at = (*at).max(micros(*t));

@@ -1,10 +1,11 @@
-//! Segment entry (nudge_core::segment): a user's membership of each segment
-//! trigger's segment is kept in `nudge.segment_members`; when a write of their
-//! profile, or one of the trigger's `recheck_on` events, changes it in the
-//! trigger's direction, capture gets an entry event of the trigger's own
+//! Entries the profile starts (nudge_core::segment): a segment, or a date on
+//! the profile. What the profile says for each such trigger (in the segment,
+//! the date) is kept in `nudge.segment_members`; when a write of the profile,
+//! or one of the trigger's `recheck_on` events, changes it (a segment: in the
+//! trigger's direction), capture gets an entry event of the trigger's own
 //! (`segment:<trigger>`, the profile as its props) and the journey goes on as
-//! any other. The membership row changes once, under its row lock: two
-//! statements that see the same change start one journey.
+//! any other. The row changes once, under its row lock: two statements that
+//! see the same change start one journey.
 
 use crate::catalog::LiveTrigger;
 use crate::engine::capture::Batch;
@@ -15,10 +16,10 @@ use pgrx::JsonB;
 use serde_json::Value;
 use std::collections::HashMap;
 
-/// The segment triggers that may start journeys now.
+/// The triggers the profile starts that may start journeys now.
 pub fn triggers(all: &[LiveTrigger]) -> Vec<&Trigger> {
     all.iter()
-        .filter(|l| l.active && l.trigger.segment.is_some())
+        .filter(|l| l.active && l.trigger.watches_profile())
         .map(|l| &l.trigger)
         .collect()
 }
@@ -41,9 +42,9 @@ pub fn changes(
     let mut users = distinct(who.iter().map(|(u, _)| u.clone()));
     users.sort();
     let profiles = crate::engine::run_due::profiles_of(c, users.clone());
-    let (mut t_names, mut t_users, mut members, mut since) = (vec![], vec![], vec![], vec![]);
+    let (mut t_names, mut t_users, mut members, mut values, mut since) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for t in segments {
-        let seg = t.segment.as_ref().expect("a segment trigger");
         for u in &users {
             // a lookup that failed says nothing about membership
             let p = match profiles.get(u) {
@@ -51,29 +52,33 @@ pub fn changes(
                 Some(Ok(p)) => Some(p),
                 None => None,
             };
+            let (member, value) = t.profile_state(p);
             t_names.push(t.name.clone());
             t_users.push(u.clone());
-            members.push(seg.matches(p));
+            members.push(member);
+            values.push(value);
             since.push(ts(at[u.as_str()]));
         }
     }
     let rows = run(
         c,
-        "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::timestamptz[])
-                              AS u(trigger, user_id, member, since))
-         INSERT INTO nudge.segment_members AS s (trigger, user_id, member, since)
-         SELECT u.trigger, u.user_id, u.member, u.since FROM u
+        "WITH u AS (SELECT * FROM unnest($1::text[], $2::text[], $3::bool[], $4::timestamptz[], $5::text[])
+                              AS u(trigger, user_id, member, since, value))
+         INSERT INTO nudge.segment_members AS s (trigger, user_id, member, since, value)
+         SELECT u.trigger, u.user_id, u.member, u.since, u.value FROM u
           -- only a change is written (and its row locked): outside and never
           -- inside, or unchanged, there is nothing to write
           WHERE NOT EXISTS (SELECT 1 FROM nudge.segment_members x
-                             WHERE x.user_id = u.user_id AND x.trigger = u.trigger AND x.member = u.member)
+                             WHERE x.user_id = u.user_id AND x.trigger = u.trigger
+                               AND x.member = u.member AND x.value IS NOT DISTINCT FROM u.value)
             AND (u.member OR EXISTS (SELECT 1 FROM nudge.segment_members x
                                       WHERE x.user_id = u.user_id AND x.trigger = u.trigger))
           ORDER BY u.user_id, u.trigger
-         ON CONFLICT (user_id, trigger) DO UPDATE SET member = EXCLUDED.member, since = EXCLUDED.since
-          WHERE s.member IS DISTINCT FROM EXCLUDED.member
+         ON CONFLICT (user_id, trigger) DO UPDATE
+            SET member = EXCLUDED.member, value = EXCLUDED.value, since = EXCLUDED.since
+          WHERE s.member IS DISTINCT FROM EXCLUDED.member OR s.value IS DISTINCT FROM EXCLUDED.value
          RETURNING s.trigger, s.user_id, s.member",
-        &[t_names.into(), t_users.into(), members.into(), since.into()],
+        &[t_names.into(), t_users.into(), members.into(), since.into(), values.into()],
         "recording segment membership",
     );
     for r in rows {
@@ -88,7 +93,7 @@ pub fn changes(
             continue;
         };
         // a changed row was the other state before it; a new one, outside
-        if member != t.segment.as_ref().expect("a segment trigger").on_enter {
+        if !t.starts_on_change(member) {
             continue;
         }
         let props = profiles
@@ -136,7 +141,9 @@ pub fn profiles_changed(users: Vec<String>) {
 /// with `"backfill": "qualifying_now"`, they start theirs now. Returns how
 /// many journeys started.
 pub fn snapshot(t: &Trigger) -> i64 {
-    let Some(seg) = &t.segment else { return 0 };
+    if !t.watches_profile() {
+        return 0;
+    }
     let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
     let mut started = 0;
     let mut after = String::new();
@@ -154,7 +161,7 @@ pub fn snapshot(t: &Trigger) -> i64 {
             let who: Vec<(String, i64)> = users.into_iter().map(|u| (u, now)).collect();
             (changes(&c, &[t], &who), last)
         });
-        if seg.backfill && !batch.users.is_empty() {
+        if t.backfills() && !batch.users.is_empty() {
             let users: Vec<String> = batch.users.iter().flatten().cloned().collect();
             crate::engine::capture::capture(batch);
             // what capture started (a paused trigger, the audience or

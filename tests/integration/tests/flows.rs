@@ -797,3 +797,62 @@ fn a_removed_step_ends_its_journeys_and_an_odd_date_enters_nothing() {
         0
     );
 }
+
+/// A date on the profile: set, it starts a journey at the next anniversary
+/// (10:00 where the user lives); changed, it moves the waiting one; removed,
+/// it ends it; written again unchanged, nothing. Who had one when the
+/// trigger was defined starts only with backfill.
+#[test]
+fn a_date_on_the_profile_starts_moves_and_ends_its_journey() {
+    let db = fresh_db("nudge_it_flow_profile_date");
+    let mut c = connect(&db);
+    c.batch_execute(
+        r#"
+        SET timezone = 'UTC';
+        SELECT nudge.define_template('bday', 'Happy birthday', '<p>hi</p>');
+        INSERT INTO nudge.profiles (user_id, email, timezone, attrs) VALUES
+            ('old', 'old@example.com', 'Europe/Berlin', '{"birthday": "1980-07-01"}'),
+            ('u1', 'u1@example.com', 'Europe/Berlin', '{}');
+        SELECT nudge.define_trigger('birthday', '{"on": {"date": "profile.birthday", "every": "year", "at": "10:00"},
+                                                  "template": "bday", "expire_after": "never"}');
+        "#,
+    )
+    .unwrap();
+    let journeys = |c: &mut postgres::Client, t: &str| -> Vec<String> {
+        c.query(
+            "SELECT user_id || ' ' || to_char(due_at AT TIME ZONE 'Europe/Berlin', 'MM-DD HH24:MI') || ' ' || state
+               FROM nudge.enrollments WHERE trigger = $1 ORDER BY user_id, entered_at, id",
+            &[&t],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert!(journeys(&mut c, "birthday").is_empty(), "no backfill by default");
+    for sql in [
+        "UPDATE nudge.profiles SET attrs = '{\"birthday\": \"1990-06-15\"}' WHERE user_id = 'u1'",
+        "UPDATE nudge.profiles SET attrs = '{\"birthday\": \"1990-06-15\", \"x\": 1}' WHERE user_id = 'u1'",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    assert_eq!(journeys(&mut c, "birthday"), ["u1 06-15 10:00 waiting"]);
+    c.batch_execute("UPDATE nudge.profiles SET attrs = '{\"birthday\": \"1990-08-20\"}' WHERE user_id = 'u1'")
+        .unwrap();
+    assert_eq!(
+        journeys(&mut c, "birthday"),
+        ["u1 06-15 10:00 exited", "u1 08-20 10:00 waiting"]
+    );
+    c.batch_execute("UPDATE nudge.profiles SET attrs = '{}' WHERE user_id = 'u1'")
+        .unwrap();
+    assert_eq!(
+        journeys(&mut c, "birthday"),
+        ["u1 06-15 10:00 exited", "u1 08-20 10:00 exited"]
+    );
+    c.batch_execute(
+        "SELECT nudge.define_trigger('birthday_now', '{\"on\": {\"date\": \"profile.birthday\", \"every\": \"year\"},
+                                                      \"backfill\": \"qualifying_now\", \"template\": \"bday\"}')",
+    )
+    .unwrap();
+    assert_eq!(journeys(&mut c, "birthday_now"), ["old 07-01 09:00 waiting"]);
+}
