@@ -506,7 +506,11 @@ impl Definition {
         let on = &self.on;
         on.event.is_empty()
             && on.changed.is_none()
-            && on.date.as_deref().and_then(crate::segment::profile_path).is_some()
+            && on
+                .date
+                .as_deref()
+                .and_then(crate::segment::profile_path)
+                .is_some()
     }
 
     fn profile_date(&self) -> Result<Option<crate::segment::ProfileDate>, String> {
@@ -853,10 +857,10 @@ impl Trigger {
     /// When the first message of a journey anchored at `entered_at` with
     /// these props is due, for a recipient in `tz`: the wait's end, or the
     /// date entry's date.
-    pub fn first_due(&self, entered_at: i64, anchor: &Value, tz: chrono_tz::Tz) -> i64 {
+    pub fn first_due(&self, entered_at: i64, anchor: &Value, tz: chrono_tz::Tz) -> Option<i64> {
         match &self.date {
-            Some(d) => d.due(anchor, tz, entered_at).unwrap_or(entered_at),
-            None => self.due_of(0, entered_at),
+            Some(d) => d.due(anchor, tz, entered_at),
+            None => Some(self.due_of(0, entered_at)),
         }
     }
 

@@ -339,7 +339,9 @@ impl Run<'_> {
             let tz = policy::profile_zone(profile, settings.default_timezone.as_deref());
             // a yearly date's journey comes again: (from, due) of this year's
             let mut entered = w.entered_at;
-            let mut due = t.first_due(entered, &w.anchor, tz);
+            let Some(mut due) = t.first_due(entered, &w.anchor, tz) else {
+                continue;
+            };
             let mut k = 0;
             loop {
                 let step = &t.steps[k].name;

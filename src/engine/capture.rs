@@ -160,7 +160,7 @@ pub fn capture(batch: Batch) {
                 // step's due time leaves it to go, and ends a later step when
                 // run_due finds the exit at that step's send time
                 let step_due = match j.id {
-                    Some(id) => current_due.get(&id).copied().unwrap_or(j.due_at),
+                    Some(id) => Some(current_due.get(&id).copied().unwrap_or(j.due_at)),
                     None => {
                         let anchor = j
                             .anchor
@@ -177,6 +177,9 @@ pub fn capture(batch: Batch) {
                         )
                     }
                 };
+                // a date with no due time in the recipient's zone (at the
+                // edge of the calendar): no journey
+                let Some(step_due) = step_due else { continue };
                 let closes = j.exited.as_ref().is_some_and(|(x, _)| *x < step_due);
                 due_now |= j.id.is_none() && !closes && step_due <= now;
                 writes.add(

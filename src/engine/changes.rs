@@ -1,21 +1,73 @@
 //! Changes as events: a source registered with `nudge.watch_changes(table,
 //! columns)` emits `<column>_changed` when an UPDATE changes one of those
 //! columns (plan changed, trial extended), so that a state table needs no
-//! hand-written events. A row trigger (`UPDATE OF` the columns, `WHEN` one
-//! of them is distinct) queues the events in `nudge.capture_queue`, with
-//! plain heap inserts as deferred capture does; a statement trigger enrolls
-//! them before the statement ends (immediate capture) or leaves them to the
-//! worker (deferred and WAL capture). Like capture, it runs as the updating
-//! role and switches to the extension only for our own statements.
+//! hand-written events. A row trigger (`UPDATE OF` the columns, `WHEN` the
+//! binary images of one of them differ) collects the events of the
+//! statement; a statement trigger writes them into `nudge.events` in one
+//! INSERT, where they are captured as any event is (immediate, deferred or
+//! WAL), kept in the history that exits at send time, repeated entries and
+//! `backtest` read, and dumped with the database. A failure there is a
+//! warning: the application's UPDATE goes on.
 
-use crate::engine::deferred::{capture_pending, jsonb_in, Queue};
-use crate::engine::source_row::row_json_text;
+use crate::engine::source_row::{row_json_text, Column};
 use crate::privilege::as_extension;
-use crate::spi_util::ts;
-use pgrx::prelude::*;
-use serde_json::{Map, Value};
-
+use crate::spi_util::{run, ts};
 use nudge_core::definition::changed_event as event_name;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
+
+/// Events collected from the rows of the running statement, written by its
+/// statement trigger (or, past this many, by the row trigger at once).
+const FLUSH_AT: usize = 10_000;
+
+struct Change {
+    user: String,
+    event: String,
+    at: i64,
+    props: Value,
+}
+
+thread_local! {
+    static PENDING: RefCell<Vec<Change>> = const { RefCell::new(Vec::new()) };
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A statement that fails after its row triggers ran leaves their events
+/// behind: an aborted (sub)transaction drops them, so that no later
+/// statement writes them.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    if event == pg_sys::XactEvent::XACT_EVENT_ABORT
+        || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+    {
+        PENDING.with(|p| p.borrow_mut().clear());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _mine: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        PENDING.with(|p| p.borrow_mut().clear());
+    }
+}
+
+fn listen() {
+    if !CALLBACKS.with(Cell::get) {
+        unsafe {
+            pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+        }
+        CALLBACKS.with(|c| c.set(true));
+    }
+}
 
 /// One updated row: `args[0]` is the source's user column.
 pub unsafe fn capture_row(td: &pg_sys::TriggerData, args: &[String]) {
@@ -26,65 +78,142 @@ pub unsafe fn capture_row(td: &pg_sys::TriggerData, args: &[String]) {
         .unwrap_or_else(|| as_extension(|| Spi::connect(|c| crate::catalog::live_triggers(c))));
     let rel = td.tg_relation;
     let desc = (*rel).rd_att;
-    let json = |tuple: pg_sys::HeapTuple| -> Value {
-        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
-        serde_json::from_str(&row_json_text(datum)).unwrap_or(Value::Null)
-    };
-    let (old, new) = (json(td.tg_trigtuple), json(td.tg_newtuple));
-    let user = match new.get(user_column.as_str()) {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        _ => return,
-    };
-    // the trigger's UPDATE OF columns, by their names now
+    let table = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+    // the trigger's UPDATE OF columns, by their names now, that a trigger watches
     let trigger = td.tg_trigger;
     let attnums = std::slice::from_raw_parts((*trigger).tgattr, (*trigger).tgnattr as usize);
-    let changed: Vec<String> = attnums
+    let atts = (*desc).attrs.as_slice((*desc).natts as usize);
+    let watched: Vec<String> = attnums
         .iter()
-        .filter_map(|n| {
-            let att = (*desc)
-                .attrs
-                .as_slice((*desc).natts as usize)
-                .get(*n as usize - 1)?;
-            let name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr())
+        .filter_map(|n| atts.get((*n as usize).checked_sub(1)?))
+        .map(|a| {
+            CStr::from_ptr(a.attname.data.as_ptr())
                 .to_string_lossy()
-                .into_owned();
-            (old.get(&name) != new.get(&name)).then_some(name)
+                .into_owned()
         })
-        .collect();
-    let watched: Vec<&String> = changed
-        .iter()
-        .filter(|c| catalog.watched.contains(&event_name(c)))
+        .filter(|name| catalog.watched.contains(&event_name(name)))
         .collect();
     if watched.is_empty() {
         return;
     }
+    // the user as the INSERT path reads it (the type's text output)
+    let user = match Column::find(desc, &table, "user_column", user_column) {
+        Ok(Some(col)) => {
+            let n = (*desc).natts as usize;
+            let (mut values, mut nulls) = (vec![pg_sys::Datum::from(0); n], vec![false; n]);
+            pg_sys::heap_deform_tuple(
+                td.tg_newtuple,
+                desc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+            );
+            col.text(&values, &nulls)
+        }
+        _ => None,
+    };
+    let Some(user) = user else { return };
+    let json = |tuple: pg_sys::HeapTuple| -> Option<Value> {
+        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        serde_json::from_str(&row_json_text(datum)).ok()
+    };
+    let (Some(old), Some(new)) = (json(td.tg_trigtuple), json(td.tg_newtuple)) else {
+        warning!("pg_nudge: a change of {table} was not read as JSON; no event for it");
+        return;
+    };
+    let changed: Vec<&String> = watched
+        .iter()
+        .filter(|c| old.get(*c) != new.get(*c))
+        .collect();
+    if changed.is_empty() {
+        return;
+    }
     let previous: Map<String, Value> = changed
         .iter()
-        .map(|c| (c.clone(), old.get(c).cloned().unwrap_or(Value::Null)))
+        .map(|c| ((*c).clone(), old.get(*c).cloned().unwrap_or(Value::Null)))
         .collect();
     let mut props = match new {
         Value::Object(m) => m,
         _ => Map::new(),
     };
     props.insert("previous".into(), Value::Object(previous));
-    let props = jsonb_in(&Value::Object(props).to_string());
-    // the statement's time: two UPDATEs of one transaction are two changes
-    let at = ts(pg_sys::GetCurrentStatementStartTimestamp());
-    let mut q = Queue::open();
-    for column in watched {
-        q.push(&user, &event_name(column), at, props);
+    let mut props = Value::Object(props);
+    // jsonb refuses the NUL character that json keeps
+    strip_nul(&mut props);
+    // the time of the change itself: a procedure's updates hours apart are
+    // hours apart
+    let at = pg_sys::GetCurrentTimestamp();
+    listen();
+    let full = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        for c in changed {
+            p.push(Change {
+                user: user.clone(),
+                event: event_name(c),
+                at,
+                props: props.clone(),
+            });
+        }
+        p.len() >= FLUSH_AT
+    });
+    if full {
+        flush();
     }
-    q.close();
 }
 
-/// After the UPDATE statement: its changes enrolled now, unless capture is
-/// deferred (then the worker takes the queue). In WAL capture too: the slot
-/// carries inserts only, and event time orders a change enrolled before the
-/// inserts the worker has still to read.
+fn strip_nul(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', ""),
+        Value::Array(a) => a.iter_mut().for_each(strip_nul),
+        Value::Object(m) => {
+            let keys: Vec<String> = m.keys().filter(|k| k.contains('\0')).cloned().collect();
+            for k in keys {
+                if let Some(x) = m.remove(&k) {
+                    m.insert(k.replace('\0', ""), x);
+                }
+            }
+            m.values_mut().for_each(strip_nul);
+        }
+        _ => {}
+    }
+}
+
+/// After the UPDATE statement: its changes into `nudge.events`, one INSERT.
 pub fn statement_done() {
-    if crate::settings::DEFERRED_CAPTURE.get() {
+    flush();
+}
+
+fn flush() {
+    let pending: Vec<Change> = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if pending.is_empty() {
         return;
     }
-    as_extension(|| capture_pending(i64::MAX));
+    let n = pending.len();
+    let (mut users, mut events, mut times, mut props) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for c in pending {
+        users.push(c.user);
+        events.push(c.event);
+        times.push(ts(c.at));
+        props.push(JsonB(c.props));
+    }
+    let written = as_extension(|| {
+        crate::isolate::subtransaction(|| {
+            Spi::connect_mut(|c| {
+                run(
+                    c,
+                    "INSERT INTO nudge.events (user_id, event, occurred_at, props)
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::jsonb[])",
+                    &[users.into(), events.into(), times.into(), props.into()],
+                    "writing changes as events",
+                );
+            })
+        })
+    });
+    if let Err(e) = written {
+        warning!("pg_nudge: {n} change events were not written: {e}");
+    }
 }

@@ -143,6 +143,30 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
     })
 }
 
+/// A journey's next step is made when this one is decided, and may come due
+/// before the user's other messages of the batch: caps and priority would
+/// weigh those without it, which a live engine (deciding each message when
+/// it came due) never does. They are left waiting for a later pass, which
+/// sees the step. (A zero wait makes the next step due at the same
+/// instant: what is due then is decided now.)
+fn before_next_steps(due: Vec<Due>, triggers: &HashMap<String, Trigger>) -> Vec<Due> {
+    let mut next: HashMap<String, Micros> = HashMap::new();
+    for d in &due {
+        let t = &triggers[&d.trigger];
+        if d.step + 1 < t.steps.len() {
+            let at = t.due_of(d.step + 1, micros(d.entered_at));
+            let n = next.entry(d.user_id.clone()).or_insert(at);
+            *n = (*n).min(at);
+        }
+    }
+    if next.is_empty() {
+        return due;
+    }
+    due.into_iter()
+        .filter(|d| next.get(&d.user_id).is_none_or(|n| micros(d.due_at) <= *n))
+        .collect()
+}
+
 /// The live triggers that compile, by name.
 pub(super) fn triggers_by_name(c: &SpiClient<'_>) -> HashMap<String, Trigger> {
     live_triggers(c)
@@ -216,6 +240,7 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
     let (due, orphans): (Vec<Due>, Vec<Due>) = due
         .into_iter()
         .partition(|d| triggers.contains_key(&d.trigger));
+    let due = before_next_steps(due, &triggers);
     let mut pass = Pass::default();
     if !orphans.is_empty() {
         let why = || {

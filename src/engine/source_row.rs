@@ -20,7 +20,7 @@ pub struct Column {
 }
 
 impl Column {
-    unsafe fn find(
+    pub(crate) unsafe fn find(
         desc: pg_sys::TupleDesc,
         table: &str,
         role: &str,
