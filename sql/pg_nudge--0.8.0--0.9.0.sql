@@ -359,3 +359,20 @@ BEGIN
     END IF;
 END
 $$;
+
+-- preview renders any step of a journey
+DROP FUNCTION nudge.preview(text, text);
+CREATE FUNCTION nudge."preview"(
+	"trigger" TEXT, /* & str */
+	"user_id" TEXT, /* & str */
+	"step" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS TABLE (
+	"recipient" TEXT,  /* String */
+	"subject" TEXT,  /* String */
+	"html" TEXT,  /* String */
+	"text_body" TEXT  /* Option < String > */
+)
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'preview_wrapper';
+REVOKE ALL ON FUNCTION nudge.preview(text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION nudge.preview(text, text, text) TO nudge_admin;

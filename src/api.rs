@@ -628,11 +628,13 @@ fn set_profile_query(sql: Option<&str>) {
 }
 
 /// What `user_id` would get from `trigger` now: its latest enrollment's anchor
-/// event (or an empty one), its profile, the current template.
+/// event (or an empty one), its profile, the current template (of `step`, by
+/// name, for a journey of several; the first by default).
 #[pg_extern]
 fn preview(
     trigger: &str,
     user_id: &str,
+    step: default!(Option<&str>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -690,9 +692,24 @@ fn preview(
         .flatten()
         .map_or(serde_json::json!({}), |j| j.0);
             let profiles = due::profiles_of(c, vec![user_id.to_owned()]);
+            let k = match step {
+                None => 0,
+                Some(name) => t
+                    .steps
+                    .iter()
+                    .position(|s| s.name == name)
+                    .unwrap_or_else(|| {
+                        let names: Vec<&str> = t.steps.iter().map(|s| s.name.as_str()).collect();
+                        invalid(format!(
+                        "preview: trigger {trigger:?} has no step named {name:?} (its steps: {})",
+                        names.join(", ")
+                    ))
+                    }),
+            };
+            let template = t.step_template(k, None).to_owned();
             let tpls = catalog::templates(
                 c,
-                std::iter::once(t.template.clone())
+                std::iter::once(template.clone())
                     .chain(t.fallback_template.clone())
                     .collect(),
             );
@@ -726,7 +743,7 @@ fn preview(
             let (context, context_error) = due::context_of(&t, user_id, &answers);
             let settings = due::settings(c);
             match compose::compose(
-                due::loaded(&tpls, &t.template),
+                due::loaded(&tpls, &template),
                 t.fallback_template
                     .as_deref()
                     .map(|f| due::loaded(&tpls, f)),

@@ -344,6 +344,28 @@ fn a_bad_step_is_refused_with_its_path() {
         ),
         0
     );
+    // preview renders any step, by name
+    let subject: String = c
+        .query_one(
+            "SELECT subject FROM nudge.preview('cart_flow', 'u1', 'discount')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(subject.starts_with("10% off"), "{subject}");
+    let err = c
+        .query_one(
+            "SELECT subject FROM nudge.preview('cart_flow', 'u1', 'later')",
+            &[],
+        )
+        .unwrap_err();
+    let e = err.as_db_error().expect("a database error");
+    assert_eq!(e.code().code(), "22023");
+    assert!(
+        e.message().contains("its steps: reminder, nudge, discount"),
+        "{}",
+        e.message()
+    );
 }
 
 const SETUP_DATES: &str = r#"
