@@ -231,6 +231,19 @@ fn has_kind(c: &SpiClient<'_>, source: pg_sys::Oid, kind: char) -> bool {
         > 0
 }
 
+fn inherits(c: &SpiClient<'_>, source: pg_sys::Oid) -> bool {
+    or_raise(
+        c.select(
+            "SELECT 1 FROM pg_catalog.pg_inherits WHERE inhrelid = $1 OR inhparent = $1",
+            None,
+            &[source.into()],
+        ),
+        "checking the table",
+    )
+    .len()
+        > 0
+}
+
 fn has_column(c: &SpiClient<'_>, source: pg_sys::Oid, col: &str) -> bool {
     or_raise(
         c.select(
@@ -269,14 +282,15 @@ pub fn watch_changes(source: pg_sys::Oid, columns: Vec<String>) {
                     "watch_changes: {table} is not an event source (nudge.add_source it first)"
                 ));
             };
-            // a statement trigger on a partitioned table does not fire for an
-            // UPDATE of one of its partitions
-            if has_kind(c, source, 'p') {
+            // a statement trigger fires only on the table an UPDATE names:
+            // not on a partitioned table's partitions, nor on an inheritance
+            // child updated through its parent, whose row triggers would fire
+            if has_kind(c, source, 'p') || inherits(c, source) {
                 ereport!(
                     ERROR,
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
-                    format!("watch_changes: {table} is partitioned"),
-                    "watch the changes of its partitions, each registered with nudge.add_source"
+                    format!("watch_changes: {table} is partitioned, a partition, or in an inheritance tree"),
+                    "watch a table that no UPDATE reaches through another one"
                 );
             }
             let mut cols = columns.clone();

@@ -54,6 +54,9 @@ impl DateEntry {
         let at = at
             .map(|a| Clock::parse(a, "on.at").map(|c| c.time()))
             .transpose()?;
+        if every == Some("year") && offset_days.abs() >= 365 {
+            return Err("on.offset: a yearly date moves by less than a year".into());
+        }
         let every_year = match every {
             None => false,
             Some("year") => true,

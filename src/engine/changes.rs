@@ -20,14 +20,19 @@ use std::cell::{Cell, RefCell};
 use std::ffi::CStr;
 
 /// Events collected from the rows of the running statement, written by its
-/// statement trigger (or, past this many, by the row trigger at once).
+/// statement trigger (or, past this many rows or bytes of props, by the row
+/// trigger at once).
 const FLUSH_AT: usize = 10_000;
+const FLUSH_BYTES: usize = 32 * 1024 * 1024;
 
 struct Change {
     user: String,
-    event: String,
+    events: Vec<String>,
     at: i64,
     props: Value,
+    /// The subtransaction the row changed in: its rollback takes the change back.
+    subxact: pg_sys::SubTransactionId,
+    bytes: usize,
 }
 
 thread_local! {
@@ -36,26 +41,36 @@ thread_local! {
 }
 
 /// A statement that fails after its row triggers ran leaves their events
-/// behind: an aborted (sub)transaction drops them, so that no later
-/// statement writes them.
+/// behind: the end of the transaction drops what is left (a commit can only
+/// leave any if a statement trigger did not fire, which `watch_changes`
+/// prevents by refusing partitions and inheritance), so that no later
+/// transaction writes them.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
-    if event == pg_sys::XactEvent::XACT_EVENT_ABORT
-        || event == pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+    use pg_sys::XactEvent::*;
+    if [
+        XACT_EVENT_ABORT,
+        XACT_EVENT_PARALLEL_ABORT,
+        XACT_EVENT_COMMIT,
+        XACT_EVENT_PARALLEL_COMMIT,
+        XACT_EVENT_PREPARE,
+    ]
+    .contains(&event)
     {
         PENDING.with(|p| p.borrow_mut().clear());
     }
 }
 
+/// A rolled-back savepoint takes back the changes made in it, and only those.
 #[pg_guard]
 unsafe extern "C-unwind" fn on_subxact(
     event: pg_sys::SubXactEvent::Type,
-    _mine: pg_sys::SubTransactionId,
+    mine: pg_sys::SubTransactionId,
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
     if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
-        PENDING.with(|p| p.borrow_mut().clear());
+        PENDING.with(|p| p.borrow_mut().retain(|c| c.subxact < mine));
     }
 }
 
@@ -139,21 +154,23 @@ pub unsafe fn capture_row(td: &pg_sys::TriggerData, args: &[String]) {
     let mut props = Value::Object(props);
     // jsonb refuses the NUL character that json keeps
     strip_nul(&mut props);
-    // the time of the change itself: a procedure's updates hours apart are
-    // hours apart
-    let at = pg_sys::GetCurrentTimestamp();
+    // the transaction's time, as now() gives the events it inserts: an
+    // order placed after the change in the same transaction is not before it
+    let at = pg_sys::GetCurrentTransactionStartTimestamp();
     listen();
+    let bytes = props.to_string().len();
+    let subxact = pg_sys::GetCurrentSubTransactionId();
     let full = PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        for c in changed {
-            p.push(Change {
-                user: user.clone(),
-                event: event_name(c),
-                at,
-                props: props.clone(),
-            });
-        }
-        p.len() >= FLUSH_AT
+        p.push(Change {
+            user,
+            events: changed.iter().map(|c| event_name(c)).collect(),
+            at,
+            props,
+            subxact,
+            bytes,
+        });
+        p.len() >= FLUSH_AT || p.iter().map(|c| c.bytes).sum::<usize>() >= FLUSH_BYTES
     });
     if full {
         flush();
@@ -183,23 +200,30 @@ pub fn statement_done() {
 }
 
 fn flush() {
-    let pending: Vec<Change> = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    // this statement's changes: a statement run inside another's trigger
+    // (in a subtransaction of its own) leaves the outer one's for its end
+    let current = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let pending: Vec<Change> = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        let (mine, outer): (Vec<Change>, Vec<Change>) = std::mem::take(&mut *p)
+            .into_iter()
+            .partition(|c| c.subxact >= current);
+        *p = outer;
+        mine
+    });
     if pending.is_empty() {
         return;
     }
-    let n = pending.len();
-    let (mut users, mut events, mut times, mut props) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
+    let (mut users, mut events, mut times, mut props) = (vec![], vec![], vec![], vec![]);
     for c in pending {
-        users.push(c.user);
-        events.push(c.event);
-        times.push(ts(c.at));
-        props.push(JsonB(c.props));
+        for e in c.events {
+            users.push(c.user.clone());
+            events.push(e);
+            times.push(ts(c.at));
+            props.push(JsonB(c.props.clone()));
+        }
     }
+    let n = users.len();
     let written = as_extension(|| {
         crate::isolate::subtransaction(|| {
             Spi::connect_mut(|c| {

@@ -150,21 +150,34 @@ pub fn run_due(as_of: TimestampWithTimeZone, max_messages: i32) -> Pass {
 /// sees the step. (A zero wait makes the next step due at the same
 /// instant: what is due then is decided now.)
 fn before_next_steps(due: Vec<Due>, triggers: &HashMap<String, Trigger>) -> Vec<Due> {
-    let mut next: HashMap<String, Micros> = HashMap::new();
+    // per user: (row, when its next step comes due) of the rows that have one
+    let mut next: HashMap<&str, Vec<(i64, Micros)>> = HashMap::new();
     for d in &due {
         let t = &triggers[&d.trigger];
         if d.step + 1 < t.steps.len() {
-            let at = t.due_of(d.step + 1, micros(d.entered_at));
-            let n = next.entry(d.user_id.clone()).or_insert(at);
-            *n = (*n).min(at);
+            // never before the row itself (a retry moved it later)
+            let at = t
+                .due_of(d.step + 1, micros(d.entered_at))
+                .max(micros(d.due_at));
+            next.entry(d.user_id.as_str()).or_default().push((d.id, at));
         }
     }
     if next.is_empty() {
         return due;
     }
-    due.into_iter()
-        .filter(|d| next.get(&d.user_id).is_none_or(|n| micros(d.due_at) <= *n))
-        .collect()
+    // a row waits only for another row's next step: the user's earliest row
+    // is never held back, so every pass makes progress
+    let held: HashSet<i64> = due
+        .iter()
+        .filter(|d| {
+            next.get(d.user_id.as_str()).is_some_and(|ns| {
+                ns.iter()
+                    .any(|(id, at)| *id != d.id && *at < micros(d.due_at))
+            })
+        })
+        .map(|d| d.id)
+        .collect();
+    due.into_iter().filter(|d| !held.contains(&d.id)).collect()
 }
 
 /// The live triggers that compile, by name.

@@ -112,28 +112,35 @@ pub fn changes(
 /// After a write of `nudge.profiles`: the users' segments, checked as the
 /// extension. A failure here is a warning: the application's write goes on.
 pub fn profiles_changed(users: Vec<String>) {
-    crate::privilege::as_extension(|| {
-        // the membership and the journeys it starts together, or neither: a
-        // change kept without its journey would never start it
-        let result = crate::isolate::subtransaction(|| {
-            let batch = Spi::connect(|c| {
-                let catalog = crate::catalog::live_triggers(&c);
-                let segments = triggers(&catalog.triggers);
-                if segments.is_empty() {
-                    return Batch::default();
+    // a large write (a COPY of profiles) is checked a part at a time, each in
+    // a subtransaction of its own: a part that fails loses only its own checks
+    for part in users.chunks(10_000) {
+        crate::privilege::as_extension(|| {
+            // the membership and the journeys it starts together, or neither: a
+            // change kept without its journey would never start it
+            let result = crate::isolate::subtransaction(|| {
+                let batch = Spi::connect(|c| {
+                    let catalog = crate::catalog::live_triggers(&c);
+                    let segments = triggers(&catalog.triggers);
+                    if segments.is_empty() {
+                        return Batch::default();
+                    }
+                    let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+                    let who: Vec<(String, i64)> = part.iter().map(|u| (u.clone(), now)).collect();
+                    changes(&c, &segments, &who)
+                });
+                if !batch.users.is_empty() {
+                    crate::engine::capture::capture(batch);
                 }
-                let now = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-                let who: Vec<(String, i64)> = users.iter().map(|u| (u.clone(), now)).collect();
-                changes(&c, &segments, &who)
             });
-            if !batch.users.is_empty() {
-                crate::engine::capture::capture(batch);
+            if let Err(e) = result {
+                warning!(
+                    "pg_nudge: checking segments of {} users failed: {e}",
+                    part.len()
+                );
             }
         });
-        if let Err(e) = result {
-            warning!("pg_nudge: checking segments failed: {e}");
-        }
-    });
+    }
 }
 
 /// When a segment trigger is defined: records who is in its segment now

@@ -727,6 +727,20 @@ fn an_update_of_a_watched_column_is_an_event() {
         count(&mut c, "SELECT count(*) FROM nudge.all_events WHERE event = 'plan_changed' AND user_id = 'ann'"),
         1
     );
+    // a savepoint rolled back takes back its own changes, not the others
+    c.batch_execute(
+        "BEGIN;
+         UPDATE app.accounts SET plan = 'team' WHERE id = 'a1';
+         SAVEPOINT s;
+         UPDATE app.accounts SET plan = 'team' WHERE id = 'b1';
+         ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.all_events WHERE event = 'plan_changed' AND props->>'plan' = 'team'"),
+        1
+    );
     // a partitioned table: its partitions' updates would fire no statement trigger
     let err = c
         .batch_execute(
@@ -823,6 +837,22 @@ fn a_removed_step_ends_its_journeys_and_an_odd_date_enters_nothing() {
         .unwrap();
     assert_eq!((state.as_str(), rule.as_str()), ("failed", "definition"));
     assert!(reason.contains("step 2 is no longer"), "{reason}");
+    // a one-message journey due in three days, its trigger redefined as two
+    // steps of a day: the waiting row is later than its own next step, and is
+    // decided all the same (it was held back by that step, for ever)
+    c.batch_execute(
+        r#"
+        SELECT nudge.define_trigger('later', '{"on": {"event": "b"}, "wait": "3 days", "template": "t"}');
+        SELECT nudge.track('u1', 'b', '{}', now() - interval '1 minute');
+        SELECT nudge.define_trigger('later', '{"on": {"event": "b"}, "steps": [{"wait": "1 day", "template": "t"}, {"wait": "1 day", "template": "t"}]}');
+        SELECT nudge.run_due(now() + interval '3 days 1 hour');
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'later' AND step = 0 AND state = 'sent'"),
+        1
+    );
     for odd in [
         "-5000-01-01",
         "+262143-12-31",
