@@ -46,6 +46,27 @@ fn history() -> Vec<(String, String, String, i64)> {
     out
 }
 
+/// The whole history in one INSERT, as a bulk load would bring it.
+fn load(c: &mut postgres::Client, events: &[(String, String, String, i64)]) {
+    let col = |f: fn(&(String, String, String, i64)) -> String| -> Vec<String> {
+        events.iter().map(f).collect()
+    };
+    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
+    c.execute(
+        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
+        &[
+            &col(|e| e.0.clone()),
+            &col(|e| e.1.clone()),
+            &col(|e| e.2.clone()),
+            &secs,
+            &START,
+        ],
+    )
+    .unwrap();
+}
+
 /// Users with an even number open their reminder ten minutes after it went.
 const OPEN_REMINDERS: &str = "
     SELECT count(nudge.record_engagement(o.message_key, 'opened', o.scheduled_at + interval '10 minutes'))
@@ -127,23 +148,7 @@ fn a_three_step_flow_with_a_branch_and_exits_is_the_same_lived_loaded_and_backte
     let bulk = fresh_db("nudge_it_flow_bulk");
     let mut b = connect(&bulk);
     b.batch_execute(SETUP).unwrap();
-    let col = |f: fn(&(String, String, String, i64)) -> String| -> Vec<String> {
-        events.iter().map(f).collect()
-    };
-    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
-    b.execute(
-        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
-        &[
-            &col(|e| e.0.clone()),
-            &col(|e| e.1.clone()),
-            &col(|e| e.2.clone()),
-            &secs,
-            &START,
-        ],
-    )
-    .unwrap();
+    load(&mut b, &events);
     // each pass decides a step of every journey (and what is due before the
     // next steps): the opens of the reminders are recorded between passes,
     // before the step that reads them
@@ -967,27 +972,11 @@ fn concurrent_passes_decide_each_step_as_one_pass_does() {
     "#;
     let events = history();
     let end = (events.last().unwrap().3 + 5 * 86_400) as f64;
-    let load = |name: &str| -> String {
+    let loaded = |name: &str| -> String {
         let db = fresh_db(name);
         let mut c = connect(&db);
         c.batch_execute(setup).unwrap();
-        let col = |f: fn(&(String, String, String, i64)) -> String| -> Vec<String> {
-            events.iter().map(f).collect()
-        };
-        let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
-        c.execute(
-            "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-             SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
-               FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
-            &[
-                &col(|e| e.0.clone()),
-                &col(|e| e.1.clone()),
-                &col(|e| e.2.clone()),
-                &secs,
-                &START,
-            ],
-        )
-        .unwrap();
+        load(&mut c, &events);
         db
     };
     let due_all = "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)";
@@ -1000,12 +989,12 @@ fn concurrent_passes_decide_each_step_as_one_pass_does() {
             ),
         )
     };
-    let one = load("nudge_it_flow_one");
+    let one = loaded("nudge_it_flow_one");
     let mut c = connect(&one);
     while left(&mut c) > 0 {
         c.query_one(due_all, &[&START, &end]).unwrap();
     }
-    let many = load("nudge_it_flow_many");
+    let many = loaded("nudge_it_flow_many");
     let passes: Vec<_> = (0..3)
         .map(|_| {
             let db = many.clone();
