@@ -18,14 +18,15 @@ DROP FUNCTION nudge.compare_arms(timestamptz, timestamptz);
 DROP FUNCTION nudge.explain(text, text);
 DROP FUNCTION nudge.backtest(jsonb, timestamptz, timestamptz, text);
 
--- A step's name, as the trigger's latest definition calls it: its "name",
--- else its number ("1", "2", ...; a definition without steps is step "1").
-CREATE FUNCTION nudge._step_name(trigger text, step int) RETURNS text
+-- A step's name, as the trigger's version that made the enrollment calls
+-- it: its "name", else its number ("1", "2", ...; a definition without steps
+-- is step "1"). A step inserted in a later version does not rename the
+-- journeys of an earlier one.
+CREATE FUNCTION nudge._step_name(trigger text, version int, step int) RETURNS text
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     SELECT coalesce((SELECT v.definition->'steps'->_step_name.step->>'name'
                        FROM nudge.trigger_versions v
-                      WHERE v.trigger = _step_name.trigger
-                      ORDER BY v.version DESC LIMIT 1),
+                      WHERE v.trigger = _step_name.trigger AND v.version = _step_name.version),
                     (_step_name.step + 1)::text)
 $$;
 
@@ -49,7 +50,7 @@ BEGIN
     SELECT s.at, s.step, s.detail, s.rule FROM (
         SELECT e.entered_at AS at, 0 AS o, e.id, 'entered' AS step,
                'v' || e.trigger_version || CASE WHEN e.key <> '' THEN ' key ' || e.key ELSE '' END
-               || CASE WHEN flow THEN ', step ' || nudge._step_name(e.trigger, 0) ELSE '' END
+               || CASE WHEN flow THEN ', step ' || nudge._step_name(e.trigger, e.trigger_version, 0) ELSE '' END
                || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC'
                || coalesce(', arm ' || e.variant, '') AS detail,
                NULL::text AS rule
@@ -58,7 +59,7 @@ BEGIN
         UNION ALL
         -- a later step: it waits from the decision of the step before it
         SELECT e.created_at, 3, e.id, 'next step',
-               'step ' || nudge._step_name(e.trigger, e.step)
+               'step ' || nudge._step_name(e.trigger, e.trigger_version, e.step)
                || CASE WHEN e.key <> '' THEN ' (key ' || e.key || ')' ELSE '' END
                || ', due ' || to_char(e.due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC',
                NULL::text
@@ -76,7 +77,7 @@ BEGIN
         -- what run_due (or claim) decided: the enrollment's state, rule and
         -- reason; an exit at capture is the journal's line above
         SELECT CASE WHEN e.state = 'exited' THEN e.exited_at ELSE e.due_at END, 2, e.id, e.state,
-               CASE WHEN flow THEN 'step ' || nudge._step_name(e.trigger, e.step)
+               CASE WHEN flow THEN 'step ' || nudge._step_name(e.trigger, e.trigger_version, e.step)
                                    || CASE WHEN e.key <> '' THEN ' (key ' || e.key || ')' ELSE '' END || ': '
                     ELSE '' END || e.reason,
                e.rule
@@ -110,9 +111,12 @@ RETURNS TABLE (
     step text, skipped bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
     WITH e AS (
+        -- a step by the name its version gave it
         SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
-               coalesce(en.variant, 'default') AS arm, en.step
+               coalesce(en.variant, 'default') AS arm, en.step AS place,
+               coalesce(v.definition->'steps'->en.step->>'name', (en.step + 1)::text) AS step
           FROM nudge.enrollments en
+          LEFT JOIN nudge.trigger_versions v ON v.trigger = en.trigger AND v.version = en.trigger_version
          WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
     goal AS (
         SELECT DISTINCT ON (v.trigger) v.trigger, v.definition->'goal'->>'event' AS event,
@@ -136,7 +140,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
          WHERE ev.occurred_at <= x.sent_at + g.within
          GROUP BY x.id),
     arms AS (
-        SELECT e.trigger, e.arm, e.step,
+        SELECT e.trigger, e.arm, e.step, min(e.place) AS place,
                count(*) AS entered,
                count(*) FILTER (WHERE e.state = 'exited') AS exited,
                count(*) FILTER (WHERE e.state = 'suppressed') AS suppressed,
@@ -164,12 +168,12 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
            a.held_out, a.sent, a.delivered, a.opened, a.clicked,
            a.converted, a.converted::float8 / nullif(a.sent + a.held_out, 0), a.revenue,
            u.uplift, u.ci_low, u.ci_high, u.p_value,
-           nudge._step_name(a.trigger, a.step), a.skipped
+           a.step, a.skipped
       FROM arms a
       LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm AND r.step = a.step
       LEFT JOIN arms h ON h.trigger = a.trigger AND h.step = a.step AND h.arm = 'holdout' AND a.arm <> 'holdout'
       LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
-     ORDER BY a.trigger, a.step, a.arm
+     ORDER BY a.trigger, a.place, a.step, a.arm
 $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
@@ -192,7 +196,6 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
      ORDER BY b.trigger, b.step, a.arm, b.arm
 $$;
 
-
 -- backtest reports per step
 CREATE FUNCTION nudge."backtest"(
 	"definition" jsonb, /* JsonB */
@@ -208,10 +211,10 @@ CREATE FUNCTION nudge."backtest"(
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'backtest_wrapper';
 
-REVOKE ALL ON FUNCTION nudge._step_name(text, int), nudge.explain(text, text),
+REVOKE ALL ON FUNCTION nudge._step_name(text, int, int), nudge.explain(text, text),
     nudge.trigger_stats(timestamptz, timestamptz), nudge.compare_arms(timestamptz, timestamptz),
     nudge.backtest(jsonb, timestamptz, timestamptz, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION nudge._step_name(text, int), nudge.explain(text, text),
+GRANT EXECUTE ON FUNCTION nudge._step_name(text, int, int), nudge.explain(text, text),
     nudge.trigger_stats(timestamptz, timestamptz), nudge.compare_arms(timestamptz, timestamptz),
     nudge.backtest(jsonb, timestamptz, timestamptz, text) TO nudge_admin;
 GRANT SELECT ON nudge.trigger_stats TO nudge_admin;

@@ -248,7 +248,7 @@ fn a_three_step_flow_with_a_branch_and_exits_is_the_same_lived_loaded_and_backte
     // backtest of the live trigger, per step, against what it did
     let live_counts: BTreeMap<(String, String), i64> = c
         .query(
-            "SELECT nudge._step_name('cart_flow', step),
+            "SELECT nudge._step_name('cart_flow', trigger_version, step),
                     CASE state WHEN 'sent' THEN 'sent' WHEN 'exited' THEN 'exited' WHEN 'held_out' THEN 'held out'
                                ELSE state || ': ' || rule END, count(*)
                FROM nudge.enrollments GROUP BY 1, 2
@@ -858,6 +858,24 @@ fn a_removed_step_ends_its_journeys_and_an_odd_date_enters_nothing() {
         count(&mut c, "SELECT count(*) FROM nudge.enrollments WHERE trigger = 'later' AND step = 0 AND state = 'sent'"),
         1
     );
+    // a step inserted by a new version does not rename the older journeys'
+    // steps in trigger_stats
+    c.batch_execute(
+        r#"
+        SELECT nudge.define_trigger('named', '{"on": {"event": "n"}, "steps": [{"name": "first", "template": "t"}]}');
+        SELECT nudge.track('u1', 'n', '{}', now() - interval '1 minute');
+        SELECT nudge.run_due(now());
+        SELECT nudge.define_trigger('named', '{"on": {"event": "n"}, "steps": [{"name": "intro", "template": "t"}, {"name": "first", "template": "t"}]}');
+        "#,
+    )
+    .unwrap();
+    let steps: Vec<String> = c
+        .query("SELECT step FROM nudge.trigger_stats WHERE trigger = 'named'", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(steps, ["first"]);
     for odd in [
         "-5000-01-01",
         "+262143-12-31",
