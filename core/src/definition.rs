@@ -612,8 +612,8 @@ impl Definition {
         if self.wait.is_some() {
             return Err("wait: a date entry is due at its date (move it with on.offset)".into());
         }
-        if !self.steps.is_empty() {
-            return Err("steps: not with on.date in this version (one message at the date)".into());
+        if !self.steps.is_empty() && on.every.is_some() {
+            return Err("steps: not with on.every in this version (one message a year)".into());
         }
         if on.min_count.is_some() {
             return Err("on.min_count: not with on.date".into());
@@ -858,10 +858,26 @@ impl Trigger {
     /// these props is due, for a recipient in `tz`: the wait's end, or the
     /// date entry's date.
     pub fn first_due(&self, entered_at: i64, anchor: &Value, tz: chrono_tz::Tz) -> Option<i64> {
-        match &self.date {
-            Some(d) => d.due(anchor, tz, entered_at),
-            None => Some(self.due_of(0, entered_at)),
-        }
+        self.step_due(0, entered_at, anchor, tz)
+    }
+
+    /// When step `k` is due: the anchor's time plus the step's offset, or,
+    /// for a date entry, the date's due time plus it (a step after "three
+    /// days before" waits from there).
+    pub fn step_due(
+        &self,
+        k: usize,
+        entered_at: i64,
+        anchor: &Value,
+        tz: chrono_tz::Tz,
+    ) -> Option<i64> {
+        let Some(d) = &self.date else {
+            return Some(self.due_of(k, entered_at));
+        };
+        let offset = self.steps.get(k).map_or(0, |s| s.offset_us);
+        d.due(anchor, tz, entered_at)?
+            .checked_add(offset)
+            .filter(|due| crate::time::is_event_time(*due))
     }
 
     /// Whether this event ends the journey at step `k`: one of the journey's

@@ -304,6 +304,10 @@ impl Run<'_> {
         let settings = settings(c);
         // engagement with earlier steps, for every step that branches
         let mut at = vec![];
+        let zone = |user: &str| {
+            let profile = profiles.get(user).and_then(|p| p.as_ref().ok());
+            policy::profile_zone(profile, settings.default_timezone.as_deref())
+        };
         for w in &self.walks {
             for k in 1..t.steps.len() {
                 at.push(crate::engine::engagement::At {
@@ -313,6 +317,10 @@ impl Run<'_> {
                     key: &w.key,
                     entered_at: w.entered_at,
                     step: k,
+                    due: t
+                        .date
+                        .as_ref()
+                        .and_then(|_| t.step_due(k, w.entered_at, &w.anchor, zone(&w.user))),
                 });
             }
         }
@@ -335,8 +343,7 @@ impl Run<'_> {
             ),
         };
         for (wi, w) in self.walks.iter().enumerate() {
-            let profile = profiles.get(&w.user).and_then(|p| p.as_ref().ok());
-            let tz = policy::profile_zone(profile, settings.default_timezone.as_deref());
+            let tz = zone(&w.user);
             // a yearly date's journey comes again: (from, due) of this year's
             let mut entered = w.entered_at;
             let Some(mut due) = t.first_due(entered, &w.anchor, tz) else {
@@ -346,7 +353,10 @@ impl Run<'_> {
             loop {
                 let step = &t.steps[k].name;
                 if k > 0 {
-                    due = t.due_of(k, w.entered_at);
+                    let Some(at) = t.step_due(k, w.entered_at, &w.anchor, tz) else {
+                        break;
+                    };
+                    due = at;
                 }
                 let exit = w.exits[k].iter().find(|x| **x >= entered && **x < due);
                 if let Some(&x) = exit {

@@ -19,6 +19,9 @@ pub struct At<'a> {
     pub key: &'a str,
     pub entered_at: i64,
     pub step: usize,
+    /// The step's due time when the caller knows it (a date entry's, which
+    /// needs the recipient's zone); else the anchor's time plus its offset.
+    pub due: Option<i64>,
 }
 
 /// Per index of `at`, the engagement of its journey's earlier steps by
@@ -48,7 +51,11 @@ pub fn engagement(
     let step: Vec<i32> = wanted.iter().map(|i| at[*i].step as i32).collect();
     let due: Vec<TimestampWithTimeZone> = wanted
         .iter()
-        .map(|i| ts(at[*i].trigger.due_of(at[*i].step, at[*i].entered_at)))
+        .map(|i| {
+            let a = &at[*i];
+            ts(a.due
+                .unwrap_or_else(|| a.trigger.due_of(a.step, a.entered_at)))
+        })
         .collect();
     let rows = run(
         c,

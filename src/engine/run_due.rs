@@ -155,10 +155,14 @@ fn before_next_steps(due: Vec<Due>, triggers: &HashMap<String, Trigger>) -> Vec<
     for d in &due {
         let t = &triggers[&d.trigger];
         if d.step + 1 < t.steps.len() {
-            // never before the row itself (a retry moved it later)
-            let at = t
-                .due_of(d.step + 1, micros(d.entered_at))
-                .max(micros(d.due_at));
+            // never before the row itself (a retry moved it later); a date
+            // entry's steps are as far apart as their offsets
+            let at = match &t.date {
+                Some(_) => micros(d.due_at)
+                    .saturating_add(t.steps[d.step + 1].offset_us - t.steps[d.step].offset_us),
+                None => t.due_of(d.step + 1, micros(d.entered_at)),
+            }
+            .max(micros(d.due_at));
             next.entry(d.user_id.as_str()).or_default().push((d.id, at));
         }
     }
@@ -287,13 +291,23 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
                 .flat_map(|t| t.templates().map(str::to_owned)),
         ),
     );
-    let engagement = engagement_of(c, &due, &triggers);
+    let settings = settings(c);
+    // the recipients' zones, for the due times of date entries' steps
+    let zones: HashMap<String, nudge_core::policy::Tz> = due
+        .iter()
+        .filter(|d| triggers[&d.trigger].date.is_some())
+        .map(|d| {
+            let p = profile_of(&profiles, &d.user_id);
+            let tz = policy::profile_zone(p, settings.default_timezone.as_deref());
+            (d.user_id.clone(), tz)
+        })
+        .collect();
+    let engagement = engagement_of(c, &due, &triggers, &zones);
     let suppressed = suppressions(c, users.clone(), &profiles);
     let consent = consent_of(c, users);
     let secret = unsubscribe_secret(c);
     let answers = user_sql_answers(c, &due, &exits, &triggers);
 
-    let settings = settings(c);
     let backoff = crate::settings::backoff();
 
     // First the per-message checks; what survives them is a candidate.
@@ -508,16 +522,6 @@ fn decide(c: &mut SpiClient<'_>, due: Vec<Due>, as_of: TimestampWithTimeZone) ->
         .map(|o| o.expect("every enrollment has an outcome"))
         .collect();
     let written = out.insert(c);
-    // the recipients' zones, for next year's date of a yearly date entry
-    let zones: HashMap<String, nudge_core::policy::Tz> = due
-        .iter()
-        .filter(|d| triggers[&d.trigger].date.is_some())
-        .map(|d| {
-            let p = profile_of(&profiles, &d.user_id);
-            let tz = policy::profile_zone(p, settings.default_timezone.as_deref());
-            (d.user_id.clone(), tz)
-        })
-        .collect();
     pass + record(c, &due, outcomes, &triggers, &zones)
         + Pass {
             written,
@@ -1109,16 +1113,28 @@ fn engagement_of(
     c: &SpiClient<'_>,
     due: &[Due],
     triggers: &HashMap<String, Trigger>,
+    zones: &HashMap<String, nudge_core::policy::Tz>,
 ) -> HashMap<usize, std::collections::BTreeMap<String, nudge_core::flow::Engagement>> {
     let at: Vec<super::engagement::At<'_>> = due
         .iter()
-        .map(|d| super::engagement::At {
-            trigger: &triggers[&d.trigger],
-            stored_as: &d.trigger,
-            user: &d.user_id,
-            key: &d.key,
-            entered_at: micros(d.entered_at),
-            step: d.step,
+        .map(|d| {
+            let t = &triggers[&d.trigger];
+            let tz = zones
+                .get(&d.user_id)
+                .copied()
+                .unwrap_or(nudge_core::policy::Tz::UTC);
+            super::engagement::At {
+                trigger: t,
+                stored_as: &d.trigger,
+                user: &d.user_id,
+                key: &d.key,
+                entered_at: micros(d.entered_at),
+                step: d.step,
+                due: t
+                    .date
+                    .as_ref()
+                    .and_then(|_| t.step_due(d.step, micros(d.entered_at), &d.anchor, tz)),
+            }
         })
         .collect();
     super::engagement::engagement(c, &at)
@@ -1266,7 +1282,13 @@ fn record(
             let end = o.step_end()?;
             let entered = micros(d.entered_at);
             match flow::after(&t.steps, d.step, end) {
-                Next::Step(k) => Some((i, k, entered, t.due_of(k, entered))),
+                Next::Step(k) => {
+                    let tz = zones
+                        .get(&d.user_id)
+                        .copied()
+                        .unwrap_or(nudge_core::policy::Tz::UTC);
+                    Some((i, k, entered, t.step_due(k, entered, &d.anchor, tz)?))
+                }
                 Next::End => {
                     let date = t.date.as_ref().filter(|d| d.every_year)?;
                     if end == StepEnd::Stopped(Rule::Exit) {

@@ -383,6 +383,10 @@ const SETUP_DATES: &str = r#"
     SELECT nudge.define_trigger('birthday', '{
         "on": {"event": "signed_up", "date": "birthday", "every": "year", "at": "10:00"},
         "template": "bday", "expire_after": "never"}');
+    SELECT nudge.define_trigger('trial_two', '{
+        "on": {"event": "trial_started", "key": "account", "date": "trial_ends_at", "offset": "-3 days", "at": "09:00"},
+        "unless": [{"event": "purchased"}], "expire_after": "never",
+        "steps": [{"name": "early", "template": "ending"}, {"name": "day", "wait": "3 days", "template": "ending"}]}');
     INSERT INTO nudge.profiles (user_id, email, timezone) VALUES
         ('berlin', 'b@example.com', 'Europe/Berlin'), ('berlin2', 'b2@example.com', 'Europe/Berlin'),
         ('york', 'y@example.com', 'America/New_York'), ('moved', 'm@example.com', 'Europe/Berlin'),
@@ -461,6 +465,42 @@ fn a_date_trigger_goes_at_the_local_hour_across_dst_and_follows_its_date() {
             "moved 2026-04-13 07:00 Your trial ends Apr 16",
         ]
     );
+
+    // a date entry of two steps: three days before at 09:00, then on the day
+    let two: Vec<String> = c
+        .query(
+            "SELECT step || ' ' || to_char(due_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' ' || state
+               FROM nudge.enrollments WHERE trigger = 'trial_two' AND user_id = 'berlin2' ORDER BY step",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(two, ["0 2026-03-30 07:00 sent", "1 2026-04-02 07:00 sent"]);
+    // the period's last steps, then the backtest of the same period
+    c.batch_execute("SELECT nudge.run_due('2026-05-01 00:00+00')")
+        .unwrap();
+    let per_step = |c: &mut postgres::Client, sql: &str| -> BTreeMap<(String, String), i64> {
+        c.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect()
+    };
+    let replayed = per_step(
+        &mut c,
+        "SELECT step, outcome, journeys FROM nudge.backtest(
+             (SELECT definition FROM nudge.trigger_versions WHERE trigger = 'trial_two'),
+             '2026-03-01', '2026-05-01', 'trial_two')",
+    );
+    let lived = per_step(
+        &mut c,
+        "SELECT nudge._step_name('trial_two', trigger_version, step), state, count(*) FROM nudge.enrollments
+          WHERE trigger = 'trial_two' GROUP BY 1, 2
+         UNION ALL SELECT 'early', 'entered', count(*) FROM nudge.enrollments WHERE trigger = 'trial_two' AND step = 0",
+    );
+    assert_eq!(replayed, lived);
 
     // the birthday: 5 March, four days after sign-up, 10:00 in Berlin; once
     // decided, the next year's waits
@@ -870,7 +910,10 @@ fn a_removed_step_ends_its_journeys_and_an_odd_date_enters_nothing() {
     )
     .unwrap();
     let steps: Vec<String> = c
-        .query("SELECT step FROM nudge.trigger_stats WHERE trigger = 'named'", &[])
+        .query(
+            "SELECT step FROM nudge.trigger_stats WHERE trigger = 'named'",
+            &[],
+        )
         .unwrap()
         .iter()
         .map(|r| r.get(0))
