@@ -218,43 +218,13 @@ fn check_safe_to_read(c: &SpiClient<'_>, source: pg_sys::Oid, table: &str) {
     }
 }
 
-fn has_kind(c: &SpiClient<'_>, source: pg_sys::Oid, kind: char) -> bool {
-    or_raise(
-        c.select(
-            "SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1 AND relkind = $2::\"char\"",
-            None,
-            &[source.into(), kind.to_string().into()],
-        ),
-        "checking the table",
-    )
-    .len()
-        > 0
-}
-
-fn inherits(c: &SpiClient<'_>, source: pg_sys::Oid) -> bool {
-    or_raise(
-        c.select(
-            "SELECT 1 FROM pg_catalog.pg_inherits WHERE inhrelid = $1 OR inhparent = $1",
-            None,
-            &[source.into()],
-        ),
-        "checking the table",
-    )
-    .len()
-        > 0
-}
-
 fn has_column(c: &SpiClient<'_>, source: pg_sys::Oid, col: &str) -> bool {
-    or_raise(
-        c.select(
-            "SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-            None,
-            &[source.into(), col.into()],
-        ),
+    flag(
+        c,
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+        &[source.into(), col.into()],
         "checking columns",
     )
-    .len()
-        > 0
 }
 
 /// `nudge.watch_changes`: an UPDATE that changes one of `columns` of a
@@ -285,7 +255,14 @@ pub fn watch_changes(source: pg_sys::Oid, columns: Vec<String>) {
             // a statement trigger fires only on the table an UPDATE names:
             // not on a partitioned table's partitions, nor on an inheritance
             // child updated through its parent, whose row triggers would fire
-            if has_kind(c, source, 'p') || inherits(c, source) {
+            let reached_through_another = flag(
+                c,
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1 AND relkind = 'p')
+                     OR EXISTS (SELECT 1 FROM pg_catalog.pg_inherits WHERE inhrelid = $1 OR inhparent = $1)",
+                &[source.into()],
+                "checking the table",
+            );
+            if reached_through_another {
                 ereport!(
                     ERROR,
                     PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,

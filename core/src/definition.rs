@@ -517,23 +517,24 @@ impl Definition {
         if !self.is_profile_date() {
             return Ok(None);
         }
-        for (k, given) in [
-            ("where", self.on.filter.is_some()),
-            ("key", self.on.key.is_some()),
-        ] {
-            if given {
-                return Err(format!(
-                    "on.{k}: not with a date on the profile (one journey per user and date)"
-                ));
-            }
-        }
+        refuse(
+            &[
+                ("where", self.on.filter.is_some()),
+                ("key", self.on.key.is_some()),
+            ],
+            "a date on the profile (one journey per user and date)",
+        )?;
+        Ok(Some(crate::segment::ProfileDate {
+            recheck_on: self.recheck_on_checked()?,
+            backfill: self.backfill.as_deref() == Some("qualifying_now"),
+        }))
+    }
+
+    fn recheck_on_checked(&self) -> Result<Vec<String>, String> {
         for (i, e) in self.on.recheck_on.iter().enumerate() {
             non_empty(e, &format!("on.recheck_on[{i}]"))?;
         }
-        Ok(Some(crate::segment::ProfileDate {
-            recheck_on: self.on.recheck_on.clone(),
-            backfill: self.backfill.as_deref() == Some("qualifying_now"),
-        }))
+        Ok(self.on.recheck_on.clone())
     }
 
     fn segment(&self) -> Result<Option<crate::segment::Segment>, String> {
@@ -568,27 +569,21 @@ impl Definition {
                 return Ok(None);
             }
         };
-        for (k, given) in [
-            ("event", !on.event.is_empty()),
-            ("changed", on.changed.is_some()),
-            ("where", on.filter.is_some()),
-            ("key", on.key.is_some()),
-            ("min_count", on.min_count.is_some()),
-            ("date", on.date.is_some()),
-        ] {
-            if given {
-                return Err(format!(
-                    "on.{k}: not with {key} (the journey starts on the segment, not on an event)"
-                ));
-            }
-        }
-        for (i, e) in on.recheck_on.iter().enumerate() {
-            non_empty(e, &format!("on.recheck_on[{i}]"))?;
-        }
+        refuse(
+            &[
+                ("event", !on.event.is_empty()),
+                ("changed", on.changed.is_some()),
+                ("where", on.filter.is_some()),
+                ("key", on.key.is_some()),
+                ("min_count", on.min_count.is_some()),
+                ("date", on.date.is_some()),
+            ],
+            &format!("{key} (the journey starts on the segment, not on an event)"),
+        )?;
         Ok(Some(crate::segment::Segment {
             predicate: Predicate::parse(pred, key)?,
             on_enter,
-            recheck_on: on.recheck_on.clone(),
+            recheck_on: self.recheck_on_checked()?,
             backfill,
         }))
     }
@@ -980,6 +975,14 @@ fn key_path(k: &str, at: &str) -> Result<Vec<String>, String> {
         ));
     }
     Ok(path)
+}
+
+/// The first of these `on` keys that is given where it has no meaning.
+fn refuse(given: &[(&str, bool)], with: &str) -> Result<(), String> {
+    match given.iter().find(|(_, g)| *g) {
+        Some((k, _)) => Err(format!("on.{k}: not with {with}")),
+        None => Ok(()),
+    }
 }
 
 fn non_empty(s: &str, at: &str) -> Result<(), String> {

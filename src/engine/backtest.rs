@@ -317,10 +317,8 @@ impl Run<'_> {
                     key: &w.key,
                     entered_at: w.entered_at,
                     step: k,
-                    due: t
-                        .date
-                        .as_ref()
-                        .and_then(|_| t.step_due(k, w.entered_at, &w.anchor, zone(&w.user))),
+                    anchor: &w.anchor,
+                    tz: zone(&w.user),
                 });
             }
         }

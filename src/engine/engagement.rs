@@ -19,9 +19,10 @@ pub struct At<'a> {
     pub key: &'a str,
     pub entered_at: i64,
     pub step: usize,
-    /// The step's due time when the caller knows it (a date entry's, which
-    /// needs the recipient's zone); else the anchor's time plus its offset.
-    pub due: Option<i64>,
+    /// The anchor's props and the recipient's zone: a date entry's steps are
+    /// due from the date, at a local time.
+    pub anchor: &'a serde_json::Value,
+    pub tz: nudge_core::policy::Tz,
 }
 
 /// Per index of `at`, the engagement of its journey's earlier steps by
@@ -53,8 +54,8 @@ pub fn engagement(
         .iter()
         .map(|i| {
             let a = &at[*i];
-            ts(a.due
-                .unwrap_or_else(|| a.trigger.due_of(a.step, a.entered_at)))
+            let due = a.trigger.step_due(a.step, a.entered_at, a.anchor, a.tz);
+            ts(due.unwrap_or(a.entered_at))
         })
         .collect();
     let rows = run(

@@ -155,14 +155,10 @@ fn before_next_steps(due: Vec<Due>, triggers: &HashMap<String, Trigger>) -> Vec<
     for d in &due {
         let t = &triggers[&d.trigger];
         if d.step + 1 < t.steps.len() {
-            // never before the row itself (a retry moved it later); a date
-            // entry's steps are as far apart as their offsets
-            let at = match &t.date {
-                Some(_) => micros(d.due_at)
-                    .saturating_add(t.steps[d.step + 1].offset_us - t.steps[d.step].offset_us),
-                None => t.due_of(d.step + 1, micros(d.entered_at)),
-            }
-            .max(micros(d.due_at));
+            // the steps are as far apart as their offsets, from this row's
+            // due time (never before it, whatever a retry or a new version did)
+            let gap = t.steps[d.step + 1].offset_us - t.steps[d.step].offset_us;
+            let at = micros(d.due_at).saturating_add(gap.max(0));
             next.entry(d.user_id.as_str()).or_default().push((d.id, at));
         }
     }
@@ -1117,24 +1113,18 @@ fn engagement_of(
 ) -> HashMap<usize, std::collections::BTreeMap<String, nudge_core::flow::Engagement>> {
     let at: Vec<super::engagement::At<'_>> = due
         .iter()
-        .map(|d| {
-            let t = &triggers[&d.trigger];
-            let tz = zones
+        .map(|d| super::engagement::At {
+            trigger: &triggers[&d.trigger],
+            stored_as: &d.trigger,
+            user: &d.user_id,
+            key: &d.key,
+            entered_at: micros(d.entered_at),
+            step: d.step,
+            anchor: &d.anchor,
+            tz: zones
                 .get(&d.user_id)
                 .copied()
-                .unwrap_or(nudge_core::policy::Tz::UTC);
-            super::engagement::At {
-                trigger: t,
-                stored_as: &d.trigger,
-                user: &d.user_id,
-                key: &d.key,
-                entered_at: micros(d.entered_at),
-                step: d.step,
-                due: t
-                    .date
-                    .as_ref()
-                    .and_then(|_| t.step_due(d.step, micros(d.entered_at), &d.anchor, tz)),
-            }
+                .unwrap_or(nudge_core::policy::Tz::UTC),
         })
         .collect();
     super::engagement::engagement(c, &at)
