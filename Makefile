@@ -7,11 +7,14 @@ TEST_PORT ?= 28815
 DEMO_DIR  ?= $(CURDIR)/.demo/data
 DEMO_PORT ?= 28816
 KEEP      ?= 0
+CITUS_DIR ?= /tmp/pg_nudge-citus
+CITUS_PORT ?= 28850
+CITUS_SRC ?= $(CURDIR)/../shared/vendor/citus
 SOAK_MINUTES ?= 10
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
 
-.PHONY: bench soak setup install test test-unit test-pgrx test-server test-package package regress tour integration demo demo-stop clean
+.PHONY: bench soak setup install test test-unit test-pgrx test-server test-package test-citus package regress tour integration demo demo-stop clean
 
 setup:
 	@scripts/setup.sh
@@ -23,7 +26,7 @@ install: setup
 
 ## the whole suite: unit tests, in-server pgrx tests, SQL regression and integration tests,
 ## then the Debian package installed with apt and toured
-test: setup test-unit test-pgrx test-server test-package
+test: setup test-unit test-pgrx test-server test-package test-citus
 
 test-unit:
 	cargo test -p nudge-core -p nudge-mailer -p nudge-gateway
@@ -49,6 +52,15 @@ tour:
 
 integration:
 	NUDGE_TEST_DSN="host=127.0.0.1 port=$(TEST_PORT) user=postgres" cargo test -p nudge-integration --tests -- --test-threads=1
+
+## pg_nudge on a Citus cluster on this machine (a coordinator and two worker nodes):
+## builds Citus 13.2.2 from ../shared/vendor/citus when it is not installed
+test-citus: install
+	@if [[ ! -f $$($(PG_CONFIG) --pkglibdir)/citus.so ]]; then $(CITUS_SRC)/build.sh $(PG_CONFIG); fi
+	@scripts/citus-cluster.sh start $(CITUS_DIR) $(CITUS_PORT) shop replay claims
+	@trap 'scripts/citus-cluster.sh stop $(CITUS_DIR)' EXIT; \
+	  NUDGE_CITUS_DSN="host=127.0.0.1 port=$(CITUS_PORT) user=postgres" \
+	  cargo test -p nudge-integration --test citus -- --test-threads=1
 
 ## a Debian package for PostgreSQL 15 (extension, nudge-mailer, nudge-gateway, systemd units)
 package: setup

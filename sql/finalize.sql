@@ -601,6 +601,10 @@ REVOKE EXECUTE ON FUNCTION nudge.claim(int, interval, text), nudge.ack(bigint, t
 REVOKE EXECUTE ON FUNCTION nudge._secure_user_sql() FROM nudge_admin;
 -- the worker's (or a superuser's): it deletes the engine's history
 REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
+-- a cluster's (docs/citus.md): claim's part on a node hands messages out;
+-- distribute and the nodes' set-up are a superuser's
+REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
+    nudge._prepare_node(), nudge._on_nodes(text) FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

@@ -8,76 +8,27 @@
 CREATE FUNCTION nudge._setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''), fallback) $$;
 
--- The rows are picked by the index in priority order and updated by their
--- ctid (a TID scan): joined on the key instead, a generic plan (which cannot
--- know the batch size) hash-joined the whole outbox per claim. plpgsql, so
--- that the plan is kept for the session (a SQL function plans every call).
---
--- Right before a message is handed out, what can have changed since it was
--- written is looked at again (docs/reference.md, "Claim"): a suppressed
--- address or user cancels it (rule 'suppression'), so does a user who
--- unsubscribed from its topic ('consent'), a dropped trigger cancels
--- it ('trigger_dropped'), a paused trigger holds it. A message is claimable
--- only when its exit events were checked in the last 5 minutes: one held for
--- later (quiet hours, a retry) or waiting in a backlog is re-checked by
--- run_due. One whose lease ran out was checked when first claimed.
+-- Claims up to `batch` messages, in priority order, leased for `lease`. The
+-- statements are src/claim.rs's (docs/reference.md, "Claim"): there they run
+-- on each shard group of a Citus node as well as on a single server. On a
+-- Citus coordinator every node claims its share of the batch from its own
+-- shards, each node in a transaction of its own (docs/citus.md).
 CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    candidates tid[];
+    share int;
 BEGIN
-    candidates := ARRAY(
-        SELECT c.ctid
-          FROM nudge.outbox c
-         WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
-           AND (c.status = 'claimed' OR c.checked_at >= now() - interval '5 minutes')
-           AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
-         ORDER BY c.priority DESC, c.available_at, c.id
-         LIMIT greatest(coalesce(batch, 0), 0)
-           FOR UPDATE SKIP LOCKED);
-    -- a cancelled row's old version is gone for the claim below; its journey
-    -- says why (trigger_stats does not count it as sent). A batch that was all
-    -- cancelled comes back short: drop_trigger cancels its own messages in
-    -- one statement, so a long run of them is not left to claim.
-    WITH x AS (
-        UPDATE nudge.outbox o
-           SET status = 'cancelled', rule = x.rule, last_error = x.why
-          FROM (SELECT c.ctid AS row_id,
-                       CASE WHEN t.name IS NULL THEN 'trigger_dropped'
-                            WHEN s.reason IS NOT NULL THEN 'suppression' ELSE 'consent' END AS rule,
-                       CASE WHEN t.name IS NULL THEN 'trigger ' || c.trigger || ' was dropped'
-                            WHEN s.reason IS NOT NULL THEN 'on the suppression list: ' || s.reason
-                            ELSE u.why END AS why
-                  FROM nudge.outbox c
-                  LEFT JOIN nudge.triggers t ON t.name = c.trigger
-                  LEFT JOIN LATERAL (SELECT s.reason FROM nudge.suppressions s
-                                      WHERE s.email IN (lower(btrim(c.recipient)), nudge._address_hash(c.recipient))
-                                         OR s.user_id = c.user_id
-                                      LIMIT 1) s ON true
-                  -- consent: a transactional message has no topic
-                  LEFT JOIN LATERAL (SELECT CASE WHEN u.topic = 'all' THEN 'unsubscribed from all topics'
-                                                 ELSE 'unsubscribed from topic ' || u.topic END AS why
-                                       FROM nudge.subscriptions u
-                                      WHERE u.user_id = c.user_id AND u.status = 'unsubscribed'
-                                        AND u.topic IN (c.topic, 'all') AND NOT c.transactional
-                                      ORDER BY u.topic = 'all' DESC
-                                      LIMIT 1) u ON true
-                 WHERE c.ctid = ANY (candidates)
-                   AND (t.name IS NULL OR s.reason IS NOT NULL OR u.why IS NOT NULL)) x
-         WHERE o.ctid = x.row_id
-        RETURNING o.user_id, o.enrollment_id, o.rule, o.last_error)
-    UPDATE nudge.enrollments e
-       SET state = CASE WHEN x.rule = 'trigger_dropped' THEN 'cancelled' ELSE 'suppressed' END,
-           rule = x.rule, reason = x.last_error || ' (found before the message went out)', updated_at = now()
-      FROM x
-     WHERE e.user_id = x.user_id AND e.id = x.enrollment_id;
-    RETURN QUERY
-    UPDATE nudge.outbox o
-       SET status = 'claimed', attempts = o.attempts + 1, claimed_by = consumer,
-           available_at = now() + greatest(lease, interval '0')
-     WHERE o.ctid = ANY (candidates)
-    RETURNING o.*;
+    IF nudge._placement() = 'coordinator' THEN
+        share := ceil(greatest(coalesce(batch, 0), 0)::numeric / greatest((SELECT count(*) FROM nudge._nodes()), 1));
+        RETURN QUERY
+            SELECT m.*
+              FROM nudge._on_nodes(format('SELECT nudge._claim_here(%s, %L, %L)', share, coalesce(lease, interval '0'), consumer)) r,
+                   jsonb_populate_recordset(NULL::nudge.outbox, r::jsonb) m
+             LIMIT greatest(coalesce(batch, 0), 0);
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT * FROM jsonb_populate_recordset(NULL::nudge.outbox, nudge._claim_here(coalesce(batch, 0), coalesce(lease, interval '0'), consumer));
 END
 $$;
 
@@ -87,18 +38,21 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     st text;
 BEGIN
-    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = ack.id FOR UPDATE;
+    -- the update takes the row lock and re-reads the status after a
+    -- concurrent ack; no FOR UPDATE, which Citus routes to one shard only
+    UPDATE nudge.outbox o
+       SET status = 'sent', sent_at = now(), provider_message_id = ack.provider_message_id, last_error = NULL
+     WHERE o.id = ack.id AND o.status = 'claimed';
+    IF FOUND THEN
+        RETURN true;
+    END IF;
+    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = ack.id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'ack: no message with id %', ack.id;
     ELSIF st = 'sent' THEN
         RETURN false;
-    ELSIF st <> 'claimed' THEN
-        RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', ack.id, st;
     END IF;
-    UPDATE nudge.outbox o
-       SET status = 'sent', sent_at = now(), provider_message_id = ack.provider_message_id, last_error = NULL
-     WHERE o.id = ack.id;
-    RETURN true;
+    RAISE EXCEPTION 'ack: message % is %, not claimed (claim it first)', ack.id, st;
 END
 $$;
 
@@ -133,42 +87,45 @@ $$;
 CREATE FUNCTION nudge.fail(id bigint, error text, permanent boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    m record;
     base float8 := nudge._setting('nudge.retry_base_seconds', '30')::float8;
     cap float8 := nudge._setting('nudge.retry_max_seconds', '3600')::float8;
     max_attempts int := nudge._setting('nudge.max_attempts', '5')::int;
-    delay float8;
+    -- equal jitter: half the delay fixed, half random, so that a burst of
+    -- failures does not retry in lockstep (drawn here: Citus refuses a
+    -- volatile function inside an UPDATE of a distributed table)
+    jitter float8 := random();
+    st text;
 BEGIN
-    SELECT o.status, o.attempts INTO m FROM nudge.outbox o WHERE o.id = fail.id FOR UPDATE;
+    -- one statement that takes the row lock and re-reads it (no FOR UPDATE,
+    -- which Citus routes to one shard only); exponential backoff, capped
+    UPDATE nudge.outbox o
+       SET status = CASE WHEN permanent OR o.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+           last_error = fail.error,
+           available_at = CASE WHEN permanent OR o.attempts >= max_attempts THEN o.available_at
+                               ELSE now() + least(cap, base * 2 ^ (o.attempts - 1)) * (0.5 + jitter / 2) * interval '1 second' END
+     WHERE o.id = fail.id AND o.status = 'claimed'
+    RETURNING o.status INTO st;
+    IF FOUND THEN
+        RETURN st;
+    END IF;
+    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = fail.id;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'fail: no message with id %', fail.id;
-    ELSIF m.status <> 'claimed' THEN
-        RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, m.status;
     END IF;
-    IF permanent OR m.attempts >= max_attempts THEN
-        UPDATE nudge.outbox o SET status = 'dead', last_error = fail.error WHERE o.id = fail.id;
-        RETURN 'dead';
-    END IF;
-    -- exponential backoff, capped, with equal jitter: half fixed, half random,
-    -- so that a burst of failures does not retry in lockstep
-    delay := least(cap, base * 2 ^ (m.attempts - 1));
-    delay := delay / 2 + random() * delay / 2;
-    UPDATE nudge.outbox o
-       SET status = 'pending', last_error = fail.error, available_at = now() + delay * interval '1 second'
-     WHERE o.id = fail.id;
-    RETURN 'pending';
+    RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, st;
 END
 $$;
 
 CREATE FUNCTION nudge.outbox_metrics()
 RETURNS TABLE (status text, messages bigint, oldest_age interval)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    -- oldest_age: how long the oldest message in that status has existed
-    SELECT s.status, count(o.id), now() - min(o.created_at)
-      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled']) AS s(status)
-      LEFT JOIN nudge.outbox o ON o.status = s.status
-     GROUP BY s.status
-     ORDER BY array_position(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled'], s.status)
+    -- oldest_age: how long the oldest message in that status has existed;
+    -- the outbox is aggregated first, which Citus does on every node
+    SELECT s.status, coalesce(o.messages, 0), now() - o.oldest
+      FROM unnest(ARRAY['pending', 'claimed', 'sent', 'dead', 'cancelled']) WITH ORDINALITY AS s(status, place)
+      LEFT JOIN (SELECT o.status, count(*) AS messages, min(o.created_at) AS oldest
+                   FROM nudge.outbox o GROUP BY o.status) o ON o.status = s.status
+     ORDER BY s.place
 $$;
 
 -- What happened to a message after it left: an event of its user

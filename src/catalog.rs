@@ -64,6 +64,11 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 /// hand edits count too).
 pub fn invalidate(relid: pg_sys::Oid) {
     unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    // on a Citus node the trigger fires on the table's local copy (a shard)
+    // while backends listen for the table itself
+    if let Some(table) = crate::citus::table_of_shard(relid) {
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) };
+    }
     CACHED.with(|c| c.borrow_mut().take());
     crate::all_events::invalidate();
 }

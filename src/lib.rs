@@ -10,6 +10,8 @@ use pgrx::prelude::*;
 mod all_events;
 mod api;
 mod catalog;
+mod citus;
+mod claim;
 mod consent;
 mod engine;
 mod experiments;
@@ -43,6 +45,7 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/ingest.sql", name = "ingest", requires = ["outbox"]);
 extension_sql_file!("../sql/wal.sql", name = "wal", requires = ["ingest"]);
+extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["wal"]);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -63,6 +63,11 @@ fn run_text<'c>(
     args: &[DatumWithOid<'_>],
     doing: &str,
 ) -> SpiTupleTable<'c> {
+    // on a Citus node, the shard group's tables (src/citus.rs)
+    let text = match crate::citus::current() {
+        Some(g) => std::borrow::Cow::Owned(g.rewrite(&text)),
+        None => text,
+    };
     let plan = match PLANS.with(|p| p.borrow().get(text.as_ref()).cloned()) {
         Some(plan) => plan,
         None => {

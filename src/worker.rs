@@ -133,9 +133,22 @@ pub extern "C-unwind" fn nudge_worker_main(_arg: pg_sys::Datum) {
         let present = extension_present();
         let mut wal = false;
         if settings::ENABLED.get() && present {
-            wal = drain(s);
-            check_experiments(&mut experiments_checked);
-            apply_retention(&mut retention_applied);
+            match shard_groups(s) {
+                // a single server
+                Ok(None) => {
+                    wal = drain(s);
+                    check_experiments(&mut experiments_checked);
+                    apply_retention(&mut retention_applied);
+                }
+                // a Citus node: its own shard groups, one after another (none
+                // on a coordinator without shards; docs/citus.md)
+                Ok(Some(groups)) => {
+                    for g in groups {
+                        crate::citus::within(Some(g), || drain_group(s));
+                    }
+                }
+                Err(()) => {}
+            }
         }
         check_wal(present, &mut wal_checked);
         // no commit wakes the worker in WAL capture (the inserting statement
@@ -177,6 +190,29 @@ const WAL_POLL_MS: i32 = 100;
 /// Inserts read from the WAL slot per transaction (whole transactions).
 const WAL_CHUNK: i64 = 50_000;
 
+/// This node's shard groups when our tables are distributed by Citus.
+fn shard_groups(s: &Shared) -> Result<Option<Vec<std::rc::Rc<crate::citus::Group>>>, ()> {
+    guarded(|| {
+        as_extension(|| {
+            Spi::connect_mut(|c| match crate::citus::placement(c) {
+                crate::citus::Placement::Single => None,
+                _ => {
+                    // ids of this node's range before anything is written
+                    // (a node added after nudge.distribute())
+                    if let Err(e) = c.update("SELECT nudge._prepare_node()", None, &[]) {
+                        error!("pg_nudge: preparing this node: {e}");
+                    }
+                    Some(crate::citus::local_groups(c))
+                }
+            })
+        })
+    })
+    .map_err(|e| {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+        warning!("pg_nudge worker: reading this node's shards failed, retrying after naptime: {e}");
+    })
+}
+
 /// Batches until one comes back short: everything due now is written.
 /// Returns whether the database captures from the WAL.
 fn drain(s: &Shared) -> bool {
@@ -204,6 +240,12 @@ fn drain(s: &Shared) -> bool {
             }
         }
     }
+    drain_group(s);
+    wal
+}
+
+/// Queued events, then due journeys, of one shard group (or the database).
+fn drain_group(s: &Shared) {
     loop {
         match guarded(|| as_extension(|| crate::engine::deferred::capture_pending(QUEUE_CHUNK))) {
             Ok(n) if n == QUEUE_CHUNK && !stopping() => continue,
@@ -236,7 +278,7 @@ fn drain(s: &Shared) -> bool {
         s.last_pass_us
             .store(unsafe { pg_sys::GetCurrentTimestamp() }, Ordering::Relaxed);
         if claimed < batch as usize || stopping() {
-            return wal;
+            return;
         }
     }
 }

@@ -152,8 +152,45 @@ fn split_path(path: &str) -> Vec<String> {
     out
 }
 
+/// `sql` with the qualified table name `from` replaced by `to` wherever it
+/// stands alone: not inside a longer name (`nudge.events_x`, `x.nudge.events`)
+/// nor a quoted one. Our statements write our tables as `nudge.<name>`; on a
+/// Citus node they run on a shard group's tables (docs/citus.md).
+pub fn replace_table_name(sql: &str, from: &str, to: &str) -> String {
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut last = 0;
+    for (at, _) in sql.match_indices(from) {
+        let before = at.checked_sub(1).map(|i| bytes[i]);
+        let after = bytes.get(at + from.len()).copied();
+        let alone = !before.is_some_and(|b| is_ident(b) || b == b'.' || b == b'"')
+            && !after.is_some_and(|b| is_ident(b) || b == b'"');
+        if alone {
+            out.push_str(&sql[last..at]);
+            out.push_str(to);
+            last = at + from.len();
+        }
+    }
+    out.push_str(&sql[last..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_table_name_is_replaced_only_where_it_stands_alone() {
+        let sql = "SELECT * FROM nudge.events e, nudge.events_seen, \"nudge.events\", x.nudge.events WHERE e.id IN (SELECT id FROM nudge.events)";
+        assert_eq!(
+            replace_table_name(sql, "nudge.events", "nudge.events_7"),
+            "SELECT * FROM nudge.events_7 e, nudge.events_seen, \"nudge.events\", x.nudge.events WHERE e.id IN (SELECT id FROM nudge.events_7)"
+        );
+        assert_eq!(
+            replace_table_name("INSERT INTO nudge.events(id)", "nudge.events", "t"),
+            "INSERT INTO t(id)"
+        );
+    }
     use super::*;
 
     #[test]

@@ -285,7 +285,7 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
         run(
             c,
             "SELECT pg_advisory_xact_lock($1, 0)",
-            &[ALL_USERS_LOCK_CLASS.into()],
+            &[crate::citus::lock_class(ALL_USERS_LOCK_CLASS).into()],
             "locking all users",
         );
         return;
@@ -299,8 +299,8 @@ fn lock_users(c: &mut pgrx::spi::SpiClient<'_>, users: std::collections::BTreeSe
            FROM (SELECT DISTINCT hashtext(u) & ($4 - 1) AS h FROM unnest($3::text[]) u ORDER BY 1) s
           WHERE (SELECT count(*) FROM (SELECT pg_advisory_xact_lock_shared($1, 0)) g) = 1",
         &[
-            ALL_USERS_LOCK_CLASS.into(),
-            USER_LOCK_CLASS.into(),
+            crate::citus::lock_class(ALL_USERS_LOCK_CLASS).into(),
+            crate::citus::lock_class(USER_LOCK_CLASS).into(),
             users.into(),
             USER_LOCK_SLOTS.into(),
         ],
@@ -898,13 +898,14 @@ fn write_journeys(with_rule: bool) -> &'static str {
 }
 
 /// The journeys, their updates and the journal lines of one capture, in one
-/// statement.
+/// statement. Ids are drawn from the sequences by name, not by the columns'
+/// identity default: a Citus shard has no such default (docs/citus.md).
 const WRITE_JOURNEYS: &str = "WITH n AS (
                  INSERT INTO nudge.enrollments
-                   (trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
+                   (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor, anchor_event,
                     coalesced, last_entry_at, exited_at, state /*rule*/, reason, variant)
-                 SELECT trigger, version, user_id, key, entered_at, due_at, anchor, anchor_event,
-                        coalesced, last_entry_at, exited_at,
+                 SELECT nextval('nudge.enrollments_id_seq'), trigger, version, user_id, key, entered_at,
+                        due_at, anchor, anchor_event, coalesced, last_entry_at, exited_at,
                         CASE WHEN exited_at IS NOT NULL AND closes THEN 'exited' ELSE 'waiting' END
                         /*exit rule*/, reason, variant
                    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::timestamptz[],
@@ -934,8 +935,8 @@ const WRITE_JOURNEYS: &str = "WITH n AS (
                   WHERE e.user_id = u.user_id AND e.id = u.id
                  RETURNING 1),
              j AS (
-                 INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail /*rule*/)
-                 SELECT l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail /*l.rule*/
+                 INSERT INTO nudge.journal (id, user_id, trigger, enrollment_id, at, step, detail /*rule*/)
+                 SELECT nextval('nudge.journal_id_seq'), l.user_id, l.trigger, coalesce(l.enrollment_id, n.id), l.at, l.step, l.detail /*l.rule*/
                    FROM unnest($20::text[], $21::text[], $22::bigint[], $23::text[], $24::timestamptz[],
                                $25::timestamptz[], $26::text[], $27::text[], $28::text[])
                      AS l(user_id, trigger, enrollment_id, new_key, new_entered, at, step, detail, rule)

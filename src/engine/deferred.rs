@@ -21,11 +21,15 @@ pub struct Queue {
 
 impl Queue {
     pub unsafe fn open() -> Queue {
-        let rv = pg_sys::makeRangeVar(
-            c"nudge".as_ptr() as *mut _,
-            c"capture_queue".as_ptr() as *mut _,
-            -1,
-        );
+        // on a Citus node, the queue's shard of the current group (src/citus.rs)
+        let name = crate::citus::current()
+            .and_then(|g| {
+                g.table("nudge.capture_queue")
+                    .map(|t| t.trim_start_matches("nudge.").to_owned())
+            })
+            .unwrap_or_else(|| "capture_queue".into());
+        let name = std::ffi::CString::new(name).expect("a table name has no NUL");
+        let rv = pg_sys::makeRangeVar(c"nudge".as_ptr() as *mut _, name.as_ptr() as *mut _, -1);
         let relid = pg_sys::RangeVarGetRelidExtended(
             rv,
             pg_sys::RowExclusiveLock as pg_sys::LOCKMODE,
@@ -107,13 +111,16 @@ const MAX_PARTS: i64 = 32;
 /// queued events went at a tenth of the speed of one batch).
 pub fn capture_pending(max: i64) -> i64 {
     let queued = Spi::connect(|c| {
-        c.select(
+        run(
+            c,
             "SELECT count(*) FROM (SELECT 1 FROM nudge.capture_queue LIMIT $1) q",
-            None,
             &[max.max(0).into()],
+            "counting queued events",
         )
+        .first()
+        .get_one::<i64>()
         .ok()
-        .and_then(|r| r.first().get_one::<i64>().ok().flatten())
+        .flatten()
         .unwrap_or(0)
     });
     // each part scans the whole queue: at most MAX_PARTS scans, so a queue

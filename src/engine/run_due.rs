@@ -681,7 +681,7 @@ fn lock_for_deciding(c: &mut SpiClient<'_>, users: Vec<String>) {
         "SELECT count(pg_advisory_xact_lock($1, h))
            FROM (SELECT DISTINCT hashtext(u) & ($3 - 1) AS h FROM unnest($2::text[]) u ORDER BY 1) s",
         &[
-            DECIDE_LOCK_CLASS.into(),
+            crate::citus::lock_class(DECIDE_LOCK_CLASS).into(),
             users.into(),
             super::capture::USER_LOCK_SLOTS.into(),
         ],
@@ -1221,10 +1221,10 @@ impl OutboxRows {
         if self.key.is_empty() {
             return 0;
         }
-        let rows = run(c, "INSERT INTO nudge.outbox (message_key, trigger, trigger_version, enrollment_id, user_id,
+        let rows = run(c, "INSERT INTO nudge.outbox (id, message_key, trigger, trigger_version, enrollment_id, user_id,
                                            recipient, subject, html, text_body, available_at, scheduled_at,
                                            priority, transactional, variant, topic, headers)
-                 SELECT k, t, v, e, u, r, s, h, x, a, a, p, tx, va, tp, hd
+                 SELECT nextval('nudge.outbox_id_seq'), k, t, v, e, u, r, s, h, x, a, a, p, tx, va, tp, hd
                    FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[],
                                $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::int[], $12::bool[],
                                $13::text[], $14::text[], $15::jsonb[])
@@ -1399,9 +1399,9 @@ fn record(
             .collect();
         // (an exit that capture saw after this step's due time is carried on:
         // it ends the step it falls before)
-        run(c, "INSERT INTO nudge.enrollments (trigger, trigger_version, user_id, key, entered_at, due_at, anchor,
+        run(c, "INSERT INTO nudge.enrollments (id, trigger, trigger_version, user_id, key, entered_at, due_at, anchor,
                                               anchor_event, coalesced, last_entry_at, variant, step, exited_at)
-                SELECT e.trigger, n.version, e.user_id, e.key, n.entered_at, n.due_at, e.anchor,
+                SELECT nextval('nudge.enrollments_id_seq'), e.trigger, n.version, e.user_id, e.key, n.entered_at, n.due_at, e.anchor,
                        e.anchor_event, e.coalesced, greatest(e.last_entry_at, n.entered_at), e.variant, n.step,
                        CASE WHEN n.step > 0 THEN e.exited_at END
                   FROM unnest($1::bigint[], $2::text[], $3::int[], $4::timestamptz[], $5::int[], $6::timestamptz[])
@@ -1428,8 +1428,8 @@ fn record(
             .map(|r| r.clone().unwrap_or_default())
             .collect();
         let rid: Vec<i64> = retries.iter().map(|(i, _)| due[*i].id).collect();
-        run(c, "INSERT INTO nudge.journal (user_id, trigger, enrollment_id, at, step, detail, rule)
-                SELECT u.user_id, u.trigger, u.id, now(), 'retry', u.detail, 'retry'
+        run(c, "INSERT INTO nudge.journal (id, user_id, trigger, enrollment_id, at, step, detail, rule)
+                SELECT nextval('nudge.journal_id_seq'), u.user_id, u.trigger, u.id, now(), 'retry', u.detail, 'retry'
                   FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) AS u(user_id, trigger, id, detail)",
             &[pick(&users).into(), pick(&trig).into(), rid.into(), pick(&why).into()],
             "journaling retries");

@@ -65,7 +65,7 @@ fn version_of(c: &mut Client) -> String {
     .get(0)
 }
 
-const CURRENT: &str = "0.9.0";
+const CURRENT: &str = "0.10.0";
 
 /// Prints only the differences.
 fn assert_same_schema(upgraded: &mut Client, fresh: &mut Client) {

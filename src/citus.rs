@@ -1,0 +1,223 @@
+//! pg_nudge on a Citus cluster (docs/citus.md): every node does the work of
+//! the users whose shards it holds.
+//!
+//! `nudge.distribute()` distributes the per-user tables by user id, all
+//! co-located with `nudge.events`: shard i of events, enrollments, journal,
+//! outbox, ... covers the same users and lives on the same node. So one shard
+//! group is a complete single-server pg_nudge for its users, and the engine
+//! runs on it unchanged: its statements are run with our table names replaced
+//! by the group's shard names (and the reference tables' local copies), which
+//! makes them plain PostgreSQL statements on local tables. Citus's planner
+//! never sees them, so nothing that Citus cannot distribute (FOR UPDATE SKIP
+//! LOCKED, a transition table joined with our tables, INSERT ... SELECT with
+//! identity keys) has to be.
+//!
+//! Where a group's statements run:
+//! - capture: the trigger on an events shard (or a co-located source's
+//!   shard), in the application's transaction, on the node of the shard;
+//! - the worker of each node: its own groups, one after another;
+//! - `run_due`, `claim` called on a node: its own groups; called on the
+//!   coordinator: on every node that holds groups (`nudge._on_nodes`).
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+/// One shard group on this node: for each of our tables (and each table
+/// co-located with nudge.events), the local table that holds its part.
+#[derive(Debug, Default)]
+pub struct Group {
+    /// (qualified name as our statements write it, local shard's name)
+    tables: Vec<(String, String)>,
+    /// the first user-id hash of the group's range
+    range: i64,
+}
+
+impl Group {
+    /// `sql` with every whole qualified name of a distributed table replaced
+    /// by its shard's name. A name is replaced only where it stands alone
+    /// (`nudge.events` but not `nudge.events_x` nor `x.nudge.events`).
+    pub fn rewrite(&self, sql: &str) -> String {
+        let mut out = sql.to_owned();
+        for (from, to) in &self.tables {
+            out = nudge_core::sql::replace_table_name(&out, from, to);
+        }
+        out
+    }
+
+    /// The local name of one of our tables (`capture_queue` → `capture_queue_102033`).
+    pub fn table(&self, qualified: &str) -> Option<&str> {
+        self.tables
+            .iter()
+            .find(|(f, _)| f == qualified)
+            .map(|(_, t)| t.as_str())
+    }
+}
+
+thread_local! {
+    /// The shard group the current statements run on, if any.
+    static CURRENT: RefCell<Option<Rc<Group>>> = const { RefCell::new(None) };
+    /// The group of each shard a capture trigger fired on (None: not a shard).
+    static OF_RELATION: RefCell<HashMap<pg_sys::Oid, Option<Rc<Group>>>> = RefCell::new(HashMap::new());
+}
+
+/// An advisory-lock class of ours for the current group. The statements of
+/// one distributed transaction on several shards of a node run in backends of
+/// their own: locks that two groups shared would make them wait for each
+/// other, a deadlock that only the transaction's end could break. Groups hold
+/// disjoint users, so each gets classes of its own (shifted by its range).
+pub fn lock_class(class: i32) -> i32 {
+    match current() {
+        Some(g) => class.wrapping_add(g.range as i32),
+        None => class,
+    }
+}
+
+/// The group our statements run on now.
+pub fn current() -> Option<Rc<Group>> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+/// Runs `f` with our statements on `group`'s shards. The previous group comes
+/// back however `f` ends (an ERROR unwinds through here).
+pub fn within<R>(group: Option<Rc<Group>>, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Rc<Group>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let prev = self.0.take();
+            CURRENT.with(|c| *c.borrow_mut() = prev);
+        }
+    }
+    let prev = CURRENT.with(|c| std::mem::replace(&mut *c.borrow_mut(), group));
+    let _restore = Restore(prev);
+    f()
+}
+
+/// Where this database stands: a single server (no Citus, or our tables not
+/// distributed), the coordinator of a cluster, or a worker node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Single,
+    Coordinator,
+    Node,
+}
+
+pub fn placement(c: &SpiClient<'_>) -> Placement {
+    let p: Option<String> = c
+        .select("SELECT nudge._placement()", None, &[])
+        .ok()
+        .and_then(|r| r.first().get_one::<String>().ok().flatten());
+    match p.as_deref() {
+        Some("coordinator") => Placement::Coordinator,
+        Some("node") => Placement::Node,
+        _ => Placement::Single,
+    }
+}
+
+/// The shard groups that this node holds, in hash-range order.
+pub fn local_groups(c: &SpiClient<'_>) -> Vec<Rc<Group>> {
+    // dynamic: pg_dist_* exist only where Citus is installed
+    let rows = c
+        .select(
+            "SELECT t, shard, range FROM nudge._local_shards()",
+            None,
+            &[],
+        )
+        .unwrap_or_else(|e| error!("pg_nudge: reading this node's shards: {e}"));
+    let mut reference = Vec::new();
+    let mut by_range: BTreeMap<i64, Vec<(String, String)>> = BTreeMap::new();
+    for r in rows {
+        let table: String = r.get(1).ok().flatten().unwrap_or_default();
+        let shard: String = r.get(2).ok().flatten().unwrap_or_default();
+        match r.get::<i64>(3).ok().flatten() {
+            Some(range) => by_range.entry(range).or_default().push((table, shard)),
+            None => reference.push((table, shard)),
+        }
+    }
+    by_range
+        .into_iter()
+        .map(|(range, mut tables)| {
+            tables.extend(reference.iter().cloned());
+            Rc::new(Group { tables, range })
+        })
+        .collect()
+}
+
+/// Runs `f` once on each of this node's groups, or once on the database as
+/// it is when our tables are not distributed; `Placement::Coordinator`
+/// holds no group of its own unless it was given shards.
+pub fn each_group<R>(mut f: impl FnMut() -> R) -> Vec<R> {
+    let groups = Spi::connect(|c| match placement(c) {
+        Placement::Single => None,
+        _ => Some(local_groups(c)),
+    });
+    match groups {
+        None => vec![f()],
+        Some(groups) => groups
+            .into_iter()
+            .map(|g| within(Some(g), &mut f))
+            .collect(),
+    }
+}
+
+/// The group of the table a capture trigger fired on: a Citus shard (its
+/// name ends in `_<shard id>`) of a table co-located with nudge.events.
+/// Kept per backend: a shard's group never changes while the shard exists.
+pub fn group_of_relation(relid: pg_sys::Oid, relname: &str) -> Option<Rc<Group>> {
+    let (_, suffix) = relname.rsplit_once('_')?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if let Some(known) = OF_RELATION.with(|m| m.borrow().get(&relid).cloned()) {
+        return known;
+    }
+    let found = crate::privilege::as_extension(|| {
+        Spi::connect(|c| {
+            let range: Option<i64> = c
+                .select("SELECT nudge._shard_range($1)", None, &[relid.into()])
+                .ok()
+                .and_then(|r| r.first().get_one::<i64>().ok().flatten());
+            let range = range?;
+            let rows = c
+                .select(
+                    "SELECT t, shard FROM nudge._local_shards() WHERE range = $1 OR range IS NULL",
+                    None,
+                    &[range.into()],
+                )
+                .unwrap_or_else(|e| error!("pg_nudge: reading this node's shards: {e}"));
+            let tables = rows
+                .map(|r| {
+                    (
+                        r.get::<String>(1).ok().flatten().unwrap_or_default(),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            Some(Rc::new(Group { tables, range }))
+        })
+    });
+    OF_RELATION.with(|m| m.borrow_mut().insert(relid, found.clone()));
+    found
+}
+
+/// Our table that a shard (`nudge.triggers_102008`) is a part of: the table
+/// of the same name without the shard id, in schema nudge.
+pub fn table_of_shard(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    unsafe {
+        let name = pg_sys::get_rel_name(relid);
+        if name.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(name).to_str().ok()?.to_owned();
+        let (table, suffix) = name.rsplit_once('_')?;
+        if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let nsp = pg_sys::get_namespace_oid(c"nudge".as_ptr(), true);
+        let table = std::ffi::CString::new(table).ok()?;
+        let oid = pg_sys::get_relname_relid(table.as_ptr(), nsp);
+        (oid != pg_sys::InvalidOid && oid != relid).then_some(oid)
+    }
+}

@@ -1,0 +1,405 @@
+//! pg_nudge on a Citus cluster (docs/citus.md): a coordinator and two worker
+//! nodes on this machine, started by `make test-citus`
+//! (scripts/citus-cluster.sh), which names the coordinator in
+//! NUDGE_CITUS_DSN. Databases: `shop` (the one the nodes' workers serve),
+//! `replay` and `claims` (no worker: time moves only by run_due(as_of)).
+
+use postgres::{Client, NoTls};
+use std::collections::BTreeSet;
+
+fn cluster(db: &str) -> Option<Client> {
+    let Ok(dsn) = std::env::var("NUDGE_CITUS_DSN") else {
+        eprintln!("NUDGE_CITUS_DSN is not set: `make test-citus` runs these tests on a cluster");
+        return None;
+    };
+    Some(Client::connect(&format!("{dsn} dbname={db}"), NoTls).unwrap())
+}
+
+/// pg_nudge created anew and distributed, 4 shards over the two nodes.
+fn distributed(c: &mut Client) {
+    c.batch_execute(
+        "DROP EXTENSION IF EXISTS pg_nudge CASCADE;
+         CREATE EXTENSION pg_nudge;
+         SET citus.shard_count = 4;",
+    )
+    .unwrap();
+    let tables: Vec<(String, String)> = c
+        .query("SELECT table_name, kind FROM nudge.distribute()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(tables.contains(&("nudge.outbox".into(), "distributed by user_id".into())));
+    assert!(tables.contains(&("nudge.triggers".into(), "reference".into())));
+    // co-located: one shard of each per hash range, on the same node
+    let colocations: i64 = c
+        .query_one(
+            "SELECT count(DISTINCT colocationid) FROM pg_dist_partition
+              WHERE logicalrelid::regclass::text = ANY (nudge._per_user_tables())",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(colocations, 1);
+}
+
+fn count(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap().get(0)
+}
+
+/// The node group that holds the shard of a message's user.
+const NODE_OF_USER: &str = "(SELECT p.groupid FROM pg_dist_placement p
+       WHERE p.shardid = get_shard_id_for_distribution_column('nudge.outbox', o.user_id))";
+
+#[test]
+fn the_foundation_scenario_runs_on_the_node_of_each_user() {
+    let Some(mut c) = cluster("shop") else { return };
+    distributed(&mut c);
+    c.batch_execute(
+        r#"
+        INSERT INTO nudge.profiles (user_id, email, attrs)
+        SELECT 'u' || i, 'u' || i || '@example.com', jsonb_build_object('first_name', 'N' || i)
+          FROM generate_series(1, 40) i;
+        SELECT nudge.define_template('cart_reminder', 'Your cart {{ event.cart_id }}, {{ profile.first_name }}',
+                                     '<p>{{ event.cart_id }}</p>');
+        SELECT nudge.define_trigger('cart_abandonment', '{
+          "on": {"event": "cart_added", "key": "cart_id"}, "wait": "24 hours",
+          "unless": [{"event": "purchased", "same_key": true}], "template": "cart_reminder"}');
+        "#,
+    )
+    .unwrap();
+    // (a transaction of its own: on a cluster, a trigger defined in the same
+    // transaction is not seen by the nodes' other connections; docs/citus.md)
+    c.batch_execute(
+        r#"
+        -- carts of yesterday: due now, for the nodes' workers to write
+        SELECT nudge.track('u' || i, 'cart_added', jsonb_build_object('cart_id', 'c' || i), now() - interval '25 hours')
+          FROM generate_series(1, 40) i;
+        -- a third bought their cart in time; one unsubscribed after the cart
+        SELECT nudge.track('u' || i, 'purchased', jsonb_build_object('cart_id', 'c' || i), now() - interval '20 hours')
+          FROM generate_series(1, 40) i WHERE i % 3 = 0;
+        "#,
+    )
+    .unwrap();
+    // capture ran on the nodes, in the inserting transaction
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 40);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited'"
+        ),
+        13
+    );
+    // the workers of the nodes write the 27 messages by themselves
+    let mut written = 0;
+    for _ in 0..300 {
+        written = count(&mut c, "SELECT count(*) FROM nudge.outbox");
+        if written >= 27 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(written, 27);
+    // each message was written on the node that holds its user: ids drawn on
+    // a node are in that node's range (group << 48)
+    let misplaced = count(
+        &mut c,
+        &format!(
+            "WITH o AS MATERIALIZED (SELECT id, user_id FROM nudge.outbox)
+             SELECT count(*) FROM o WHERE o.id >> 48 <> {NODE_OF_USER}"
+        ),
+    );
+    assert_eq!(misplaced, 0);
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT id >> 48) FROM nudge.outbox"),
+        2,
+        "both nodes did work"
+    );
+    let subject: String = c
+        .query_one("SELECT subject FROM nudge.outbox WHERE user_id = 'u1'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(subject, "Your cart c1, N1");
+
+    // an unsubscribe after the message was written: it never goes out
+    c.batch_execute("SELECT nudge.unsubscribe('u1', 'all')")
+        .unwrap();
+    // delivery from the coordinator: claim, ack by id
+    let mut claimed = vec![];
+    loop {
+        let batch: Vec<(i64, String)> = c
+            .query(
+                "SELECT id, user_id FROM nudge.claim(10, '5 minutes', 'test')",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if batch.is_empty() {
+            break;
+        }
+        claimed.extend(batch);
+    }
+    assert_eq!(claimed.len(), 26);
+    assert!(!claimed.iter().any(|(_, u)| u == "u1"));
+    for (id, _) in &claimed {
+        let acked: bool = c
+            .query_one("SELECT nudge.ack($1, 'provider')", &[id])
+            .unwrap()
+            .get(0);
+        assert!(acked);
+        let again: bool = c
+            .query_one("SELECT nudge.ack($1, 'provider')", &[id])
+            .unwrap()
+            .get(0);
+        assert!(!again, "a second ack of {id} is a no-op");
+    }
+    let metrics: Vec<(String, i64)> = c
+        .query("SELECT status, messages FROM nudge.outbox_metrics()", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(metrics.contains(&("sent".into(), 26)), "{metrics:?}");
+    assert!(metrics.contains(&("cancelled".into(), 1)), "{metrics:?}");
+    let state: String = c
+        .query_one(
+            "SELECT state FROM nudge.enrollments WHERE user_id = 'u1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "suppressed");
+    // explain reads a user's journey from the cluster
+    assert!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.explain('cart_abandonment', 'u2') WHERE step = 'sent'"
+        ) == 1
+    );
+}
+
+/// A month of events for 40 users, in time order (user, event, props, seconds).
+fn history() -> Vec<(String, String, String, i64)> {
+    let mut rng = nudge_integration::Rng::new(7);
+    let mut out = vec![];
+    let mut t = 0;
+    for _ in 0..400 {
+        t += rng.below(6000) as i64;
+        let user = format!("{}", rng.below(40));
+        let cart = format!("c{}", rng.below(3));
+        let (event, props) = match rng.below(10) {
+            0..=6 => ("cart_added", format!(r#"{{"cart_id": "{cart}"}}"#)),
+            _ => ("purchased", format!(r#"{{"cart_id": "{cart}"}}"#)),
+        };
+        out.push((user, event.to_string(), props, t));
+    }
+    out
+}
+
+const START: &str = "2026-01-01 00:00:00+00";
+
+/// What a run wrote, for users of `prefix`, without the prefix.
+fn outcome(c: &mut Client, prefix: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let strip = |s: String| s.replacen(prefix, "", 1);
+    let messages = c
+        .query(
+            "SELECT trigger || ' ' || user_id || ' ' || subject || ' ' || extract(epoch FROM available_at)::text
+               FROM nudge.outbox WHERE user_id LIKE $1 || '%'",
+            &[&prefix],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| strip(r.get(0)))
+        .collect();
+    let journeys = c
+        .query(
+            "SELECT trigger || ' ' || user_id || ' ' || key || ' ' || extract(epoch FROM entered_at)::text
+                    || ' ' || state || ' ' || coalesced::text || ' '
+                    -- a message key is made of the user id
+                    || regexp_replace(coalesce(reason, ''), 'nm_[0-9a-f]+', 'nm_')
+               FROM nudge.enrollments WHERE user_id LIKE $1 || '%'",
+            &[&prefix],
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| strip(r.get(0)))
+        .collect();
+    (messages, journeys)
+}
+
+/// Event-time equivalence on a cluster: the month loaded in one statement
+/// (captured on each node, one statement per shard) and lived through event
+/// by event, with caps and priority deciding between two triggers, write the
+/// same journeys and messages.
+#[test]
+fn a_month_loaded_at_once_sends_what_living_through_it_sends_on_a_cluster() {
+    let Some(mut c) = cluster("replay") else {
+        return;
+    };
+    distributed(&mut c);
+    c.batch_execute(
+        r#"
+        SET timezone = 'UTC';
+        SELECT nudge.configure('{"caps": [{"max": 1, "per": "12 hours"}]}');
+        SELECT nudge.define_template('cart', 'Cart {{ event.cart_id }}', '<p>{{ event.cart_id }}</p>');
+        SELECT nudge.define_template('thanks', 'Thanks for {{ event.cart_id }}', '<p>thanks</p>');
+        SELECT nudge.define_trigger('cart_abandon', '{"expire_after": "never", "on": {"event": "cart_added", "key": "cart_id"},
+            "wait": "2 hours", "priority": 10, "unless": [{"event": "purchased", "same_key": true}], "template": "cart"}');
+        SELECT nudge.define_trigger('post_purchase', '{"expire_after": "never", "on": {"event": "purchased"}, "wait": "3 hours",
+            "template": "thanks"}');
+        INSERT INTO nudge.profiles (user_id, email)
+        SELECT p || i, p || i || '@example.com' FROM generate_series(0, 39) i, unnest(ARRAY['bulk', 'live']) p;
+        "#,
+    )
+    .unwrap();
+    let events = history();
+    let end = (events.last().unwrap().3 + 86_400) as f64;
+
+    let users: Vec<String> = events.iter().map(|e| format!("bulk{}", e.0)).collect();
+    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
+    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
+    c.execute(
+        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
+        &[&users, &names, &props, &secs, &START],
+    )
+    .unwrap();
+    let bulk_written: i32 = c
+        .query_one(
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
+            &[&START, &end],
+        )
+        .unwrap()
+        .get(0);
+
+    let mut live_written = 0;
+    for (u, e, p, s) in &events {
+        let at = *s as f64;
+        live_written += c
+            .query_one(
+                "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
+                &[&START, &at],
+            )
+            .unwrap()
+            .get::<_, i32>(0);
+        c.execute(
+            "SELECT nudge.track('live' || $1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
+            &[u, e, p, &START, &at],
+        )
+        .unwrap();
+    }
+    live_written += c
+        .query_one(
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
+            &[&START, &end],
+        )
+        .unwrap()
+        .get::<_, i32>(0);
+
+    let (bulk_msgs, bulk_journeys) = outcome(&mut c, "bulk");
+    let (live_msgs, live_journeys) = outcome(&mut c, "live");
+    assert!(bulk_msgs.len() > 40, "plenty sent: {}", bulk_msgs.len());
+    assert!(bulk_journeys.iter().any(|j| j.contains(" exited ")));
+    assert!(
+        bulk_journeys.iter().any(|j| j.contains(" suppressed ")),
+        "the cap held some back"
+    );
+    let diff = |a: &BTreeSet<String>, b: &BTreeSet<String>| {
+        a.symmetric_difference(b)
+            .take(6)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        diff(&bulk_msgs, &live_msgs).is_empty(),
+        "messages differ: {:#?}",
+        diff(&bulk_msgs, &live_msgs)
+    );
+    assert!(
+        diff(&bulk_journeys, &live_journeys).is_empty(),
+        "journeys differ: {:#?}",
+        diff(&bulk_journeys, &live_journeys)
+    );
+    assert_eq!(bulk_written, live_written);
+    assert_eq!(bulk_written as usize, bulk_msgs.len());
+}
+
+/// Mailers claiming from the coordinator at once: every message is handed
+/// out once, and acknowledged once.
+#[test]
+fn concurrent_claims_from_the_coordinator_hand_out_each_message_once() {
+    let Some(mut c) = cluster("claims") else {
+        return;
+    };
+    distributed(&mut c);
+    c.batch_execute(
+        r#"
+        SELECT nudge.define_template('hello', 'Hello', '<p>hi</p>');
+        SELECT nudge.define_trigger('hello', '{"on": {"event": "signed_up"}, "wait": "1 minute", "template": "hello"}');
+        INSERT INTO nudge.profiles (user_id, email) SELECT 'u' || i, 'u' || i || '@example.com' FROM generate_series(1, 300) i;
+        "#,
+    )
+    .unwrap();
+    c.batch_execute("INSERT INTO nudge.events (user_id, event) SELECT 'u' || i, 'signed_up' FROM generate_series(1, 300) i")
+        .unwrap();
+    let written: i32 = c
+        .query_one(
+            "SELECT nudge.run_due(now() + interval '2 minutes', 100000)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 300);
+    // run_due wrote them with as_of ahead: make them claimable now
+    c.batch_execute("UPDATE nudge.outbox SET available_at = now() - interval '1 second'")
+        .unwrap();
+    let dsn = std::env::var("NUDGE_CITUS_DSN").unwrap();
+    let mailers: Vec<_> = (0..4)
+        .map(|m| {
+            let dsn = dsn.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(&format!("{dsn} dbname=claims"), NoTls).unwrap();
+                let mut mine = vec![];
+                loop {
+                    let ids: Vec<i64> = c
+                        .query(
+                            "SELECT id FROM nudge.claim(8, '10 minutes', $1)",
+                            &[&format!("m{m}")],
+                        )
+                        .unwrap()
+                        .iter()
+                        .map(|r| r.get(0))
+                        .collect();
+                    if ids.is_empty() {
+                        break;
+                    }
+                    for id in &ids {
+                        let first: bool =
+                            c.query_one("SELECT nudge.ack($1)", &[id]).unwrap().get(0);
+                        assert!(first, "message {id} was acknowledged before");
+                    }
+                    mine.extend(ids);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for m in mailers {
+        all.extend(m.join().unwrap());
+    }
+    let distinct: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), 300, "each message claimed once");
+    assert_eq!(distinct.len(), 300);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'sent'"
+        ),
+        300
+    );
+}
