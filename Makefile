@@ -60,7 +60,7 @@ test-citus: install
 	@scripts/citus-cluster.sh start $(CITUS_DIR) $(CITUS_PORT) shop replay claims
 	@trap 'scripts/citus-cluster.sh stop $(CITUS_DIR)' EXIT; \
 	  NUDGE_CITUS_DSN="host=127.0.0.1 port=$(CITUS_PORT) user=postgres" \
-	  cargo test -p nudge-integration --test citus -- --test-threads=1
+	  cargo test -p nudge-integration --test citus -- --ignored --test-threads=1
 
 ## a Debian package for PostgreSQL 15 (extension, nudge-mailer, nudge-gateway, systemd units)
 package: setup

@@ -11,10 +11,12 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Definitions and shared state: a copy on every node (reference tables).
+-- Not nudge.sources, whose regclass column Citus would copy to the nodes as
+-- the coordinator's oids: each node keeps its own (nudge.events only).
 CREATE FUNCTION nudge._shared_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['nudge.triggers', 'nudge.trigger_versions', 'nudge.templates', 'nudge.settings',
-                 'nudge.suppressions', 'nudge.subscriptions', 'nudge.sources', 'nudge.user_sql',
+                 'nudge.suppressions', 'nudge.subscriptions', 'nudge.user_sql',
                  'nudge.allocations', 'nudge.secrets', 'nudge.received']
 $$;
 
@@ -38,10 +40,12 @@ BEGIN
 END
 $$;
 
--- This node's shards of our tables (and of tables co-located with
--- nudge.events): the table as our statements name it, the local shard, and
--- the shard's hash range (NULL for a reference table, whose one shard every
--- node holds).
+-- This node's shards of our tables: the table as our statements name it,
+-- the local shard (named by Citus, which shortens long names), and the
+-- shard's hash range (NULL for a reference table, whose one shard every node
+-- holds). Only schema nudge: any table distributed on a text column is
+-- co-located with nudge.events by default, and its name must not turn into a
+-- shard's in our statements.
 CREATE FUNCTION nudge._local_shards() RETURNS TABLE (t text, shard text, range bigint)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -50,7 +54,7 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
-               quote_ident(n.nspname) || '.' || quote_ident(c.relname || '_' || s.shardid),
+               pg_catalog.shard_name(d.logicalrelid, s.shardid),
                CASE WHEN d.partmethod = 'h' THEN s.shardminvalue::bigint END
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
@@ -58,7 +62,8 @@ BEGIN
           JOIN pg_catalog.pg_dist_shard s ON s.logicalrelid = d.logicalrelid
           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
          WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)
-           AND (d.partmethod = 'n' AND n.nspname = 'nudge'
+           AND n.nspname = 'nudge'
+           AND (d.partmethod = 'n'
                 OR d.partmethod = 'h' AND d.colocationid =
                    (SELECT colocationid FROM pg_catalog.pg_dist_partition
                      WHERE logicalrelid = 'nudge.events'::regclass))
@@ -95,28 +100,43 @@ BEGIN
 END
 $$;
 
--- Runs `command` on every node of nudge._nodes(), each in a transaction of
--- its own (Citus's master_run_on_worker, as the current role), and returns
--- each node's one-value result. A node's error is raised here.
-CREATE FUNCTION nudge._on_nodes(command text) RETURNS SETOF text
+-- Runs commands[i] on the i-th node of nudge._nodes() (all of them, in
+-- parallel), each in a transaction of its own (Citus's master_run_on_worker,
+-- as the current role), and returns each node's one-value result. A node's
+-- error is raised here, or, when `strict` is false, reported as a warning
+-- and its result left out (a claim must not lose what the other nodes
+-- committed because one node is down).
+CREATE FUNCTION nudge._on_nodes(commands text[], strict boolean DEFAULT true) RETURNS SETOF text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
 BEGIN
     FOR r IN EXECUTE $q$
+        WITH nodes AS (SELECT n.name, n.port, row_number() OVER (ORDER BY n.name, n.port) AS i FROM nudge._nodes() n)
         SELECT w.node_name, w.node_port, w.success, w.result
           FROM pg_catalog.master_run_on_worker(
-                   (SELECT array_agg(name) FROM nudge._nodes()),
-                   (SELECT array_agg(port) FROM nudge._nodes()),
-                   (SELECT array_agg($1) FROM nudge._nodes()),
-                   true) w $q$ USING command
+                   (SELECT array_agg(name ORDER BY i) FROM nodes),
+                   (SELECT array_agg(port ORDER BY i) FROM nodes),
+                   (SELECT array_agg($1[i] ORDER BY i) FROM nodes),
+                   true) w $q$ USING commands
     LOOP
-        IF NOT r.success THEN
+        IF NOT r.success AND strict THEN
             RAISE EXCEPTION 'pg_nudge: on node %:%: %', r.node_name, r.node_port, r.result;
+        ELSIF NOT r.success THEN
+            RAISE WARNING 'pg_nudge: on node %:%: %', r.node_name, r.node_port, r.result;
+        ELSE
+            RETURN NEXT r.result;
         END IF;
-        RETURN NEXT r.result;
     END LOOP;
 END
+$$;
+
+-- `total` split over the nodes of nudge._nodes(), in their order, as evenly as
+-- it goes (the first nodes get one more).
+CREATE FUNCTION nudge._node_shares(total bigint) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(total / n.count + CASE WHEN i <= total % n.count THEN 1 ELSE 0 END ORDER BY i)
+      FROM (SELECT count(*) AS count FROM nudge._nodes()) n, generate_series(1, n.count) i
 $$;
 
 -- Gives this node's id sequences a range of their own, as Citus gives its
@@ -180,7 +200,16 @@ BEGIN
     IF EXISTS (SELECT 1 FROM nudge.trigger_versions v JOIN nudge.triggers t ON t.name = v.trigger AND t.version = v.version
                 WHERE v.definition ? 'segment' OR v.definition->'on'->>'date' LIKE 'profile.%') THEN
         RAISE EXCEPTION 'distribute: segment triggers do not run on a cluster yet'
-            USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not yet")';
+            USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not on a cluster yet")';
+    END IF;
+    IF EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass) THEN
+        RAISE EXCEPTION 'distribute: sources of your own (%) are not captured on a cluster yet',
+            (SELECT string_agg(source::text, ', ') FROM nudge.sources WHERE source <> 'nudge.events'::regclass)
+            USING ERRCODE = '0A000', HINT = 'nudge.drop_source them first (docs/citus.md, "Not on a cluster yet")';
+    END IF;
+    IF EXISTS (SELECT 1 FROM nudge.user_sql) THEN
+        RAISE EXCEPTION 'distribute: SQL parts of definitions (audience_sql, context, the profile query) do not run on a cluster yet'
+            USING ERRCODE = '0A000', HINT = 'docs/citus.md, "Not on a cluster yet"';
     END IF;
     -- the unsubscribe key, made once here: a node's pass reads its copy
     INSERT INTO nudge.secrets (name, value)
@@ -211,6 +240,6 @@ BEGIN
         END IF;
         table_name := t; kind := 'distributed by user_id'; RETURN NEXT;
     END LOOP;
-    PERFORM nudge._on_nodes('SELECT nudge._prepare_node()');
+    PERFORM nudge._on_nodes(array_fill('SELECT nudge._prepare_node()'::text, ARRAY[(SELECT count(*)::int FROM nudge._nodes())]));
 END
 $$;

@@ -604,7 +604,7 @@ REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text) FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean) FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

@@ -16,19 +16,22 @@ LANGUAGE sql STABLE AS $$ SELECT coalesce(nullif(current_setting(name, true), ''
 CREATE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    share int;
 BEGIN
     IF nudge._placement() = 'coordinator' THEN
-        share := ceil(greatest(coalesce(batch, 0), 0)::numeric / greatest((SELECT count(*) FROM nudge._nodes()), 1));
+        -- each node's share of the batch; a node that fails is left out
         RETURN QUERY
             SELECT m.*
-              FROM nudge._on_nodes(format('SELECT nudge._claim_here(%s, %L, %L)', share, coalesce(lease, interval '0'), consumer)) r,
+              FROM nudge._on_nodes(ARRAY(
+                       SELECT format('SELECT coalesce(jsonb_agg(j), ''[]'') FROM nudge._claim_here(%s, %L, %L) j',
+                                     share, coalesce(lease, interval '0'), consumer)
+                         FROM unnest(nudge._node_shares(greatest(coalesce(batch, 0), 0))) share), false) r,
                    jsonb_populate_recordset(NULL::nudge.outbox, r::jsonb) m
-             LIMIT greatest(coalesce(batch, 0), 0);
+             ORDER BY m.priority DESC, m.id;
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM jsonb_populate_recordset(NULL::nudge.outbox, nudge._claim_here(coalesce(batch, 0), coalesce(lease, interval '0'), consumer));
+    RETURN QUERY
+        SELECT m.* FROM nudge._claim_here(coalesce(batch, 0), coalesce(lease, interval '0'), consumer) j,
+                        jsonb_populate_record(NULL::nudge.outbox, j) m;
 END
 $$;
 
@@ -87,32 +90,43 @@ $$;
 CREATE FUNCTION nudge.fail(id bigint, error text, permanent boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    m record;
     base float8 := nudge._setting('nudge.retry_base_seconds', '30')::float8;
     cap float8 := nudge._setting('nudge.retry_max_seconds', '3600')::float8;
     max_attempts int := nudge._setting('nudge.max_attempts', '5')::int;
-    -- equal jitter: half the delay fixed, half random, so that a burst of
-    -- failures does not retry in lockstep (drawn here: Citus refuses a
-    -- volatile function inside an UPDATE of a distributed table)
-    jitter float8 := random();
-    st text;
+    delay float8;
+    next_at timestamptz;
 BEGIN
-    -- one statement that takes the row lock and re-reads it (no FOR UPDATE,
-    -- which Citus routes to one shard only); exponential backoff, capped
-    UPDATE nudge.outbox o
-       SET status = CASE WHEN permanent OR o.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
-           last_error = fail.error,
-           available_at = CASE WHEN permanent OR o.attempts >= max_attempts THEN o.available_at
-                               ELSE now() + least(cap, base * 2 ^ (o.attempts - 1)) * (0.5 + jitter / 2) * interval '1 second' END
-     WHERE o.id = fail.id AND o.status = 'claimed'
-    RETURNING o.status INTO st;
-    IF FOUND THEN
-        RETURN st;
-    END IF;
-    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = fail.id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'fail: no message with id %', fail.id;
-    END IF;
-    RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, st;
+    -- read, then update only the row as it was read (no FOR UPDATE, which
+    -- Citus routes to one shard only; the values are computed here, as
+    -- Citus refuses now() and random() in an UPDATE of a distributed table);
+    -- a concurrent change makes the update miss, and the row is read again
+    LOOP
+        SELECT o.status, o.attempts INTO m FROM nudge.outbox o WHERE o.id = fail.id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'fail: no message with id %', fail.id;
+        ELSIF m.status <> 'claimed' THEN
+            RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, m.status;
+        END IF;
+        IF permanent OR m.attempts >= max_attempts THEN
+            UPDATE nudge.outbox o SET status = 'dead', last_error = fail.error
+             WHERE o.id = fail.id AND o.status = 'claimed' AND o.attempts = m.attempts;
+            IF FOUND THEN
+                RETURN 'dead';
+            END IF;
+        ELSE
+            -- exponential backoff, capped, with equal jitter: half fixed, half
+            -- random, so that a burst of failures does not retry in lockstep
+            delay := least(cap, base * 2 ^ (m.attempts - 1));
+            delay := delay / 2 + random() * delay / 2;
+            next_at := now() + delay * interval '1 second';
+            UPDATE nudge.outbox o SET status = 'pending', last_error = fail.error, available_at = next_at
+             WHERE o.id = fail.id AND o.status = 'claimed' AND o.attempts = m.attempts;
+            IF FOUND THEN
+                RETURN 'pending';
+            END IF;
+        END IF;
+    END LOOP;
 END
 $$;
 
@@ -182,11 +196,15 @@ $$;
 -- Hands claimed messages back at once (a mailer shutting down cleanly), as
 -- if their lease had run out, without counting an attempt.
 CREATE FUNCTION nudge.release(ids bigint[]) RETURNS int
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    WITH r AS (
-        UPDATE nudge.outbox o
-           SET status = 'pending', available_at = now(), attempts = greatest(o.attempts - 1, 0), claimed_by = NULL
-         WHERE o.id = ANY (ids) AND o.status = 'claimed'
-        RETURNING 1)
-    SELECT count(*)::int FROM r
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
+    -- plpgsql, not sql: Citus does not plan a SQL function's parameters
+    UPDATE nudge.outbox o
+       SET status = 'pending', available_at = now(), attempts = greatest(o.attempts - 1, 0), claimed_by = NULL
+     WHERE o.id = ANY (ids) AND o.status = 'claimed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
 $$;

@@ -7,7 +7,7 @@ CREATE FUNCTION nudge."_claim_here"(
 	"batch" INT, /* i32 */
 	"lease" interval, /* Interval */
 	"consumer" TEXT /* Option < & str > */
-) RETURNS jsonb /* JsonB */
+) RETURNS SETOF jsonb /* JsonB */
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_claim_here_wrapper';
 
@@ -20,10 +20,12 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- Definitions and shared state: a copy on every node (reference tables).
+-- Not nudge.sources, whose regclass column Citus would copy to the nodes as
+-- the coordinator's oids: each node keeps its own (nudge.events only).
 CREATE FUNCTION nudge._shared_tables() RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['nudge.triggers', 'nudge.trigger_versions', 'nudge.templates', 'nudge.settings',
-                 'nudge.suppressions', 'nudge.subscriptions', 'nudge.sources', 'nudge.user_sql',
+                 'nudge.suppressions', 'nudge.subscriptions', 'nudge.user_sql',
                  'nudge.allocations', 'nudge.secrets', 'nudge.received']
 $$;
 
@@ -47,10 +49,12 @@ BEGIN
 END
 $$;
 
--- This node's shards of our tables (and of tables co-located with
--- nudge.events): the table as our statements name it, the local shard, and
--- the shard's hash range (NULL for a reference table, whose one shard every
--- node holds).
+-- This node's shards of our tables: the table as our statements name it,
+-- the local shard (named by Citus, which shortens long names), and the
+-- shard's hash range (NULL for a reference table, whose one shard every node
+-- holds). Only schema nudge: any table distributed on a text column is
+-- co-located with nudge.events by default, and its name must not turn into a
+-- shard's in our statements.
 CREATE FUNCTION nudge._local_shards() RETURNS TABLE (t text, shard text, range bigint)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -59,7 +63,7 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
-               quote_ident(n.nspname) || '.' || quote_ident(c.relname || '_' || s.shardid),
+               pg_catalog.shard_name(d.logicalrelid, s.shardid),
                CASE WHEN d.partmethod = 'h' THEN s.shardminvalue::bigint END
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
@@ -67,7 +71,8 @@ BEGIN
           JOIN pg_catalog.pg_dist_shard s ON s.logicalrelid = d.logicalrelid
           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
          WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)
-           AND (d.partmethod = 'n' AND n.nspname = 'nudge'
+           AND n.nspname = 'nudge'
+           AND (d.partmethod = 'n'
                 OR d.partmethod = 'h' AND d.colocationid =
                    (SELECT colocationid FROM pg_catalog.pg_dist_partition
                      WHERE logicalrelid = 'nudge.events'::regclass))
@@ -104,28 +109,43 @@ BEGIN
 END
 $$;
 
--- Runs `command` on every node of nudge._nodes(), each in a transaction of
--- its own (Citus's master_run_on_worker, as the current role), and returns
--- each node's one-value result. A node's error is raised here.
-CREATE FUNCTION nudge._on_nodes(command text) RETURNS SETOF text
+-- Runs commands[i] on the i-th node of nudge._nodes() (all of them, in
+-- parallel), each in a transaction of its own (Citus's master_run_on_worker,
+-- as the current role), and returns each node's one-value result. A node's
+-- error is raised here, or, when `strict` is false, reported as a warning
+-- and its result left out (a claim must not lose what the other nodes
+-- committed because one node is down).
+CREATE FUNCTION nudge._on_nodes(commands text[], strict boolean DEFAULT true) RETURNS SETOF text
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r record;
 BEGIN
     FOR r IN EXECUTE $q$
+        WITH nodes AS (SELECT n.name, n.port, row_number() OVER (ORDER BY n.name, n.port) AS i FROM nudge._nodes() n)
         SELECT w.node_name, w.node_port, w.success, w.result
           FROM pg_catalog.master_run_on_worker(
-                   (SELECT array_agg(name) FROM nudge._nodes()),
-                   (SELECT array_agg(port) FROM nudge._nodes()),
-                   (SELECT array_agg($1) FROM nudge._nodes()),
-                   true) w $q$ USING command
+                   (SELECT array_agg(name ORDER BY i) FROM nodes),
+                   (SELECT array_agg(port ORDER BY i) FROM nodes),
+                   (SELECT array_agg($1[i] ORDER BY i) FROM nodes),
+                   true) w $q$ USING commands
     LOOP
-        IF NOT r.success THEN
+        IF NOT r.success AND strict THEN
             RAISE EXCEPTION 'pg_nudge: on node %:%: %', r.node_name, r.node_port, r.result;
+        ELSIF NOT r.success THEN
+            RAISE WARNING 'pg_nudge: on node %:%: %', r.node_name, r.node_port, r.result;
+        ELSE
+            RETURN NEXT r.result;
         END IF;
-        RETURN NEXT r.result;
     END LOOP;
 END
+$$;
+
+-- `total` split over the nodes of nudge._nodes(), in their order, as evenly as
+-- it goes (the first nodes get one more).
+CREATE FUNCTION nudge._node_shares(total bigint) RETURNS bigint[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT array_agg(total / n.count + CASE WHEN i <= total % n.count THEN 1 ELSE 0 END ORDER BY i)
+      FROM (SELECT count(*) AS count FROM nudge._nodes()) n, generate_series(1, n.count) i
 $$;
 
 -- Gives this node's id sequences a range of their own, as Citus gives its
@@ -189,7 +209,16 @@ BEGIN
     IF EXISTS (SELECT 1 FROM nudge.trigger_versions v JOIN nudge.triggers t ON t.name = v.trigger AND t.version = v.version
                 WHERE v.definition ? 'segment' OR v.definition->'on'->>'date' LIKE 'profile.%') THEN
         RAISE EXCEPTION 'distribute: segment triggers do not run on a cluster yet'
-            USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not yet")';
+            USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not on a cluster yet")';
+    END IF;
+    IF EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass) THEN
+        RAISE EXCEPTION 'distribute: sources of your own (%) are not captured on a cluster yet',
+            (SELECT string_agg(source::text, ', ') FROM nudge.sources WHERE source <> 'nudge.events'::regclass)
+            USING ERRCODE = '0A000', HINT = 'nudge.drop_source them first (docs/citus.md, "Not on a cluster yet")';
+    END IF;
+    IF EXISTS (SELECT 1 FROM nudge.user_sql) THEN
+        RAISE EXCEPTION 'distribute: SQL parts of definitions (audience_sql, context, the profile query) do not run on a cluster yet'
+            USING ERRCODE = '0A000', HINT = 'docs/citus.md, "Not on a cluster yet"';
     END IF;
     -- the unsubscribe key, made once here: a node's pass reads its copy
     INSERT INTO nudge.secrets (name, value)
@@ -220,7 +249,7 @@ BEGIN
         END IF;
         table_name := t; kind := 'distributed by user_id'; RETURN NEXT;
     END LOOP;
-    PERFORM nudge._on_nodes('SELECT nudge._prepare_node()');
+    PERFORM nudge._on_nodes(array_fill('SELECT nudge._prepare_node()'::text, ARRAY[(SELECT count(*)::int FROM nudge._nodes())]));
 END
 $$;
 
@@ -232,19 +261,22 @@ $$;
 CREATE OR REPLACE FUNCTION nudge.claim(batch int DEFAULT 10, lease interval DEFAULT '5 minutes', consumer text DEFAULT NULL)
 RETURNS SETOF nudge.outbox
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    share int;
 BEGIN
     IF nudge._placement() = 'coordinator' THEN
-        share := ceil(greatest(coalesce(batch, 0), 0)::numeric / greatest((SELECT count(*) FROM nudge._nodes()), 1));
+        -- each node's share of the batch; a node that fails is left out
         RETURN QUERY
             SELECT m.*
-              FROM nudge._on_nodes(format('SELECT nudge._claim_here(%s, %L, %L)', share, coalesce(lease, interval '0'), consumer)) r,
+              FROM nudge._on_nodes(ARRAY(
+                       SELECT format('SELECT coalesce(jsonb_agg(j), ''[]'') FROM nudge._claim_here(%s, %L, %L) j',
+                                     share, coalesce(lease, interval '0'), consumer)
+                         FROM unnest(nudge._node_shares(greatest(coalesce(batch, 0), 0))) share), false) r,
                    jsonb_populate_recordset(NULL::nudge.outbox, r::jsonb) m
-             LIMIT greatest(coalesce(batch, 0), 0);
+             ORDER BY m.priority DESC, m.id;
         RETURN;
     END IF;
-    RETURN QUERY SELECT * FROM jsonb_populate_recordset(NULL::nudge.outbox, nudge._claim_here(coalesce(batch, 0), coalesce(lease, interval '0'), consumer));
+    RETURN QUERY
+        SELECT m.* FROM nudge._claim_here(coalesce(batch, 0), coalesce(lease, interval '0'), consumer) j,
+                        jsonb_populate_record(NULL::nudge.outbox, j) m;
 END
 $$;
 
@@ -274,32 +306,43 @@ $$;
 CREATE OR REPLACE FUNCTION nudge.fail(id bigint, error text, permanent boolean DEFAULT false) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    m record;
     base float8 := nudge._setting('nudge.retry_base_seconds', '30')::float8;
     cap float8 := nudge._setting('nudge.retry_max_seconds', '3600')::float8;
     max_attempts int := nudge._setting('nudge.max_attempts', '5')::int;
-    -- equal jitter: half the delay fixed, half random, so that a burst of
-    -- failures does not retry in lockstep (drawn here: Citus refuses a
-    -- volatile function inside an UPDATE of a distributed table)
-    jitter float8 := random();
-    st text;
+    delay float8;
+    next_at timestamptz;
 BEGIN
-    -- one statement that takes the row lock and re-reads it (no FOR UPDATE,
-    -- which Citus routes to one shard only); exponential backoff, capped
-    UPDATE nudge.outbox o
-       SET status = CASE WHEN permanent OR o.attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
-           last_error = fail.error,
-           available_at = CASE WHEN permanent OR o.attempts >= max_attempts THEN o.available_at
-                               ELSE now() + least(cap, base * 2 ^ (o.attempts - 1)) * (0.5 + jitter / 2) * interval '1 second' END
-     WHERE o.id = fail.id AND o.status = 'claimed'
-    RETURNING o.status INTO st;
-    IF FOUND THEN
-        RETURN st;
-    END IF;
-    SELECT o.status INTO st FROM nudge.outbox o WHERE o.id = fail.id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'fail: no message with id %', fail.id;
-    END IF;
-    RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, st;
+    -- read, then update only the row as it was read (no FOR UPDATE, which
+    -- Citus routes to one shard only; the values are computed here, as
+    -- Citus refuses now() and random() in an UPDATE of a distributed table);
+    -- a concurrent change makes the update miss, and the row is read again
+    LOOP
+        SELECT o.status, o.attempts INTO m FROM nudge.outbox o WHERE o.id = fail.id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'fail: no message with id %', fail.id;
+        ELSIF m.status <> 'claimed' THEN
+            RAISE EXCEPTION 'fail: message % is %, not claimed', fail.id, m.status;
+        END IF;
+        IF permanent OR m.attempts >= max_attempts THEN
+            UPDATE nudge.outbox o SET status = 'dead', last_error = fail.error
+             WHERE o.id = fail.id AND o.status = 'claimed' AND o.attempts = m.attempts;
+            IF FOUND THEN
+                RETURN 'dead';
+            END IF;
+        ELSE
+            -- exponential backoff, capped, with equal jitter: half fixed, half
+            -- random, so that a burst of failures does not retry in lockstep
+            delay := least(cap, base * 2 ^ (m.attempts - 1));
+            delay := delay / 2 + random() * delay / 2;
+            next_at := now() + delay * interval '1 second';
+            UPDATE nudge.outbox o SET status = 'pending', last_error = fail.error, available_at = next_at
+             WHERE o.id = fail.id AND o.status = 'claimed' AND o.attempts = m.attempts;
+            IF FOUND THEN
+                RETURN 'pending';
+            END IF;
+        END IF;
+    END LOOP;
 END
 $$;
 
@@ -315,12 +358,29 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
      ORDER BY s.place
 $$;
 
+CREATE OR REPLACE FUNCTION nudge.release(ids bigint[]) RETURNS int
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n int;
+BEGIN
+    -- plpgsql, not sql: Citus does not plan a SQL function's parameters
+    UPDATE nudge.outbox o
+       SET status = 'pending', available_at = now(), attempts = greatest(o.attempts - 1, 0), claimed_by = NULL
+     WHERE o.id = ANY (ids) AND o.status = 'claimed';
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text) FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean) FROM nudge_admin;
+-- as a fresh install has them: no function of ours is PUBLIC's, nudge_admin
+-- may run the rest
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text), nudge._placement(), nudge._local_shards(),
-    nudge._shard_range(oid), nudge._nodes(), nudge._per_user_tables(), nudge._shared_tables() FROM PUBLIC;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._placement(), nudge._local_shards(),
+    nudge._shard_range(oid), nudge._nodes(), nudge._node_shares(bigint), nudge._per_user_tables(),
+    nudge._shared_tables() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION nudge._placement(), nudge._local_shards(), nudge._shard_range(oid), nudge._nodes(),
-    nudge._per_user_tables(), nudge._shared_tables() TO nudge_admin;
+    nudge._node_shares(bigint), nudge._per_user_tables(), nudge._shared_tables() TO nudge_admin;

@@ -52,11 +52,14 @@ pub fn groups(c: &SpiClient<'_>) -> Rc<Vec<Group>> {
         return g;
     }
     crate::catalog::listen(c);
+    // each table schema-qualified whatever the search path: on a Citus node
+    // the names are replaced by the shards' (src/citus.rs)
     let rows = or_raise(
         c.select(
-            "SELECT k.relowner, s.source::regclass::text, s.user_column, s.event_column, s.time_column,
+            "SELECT k.relowner, quote_ident(n.nspname) || '.' || quote_ident(k.relname), s.user_column, s.event_column, s.time_column,
                     s.props_column, s.event_name, k.oid
                FROM nudge.sources s JOIN pg_catalog.pg_class k ON k.oid = s.source::oid
+               JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
               WHERE k.relkind IN ('r', 'p') AND k.relpersistence <> 't'
               ORDER BY k.relowner, s.source::oid",
             None,

@@ -249,6 +249,22 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
                 .map(|(n, q)| (context_part(n), q, user_sql::Kind::Context)),
         )
         .collect();
+    if !user_sql.is_empty() {
+        crate::citus::refuse_on_cluster(&format!(
+            "define_trigger({name}): SQL in a definition ({})",
+            user_sql[0].0
+        ));
+    }
+    let profile_date = definition
+        .0
+        .pointer("/on/date")
+        .and_then(|d| d.as_str())
+        .is_some_and(|d| d.starts_with("profile."));
+    if definition.0.get("segment").is_some() || profile_date {
+        crate::citus::refuse_on_cluster(&format!(
+            "define_trigger({name}): a segment or a date from profiles"
+        ));
+    }
     for (part, sql, kind) in &user_sql {
         user_sql::check(&format!("define_trigger({name}): {part}"), sql, *kind);
     }
@@ -400,7 +416,10 @@ fn pending(max: i64) -> i64 {
 #[pg_extern]
 fn set_capture(mode: &str) -> String {
     let deferred = match mode {
-        "wal" => return as_extension(crate::engine::wal::enter),
+        "wal" => {
+            crate::citus::refuse_on_cluster("set_capture('wal')");
+            return as_extension(crate::engine::wal::enter);
+        }
         "immediate" => false,
         "deferred" => true,
         _ => invalid(format!(
@@ -463,18 +482,35 @@ fn run_due(
     }
     as_extension(|| {
         if Spi::connect(crate::citus::placement) == crate::citus::Placement::Coordinator {
-            // every node runs the pass on its own shards (docs/citus.md)
+            // every node runs the pass on its own shards, its share of the
+            // messages (docs/citus.md); the time goes as microseconds, which
+            // no DateStyle reads differently
             return one::<i32>(
                 "SELECT coalesce(sum(r::int), 0)::int
-                   FROM nudge._on_nodes(format('SELECT nudge.run_due(%L, %s)', $1, $2)) r",
-                &[as_of.into(), max_messages.into()],
+                   FROM nudge._on_nodes(ARRAY(
+                            SELECT format('SELECT nudge.run_due(timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'', %s)',
+                                          $1, share)
+                              FROM unnest(nudge._node_shares($2)) share)) r",
+                &[as_of.into_inner().into(), i64::from(max_messages).into()],
                 "run_due on the nodes",
             )
             .unwrap_or(0);
         }
-        crate::citus::each_group(|| engine_pass(as_of, max_messages).written)
-            .into_iter()
-            .sum()
+        match crate::citus::groups_here() {
+            None => engine_pass(as_of, max_messages).written,
+            // a node: its groups in turn, `max_messages` in all
+            Some(groups) => {
+                let mut written = 0;
+                for g in groups {
+                    let left = max_messages - written;
+                    if left <= 0 {
+                        break;
+                    }
+                    written += crate::citus::within(Some(g), || engine_pass(as_of, left).written);
+                }
+                written
+            }
+        }
     })
 }
 
@@ -489,9 +525,15 @@ fn engine_pass(as_of: TimestampWithTimeZone, max_messages: i32) -> due::Pass {
 /// One node's (or a single server's) part of `nudge.claim`, as a JSON array
 /// of outbox rows (src/claim.rs).
 #[pg_extern]
-fn _claim_here(batch: i32, lease: Interval, consumer: Option<&str>) -> JsonB {
+fn _claim_here(
+    batch: i32,
+    lease: Interval,
+    consumer: Option<&str>,
+) -> SetOfIterator<'static, JsonB> {
     let consumer = consumer.map(str::to_owned);
-    as_extension(|| crate::claim::claim_here(batch, lease, consumer))
+    SetOfIterator::new(as_extension(|| {
+        crate::claim::claim_here(batch, lease, consumer)
+    }))
 }
 
 /// run_due with its account: how many due journeys it took and how each
@@ -514,6 +556,7 @@ fn run_due_report(
         name!(still_due, i64),
     ),
 > {
+    crate::citus::refuse_on_cluster("run_due_report (run_due does)");
     if max_messages < 0 {
         invalid(format!("run_due_report: max_messages must not be negative"));
     }
@@ -612,6 +655,7 @@ fn worker_status() -> TableIterator<
 /// the privileges of whoever set it and no more.
 #[pg_extern]
 fn set_profile_query(sql: Option<&str>) {
+    crate::citus::refuse_on_cluster("set_profile_query");
     if let Some(q) = sql {
         let q = q.trim().trim_end_matches(';').trim();
         let hint = "$1 is the user id, as text (write $1::int or compare with a text column)";

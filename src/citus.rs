@@ -105,6 +105,21 @@ pub enum Placement {
 }
 
 pub fn placement(c: &SpiClient<'_>) -> Placement {
+    // without Citus no more is asked; nor of a schema older than the library
+    // (between installing it and ALTER EXTENSION UPDATE), which has no _placement
+    let clustered = c
+        .select(
+            "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL
+                    AND to_regprocedure('nudge._placement()') IS NOT NULL",
+            None,
+            &[],
+        )
+        .ok()
+        .and_then(|r| r.first().get_one::<bool>().ok().flatten())
+        .unwrap_or(false);
+    if !clustered {
+        return Placement::Single;
+    }
     let p: Option<String> = c
         .select("SELECT nudge._placement()", None, &[])
         .ok()
@@ -145,21 +160,14 @@ pub fn local_groups(c: &SpiClient<'_>) -> Vec<Rc<Group>> {
         .collect()
 }
 
-/// Runs `f` once on each of this node's groups, or once on the database as
-/// it is when our tables are not distributed; `Placement::Coordinator`
-/// holds no group of its own unless it was given shards.
-pub fn each_group<R>(mut f: impl FnMut() -> R) -> Vec<R> {
-    let groups = Spi::connect(|c| match placement(c) {
+/// This node's groups, or None when our tables are not distributed (the
+/// database is the one group); a coordinator holds no group of its own
+/// unless it was given shards.
+pub fn groups_here() -> Option<Vec<Rc<Group>>> {
+    Spi::connect(|c| match placement(c) {
         Placement::Single => None,
         _ => Some(local_groups(c)),
-    });
-    match groups {
-        None => vec![f()],
-        Some(groups) => groups
-            .into_iter()
-            .map(|g| within(Some(g), &mut f))
-            .collect(),
-    }
+    })
 }
 
 /// The group of the table a capture trigger fired on: a Citus shard (its
@@ -175,6 +183,9 @@ pub fn group_of_relation(relid: pg_sys::Oid, relname: &str) -> Option<Rc<Group>>
     }
     let found = crate::privilege::as_extension(|| {
         Spi::connect(|c| {
+            if placement(c) == Placement::Single {
+                return None;
+            }
             let range: Option<i64> = c
                 .select("SELECT nudge._shard_range($1)", None, &[relid.into()])
                 .ok()
@@ -219,5 +230,17 @@ pub fn table_of_shard(relid: pg_sys::Oid) -> Option<pg_sys::Oid> {
         let table = std::ffi::CString::new(table).ok()?;
         let oid = pg_sys::get_relname_relid(table.as_ptr(), nsp);
         (oid != pg_sys::InvalidOid && oid != relid).then_some(oid)
+    }
+}
+
+/// Refuses (SQLSTATE 0A000) what does not run on a cluster yet.
+pub fn refuse_on_cluster(what: &str) {
+    if Spi::connect(placement) != Placement::Single {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("{what} does not run on a Citus cluster yet"),
+            "docs/citus.md, \"Not on a cluster yet\""
+        );
     }
 }

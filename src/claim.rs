@@ -16,20 +16,33 @@
 //! or waiting in a backlog is re-checked by run_due. One whose lease ran out
 //! was checked when first claimed.
 
-use crate::spi_util::run;
+use crate::spi_util::{micros, run};
+use nudge_core::claim_order::{shares, Place};
 use pgrx::prelude::*;
 use pgrx::JsonB;
 
-const PICK: &str = "
-    SELECT coalesce(array_agg(p.row_id), '{}')::text
-      FROM (SELECT c.ctid AS row_id
-              FROM nudge.outbox c
+/// The messages that may be claimed now, in claim order.
+macro_rules! claimable {
+    () => {
+        "FROM nudge.outbox c
              WHERE c.status IN ('pending', 'claimed') AND c.available_at <= now()
                AND (c.status = 'claimed' OR c.checked_at >= now() - interval '5 minutes')
                AND NOT EXISTS (SELECT 1 FROM nudge.triggers t WHERE t.name = c.trigger AND t.status = 'paused')
              ORDER BY c.priority DESC, c.available_at, c.id
-             LIMIT $1
-               FOR UPDATE OF c SKIP LOCKED) p";
+             LIMIT $1"
+    };
+}
+
+/// The best claimable messages of a group, unlocked: where the node's batch
+/// should come from.
+const PEEK: &str = concat!("SELECT c.priority, c.available_at, c.id ", claimable!());
+
+const PICK: &str = concat!(
+    "SELECT coalesce(array_agg(p.row_id), '{}')::text
+       FROM (SELECT c.ctid AS row_id ",
+    claimable!(),
+    " FOR UPDATE OF c SKIP LOCKED) p"
+);
 
 // A cancelled row's old version is gone for the claim below; its journey
 // says why (trigger_stats does not count it as sent). A batch that was all
@@ -76,46 +89,85 @@ const CLAIM: &str = "
                available_at = now() + greatest($3, interval '0')
          WHERE o.ctid = ANY ($1::tid[])
         RETURNING o.*)
-    SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY c.priority DESC, c.id), '[]')
-      FROM c";
+    SELECT to_jsonb(c) FROM c ORDER BY c.priority DESC, c.id";
 
-/// Claims up to `batch` messages of this node (or server) and returns them
-/// as a JSON array of outbox rows.
-pub fn claim_here(batch: i32, lease: Interval, consumer: Option<String>) -> JsonB {
-    let mut left = i64::from(batch.max(0));
-    let mut claimed = Vec::new();
-    crate::citus::each_group(|| {
-        if left <= 0 {
-            return;
+/// Claims up to `batch` messages of this node (or server): each an outbox
+/// row as JSON (one value per row: a batch of large messages must not meet
+/// the size limit of one JSON value).
+pub fn claim_here(batch: i32, lease: Interval, consumer: Option<String>) -> Vec<JsonB> {
+    let batch = i64::from(batch.max(0));
+    let groups = crate::citus::groups_here();
+    let wanted: Vec<i64> = match groups.as_deref() {
+        None | Some([_]) => vec![batch],
+        Some(groups) => {
+            let best: Vec<Vec<Place>> = groups
+                .iter()
+                .map(|g| crate::citus::within(Some(g.clone()), || peek(batch)))
+                .collect();
+            shares(&best, batch as usize)
+                .into_iter()
+                .map(|n| n as i64)
+                .collect()
         }
-        Spi::connect_mut(|c| {
-            let picked: String = run(c, PICK, &[left.into()], "claiming messages")
-                .first()
-                .get_one::<String>()
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| "{}".into());
-            if picked == "{}" {
-                return;
+    };
+    let mut claimed = Vec::new();
+    let mut claim = |n: i64| {
+        if n > 0 {
+            claimed.extend(claim_in_group(n, &lease, &consumer));
+        }
+    };
+    match groups {
+        None => claim(batch),
+        Some(groups) => {
+            for (g, n) in groups.into_iter().zip(wanted) {
+                crate::citus::within(Some(g), || claim(n));
             }
-            run(
-                c,
-                CANCEL,
-                &[picked.clone().into()],
-                "checking messages before they go",
-            );
-            let row = run(
-                c,
-                CLAIM,
-                &[picked.into(), consumer.clone().into(), lease.into()],
-                "claiming messages",
-            );
-            let row = row.first();
-            if let Ok(Some(JsonB(serde_json::Value::Array(rows)))) = row.get::<JsonB>(1) {
-                left -= rows.len() as i64;
-                claimed.extend(rows);
-            }
-        })
-    });
-    JsonB(serde_json::Value::Array(claimed))
+        }
+    }
+    claimed
+}
+
+fn peek(n: i64) -> Vec<Place> {
+    Spi::connect(|c| {
+        run(c, PEEK, &[n.into()], "looking at claimable messages")
+            .map(|r| Place {
+                priority: r.get::<i32>(1).ok().flatten().unwrap_or(0),
+                available_at: r
+                    .get::<TimestampWithTimeZone>(2)
+                    .ok()
+                    .flatten()
+                    .map(micros)
+                    .unwrap_or(0),
+                id: r.get::<i64>(3).ok().flatten().unwrap_or(0),
+            })
+            .collect()
+    })
+}
+
+fn claim_in_group(n: i64, lease: &Interval, consumer: &Option<String>) -> Vec<JsonB> {
+    Spi::connect_mut(|c| {
+        let picked: String = run(c, PICK, &[n.into()], "claiming messages")
+            .first()
+            .get_one::<String>()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "{}".into());
+        if picked == "{}" {
+            return vec![];
+        }
+        run(
+            c,
+            CANCEL,
+            &[picked.clone().into()],
+            "checking messages before they go",
+        );
+        run(
+            c,
+            CLAIM,
+            &[picked.into(), consumer.clone().into(), (*lease).into()],
+            "claiming messages",
+        )
+        .filter_map(|r| r.get::<JsonB>(1).ok().flatten())
+        .collect()
+    })
 }

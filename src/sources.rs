@@ -15,8 +15,9 @@ fn function_name(oid: pg_sys::Oid) -> String {
 
 pub fn add(source: pg_sys::Oid, map: SourceMap) {
     if let Err(e) = map.check() {
-        error!("{e}");
+        crate::spi_util::invalid(e);
     }
+    crate::citus::refuse_on_cluster("add_source (a source of your own)");
     // what the caller may do is checked as the caller; the rest is written
     // by the extension's owner, whom the catalog and the trigger belong to
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
@@ -231,6 +232,7 @@ fn has_column(c: &SpiClient<'_>, source: pg_sys::Oid, col: &str) -> bool {
 /// registered source emits `<column>_changed` (engine::changes). An empty
 /// list stops watching.
 pub fn watch_changes(source: pg_sys::Oid, columns: Vec<String>) {
+    crate::citus::refuse_on_cluster("watch_changes");
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "watch_changes");
     as_extension(|| {

@@ -3,6 +3,7 @@
 //! and template rendering. The extension crate is a thin SQL layer over this.
 
 pub mod backtest;
+pub mod claim_order;
 pub mod consent;
 pub mod date_entry;
 pub mod decision;

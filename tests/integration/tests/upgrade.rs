@@ -688,3 +688,70 @@ fn upgrade_from_0_8_0_runs_journeys_of_steps_and_matches_a_fresh_install() {
         2
     );
 }
+
+#[test]
+fn upgrade_from_0_9_0_claims_through_the_new_claim_and_matches_a_fresh_install() {
+    let fresh = fresh_db("nudge_it_upgrade_fresh9");
+    let mut f = connect(&fresh);
+    let mut admin = connect(&dsn());
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS nudge_it_upgrade9 WITH (FORCE)")
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE nudge_it_upgrade9")
+        .unwrap();
+    let db = format!("{} dbname=nudge_it_upgrade9", dsn());
+    let mut c = connect(&db);
+    c.batch_execute(
+        "CREATE EXTENSION pg_nudge VERSION '0.9.0';
+         INSERT INTO nudge.profiles (user_id, email) VALUES ('u1', 'u1@example.com'), ('u2', 'u2@example.com');
+         SELECT nudge.define_template('t', 'Hi', 'cart {{ event.cart }}');
+         SELECT nudge.define_trigger('cart', '{\"on\": {\"event\": \"cart_added\", \"key\": \"cart\"}, \"wait\": \"1 hour\",
+             \"unless\": [{\"event\": \"purchased\", \"same_key\": true}], \"template\": \"t\"}');
+         -- a source whose name ends like a Citus shard's
+         CREATE TABLE orders_2026 (customer text, cart text, at timestamptz DEFAULT now());
+         SELECT nudge.add_source('orders_2026', 'customer', time_column => 'at', event_name => 'purchased');",
+    )
+    .unwrap();
+    // the library is already 0.10.0 (which asks whether a table is a Citus
+    // shard): capture into the 0.9.0 schema goes on, and so do the inserts
+    c.batch_execute(
+        "SELECT nudge.track('u1', 'cart_added', '{\"cart\": \"k1\"}', now() - interval '2 hours');
+         SELECT nudge.track('u2', 'cart_added', '{\"cart\": \"k2\"}', now() - interval '2 hours');
+         INSERT INTO orders_2026 (customer, cart, at) VALUES ('u2', 'k2', now() - interval '90 minutes');",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.enrollments"), 2);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE state = 'exited'"
+        ),
+        1
+    );
+    c.batch_execute("ALTER EXTENSION pg_nudge UPDATE").unwrap();
+    assert_eq!(version_of(&mut c), CURRENT);
+    assert_same_schema(&mut c, &mut f);
+    // the journey from 0.9.0 is sent, claimed through the claim of 0.10.0
+    // (src/claim.rs), acked once
+    assert_eq!(count(&mut c, "SELECT nudge.run_due(now())::bigint"), 1);
+    let id: i64 = c
+        .query_one("SELECT id FROM nudge.claim(10, '1 minute', 'up')", &[])
+        .unwrap()
+        .get(0);
+    assert!(c
+        .query_one("SELECT nudge.ack($1)", &[&id])
+        .unwrap()
+        .get::<_, bool>(0));
+    assert!(!c
+        .query_one("SELECT nudge.ack($1)", &[&id])
+        .unwrap()
+        .get::<_, bool>(0));
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE status = 'sent' AND user_id = 'u1'"
+        ),
+        1
+    );
+}
