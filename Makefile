@@ -80,7 +80,9 @@ bench: setup
 	cargo pgrx install --release --pg-config $(PG_CONFIG) >/dev/null
 	install -m 644 sql/released/*.sql $$($(PG_CONFIG) --sharedir)/extension/
 	cargo build --release -p nudge-bench -p nudge-mailer
-	@bench/run.sh
+	@# BENCH_ONLY=citus: only the Citus part; BENCH_CITUS=1: it too (docs/citus.md)
+	@if [[ "$${BENCH_ONLY:-}" != citus ]]; then bench/run.sh; fi
+	@if [[ "$${BENCH_CITUS:-0}" == 1 || "$${BENCH_ONLY:-}" == citus ]]; then CITUS_SRC=$(CITUS_SRC) bench/citus.sh; fi
 
 ## fault injection under steady load on a cluster of its own (port 28830), SOAK_MINUTES long;
 ## not part of `make test`. Exits non-zero when a message was lost, sent twice or is stuck.

@@ -40,12 +40,12 @@ BEGIN
 END
 $$;
 
--- This node's shards of our tables: the table as our statements name it,
--- the local shard (named by Citus, which shortens long names), and the
--- shard's hash range (NULL for a reference table, whose one shard every node
--- holds). Only schema nudge: any table distributed on a text column is
--- co-located with nudge.events by default, and its name must not turn into a
--- shard's in our statements.
+-- This node's shards of our tables and of the sources registered here: the
+-- table as our statements name it, the local shard (named by Citus, which
+-- shortens long names), and the shard's hash range (NULL for a reference
+-- table, whose one shard every node holds). No other table: any table
+-- distributed on a text column is co-located with nudge.events by default,
+-- and its name must not turn into a shard's in our statements.
 CREATE FUNCTION nudge._local_shards() RETURNS TABLE (t text, shard text, range bigint)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -54,7 +54,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
-               pg_catalog.shard_name(d.logicalrelid, s.shardid),
+               -- shard_name() leaves schema public out: the path is pinned
+               quote_ident(n.nspname) || '.' || quote_ident((SELECT x[array_upper(x, 1)]
+                  FROM pg_catalog.parse_ident(pg_catalog.shard_name(d.logicalrelid, s.shardid)) x)),
                CASE WHEN d.partmethod = 'h' THEN s.shardminvalue::bigint END
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
@@ -62,7 +64,7 @@ BEGIN
           JOIN pg_catalog.pg_dist_shard s ON s.logicalrelid = d.logicalrelid
           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
          WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)
-           AND n.nspname = 'nudge'
+           AND (n.nspname = 'nudge' OR d.logicalrelid IN (SELECT s.source FROM nudge.sources s))
            AND (d.partmethod = 'n'
                 OR d.partmethod = 'h' AND d.colocationid =
                    (SELECT colocationid FROM pg_catalog.pg_dist_partition
@@ -139,6 +141,47 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM (SELECT count(*) AS count FROM nudge._nodes()) n, generate_series(1, n.count) i
 $$;
 
+-- Whether `source` is distributed by `user_column`, co-located with
+-- nudge.events: then its shard i holds the same users as ours and is
+-- captured on its node like events (docs/citus.md, "Your own tables").
+CREATE FUNCTION nudge._colocated_source(source regclass, user_column text) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ok boolean;
+BEGIN
+    EXECUTE $q$
+        SELECT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_dist_partition d
+             WHERE d.logicalrelid = $1 AND d.partmethod = 'h'
+               AND pg_catalog.column_to_column_name(d.logicalrelid, d.partkey) = $2
+               AND d.colocationid = (SELECT colocationid FROM pg_catalog.pg_dist_partition
+                                      WHERE logicalrelid = 'nudge.events'::regclass)) $q$
+       INTO ok USING source, user_column;
+    RETURN ok;
+END
+$$;
+
+-- A node's own registration of a source (nudge.sources is per node: its
+-- regclass is each node's oid). add_source and drop_source on the
+-- coordinator run it on every node; NULL user_column unregisters.
+CREATE FUNCTION nudge._source_here(source text, user_column text, event_column text,
+                                   time_column text, props_column text, event_name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF user_column IS NULL THEN
+        DELETE FROM nudge.sources s WHERE s.source = _source_here.source::regclass;
+        RETURN;
+    END IF;
+    INSERT INTO nudge.sources AS s (source, user_column, event_column, time_column, props_column, event_name)
+    VALUES (_source_here.source::regclass, _source_here.user_column, _source_here.event_column,
+            _source_here.time_column, _source_here.props_column, _source_here.event_name)
+    ON CONFLICT ON CONSTRAINT sources_pkey DO UPDATE
+       SET user_column = EXCLUDED.user_column, event_column = EXCLUDED.event_column,
+           time_column = EXCLUDED.time_column, props_column = EXCLUDED.props_column,
+           event_name = EXCLUDED.event_name;
+END
+$$;
+
 -- Gives this node's id sequences a range of their own, as Citus gives its
 -- sequences (the node's group id << 48): our statements write the shards
 -- directly and draw ids from these sequences, and ids must not repeat across
@@ -203,9 +246,10 @@ BEGIN
             USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not on a cluster yet")';
     END IF;
     IF EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass) THEN
-        RAISE EXCEPTION 'distribute: sources of your own (%) are not captured on a cluster yet',
+        RAISE EXCEPTION 'distribute: sources of your own (%) must be distributed after pg_nudge''s tables, co-located with them',
             (SELECT string_agg(source::text, ', ') FROM nudge.sources WHERE source <> 'nudge.events'::regclass)
-            USING ERRCODE = '0A000', HINT = 'nudge.drop_source them first (docs/citus.md, "Not on a cluster yet")';
+            USING ERRCODE = '0A000',
+                  HINT = 'nudge.drop_source them, distribute, then distribute each with colocate_with => ''nudge.events'' and nudge.add_source it again (docs/citus.md)';
     END IF;
     IF EXISTS (SELECT 1 FROM nudge.user_sql) THEN
         RAISE EXCEPTION 'distribute: SQL parts of definitions (audience_sql, context, the profile query) do not run on a cluster yet'

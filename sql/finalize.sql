@@ -126,7 +126,12 @@ RETURNS TABLE (
     converted bigint, conversion_rate float8, revenue numeric,
     uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8,
     step text, skipped bigint)
-LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+-- plpgsql, not sql: Citus plans a SQL function's parameters not at all, and
+-- this query with their values well (docs/citus.md)
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH e AS (
         -- a step by the name its version gave it
         SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
@@ -190,7 +195,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
       LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm AND r.step = a.step
       LEFT JOIN arms h ON h.trigger = a.trigger AND h.step = a.step AND h.arm = 'holdout' AND a.arm <> 'holdout'
       LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
-     ORDER BY a.trigger, a.place, a.step, a.arm
+     ORDER BY a.trigger, a.place, a.step, a.arm;
+END
 $$;
 
 CREATE VIEW nudge.trigger_stats AS SELECT * FROM nudge.trigger_stats();
@@ -604,7 +610,8 @@ REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text[], boolean) FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text)
+    FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

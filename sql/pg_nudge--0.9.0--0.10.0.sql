@@ -1,7 +1,8 @@
 -- pg_nudge 0.9.0 -> 0.10.0: pg_nudge on a Citus cluster (docs/citus.md).
 -- The outbox protocol loses its FOR UPDATE (a Citus cluster routes those to
 -- one shard only), claim's statements move to src/claim.rs (where they run
--- on each shard group of a node too), and nudge.distribute() arrives.
+-- on each shard group of a node too), trigger_stats becomes plpgsql (which
+-- Citus plans), and nudge.distribute() arrives.
 
 CREATE FUNCTION nudge."_claim_here"(
 	"batch" INT, /* i32 */
@@ -49,12 +50,12 @@ BEGIN
 END
 $$;
 
--- This node's shards of our tables: the table as our statements name it,
--- the local shard (named by Citus, which shortens long names), and the
--- shard's hash range (NULL for a reference table, whose one shard every node
--- holds). Only schema nudge: any table distributed on a text column is
--- co-located with nudge.events by default, and its name must not turn into a
--- shard's in our statements.
+-- This node's shards of our tables and of the sources registered here: the
+-- table as our statements name it, the local shard (named by Citus, which
+-- shortens long names), and the shard's hash range (NULL for a reference
+-- table, whose one shard every node holds). No other table: any table
+-- distributed on a text column is co-located with nudge.events by default,
+-- and its name must not turn into a shard's in our statements.
 CREATE FUNCTION nudge._local_shards() RETURNS TABLE (t text, shard text, range bigint)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -63,7 +64,9 @@ BEGIN
     END IF;
     RETURN QUERY EXECUTE $q$
         SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname),
-               pg_catalog.shard_name(d.logicalrelid, s.shardid),
+               -- shard_name() leaves schema public out: the path is pinned
+               quote_ident(n.nspname) || '.' || quote_ident((SELECT x[array_upper(x, 1)]
+                  FROM pg_catalog.parse_ident(pg_catalog.shard_name(d.logicalrelid, s.shardid)) x)),
                CASE WHEN d.partmethod = 'h' THEN s.shardminvalue::bigint END
           FROM pg_catalog.pg_dist_partition d
           JOIN pg_catalog.pg_class c ON c.oid = d.logicalrelid
@@ -71,7 +74,7 @@ BEGIN
           JOIN pg_catalog.pg_dist_shard s ON s.logicalrelid = d.logicalrelid
           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
          WHERE p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)
-           AND n.nspname = 'nudge'
+           AND (n.nspname = 'nudge' OR d.logicalrelid IN (SELECT s.source FROM nudge.sources s))
            AND (d.partmethod = 'n'
                 OR d.partmethod = 'h' AND d.colocationid =
                    (SELECT colocationid FROM pg_catalog.pg_dist_partition
@@ -148,6 +151,47 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       FROM (SELECT count(*) AS count FROM nudge._nodes()) n, generate_series(1, n.count) i
 $$;
 
+-- Whether `source` is distributed by `user_column`, co-located with
+-- nudge.events: then its shard i holds the same users as ours and is
+-- captured on its node like events (docs/citus.md, "Your own tables").
+CREATE FUNCTION nudge._colocated_source(source regclass, user_column text) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    ok boolean;
+BEGIN
+    EXECUTE $q$
+        SELECT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_dist_partition d
+             WHERE d.logicalrelid = $1 AND d.partmethod = 'h'
+               AND pg_catalog.column_to_column_name(d.logicalrelid, d.partkey) = $2
+               AND d.colocationid = (SELECT colocationid FROM pg_catalog.pg_dist_partition
+                                      WHERE logicalrelid = 'nudge.events'::regclass)) $q$
+       INTO ok USING source, user_column;
+    RETURN ok;
+END
+$$;
+
+-- A node's own registration of a source (nudge.sources is per node: its
+-- regclass is each node's oid). add_source and drop_source on the
+-- coordinator run it on every node; NULL user_column unregisters.
+CREATE FUNCTION nudge._source_here(source text, user_column text, event_column text,
+                                   time_column text, props_column text, event_name text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF user_column IS NULL THEN
+        DELETE FROM nudge.sources s WHERE s.source = _source_here.source::regclass;
+        RETURN;
+    END IF;
+    INSERT INTO nudge.sources AS s (source, user_column, event_column, time_column, props_column, event_name)
+    VALUES (_source_here.source::regclass, _source_here.user_column, _source_here.event_column,
+            _source_here.time_column, _source_here.props_column, _source_here.event_name)
+    ON CONFLICT ON CONSTRAINT sources_pkey DO UPDATE
+       SET user_column = EXCLUDED.user_column, event_column = EXCLUDED.event_column,
+           time_column = EXCLUDED.time_column, props_column = EXCLUDED.props_column,
+           event_name = EXCLUDED.event_name;
+END
+$$;
+
 -- Gives this node's id sequences a range of their own, as Citus gives its
 -- sequences (the node's group id << 48): our statements write the shards
 -- directly and draw ids from these sequences, and ids must not repeat across
@@ -212,9 +256,10 @@ BEGIN
             USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not on a cluster yet")';
     END IF;
     IF EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass) THEN
-        RAISE EXCEPTION 'distribute: sources of your own (%) are not captured on a cluster yet',
+        RAISE EXCEPTION 'distribute: sources of your own (%) must be distributed after pg_nudge''s tables, co-located with them',
             (SELECT string_agg(source::text, ', ') FROM nudge.sources WHERE source <> 'nudge.events'::regclass)
-            USING ERRCODE = '0A000', HINT = 'nudge.drop_source them first (docs/citus.md, "Not on a cluster yet")';
+            USING ERRCODE = '0A000',
+                  HINT = 'nudge.drop_source them, distribute, then distribute each with colocate_with => ''nudge.events'' and nudge.add_source it again (docs/citus.md)';
     END IF;
     IF EXISTS (SELECT 1 FROM nudge.user_sql) THEN
         RAISE EXCEPTION 'distribute: SQL parts of definitions (audience_sql, context, the profile query) do not run on a cluster yet'
@@ -372,15 +417,107 @@ BEGIN
 END
 $$;
 
+-- plpgsql, so that Citus plans it
+CREATE OR REPLACE FUNCTION nudge.trigger_stats(from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (
+    trigger text, arm text,
+    entered bigint, exited bigint, suppressed bigint, suppressed_by jsonb, failed bigint,
+    held_out bigint, sent bigint, delivered bigint, opened bigint, clicked bigint,
+    converted bigint, conversion_rate float8, revenue numeric,
+    uplift float8, uplift_ci_low float8, uplift_ci_high float8, p_value float8,
+    step text, skipped bigint)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, nudge, pg_temp AS $$
+-- plpgsql, not sql: Citus plans a SQL function's parameters not at all, and
+-- this query with their values well (docs/citus.md)
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH e AS (
+        -- a step by the name its version gave it
+        SELECT en.id, en.trigger, en.user_id, en.state, en.rule, en.message_key, en.sent_at,
+               coalesce(en.variant, 'default') AS arm, en.step AS place,
+               coalesce(v.definition->'steps'->en.step->>'name', (en.step + 1)::text) AS step
+          FROM nudge.enrollments en
+          LEFT JOIN nudge.trigger_versions v ON v.trigger = en.trigger AND v.version = en.trigger_version
+         WHERE en.entered_at >= from_ts AND en.entered_at < to_ts),
+    goal AS (
+        SELECT DISTINCT ON (v.trigger) v.trigger, v.definition->'goal'->>'event' AS event,
+               nudge._duration(v.definition->'goal'->>'within') AS within,
+               v.definition->'goal'->>'value' AS value_field
+          FROM nudge.trigger_versions v
+         WHERE v.definition ? 'goal'
+         ORDER BY v.trigger, v.version DESC),
+    attributed AS (
+        SELECT x.id, sum(coalesce(
+                   CASE WHEN jsonb_typeof(ev.props->g.value_field) = 'number'
+                        THEN (ev.props->>g.value_field)::numeric END, 0)) AS revenue
+          FROM goal g
+          JOIN nudge._all_events(ARRAY(SELECT g2.event FROM goal g2)) ev ON ev.event = g.event
+         CROSS JOIN LATERAL (
+               SELECT x.id, x.sent_at FROM e x
+                WHERE x.trigger = g.trigger AND x.user_id = ev.user_id
+                  AND x.state IN ('sent', 'held_out') AND x.sent_at <= ev.occurred_at
+                ORDER BY x.sent_at DESC
+                LIMIT 1) x
+         WHERE ev.occurred_at <= x.sent_at + g.within
+         GROUP BY x.id),
+    arms AS (
+        SELECT e.trigger, e.arm, e.step, min(e.place) AS place,
+               count(*) AS entered,
+               count(*) FILTER (WHERE e.state = 'exited') AS exited,
+               count(*) FILTER (WHERE e.state = 'suppressed') AS suppressed,
+               count(*) FILTER (WHERE e.state = 'failed') AS failed,
+               count(*) FILTER (WHERE e.state = 'held_out') AS held_out,
+               count(*) FILTER (WHERE e.state = 'sent') AS sent,
+               count(*) FILTER (WHERE e.state = 'skipped') AS skipped,
+               count(o.delivered_at) AS delivered,
+               count(o.opened_at) AS opened,
+               count(o.clicked_at) AS clicked,
+               count(a.id) AS converted,
+               coalesce(sum(a.revenue), 0) AS revenue
+          FROM e
+          LEFT JOIN nudge.outbox o ON o.message_key = e.message_key AND o.user_id = e.user_id
+          LEFT JOIN attributed a ON a.id = e.id
+         GROUP BY e.trigger, e.arm, e.step),
+    reasons AS (
+        SELECT r.trigger, r.arm, r.step, jsonb_object_agg(r.rule, r.n) AS suppressed_by
+          FROM (SELECT e.trigger, e.arm, e.step,
+                       coalesce(e.rule, 'unknown') AS rule,
+                       count(*) AS n
+                  FROM e WHERE e.state = 'suppressed' GROUP BY 1, 2, 3, 4) r
+         GROUP BY r.trigger, r.arm, r.step)
+    SELECT a.trigger, a.arm, a.entered, a.exited, a.suppressed, coalesce(r.suppressed_by, '{}'), a.failed,
+           a.held_out, a.sent, a.delivered, a.opened, a.clicked,
+           a.converted, a.converted::float8 / nullif(a.sent + a.held_out, 0), a.revenue,
+           u.uplift, u.ci_low, u.ci_high, u.p_value,
+           a.step, a.skipped
+      FROM arms a
+      LEFT JOIN reasons r ON r.trigger = a.trigger AND r.arm = a.arm AND r.step = a.step
+      LEFT JOIN arms h ON h.trigger = a.trigger AND h.step = a.step AND h.arm = 'holdout' AND a.arm <> 'holdout'
+      LEFT JOIN LATERAL nudge._uplift(a.converted, a.sent, h.converted, h.held_out) u ON h.trigger IS NOT NULL
+     ORDER BY a.trigger, a.place, a.step, a.arm;
+END
+$$;
+
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text[], boolean) FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text)
+    FROM nudge_admin;
 -- as a fresh install has them: no function of ours is PUBLIC's, nudge_admin
 -- may run the rest
-REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._placement(), nudge._local_shards(),
-    nudge._shard_range(oid), nudge._nodes(), nudge._node_shares(bigint), nudge._per_user_tables(),
-    nudge._shared_tables() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION nudge._placement(), nudge._local_shards(), nudge._shard_range(oid), nudge._nodes(),
-    nudge._node_shares(bigint), nudge._per_user_tables(), nudge._shared_tables() TO nudge_admin;
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'nudge'::regnamespace
+                AND p.proname = ANY (ARRAY['_claim_here', '_per_user_tables', '_shared_tables', '_placement', '_local_shards', '_shard_range', '_nodes', '_on_nodes', '_node_shares', '_colocated_source', '_source_here', '_prepare_node', 'distribute'])
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
+        IF f.proname NOT IN ('_claim_here', 'distribute', '_prepare_node', '_on_nodes', '_source_here') THEN
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO nudge_admin', f.sig);
+        END IF;
+    END LOOP;
+END
+$$;

@@ -973,6 +973,7 @@ fn backtest(
         name!(step, String),
     ),
 > {
+    crate::citus::refuse_on_cluster("backtest");
     TableIterator::new(pinned(|| {
         crate::engine::backtest::backtest(&definition.0, from_ts, to_ts, trigger_name)
     }))

@@ -56,6 +56,7 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         || crate::all_events::is_source(relid)
     {
         crate::all_events::invalidate();
+        crate::citus::forget_groups();
     }
 }
 

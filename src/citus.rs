@@ -244,3 +244,92 @@ pub fn refuse_on_cluster(what: &str) {
         );
     }
 }
+
+/// Whether a source being added is one of a cluster's (checked on the
+/// coordinator: a table distributed by its user column, co-located with
+/// nudge.events). Refused (0A000) on a worker node, or when it is not so
+/// distributed: its rows would be captured nowhere near their users' data.
+pub fn source_on_cluster(source: pg_sys::Oid, table: &str, user_column: &str) -> bool {
+    let (placement, colocated) = crate::privilege::as_extension(|| {
+        Spi::connect(|c| {
+            let p = placement(c);
+            let ok = p == Placement::Coordinator
+                && c.select(
+                    "SELECT nudge._colocated_source($1::oid::regclass, $2)",
+                    None,
+                    &[source.into(), user_column.into()],
+                )
+                .ok()
+                .and_then(|r| r.first().get_one::<bool>().ok().flatten())
+                .unwrap_or(false);
+            (p, ok)
+        })
+    });
+    let refuse = |why: String, hint: &str| -> bool {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            why,
+            hint
+        );
+        #[allow(unreachable_code)]
+        false
+    };
+    match placement {
+        Placement::Single => false,
+        Placement::Node => refuse(
+            format!("add_source({table}): this is a worker node"),
+            "run it on the coordinator (docs/citus.md)",
+        ),
+        Placement::Coordinator if !colocated => refuse(
+            format!("add_source({table}): on a cluster a source must be distributed by its user column {user_column}, co-located with nudge.events"),
+            "SELECT create_distributed_table(table, user column, colocate_with => 'nudge.events') first (docs/citus.md)",
+        ),
+        Placement::Coordinator => true,
+    }
+}
+
+/// Registers a source (or, with no mapping, unregisters it) in the
+/// nudge.sources of every node, whose regclass is each node's own oid.
+pub fn register_on_nodes(source: pg_sys::Oid, map: Option<&nudge_core::sql::SourceMap>) {
+    let text = |o: Option<&String>| o.cloned();
+    let args = match map {
+        Some(m) => [
+            Some(m.user_column.clone()),
+            text(m.event_column.as_ref()),
+            text(m.time_column.as_ref()),
+            text(m.props_column.as_ref()),
+            text(m.event_name.as_ref()),
+        ],
+        None => [None, None, None, None, None],
+    };
+    let [user, event, time, props, name] = args;
+    Spi::connect_mut(|c| {
+        if let Err(e) = c.update(
+            "SELECT count(*) FROM nudge._on_nodes(ARRAY(
+                 SELECT format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
+                               (SELECT quote_ident(n.nspname) || '.' || quote_ident(k.relname)
+                                  FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+                                 WHERE k.oid = $1),
+                               $2, $3, $4, $5, $6)
+                   FROM nudge._nodes()))",
+            None,
+            &[
+                source.into(),
+                user.into(),
+                event.into(),
+                time.into(),
+                props.into(),
+                name.into(),
+            ],
+        ) {
+            error!("pg_nudge: registering the source on the nodes: {e}");
+        }
+    });
+}
+
+/// Forgets the groups of the relations capture fired on: the sources of
+/// this node changed, and a group names every source's shard.
+pub fn forget_groups() {
+    OF_RELATION.with(|m| m.borrow_mut().clear());
+}

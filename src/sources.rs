@@ -17,11 +17,11 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
     if let Err(e) = map.check() {
         crate::spi_util::invalid(e);
     }
-    crate::citus::refuse_on_cluster("add_source (a source of your own)");
     // what the caller may do is checked as the caller; the rest is written
     // by the extension's owner, whom the catalog and the trigger belong to
     let table = pinned(|| Spi::connect(|c| table_name(c, source)));
     check_source_rights(source, &table, "add_source");
+    let cluster = crate::citus::source_on_cluster(source, &table, &map.user_column);
     pinned(|| Spi::connect(|c| check_safe_to_read(c, source, &table)));
     as_extension(|| {
         Spi::connect_mut(|c| {
@@ -80,6 +80,9 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                     "creating the capture trigger",
                 );
                 in_wal_mode(c, source, &table);
+                if cluster {
+                    crate::citus::register_on_nodes(source, Some(&map));
+                }
             } else {
                 // the database's pg_nudge is still 0.1.0: its own kind of trigger
                 let f = function_name(source);
@@ -375,6 +378,9 @@ pub fn drop(source: pg_sys::Oid) {
             .len();
             if gone == 0 {
                 error!("drop_source: {table} is not an event source");
+            }
+            if Spi::connect(crate::citus::placement) == crate::citus::Placement::Coordinator {
+                crate::citus::register_on_nodes(source, None);
             }
             or_raise(
                 c.update(

@@ -225,3 +225,43 @@ pub fn sqlstate(r: Result<impl Sized, postgres::Error>) -> String {
             .map_or_else(|| format!("no code: {e}"), |c| c.code().to_string()),
     }
 }
+
+/// An event of a replayed history: user, event, props (JSON text), seconds
+/// after the history's start.
+pub type HistoryEvent = (String, String, String, i64);
+
+/// Lives through `events` one at a time, the engine running at each
+/// instant: `run_due` at the event's time, then the event (its user prefixed
+/// with `prefix`), and a last `run_due` at `end` seconds. Returns how many
+/// messages the passes wrote.
+pub fn live_through(
+    c: &mut Client,
+    events: &[HistoryEvent],
+    start: &str,
+    end: f64,
+    prefix: &str,
+) -> i32 {
+    let mut written: i32 = 0;
+    for (u, e, p, s) in events {
+        let at = *s as f64;
+        written += c
+            .query_one(
+                "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
+                &[&start, &at],
+            )
+            .unwrap()
+            .get::<_, i32>(0);
+        c.execute(
+            "SELECT nudge.track($6 || $1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
+            &[u, e, p, &start, &at, &prefix],
+        )
+        .unwrap();
+    }
+    written
+        + c.query_one(
+            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
+            &[&start, &end],
+        )
+        .unwrap()
+        .get::<_, i32>(0)
+}

@@ -217,16 +217,12 @@ fn the_foundation_scenario_runs_on_the_node_of_each_user() {
         Err(e) => e.code().map(|s| s.code().to_owned()),
         Ok(()) => None,
     };
-    c.batch_execute("CREATE TABLE orders (customer text, at timestamptz)")
+    c.batch_execute("CREATE TABLE orders (customer text, cart_id text, at timestamptz)")
         .unwrap();
-    assert_eq!(
-        refused(
-            &mut c,
-            "SELECT nudge.add_source('orders', 'customer', time_column => 'at', event_name => 'purchased')"
-        )
-        .as_deref(),
-        Some("0A000")
-    );
+    // a source of one's own must be distributed by its user column,
+    // co-located with nudge.events
+    let add_orders = "SELECT nudge.add_source('orders', 'customer', time_column => 'at', event_name => 'purchased')";
+    assert_eq!(refused(&mut c, add_orders).as_deref(), Some("0A000"));
     assert_eq!(
         refused(
             &mut c,
@@ -238,6 +234,73 @@ fn the_foundation_scenario_runs_on_the_node_of_each_user() {
     );
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.triggers"), 1);
     assert_eq!(count(&mut c, "SELECT count(*) FROM nudge.sources"), 1);
+
+    // distributed co-located, its inserts are captured on the node of each
+    // user's shard, in the inserting transaction: orders close carts
+    c.batch_execute(
+        "SELECT create_distributed_table('orders', 'customer', colocate_with => 'nudge.events')",
+    )
+    .unwrap();
+    c.batch_execute(add_orders).unwrap();
+    assert_eq!(
+        count(&mut n, "SELECT count(*) FROM nudge.sources"),
+        2,
+        "registered on the node too"
+    );
+    // (one transaction: the nodes' workers would otherwise remind the carts
+    // before the orders come)
+    c.batch_execute(
+        "INSERT INTO nudge.profiles (user_id, email) SELECT 'v' || i, 'v' || i || '@example.com' FROM generate_series(1, 10) i;
+         SELECT nudge.track('v' || i, 'cart_added', jsonb_build_object('cart_id', 'k' || i), now() - interval '25 hours')
+           FROM generate_series(1, 10) i;
+         INSERT INTO orders SELECT 'v' || i, 'k' || i, now() - interval '20 hours' FROM generate_series(1, 5) i;",
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM nudge.enrollments WHERE user_id LIKE 'v%' AND state = 'exited'"
+        ),
+        5
+    );
+    let mut reminded = 0;
+    for _ in 0..300 {
+        reminded = count(
+            &mut c,
+            "SELECT count(*) FROM nudge.outbox WHERE user_id LIKE 'v%'",
+        );
+        if reminded >= 5 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        reminded, 5,
+        "the nodes' workers remind the five who did not buy"
+    );
+    c.batch_execute("SELECT nudge.drop_source('orders')")
+        .unwrap();
+    assert_eq!(
+        count(&mut n, "SELECT count(*) FROM nudge.sources"),
+        1,
+        "and unregistered there"
+    );
+    c.batch_execute("INSERT INTO orders VALUES ('v9', 'k9', now())")
+        .unwrap();
+
+    // measured in plain SQL, over the whole cluster
+    let stats = c
+        .query_one(
+            "SELECT entered, exited, suppressed, sent FROM nudge.trigger_stats WHERE trigger = 'cart_abandonment'",
+            &[],
+        )
+        .unwrap();
+    let stats: (i64, i64, i64, i64) = (stats.get(0), stats.get(1), stats.get(2), stats.get(3));
+    assert_eq!(stats, (50, 18, 1, 31));
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM nudge.compare_arms()"),
+        0
+    );
 
     // explain reads a user's journey from the cluster
     assert!(
@@ -347,29 +410,7 @@ fn a_month_loaded_at_once_sends_what_living_through_it_sends_on_a_cluster() {
         .unwrap()
         .get(0);
 
-    let mut live_written = 0;
-    for (u, e, p, s) in &events {
-        let at = *s as f64;
-        live_written += c
-            .query_one(
-                "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
-                &[&START, &at],
-            )
-            .unwrap()
-            .get::<_, i32>(0);
-        c.execute(
-            "SELECT nudge.track('live' || $1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
-            &[u, e, p, &START, &at],
-        )
-        .unwrap();
-    }
-    live_written += c
-        .query_one(
-            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
-            &[&START, &end],
-        )
-        .unwrap()
-        .get::<_, i32>(0);
+    let live_written = nudge_integration::live_through(&mut c, &events, START, end, "live");
 
     let (bulk_msgs, bulk_journeys) = outcome(&mut c, "bulk");
     let (live_msgs, live_journeys) = outcome(&mut c, "live");

@@ -1,7 +1,9 @@
 //! The engine against a real server, through a real client: event time,
 //! concurrency and idempotency.
 
-use nudge_integration::{connect, count, drop_slots, fresh_db, outbox_uniqueness, Rng};
+use nudge_integration::{
+    connect, count, drop_slots, fresh_db, live_through, outbox_uniqueness, Rng,
+};
 use std::collections::BTreeSet;
 
 const SETUP: &str = r#"
@@ -181,29 +183,7 @@ fn month_with(
     let live = fresh_db(live_db);
     let mut c = shop(&live, setup);
     live_mode.apply(&mut c);
-    let mut live_written: i32 = 0;
-    for (u, e, p, s) in &events {
-        let at = *s as f64;
-        live_written += c
-            .query_one(
-                "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second')",
-                &[&START, &at],
-            )
-            .unwrap()
-            .get::<_, i32>(0);
-        c.execute(
-            "SELECT nudge.track($1, $2, $3::text::jsonb, $4::text::timestamptz + $5 * interval '1 second')",
-            &[u, e, p, &START, &at],
-        )
-        .unwrap();
-    }
-    live_written += c
-        .query_one(
-            "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",
-            &[&START, &(end as f64)],
-        )
-        .unwrap()
-        .get::<_, i32>(0);
+    let live_written = live_through(&mut c, &events, START, end as f64, "");
 
     let (bulk_msgs, bulk_journeys) = outcome(&bulk);
     let (live_msgs, live_journeys) = outcome(&live);

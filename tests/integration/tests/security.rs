@@ -885,3 +885,26 @@ fn watching_changes_needs_rights_and_segment_checks_run_for_any_writer() {
         assert_eq!(sqlstate(c.batch_execute(sql)), "42501", "{role}: {sql}");
     }
 }
+
+/// Citus (0.10.0): the functions behind a cluster's claim and set-up are no
+/// role of ours to call: `_claim_here` hands messages out as the extension's
+/// owner (a mailer claims through `claim`), the others distribute tables or
+/// run commands on the nodes.
+#[test]
+fn cluster_functions_are_no_role_of_ours_to_call() {
+    let db = with_roles("sec_cl");
+    for role in ["sec_cl_admin", "sec_cl_mailer", "sec_cl_writer"] {
+        let mut c = connect_as(&db, role);
+        for sql in [
+            "SELECT * FROM nudge._claim_here(10, '1 minute', 'x')",
+            "SELECT * FROM nudge.distribute()",
+            "SELECT nudge._prepare_node()",
+            "SELECT * FROM nudge._on_nodes(ARRAY['SELECT 1'])",
+        ] {
+            assert_eq!(sqlstate(c.batch_execute(sql)), "42501", "as {role}: {sql}");
+        }
+    }
+    // the mailer claims through claim, as before
+    let mut m = connect_as(&db, "sec_cl_mailer");
+    m.batch_execute("SELECT * FROM nudge.claim(1)").unwrap();
+}
