@@ -98,12 +98,13 @@ END
 $$;
 
 -- The nodes that hold shards of nudge.events (the coordinator too, when it
--- was given shards).
-CREATE FUNCTION nudge._nodes() RETURNS TABLE (name text, port int)
+-- was given shards), and which of them is this one.
+CREATE FUNCTION nudge._nodes() RETURNS TABLE (name text, port int, here boolean)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN QUERY EXECUTE $q$
-        SELECT DISTINCT n.nodename::text, n.nodeport::int
+        SELECT DISTINCT n.nodename::text, n.nodeport::int,
+               n.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)
           FROM pg_catalog.pg_dist_shard s
           JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
           JOIN pg_catalog.pg_dist_node n ON n.groupid = p.groupid AND n.noderole = 'primary'
@@ -113,7 +114,7 @@ END
 $$;
 
 -- Runs commands[i] on the i-th node of nudge._nodes() (all of them, in
--- parallel), each in a transaction of its own (Citus's master_run_on_worker,
+-- parallel; none where commands[i] is NULL), each in a transaction of its own (Citus's master_run_on_worker,
 -- as the current role), and returns each node's one-value result. A node's
 -- error is raised here, or, when `strict` is false, reported as a warning
 -- and its result left out (a claim must not lose what the other nodes
@@ -124,12 +125,13 @@ DECLARE
     r record;
 BEGIN
     FOR r IN EXECUTE $q$
-        WITH nodes AS (SELECT n.name, n.port, row_number() OVER (ORDER BY n.name, n.port) AS i FROM nudge._nodes() n)
+        WITH nodes AS (SELECT n.name, n.port, $1[row_number() OVER (ORDER BY n.name, n.port)] AS command
+                         FROM nudge._nodes() n)
         SELECT w.node_name, w.node_port, w.success, w.result
           FROM pg_catalog.master_run_on_worker(
-                   (SELECT array_agg(name ORDER BY i) FROM nodes),
-                   (SELECT array_agg(port ORDER BY i) FROM nodes),
-                   (SELECT array_agg($1[i] ORDER BY i) FROM nodes),
+                   (SELECT array_agg(name ORDER BY name, port) FROM nodes WHERE command IS NOT NULL),
+                   (SELECT array_agg(port ORDER BY name, port) FROM nodes WHERE command IS NOT NULL),
+                   (SELECT array_agg(command ORDER BY name, port) FROM nodes WHERE command IS NOT NULL),
                    true) w $q$ USING commands
     LOOP
         IF NOT r.success AND strict THEN
@@ -149,6 +151,18 @@ CREATE FUNCTION nudge._node_shares(total bigint) RETURNS bigint[]
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT array_agg(total / n.count + CASE WHEN i <= total % n.count THEN 1 ELSE 0 END ORDER BY i)
       FROM (SELECT count(*) AS count FROM nudge._nodes()) n, generate_series(1, n.count) i
+$$;
+
+-- Whether `t` is distributed (or a reference table) by Citus.
+CREATE FUNCTION nudge._is_distributed(t regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    known boolean;
+BEGIN
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
+       INTO known USING t;
+    RETURN known;
+END
 $$;
 
 -- Whether `source` is distributed by `user_column`, co-located with
@@ -255,7 +269,14 @@ BEGIN
         RAISE EXCEPTION 'distribute: segment triggers do not run on a cluster yet'
             USING ERRCODE = '0A000', HINT = 'drop them first (docs/citus.md, "Not on a cluster yet")';
     END IF;
-    IF EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass) THEN
+    IF nudge.capture_mode() = 'wal' THEN
+        RAISE EXCEPTION 'distribute: WAL capture does not run on a cluster yet'
+            USING ERRCODE = '0A000', HINT = 'SELECT nudge.set_capture(''immediate'') first (docs/citus.md)';
+    END IF;
+    -- a source of one's own is fine once it is distributed co-located with
+    -- ours (a run after adding a node); before, it cannot be
+    IF EXISTS (SELECT 1 FROM nudge.sources s WHERE s.source <> 'nudge.events'::regclass
+                AND (NOT nudge._is_distributed('nudge.events') OR NOT nudge._colocated_source(s.source, s.user_column))) THEN
         RAISE EXCEPTION 'distribute: sources of your own (%) must be distributed after pg_nudge''s tables, co-located with them',
             (SELECT string_agg(source::text, ', ') FROM nudge.sources WHERE source <> 'nudge.events'::regclass)
             USING ERRCODE = '0A000',
@@ -270,8 +291,7 @@ BEGIN
     VALUES ('unsubscribe', decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'))
     ON CONFLICT (name) DO NOTHING;
     FOREACH t IN ARRAY nudge._shared_tables() LOOP
-        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
-           INTO known USING t::regclass;
+        known := nudge._is_distributed(t::regclass);
         IF NOT known THEN
             EXECUTE 'SELECT pg_catalog.create_reference_table($1)' USING t::regclass;
             EXECUTE 'SELECT pg_catalog.truncate_local_data_after_distributing_table($1)' USING t::regclass;
@@ -279,8 +299,7 @@ BEGIN
         table_name := t; kind := 'reference'; RETURN NEXT;
     END LOOP;
     FOREACH t IN ARRAY nudge._per_user_tables() LOOP
-        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
-           INTO known USING t::regclass;
+        known := nudge._is_distributed(t::regclass);
         IF NOT known AND t = 'nudge.events' THEN
             EXECUTE 'SELECT pg_catalog.create_distributed_table($1, ''user_id'', shard_count => $2)'
               USING t::regclass, coalesce(shard_count, current_setting('citus.shard_count')::int);
@@ -295,6 +314,19 @@ BEGIN
         table_name := t; kind := 'distributed by user_id'; RETURN NEXT;
     END LOOP;
     PERFORM nudge._on_nodes(array_fill('SELECT nudge._prepare_node()'::text, ARRAY[(SELECT count(*)::int FROM nudge._nodes())]));
+    -- every node (a new one too) knows the sources of one's own
+    PERFORM nudge._on_nodes(ARRAY(
+                SELECT CASE WHEN NOT n.here THEN string_agg(
+                           format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
+                                  quote_ident(ns.nspname) || '.' || quote_ident(k.relname), s.user_column,
+                                  s.event_column, s.time_column, s.props_column, s.event_name), '; ') END
+                  FROM nudge._nodes() n
+                  LEFT JOIN nudge.sources s ON s.source <> 'nudge.events'::regclass
+                  LEFT JOIN pg_catalog.pg_class k ON k.oid = s.source
+                  LEFT JOIN pg_catalog.pg_namespace ns ON ns.oid = k.relnamespace
+                 GROUP BY n.name, n.port, n.here
+                 ORDER BY n.name, n.port))
+      WHERE EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass);
 END
 $$;
 
@@ -512,7 +544,7 @@ DECLARE
 BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'nudge'::regnamespace
-                AND p.proname = ANY (ARRAY['_claim_here', '_per_user_tables', '_shared_tables', '_placement', '_local_shards', '_shard_range', '_nodes', '_on_nodes', '_node_shares', '_colocated_source', '_source_here', '_prepare_node', 'distribute'])
+                AND p.proname = ANY (ARRAY['_claim_here', '_per_user_tables', '_shared_tables', '_placement', '_local_shards', '_shard_range', '_nodes', '_on_nodes', '_node_shares', '_is_distributed', '_colocated_source', '_source_here', '_prepare_node', 'distribute'])
     LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
         IF f.proname NOT IN ('_claim_here', 'distribute', '_prepare_node', '_on_nodes', '_source_here') THEN

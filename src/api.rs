@@ -98,7 +98,17 @@ fn _capture_rows<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgTriggerError> {
     let args = t.extra_args()?;
     // a shard on a Citus node: capture writes the shards of its group
-    let group = crate::citus::group_of_relation(t.relid()?, &t.table_name()?);
+    let group = match crate::citus::relation(t.relid()?, &t.table_name()?) {
+        crate::citus::Relation::Plain => None,
+        crate::citus::Relation::Shard(g) => Some(g),
+        crate::citus::Relation::Unregistered => {
+            warning!(
+                "pg_nudge: {} is not a registered source's shard on this node: its rows are not captured (docs/citus.md)",
+                t.table_name()?
+            );
+            return Ok(None);
+        }
+    };
     crate::citus::within(group, || unsafe {
         crate::engine::transition::capture_statement(t.trigger_data(), &args)
     });

@@ -60,7 +60,7 @@ thread_local! {
     /// The shard group the current statements run on, if any.
     static CURRENT: RefCell<Option<Rc<Group>>> = const { RefCell::new(None) };
     /// The group of each shard a capture trigger fired on (None: not a shard).
-    static OF_RELATION: RefCell<HashMap<pg_sys::Oid, Option<Rc<Group>>>> = RefCell::new(HashMap::new());
+    static OF_RELATION: RefCell<HashMap<pg_sys::Oid, Relation>> = RefCell::new(HashMap::new());
 }
 
 /// An advisory-lock class of ours for the current group. The statements of
@@ -170,13 +170,30 @@ pub fn groups_here() -> Option<Vec<Rc<Group>>> {
     })
 }
 
-/// The group of the table a capture trigger fired on: a Citus shard (its
-/// name ends in `_<shard id>`) of a table co-located with nudge.events.
-/// Kept per backend: a shard's group never changes while the shard exists.
-pub fn group_of_relation(relid: pg_sys::Oid, relname: &str) -> Option<Rc<Group>> {
-    let (_, suffix) = relname.rsplit_once('_')?;
+/// Where the table a capture trigger fired on stands.
+#[derive(Clone)]
+pub enum Relation {
+    /// a table of a single server (or not a shard): capture as it is
+    Plain,
+    /// a shard of a source of this node: capture on its group
+    Shard(Rc<Group>),
+    /// a table of a cluster that is no registered source's shard here (a
+    /// drop_source half done, shards moved to a node before nudge.distribute()
+    /// registered the sources there): nothing can be captured here, and the
+    /// application's INSERT must go on
+    Unregistered,
+}
+
+/// What capture does on the table a trigger fired on. A shard's name ends in
+/// `_<shard id>`; no other name costs a query. Kept per backend: a shard's
+/// group never changes while the shard exists (`forget_groups` when this
+/// node's sources change).
+pub fn relation(relid: pg_sys::Oid, relname: &str) -> Relation {
+    let Some((_, suffix)) = relname.rsplit_once('_') else {
+        return Relation::Plain;
+    };
     if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+        return Relation::Plain;
     }
     if let Some(known) = OF_RELATION.with(|m| m.borrow().get(&relid).cloned()) {
         return known;
@@ -184,13 +201,15 @@ pub fn group_of_relation(relid: pg_sys::Oid, relname: &str) -> Option<Rc<Group>>
     let found = crate::privilege::as_extension(|| {
         Spi::connect(|c| {
             if placement(c) == Placement::Single {
-                return None;
+                return Relation::Plain;
             }
             let range: Option<i64> = c
                 .select("SELECT nudge._shard_range($1)", None, &[relid.into()])
                 .ok()
                 .and_then(|r| r.first().get_one::<i64>().ok().flatten());
-            let range = range?;
+            let Some(range) = range else {
+                return Relation::Unregistered;
+            };
             let rows = c
                 .select(
                     "SELECT t, shard FROM nudge._local_shards() WHERE range = $1 OR range IS NULL",
@@ -206,7 +225,7 @@ pub fn group_of_relation(relid: pg_sys::Oid, relname: &str) -> Option<Rc<Group>>
                     )
                 })
                 .collect();
-            Some(Rc::new(Group { tables, range }))
+            Relation::Shard(Rc::new(Group { tables, range }))
         })
     });
     OF_RELATION.with(|m| m.borrow_mut().insert(relid, found.clone()));
@@ -306,13 +325,16 @@ pub fn register_on_nodes(source: pg_sys::Oid, map: Option<&nudge_core::sql::Sour
     let [user, event, time, props, name] = args;
     Spi::connect_mut(|c| {
         if let Err(e) = c.update(
+            // not on this node (a coordinator given shards): its own row is
+            // the caller's, and a second connection would wait for it forever
             "SELECT count(*) FROM nudge._on_nodes(ARRAY(
-                 SELECT format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
+                 SELECT CASE WHEN NOT here THEN
+                        format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
                                (SELECT quote_ident(n.nspname) || '.' || quote_ident(k.relname)
                                   FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
                                  WHERE k.oid = $1),
-                               $2, $3, $4, $5, $6)
-                   FROM nudge._nodes()))",
+                               $2, $3, $4, $5, $6) END
+                   FROM nudge._nodes() ORDER BY name, port))",
             None,
             &[
                 source.into(),

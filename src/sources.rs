@@ -379,9 +379,6 @@ pub fn drop(source: pg_sys::Oid) {
             if gone == 0 {
                 error!("drop_source: {table} is not an event source");
             }
-            if Spi::connect(crate::citus::placement) == crate::citus::Placement::Coordinator {
-                crate::citus::register_on_nodes(source, None);
-            }
             or_raise(
                 c.update(
                     &format!("DROP TRIGGER IF EXISTS nudge_capture ON {table}"),
@@ -391,6 +388,12 @@ pub fn drop(source: pg_sys::Oid) {
                 "dropping the trigger",
             );
             drop_change_triggers(c, source, &table);
+            // the nodes last: a node that no longer knows the source while its
+            // shards' trigger is still there captures nothing there, and the
+            // application's INSERT goes on (citus::Relation::Unregistered)
+            if crate::citus::placement(c) == crate::citus::Placement::Coordinator {
+                crate::citus::register_on_nodes(source, None);
+            }
             // the per-source plpgsql function of a source added by 0.1.0
             let old = function_name(source) + "()";
             let exists = or_raise(

@@ -210,6 +210,14 @@ fn the_foundation_scenario_runs_on_the_node_of_each_user() {
         .unwrap()
         .get(0);
     assert!(on_node.iter().all(|id| id >> 48 == group), "{on_node:?}");
+    // an event tracked on a worker node takes an id of that node's range
+    // (the coordinator's are below 2^48): no duplicate key with the
+    // coordinator's events
+    let id: i64 = n
+        .query_one("SELECT nudge.track('w1', 'page_viewed')", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(id >> 48, group);
     assert_eq!(on_node.len(), usize::from(released >> 48 == group));
 
     // what does not run on a cluster yet is refused, and changes nothing
@@ -278,6 +286,21 @@ fn the_foundation_scenario_runs_on_the_node_of_each_user() {
         reminded, 5,
         "the nodes' workers remind the five who did not buy"
     );
+    // run again (after adding a node, say) with a source of one's own: fine
+    c.batch_execute("SELECT count(*) FROM nudge.distribute()")
+        .unwrap();
+    assert_eq!(count(&mut n, "SELECT count(*) FROM nudge.sources"), 2);
+    // a node that does not know the source (a drop_source half done): the
+    // inserts into its shards go on, uncaptured; distribute registers it again
+    n.batch_execute("SELECT nudge._source_here('public.orders', NULL, NULL, NULL, NULL, NULL)")
+        .unwrap();
+    c.batch_execute(
+        "INSERT INTO orders SELECT 'v' || i, 'k' || i, now() FROM generate_series(1, 10) i",
+    )
+    .unwrap();
+    c.batch_execute("SELECT count(*) FROM nudge.distribute()")
+        .unwrap();
+    assert_eq!(count(&mut n, "SELECT count(*) FROM nudge.sources"), 2);
     c.batch_execute("SELECT nudge.drop_source('orders')")
         .unwrap();
     assert_eq!(
