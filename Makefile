@@ -9,7 +9,8 @@ DEMO_PORT ?= 28816
 KEEP      ?= 0
 CITUS_DIR ?= /tmp/pg_nudge-citus
 CITUS_PORT ?= 28850
-CITUS_SRC ?= $(CURDIR)/../shared/vendor/citus
+# Citus's source for the cluster tests: beside the project (as on this workplace's machines)
+CITUS_SRC ?= $(firstword $(wildcard $(CURDIR)/../shared/vendor/citus /work/shared/vendor/citus) $(CURDIR)/../shared/vendor/citus)
 SOAK_MINUTES ?= 10
 REGRESS   := $(shell ls tests/pg_regress/sql/*.sql | xargs -n1 basename | sed 's/\.sql$$//' | sort)
 PG_REGRESS := $(shell dirname $$($(PG_CONFIG) --pgxs 2>/dev/null || echo /x/x))/../test/regress/pg_regress
@@ -56,7 +57,9 @@ integration:
 ## pg_nudge on a Citus cluster on this machine (a coordinator and two worker nodes):
 ## builds Citus 13.2.2 from ../shared/vendor/citus when it is not installed
 test-citus: install
-	@if [[ ! -f $$($(PG_CONFIG) --pkglibdir)/citus.so ]]; then $(CITUS_SRC)/build.sh $(PG_CONFIG); fi
+	@if [[ ! -f $$($(PG_CONFIG) --pkglibdir)/citus.so ]]; then \
+	  [[ -f $(CITUS_SRC)/build.sh ]] || { echo "test-citus: Citus is not installed and $(CITUS_SRC)/build.sh is missing (CITUS_SRC=...)" >&2; exit 1; }; \
+	  bash $(CITUS_SRC)/build.sh $(PG_CONFIG); fi
 	@scripts/citus-cluster.sh start $(CITUS_DIR) $(CITUS_PORT) shop replay claims
 	@trap 'scripts/citus-cluster.sh stop $(CITUS_DIR)' EXIT; \
 	  NUDGE_CITUS_DSN="host=127.0.0.1 port=$(CITUS_PORT) user=postgres" \

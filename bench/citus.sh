@@ -20,7 +20,7 @@ SINGLE_DIR=/tmp/pg_nudge-bench-single SINGLE_PORT=28860
 CLUSTER_DIR=/tmp/pg_nudge-bench-citus CLUSTER_PORT=28870
 RESULTS=${BENCH_CITUS_RESULTS:-bench/RESULTS-citus.md}
 if [[ ! -f $(pg_config --pkglibdir)/citus.so ]]; then
-  "${CITUS_SRC:-../shared/vendor/citus}/build.sh"
+  bash "${CITUS_SRC:-../shared/vendor/citus}/build.sh"
 fi
 
 now() { date +%s.%N; }

@@ -983,10 +983,69 @@ fn backtest(
         name!(step, String),
     ),
 > {
-    crate::citus::refuse_on_cluster("backtest");
-    TableIterator::new(pinned(|| {
-        crate::engine::backtest::backtest(&definition.0, from_ts, to_ts, trigger_name)
-    }))
+    use crate::citus::Placement;
+    let here = || {
+        pinned(|| crate::engine::backtest::backtest(&definition.0, from_ts, to_ts, trigger_name))
+    };
+    let rows = match Spi::connect(crate::citus::placement) {
+        Placement::Single => here(),
+        // every node replays its own users (as the extension's owner, who may
+        // run the fan-out; a cluster runs no definer's SQL), merged here
+        Placement::Coordinator => {
+            let parts: Vec<Vec<nudge_core::backtest::Outcome>> = as_extension(|| {
+                Spi::connect(|c| {
+                    or_raise(
+                        c.select(
+                            "SELECT r FROM nudge._on_nodes(ARRAY(
+                                 SELECT format('SELECT coalesce(jsonb_agg(jsonb_build_array(b.outcome, b.journeys, b.sample_users, b.step)), ''[]'')
+                                                  FROM nudge.backtest(%L::jsonb, timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'',
+                                                                      timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'', %L) b',
+                                               $1::text, $2, $3, $4)
+                                   FROM nudge._nodes())) r",
+                            None,
+                            &[
+                                JsonB(definition.0.clone()).into(),
+                                from_ts.into_inner().into(),
+                                to_ts.into_inner().into(),
+                                trigger_name.into(),
+                            ],
+                        ),
+                        "backtest on the nodes",
+                    )
+                    .filter_map(|r| r.get::<String>(1).ok().flatten())
+                    .map(|text| {
+                        serde_json::from_str(&text)
+                            .unwrap_or_else(|e| error!("pg_nudge: backtest: a node's rows: {e}"))
+                    })
+                    .collect()
+                })
+            });
+            merged(&definition.0, trigger_name, parts)
+        }
+        Placement::Node => {
+            let parts = crate::citus::groups_here()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|g| crate::citus::within(Some(g), here))
+                .collect();
+            merged(&definition.0, trigger_name, parts)
+        }
+    };
+    TableIterator::new(rows)
+}
+
+/// Backtests of a cluster's groups or nodes as one, in the definition's
+/// order of steps.
+fn merged(
+    definition: &serde_json::Value,
+    trigger_name: Option<&str>,
+    parts: Vec<Vec<nudge_core::backtest::Outcome>>,
+) -> Vec<nudge_core::backtest::Outcome> {
+    let steps: Vec<String> = Definition::parse(definition)
+        .and_then(|d| d.compile(trigger_name.unwrap_or("backtest"), 0))
+        .map(|t| t.steps.iter().map(|s| s.name.clone()).collect())
+        .unwrap_or_default();
+    nudge_core::backtest::merge_outcomes(parts, &steps, crate::engine::backtest::SAMPLES)
 }
 
 /// Checks the experiments that optimize and records the winners found (the

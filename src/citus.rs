@@ -25,8 +25,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-/// One shard group on this node: for each of our tables (and each table
-/// co-located with nudge.events), the local table that holds its part.
+/// One shard group on this node: for each of our tables (and each source
+/// registered on this node), the local table that holds its part.
 #[derive(Debug, Default)]
 pub struct Group {
     /// (qualified name as our statements write it, local shard's name)
@@ -36,8 +36,8 @@ pub struct Group {
 }
 
 impl Group {
-    /// `sql` with every whole qualified name of a distributed table replaced
-    /// by its shard's name. A name is replaced only where it stands alone
+    /// `sql` with every whole qualified name of a group's table replaced by
+    /// its shard's name. A name is replaced only where it stands alone
     /// (`nudge.events` but not `nudge.events_x` nor `x.nudge.events`).
     pub fn rewrite(&self, sql: &str) -> String {
         let mut out = sql.to_owned();
@@ -59,7 +59,7 @@ impl Group {
 thread_local! {
     /// The shard group the current statements run on, if any.
     static CURRENT: RefCell<Option<Rc<Group>>> = const { RefCell::new(None) };
-    /// The group of each shard a capture trigger fired on (None: not a shard).
+    /// How capture treats each table a capture trigger fired on.
     static OF_RELATION: RefCell<HashMap<pg_sys::Oid, Relation>> = RefCell::new(HashMap::new());
 }
 

@@ -54,8 +54,68 @@ pub fn replay_user(t: &Trigger, events: &[Event], from: Micros, to: Micros) -> U
     }
 }
 
+/// A backtest's row: outcome, journeys, sample users, step.
+pub type Outcome = (String, i64, Vec<String>, String);
+
+/// Backtests of disjoint sets of users (a Citus cluster's shard groups and
+/// nodes) as one: journeys summed per step and outcome, samples pooled up
+/// to `samples`, in the order of the steps (`steps`), then of the outcomes.
+pub fn merge_outcomes(parts: Vec<Vec<Outcome>>, steps: &[String], samples: usize) -> Vec<Outcome> {
+    let mut merged: std::collections::BTreeMap<(usize, String, String), (i64, Vec<String>)> =
+        std::collections::BTreeMap::new();
+    for (outcome, n, users, step) in parts.into_iter().flatten() {
+        let place = steps.iter().position(|s| *s == step).unwrap_or(usize::MAX);
+        let e = merged.entry((place, outcome, step)).or_default();
+        e.0 += n;
+        for u in users {
+            if e.1.len() < samples && !e.1.contains(&u) {
+                e.1.push(u);
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|((_, outcome, step), (n, users))| (outcome, n, users, step))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn outcomes_of_disjoint_users_merge_by_step_and_outcome() {
+        let o = |outcome: &str, n: i64, users: &[&str], step: &str| {
+            (
+                outcome.to_string(),
+                n,
+                users.iter().map(|u| u.to_string()).collect::<Vec<_>>(),
+                step.to_string(),
+            )
+        };
+        let steps = vec!["first".to_string(), "second".to_string()];
+        let merged = super::merge_outcomes(
+            vec![
+                vec![
+                    o("sent", 2, &["a", "b"], "first"),
+                    o("exited", 1, &["c"], "second"),
+                ],
+                vec![
+                    o("sent", 3, &["d", "e", "f"], "first"),
+                    o("exited", 1, &["g"], "first"),
+                ],
+            ],
+            &steps,
+            4,
+        );
+        assert_eq!(
+            merged,
+            vec![
+                o("exited", 1, &["g"], "first"),
+                o("sent", 5, &["a", "b", "d", "e"], "first"),
+                o("exited", 1, &["c"], "second"),
+            ]
+        );
+    }
     use super::*;
     use crate::definition::Definition;
     use serde_json::json;

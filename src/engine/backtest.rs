@@ -19,7 +19,7 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use std::collections::{BTreeMap, HashMap};
 
-const SAMPLES: usize = 5;
+pub const SAMPLES: usize = 5;
 
 /// Per step and outcome: how many, and a few users.
 #[derive(Default)]
@@ -99,6 +99,12 @@ pub fn backtest(
                               WHERE event = ANY ($1) AND occurred_at >= $2 AND occurred_at < $3
                               ORDER BY user_id COLLATE \"C\", occurred_at"
                     .replace(crate::all_events::TOKEN, &g.union);
+                // a cursor is no kept statement (spi_util::run): on a Citus
+                // node, the group's shards are named here
+                let text = match crate::citus::current() {
+                    Some(group) => group.rewrite(&text),
+                    None => text,
+                };
                 let cursor = as_definer(g.owner, || c.open_cursor(&text, &args));
                 Stream {
                     owner: g.owner,

@@ -577,4 +577,20 @@ fn concurrent_claims_from_the_coordinator_hand_out_each_message_once() {
         .map(|r| r.get(0))
         .collect();
     assert!(first.contains(&"urgent".to_string()), "{first:?}");
+
+    // a backtest from the coordinator replays every node's users, merged
+    let rows: Vec<(String, i64, Vec<String>)> = c
+        .query(
+            r#"SELECT outcome, journeys, sample_users FROM nudge.backtest(
+                   '{"on": {"event": "signed_up"}, "wait": "1 minute", "template": "hello"}',
+                   now() - interval '1 day', now() + interval '1 day', 'hello')"#,
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let sent = rows.iter().find(|r| r.0 == "sent").expect("sent journeys");
+    assert_eq!(sent.1, 400, "{rows:?}");
+    assert_eq!(sent.2.len(), 5, "samples pooled from the nodes");
 }
