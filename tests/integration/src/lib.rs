@@ -265,3 +265,19 @@ pub fn live_through(
         .unwrap()
         .get::<_, i32>(0)
 }
+
+/// Loads `events` in one statement (their users prefixed with `prefix`),
+/// each at `start` plus its seconds.
+pub fn load_at_once(c: &mut Client, events: &[HistoryEvent], start: &str, prefix: &str) {
+    let users: Vec<String> = events.iter().map(|e| format!("{prefix}{}", e.0)).collect();
+    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
+    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
+    c.execute(
+        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
+         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
+        &[&users, &names, &props, &secs, &start],
+    )
+    .unwrap();
+}

@@ -414,17 +414,7 @@ fn a_month_loaded_at_once_sends_what_living_through_it_sends_on_a_cluster() {
     let events = history();
     let end = (events.last().unwrap().3 + 86_400) as f64;
 
-    let users: Vec<String> = events.iter().map(|e| format!("bulk{}", e.0)).collect();
-    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
-    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
-    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
-    c.execute(
-        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
-        &[&users, &names, &props, &secs, &START],
-    )
-    .unwrap();
+    nudge_integration::load_at_once(&mut c, &events, START, "bulk");
     let bulk_written: i32 = c
         .query_one(
             "SELECT nudge.run_due($1::text::timestamptz + $2 * interval '1 second', 100000)",

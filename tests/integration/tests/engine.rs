@@ -2,7 +2,7 @@
 //! concurrency and idempotency.
 
 use nudge_integration::{
-    connect, count, drop_slots, fresh_db, live_through, outbox_uniqueness, Rng,
+    connect, count, drop_slots, fresh_db, live_through, load_at_once, outbox_uniqueness, Rng,
 };
 use std::collections::BTreeSet;
 
@@ -152,18 +152,8 @@ fn month_with(
     // Loaded at once, one run_due at the end.
     let bulk = fresh_db(bulk_db);
     let mut c = shop(&bulk, setup);
-    let users: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
-    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
-    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
-    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
     bulk_mode.apply(&mut c);
-    c.execute(
-        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
-        &[&users, &names, &props, &secs, &START],
-    )
-    .unwrap();
+    load_at_once(&mut c, &events, START, "");
     if bulk_mode == Capture::Deferred {
         // queued, not yet enrolled: run_due enrolls them first
         assert!(count(&mut c, "SELECT count(*) FROM nudge.capture_queue") > 1000);
@@ -469,17 +459,7 @@ const SETUP_EVERY: &str = r#"
 fn loaded(db: &str, setup: &str) -> postgres::Client {
     let events = history();
     let mut c = shop(db, setup);
-    let users: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
-    let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
-    let props: Vec<&str> = events.iter().map(|e| e.2.as_str()).collect();
-    let secs: Vec<i64> = events.iter().map(|e| e.3).collect();
-    c.execute(
-        "INSERT INTO nudge.events (user_id, event, props, occurred_at)
-         SELECT u, e, p::jsonb, $5::text::timestamptz + s * interval '1 second'
-           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS x(u, e, p, s)",
-        &[&users, &names, &props, &secs, &START],
-    )
-    .unwrap();
+    load_at_once(&mut c, &events, START, "");
     c
 }
 
