@@ -196,6 +196,30 @@ BEGIN
 END
 $$;
 
+-- Registers the sources of one's own in the nudge.sources of every other
+-- node (whose regclass is each node's oid of the table), as this node has
+-- them; with `one_source`, that table alone, unregistered where it is no source
+-- here any more. add_source, drop_source and distribute() run it.
+CREATE FUNCTION nudge._sources_to_nodes(one_source regclass DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- not on this node (a coordinator given shards): its own row is the
+    -- caller's, and a second connection would wait for it forever
+    PERFORM nudge._on_nodes(ARRAY(
+        SELECT CASE WHEN NOT n.here THEN c.commands END
+          FROM nudge._nodes() n,
+               (SELECT string_agg(format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
+                                         quote_ident(ns.nspname) || '.' || quote_ident(k.relname), s.user_column,
+                                         s.event_column, s.time_column, s.props_column, s.event_name), '; ') AS commands
+                  FROM pg_catalog.pg_class k
+                  JOIN pg_catalog.pg_namespace ns ON ns.oid = k.relnamespace
+                  LEFT JOIN nudge.sources s ON s.source = k.oid
+                 WHERE k.oid = one_source
+                    OR one_source IS NULL AND s.source IS NOT NULL AND s.source <> 'nudge.events'::regclass) c
+         ORDER BY n.name, n.port));
+END
+$$;
+
 -- Gives this node's id sequences a range of their own, as Citus gives its
 -- sequences (the node's group id << 48): our statements write the shards
 -- directly and draw ids from these sequences, and ids must not repeat across
@@ -305,17 +329,6 @@ BEGIN
     END LOOP;
     PERFORM nudge._on_nodes(array_fill('SELECT nudge._prepare_node()'::text, ARRAY[(SELECT count(*)::int FROM nudge._nodes())]));
     -- every node (a new one too) knows the sources of one's own
-    PERFORM nudge._on_nodes(ARRAY(
-                SELECT CASE WHEN NOT n.here THEN string_agg(
-                           format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
-                                  quote_ident(ns.nspname) || '.' || quote_ident(k.relname), s.user_column,
-                                  s.event_column, s.time_column, s.props_column, s.event_name), '; ') END
-                  FROM nudge._nodes() n
-                  LEFT JOIN nudge.sources s ON s.source <> 'nudge.events'::regclass
-                  LEFT JOIN pg_catalog.pg_class k ON k.oid = s.source
-                  LEFT JOIN pg_catalog.pg_namespace ns ON ns.oid = k.relnamespace
-                 GROUP BY n.name, n.port, n.here
-                 ORDER BY n.name, n.port))
-      WHERE EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass);
+    PERFORM nudge._sources_to_nodes();
 END
 $$;

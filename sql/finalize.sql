@@ -610,8 +610,8 @@ REVOKE EXECUTE ON FUNCTION nudge.apply_retention(int) FROM nudge_admin;
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text)
-    FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text),
+    nudge._sources_to_nodes(regclass) FROM nudge_admin;
 
 -- nudge_writer: tracks events (nudge.track, or INSERT / COPY into nudge.events).
 GRANT EXECUTE ON FUNCTION nudge.track(text, text, jsonb, timestamptz) TO nudge_writer;

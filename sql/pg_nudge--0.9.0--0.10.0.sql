@@ -206,6 +206,30 @@ BEGIN
 END
 $$;
 
+-- Registers the sources of one's own in the nudge.sources of every other
+-- node (whose regclass is each node's oid of the table), as this node has
+-- them; with `one_source`, that table alone, unregistered where it is no source
+-- here any more. add_source, drop_source and distribute() run it.
+CREATE FUNCTION nudge._sources_to_nodes(one_source regclass DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- not on this node (a coordinator given shards): its own row is the
+    -- caller's, and a second connection would wait for it forever
+    PERFORM nudge._on_nodes(ARRAY(
+        SELECT CASE WHEN NOT n.here THEN c.commands END
+          FROM nudge._nodes() n,
+               (SELECT string_agg(format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
+                                         quote_ident(ns.nspname) || '.' || quote_ident(k.relname), s.user_column,
+                                         s.event_column, s.time_column, s.props_column, s.event_name), '; ') AS commands
+                  FROM pg_catalog.pg_class k
+                  JOIN pg_catalog.pg_namespace ns ON ns.oid = k.relnamespace
+                  LEFT JOIN nudge.sources s ON s.source = k.oid
+                 WHERE k.oid = one_source
+                    OR one_source IS NULL AND s.source IS NOT NULL AND s.source <> 'nudge.events'::regclass) c
+         ORDER BY n.name, n.port));
+END
+$$;
+
 -- Gives this node's id sequences a range of their own, as Citus gives its
 -- sequences (the node's group id << 48): our statements write the shards
 -- directly and draw ids from these sequences, and ids must not repeat across
@@ -315,18 +339,7 @@ BEGIN
     END LOOP;
     PERFORM nudge._on_nodes(array_fill('SELECT nudge._prepare_node()'::text, ARRAY[(SELECT count(*)::int FROM nudge._nodes())]));
     -- every node (a new one too) knows the sources of one's own
-    PERFORM nudge._on_nodes(ARRAY(
-                SELECT CASE WHEN NOT n.here THEN string_agg(
-                           format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
-                                  quote_ident(ns.nspname) || '.' || quote_ident(k.relname), s.user_column,
-                                  s.event_column, s.time_column, s.props_column, s.event_name), '; ') END
-                  FROM nudge._nodes() n
-                  LEFT JOIN nudge.sources s ON s.source <> 'nudge.events'::regclass
-                  LEFT JOIN pg_catalog.pg_class k ON k.oid = s.source
-                  LEFT JOIN pg_catalog.pg_namespace ns ON ns.oid = k.relnamespace
-                 GROUP BY n.name, n.port, n.here
-                 ORDER BY n.name, n.port))
-      WHERE EXISTS (SELECT 1 FROM nudge.sources WHERE source <> 'nudge.events'::regclass);
+    PERFORM nudge._sources_to_nodes();
 END
 $$;
 
@@ -534,8 +547,8 @@ $$;
 -- a cluster's (docs/citus.md): claim's part on a node hands messages out;
 -- distribute and the nodes' set-up are a superuser's
 REVOKE EXECUTE ON FUNCTION nudge._claim_here(int, interval, text), nudge.distribute(int),
-    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text)
-    FROM nudge_admin;
+    nudge._prepare_node(), nudge._on_nodes(text[], boolean), nudge._source_here(text, text, text, text, text, text),
+    nudge._sources_to_nodes(regclass) FROM nudge_admin;
 -- as a fresh install has them: no function of ours is PUBLIC's, nudge_admin
 -- may run the rest
 DO $$
@@ -544,10 +557,10 @@ DECLARE
 BEGIN
     FOR f IN SELECT p.oid::regprocedure AS sig, p.proname FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'nudge'::regnamespace
-                AND p.proname = ANY (ARRAY['_claim_here', '_per_user_tables', '_shared_tables', '_placement', '_local_shards', '_shard_range', '_nodes', '_on_nodes', '_node_shares', '_is_distributed', '_colocated_source', '_source_here', '_prepare_node', 'distribute'])
+                AND p.proname = ANY (ARRAY['_claim_here', '_per_user_tables', '_shared_tables', '_placement', '_local_shards', '_shard_range', '_nodes', '_on_nodes', '_node_shares', '_is_distributed', '_colocated_source', '_source_here', '_sources_to_nodes', '_prepare_node', 'distribute'])
     LOOP
         EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f.sig);
-        IF f.proname NOT IN ('_claim_here', 'distribute', '_prepare_node', '_on_nodes', '_source_here') THEN
+        IF f.proname NOT IN ('_claim_here', 'distribute', '_prepare_node', '_on_nodes', '_source_here', '_sources_to_nodes') THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO nudge_admin', f.sig);
         END IF;
     END LOOP;

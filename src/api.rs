@@ -265,12 +265,7 @@ fn define_trigger(name: &str, definition: JsonB) -> i32 {
             user_sql[0].0
         ));
     }
-    let profile_date = definition
-        .0
-        .pointer("/on/date")
-        .and_then(|d| d.as_str())
-        .is_some_and(|d| d.starts_with("profile."));
-    if definition.0.get("segment").is_some() || profile_date {
+    if trigger.watches_profile() {
         crate::citus::refuse_on_cluster(&format!(
             "define_trigger({name}): a segment or a date from profiles"
         ));
@@ -496,31 +491,28 @@ fn run_due(
             // messages (docs/citus.md); the time goes as microseconds, which
             // no DateStyle reads differently
             return one::<i32>(
-                "SELECT coalesce(sum(r::int), 0)::int
-                   FROM nudge._on_nodes(ARRAY(
-                            SELECT format('SELECT nudge.run_due(timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'', %s)',
-                                          $1, share)
-                              FROM unnest(nudge._node_shares($2)) share)) r",
+                concat!(
+                    "SELECT coalesce(sum(r::int), 0)::int
+                       FROM nudge._on_nodes(ARRAY(
+                                SELECT format('SELECT nudge.run_due(",
+                    crate::citus::at_micros!(),
+                    ", %s)', $1, share)
+                                  FROM unnest(nudge._node_shares($2)) share)) r"
+                ),
                 &[as_of.into_inner().into(), i64::from(max_messages).into()],
                 "run_due on the nodes",
             )
             .unwrap_or(0);
         }
-        match crate::citus::groups_here() {
-            None => engine_pass(as_of, max_messages).written,
-            // a node: its groups in turn, `max_messages` in all
-            Some(groups) => {
-                let mut written = 0;
-                for g in groups {
-                    let left = max_messages - written;
-                    if left <= 0 {
-                        break;
-                    }
-                    written += crate::citus::within(Some(g), || engine_pass(as_of, left).written);
-                }
-                written
+        // a node: its groups in turn, `max_messages` in all
+        let mut written = 0;
+        crate::citus::each_group(|| {
+            let left = max_messages - written;
+            if left > 0 {
+                written += engine_pass(as_of, left).written;
             }
-        }
+        });
+        written
     })
 }
 
@@ -983,55 +975,49 @@ fn backtest(
         name!(step, String),
     ),
 > {
-    use crate::citus::Placement;
     let here = || {
         pinned(|| crate::engine::backtest::backtest(&definition.0, from_ts, to_ts, trigger_name))
     };
-    let rows = match Spi::connect(crate::citus::placement) {
-        Placement::Single => here(),
+    let parts = if Spi::connect(crate::citus::placement) == crate::citus::Placement::Coordinator {
         // every node replays its own users (as the extension's owner, who may
-        // run the fan-out; a cluster runs no definer's SQL), merged here
-        Placement::Coordinator => {
-            let parts: Vec<Vec<nudge_core::backtest::Outcome>> = as_extension(|| {
-                Spi::connect(|c| {
-                    or_raise(
-                        c.select(
+        // run the fan-out; a cluster runs no definer's SQL)
+        as_extension(|| {
+            Spi::connect(|c| {
+                or_raise(
+                    c.select(
+                        concat!(
                             "SELECT r FROM nudge._on_nodes(ARRAY(
                                  SELECT format('SELECT coalesce(jsonb_agg(jsonb_build_array(b.outcome, b.journeys, b.sample_users, b.step)), ''[]'')
-                                                  FROM nudge.backtest(%L::jsonb, timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'',
-                                                                      timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond'', %L) b',
-                                               $1::text, $2, $3, $4)
-                                   FROM nudge._nodes())) r",
-                            None,
-                            &[
-                                JsonB(definition.0.clone()).into(),
-                                from_ts.into_inner().into(),
-                                to_ts.into_inner().into(),
-                                trigger_name.into(),
-                            ],
+                                                  FROM nudge.backtest(%L::jsonb, ",
+                            crate::citus::at_micros!(),
+                            ", ",
+                            crate::citus::at_micros!(),
+                            ", %L) b', $1::text, $2, $3, $4)
+                                   FROM nudge._nodes())) r"
                         ),
-                        "backtest on the nodes",
-                    )
-                    .filter_map(|r| r.get::<String>(1).ok().flatten())
-                    .map(|text| {
-                        serde_json::from_str(&text)
-                            .unwrap_or_else(|e| error!("pg_nudge: backtest: a node's rows: {e}"))
-                    })
-                    .collect()
+                        None,
+                        &[
+                            JsonB(definition.0.clone()).into(),
+                            from_ts.into_inner().into(),
+                            to_ts.into_inner().into(),
+                            trigger_name.into(),
+                        ],
+                    ),
+                    "backtest on the nodes",
+                )
+                .filter_map(|r| r.get::<String>(1).ok().flatten())
+                .map(|text| {
+                    serde_json::from_str(&text)
+                        .unwrap_or_else(|e| error!("pg_nudge: backtest: a node's rows: {e}"))
                 })
-            });
-            merged(&definition.0, trigger_name, parts)
-        }
-        Placement::Node => {
-            let parts = crate::citus::groups_here()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|g| crate::citus::within(Some(g), here))
-                .collect();
-            merged(&definition.0, trigger_name, parts)
-        }
+                .collect()
+            })
+        })
+    } else {
+        // a single server is one group; a node's groups add up
+        crate::citus::each_group(here)
     };
-    TableIterator::new(rows)
+    TableIterator::new(merged(&definition.0, trigger_name, parts))
 }
 
 /// Backtests of a cluster's groups or nodes as one, in the definition's

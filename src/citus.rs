@@ -105,19 +105,25 @@ pub enum Placement {
 }
 
 pub fn placement(c: &SpiClient<'_>) -> Placement {
-    // without Citus no more is asked; nor of a schema older than the library
-    // (between installing it and ALTER EXTENSION UPDATE), which has no _placement
-    let clustered = c
-        .select(
-            "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL
-                    AND to_regprocedure('nudge._placement()') IS NOT NULL",
+    // without Citus no SQL at all (a catalog cache lookup: claim and run_due
+    // ask on every call); nor of a schema older than the library (between
+    // installing it and ALTER EXTENSION UPDATE), which has no _placement
+    let citus = unsafe {
+        pg_sys::get_relname_relid(
+            c"pg_dist_partition".as_ptr(),
+            pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE),
+        ) != pg_sys::InvalidOid
+    };
+    let ours = citus
+        && c.select(
+            "SELECT to_regprocedure('nudge._placement()') IS NOT NULL",
             None,
             &[],
         )
         .ok()
         .and_then(|r| r.first().get_one::<bool>().ok().flatten())
         .unwrap_or(false);
-    if !clustered {
+    if !ours {
         return Placement::Single;
     }
     let p: Option<String> = c
@@ -170,6 +176,27 @@ pub fn groups_here() -> Option<Vec<Rc<Group>>> {
     })
 }
 
+/// Runs `f` on each of this node's groups in turn, or once on a database
+/// whose tables are not distributed.
+pub fn each_group<R>(mut f: impl FnMut() -> R) -> Vec<R> {
+    match groups_here() {
+        None => vec![f()],
+        Some(groups) => groups
+            .into_iter()
+            .map(|g| within(Some(g), &mut f))
+            .collect(),
+    }
+}
+
+/// SQL for a time sent to the nodes as microseconds since 2000 (`%s` in a
+/// format() string), which no DateStyle reads differently.
+macro_rules! at_micros {
+    () => {
+        "timestamptz ''2000-01-01 00:00:00+00'' + %s * interval ''1 microsecond''"
+    };
+}
+pub(crate) use at_micros;
+
 /// Where the table a capture trigger fired on stands.
 #[derive(Clone)]
 pub enum Relation {
@@ -210,22 +237,10 @@ pub fn relation(relid: pg_sys::Oid, relname: &str) -> Relation {
             let Some(range) = range else {
                 return Relation::Unregistered;
             };
-            let rows = c
-                .select(
-                    "SELECT t, shard FROM nudge._local_shards() WHERE range = $1 OR range IS NULL",
-                    None,
-                    &[range.into()],
-                )
-                .unwrap_or_else(|e| error!("pg_nudge: reading this node's shards: {e}"));
-            let tables = rows
-                .map(|r| {
-                    (
-                        r.get::<String>(1).ok().flatten().unwrap_or_default(),
-                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            Relation::Shard(Rc::new(Group { tables, range }))
+            local_groups(c)
+                .into_iter()
+                .find(|g| g.range == range)
+                .map_or(Relation::Unregistered, Relation::Shard)
         })
     });
     OF_RELATION.with(|m| m.borrow_mut().insert(relid, found.clone()));
@@ -308,42 +323,14 @@ pub fn source_on_cluster(source: pg_sys::Oid, table: &str, user_column: &str) ->
     }
 }
 
-/// Registers a source (or, with no mapping, unregisters it) in the
-/// nudge.sources of every node, whose regclass is each node's own oid.
-pub fn register_on_nodes(source: pg_sys::Oid, map: Option<&nudge_core::sql::SourceMap>) {
-    let text = |o: Option<&String>| o.cloned();
-    let args = match map {
-        Some(m) => [
-            Some(m.user_column.clone()),
-            text(m.event_column.as_ref()),
-            text(m.time_column.as_ref()),
-            text(m.props_column.as_ref()),
-            text(m.event_name.as_ref()),
-        ],
-        None => [None, None, None, None, None],
-    };
-    let [user, event, time, props, name] = args;
+/// Registers a source on every other node as this one has it now, or
+/// unregisters it there once it is no source here (`nudge._sources_to_nodes`).
+pub fn register_on_nodes(source: pg_sys::Oid) {
     Spi::connect_mut(|c| {
         if let Err(e) = c.update(
-            // not on this node (a coordinator given shards): its own row is
-            // the caller's, and a second connection would wait for it forever
-            "SELECT count(*) FROM nudge._on_nodes(ARRAY(
-                 SELECT CASE WHEN NOT here THEN
-                        format('SELECT nudge._source_here(%L, %L, %L, %L, %L, %L)',
-                               (SELECT quote_ident(n.nspname) || '.' || quote_ident(k.relname)
-                                  FROM pg_catalog.pg_class k JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
-                                 WHERE k.oid = $1),
-                               $2, $3, $4, $5, $6) END
-                   FROM nudge._nodes() ORDER BY name, port))",
+            "SELECT nudge._sources_to_nodes($1::oid::regclass)",
             None,
-            &[
-                source.into(),
-                user.into(),
-                event.into(),
-                time.into(),
-                props.into(),
-                name.into(),
-            ],
+            &[source.into()],
         ) {
             error!("pg_nudge: registering the source on the nodes: {e}");
         }

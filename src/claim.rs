@@ -96,35 +96,26 @@ const CLAIM: &str = "
 /// the size limit of one JSON value).
 pub fn claim_here(batch: i32, lease: Interval, consumer: Option<String>) -> Vec<JsonB> {
     let batch = i64::from(batch.max(0));
-    let groups = crate::citus::groups_here();
-    let wanted: Vec<i64> = match groups.as_deref() {
-        None | Some([_]) => vec![batch],
-        Some(groups) => {
-            let best: Vec<Vec<Place>> = groups
-                .iter()
-                .map(|g| crate::citus::within(Some(g.clone()), || peek(batch)))
-                .collect();
-            shares(&best, batch as usize)
-                .into_iter()
-                .map(|n| n as i64)
-                .collect()
-        }
-    };
-    let mut claimed = Vec::new();
-    let mut claim = |n: i64| {
+    let claim = |n: i64| {
         if n > 0 {
-            claimed.extend(claim_in_group(n, &lease, &consumer));
+            claim_in_group(n, &lease, &consumer)
+        } else {
+            vec![]
         }
     };
-    match groups {
-        None => claim(batch),
-        Some(groups) => {
-            for (g, n) in groups.into_iter().zip(wanted) {
-                crate::citus::within(Some(g), || claim(n));
-            }
-        }
-    }
-    claimed
+    let Some(groups) = crate::citus::groups_here() else {
+        return claim(batch);
+    };
+    // a node's batch is the best messages of all its groups
+    let best: Vec<Vec<Place>> = groups
+        .iter()
+        .map(|g| crate::citus::within(Some(g.clone()), || peek(batch)))
+        .collect();
+    groups
+        .into_iter()
+        .zip(shares(&best, batch as usize))
+        .flat_map(|(g, n)| crate::citus::within(Some(g), || claim(n as i64)))
+        .collect()
 }
 
 fn peek(n: i64) -> Vec<Place> {

@@ -81,7 +81,7 @@ pub fn add(source: pg_sys::Oid, map: SourceMap) {
                 );
                 in_wal_mode(c, source, &table);
                 if cluster {
-                    crate::citus::register_on_nodes(source, Some(&map));
+                    crate::citus::register_on_nodes(source);
                 }
             } else {
                 // the database's pg_nudge is still 0.1.0: its own kind of trigger
@@ -392,7 +392,7 @@ pub fn drop(source: pg_sys::Oid) {
             // shards' trigger is still there captures nothing there, and the
             // application's INSERT goes on (citus::Relation::Unregistered)
             if crate::citus::placement(c) == crate::citus::Placement::Coordinator {
-                crate::citus::register_on_nodes(source, None);
+                crate::citus::register_on_nodes(source);
             }
             // the per-source plpgsql function of a source added by 0.1.0
             let old = function_name(source) + "()";

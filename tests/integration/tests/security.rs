@@ -901,6 +901,7 @@ fn cluster_functions_are_no_role_of_ours_to_call() {
             "SELECT nudge._prepare_node()",
             "SELECT * FROM nudge._on_nodes(ARRAY['SELECT 1'])",
             "SELECT nudge._source_here('nudge.events', NULL, NULL, NULL, NULL, NULL)",
+            "SELECT nudge._sources_to_nodes()",
         ] {
             assert_eq!(sqlstate(c.batch_execute(sql)), "42501", "as {role}: {sql}");
         }
